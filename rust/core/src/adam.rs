@@ -1,0 +1,1 @@
+//! Fused multi-threaded SIMD AdamW (filled in by the Adam work).

@@ -1,0 +1,1 @@
+//! Tiered expert store (filled in by the store work).
