@@ -12,9 +12,11 @@ def main() -> None:
 def _register() -> None:
     # Imported here, not at the top, so `gmtier --help` stays fast and one broken command
     # does not hide the others.
-    from gmtier.bench.paging import bench_paging
     from gmtier.bench.adam import bench_adam
+    from gmtier.bench.paging import bench_paging
+    from gmtier.data import prepare_command
 
+    main.add_command(prepare_command)
     main.add_command(bench_paging)
     main.add_command(bench_adam)
     try:
