@@ -1,0 +1,154 @@
+"""Click commands for training and using a model: train, eval, generate, info."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+
+from gmtier.config import ConfigError
+
+
+def _load_config(path: str, overrides: tuple[str, ...]):
+    from gmtier import config
+
+    try:
+        return config.load(path, overrides)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="a TOML config, e.g. configs/tiny.toml")
+@click.option("--resume", is_flag=True, help="continue from the run directory's last checkpoint")
+@click.option("--fresh", is_flag=True, help="delete the run directory first")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a config value, e.g. --set train.steps=50")
+def train(config_path, resume, fresh, overrides):
+    """Train a Switch GPT; experts live in the tiered store (or resident, per the config)."""
+    from gmtier.data import DataError
+    from gmtier.train import CheckpointError
+    from gmtier.train import train as run
+
+    cfg = _load_config(config_path, overrides)
+    try:
+        run(cfg, resume=resume, fresh=fresh, log=lambda s: click.echo(s, err=False))
+    except (ConfigError, CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="a run directory (train.run_dir)")
+@click.option("--split", default="val", show_default=True, help="a split of the run's prepared data")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="evaluate on this text file instead")
+@click.option("--batches", type=int, default=0, help="at most this many batches (0 = the whole split)")
+@click.option("--device", default=None, help="override train.device")
+@click.option("--json", "as_json", is_flag=True)
+def eval_(run_dir, split, text_file, batches, device, as_json):
+    """Perplexity of a run's last checkpoint on a prepared split or a text file."""
+    import numpy as np
+
+    from gmtier.data import TokenData, load_tokenizer
+    from gmtier.evaluate import load_run, perplexity, text_batches
+    from gmtier.train import CheckpointError
+
+    try:
+        cfg, model, runtime, step = load_run(run_dir, device)
+    except (CheckpointError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    bs, sl = cfg.train.batch_size, cfg.model.seq_len
+    if text_file:
+        ids = np.asarray(load_tokenizer(cfg.data.dir).encode(open(text_file, encoding="utf-8").read()).ids)
+        source = text_file
+        batch_iter = text_batches(ids, bs, sl)
+    else:
+        source = f"{cfg.data.dir}:{split}"
+        batch_iter = TokenData(cfg.data.dir, split).eval_batches(bs, sl, batches or None)
+    try:
+        loss, tokens = perplexity(cfg, model, batch_iter)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if runtime is not None:
+            runtime.close()
+    out = {"run": run_dir, "step": step, "source": source, "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50))}
+    click.echo(json.dumps(out) if as_json else f"{source}: {tokens:,} tokens, loss {loss:.4f}, perplexity {out['ppl']:.2f} (step {step})")
+
+
+@click.command("generate")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--prompt", default="", help="text to continue")
+@click.option("--tokens", "max_new", type=int, default=100, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
+@click.option("--top-k", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default=None)
+def generate(run_dir, prompt, max_new, temperature, top_k, seed, device):
+    """Sample a continuation of a prompt from a run's last checkpoint."""
+    import torch
+
+    from gmtier.data import load_meta, load_tokenizer
+    from gmtier.evaluate import load_run
+    from gmtier.train import CheckpointError
+
+    try:
+        cfg, model, runtime, _ = load_run(run_dir, device)
+    except (CheckpointError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    tok = load_tokenizer(cfg.data.dir)
+    ids = tok.encode(prompt).ids or [load_meta(cfg.data.dir)["eot_id"]]
+    idx = torch.tensor([ids], device=cfg.device())
+    g = torch.Generator(device=cfg.device()).manual_seed(seed)
+    try:
+        out = model.generate(idx, max_new, temperature, top_k or None, generator=g)
+    finally:
+        if runtime is not None:
+            runtime.close()
+    click.echo(tok.decode(out[0].tolist()))
+
+
+@click.command("info")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="a TOML config")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="or a run directory")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--json", "as_json", is_flag=True)
+def info(config_path, run_dir, overrides, as_json):
+    """Total vs active parameters per token, and bytes on each tier."""
+    from pathlib import Path
+
+    from gmtier import config
+    from gmtier.evaluate import info as compute
+
+    if bool(config_path) == bool(run_dir):
+        raise click.UsageError("give exactly one of --config or --run")
+    if run_dir:
+        try:
+            cfg = config.from_dict(config.apply_overrides(json.loads((Path(run_dir) / "config.json").read_text()), list(overrides)))
+        except FileNotFoundError:
+            raise click.ClickException(f"{run_dir}: no config.json; is it a run directory?") from None
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
+    else:
+        cfg = _load_config(config_path, overrides)
+    if cfg.model.vocab_size == 0:
+        meta = Path(cfg.data.dir) / "meta.json"
+        cfg.model.vocab_size = json.loads(meta.read_text())["vocab_size"] if meta.exists() else cfg.data.vocab_size
+    d = compute(cfg)
+    if run_dir:
+        store = Path(cfg.store_dir()) / "experts.safetensors"
+        d["disk_bytes_actual"] = store.stat().st_size if store.exists() else 0
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    gib = lambda b: f"{b / 2**30:.3f} GiB"
+    click.echo(f"parameters: {d['params_total']:,} total, {d['params_active_per_token']:,} active per token "
+               f"({d['params_dense']:,} dense + {d['experts']} experts x {d['params_per_expert']:,})")
+    click.echo(f"expert record: {d['expert_record_bytes']:,} B ({d['expert_dtype']} weights {d['expert_weights_bytes']:,} B + fp32 state)")
+    click.echo(f"disk: {gib(d['disk_bytes'])} (2 shadow slots per expert)")
+    click.echo(f"ram : budget {gib(d['ram_budget_bytes'])} = {d['ram_slots']} expert records (all fit: {d['experts_fit_in_ram']})")
+    click.echo(f"gpu : budget {gib(d['gpu_budget_bytes'])} = {d['gpu_slots']} expert weight slots (all fit: {d['experts_fit_on_gpu']}), "
+               f"dense part {gib(d['dense_bytes_on_device'])}")
+
+
+COMMANDS = [train, eval_, generate, info]

@@ -1,0 +1,263 @@
+"""Typed configs loaded from TOML: `[model]`, `[data]`, `[train]`, `[experts]`.
+
+Every key has a type and a default; an unknown key, a wrong type or a budget that cannot work
+raises `ConfigError` naming the key and what to change. `--set section.key=value` overrides go
+through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take it from the prepared data's meta.json
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    seq_len: int = 128
+    positions: str = "rope"  # "rope" or "learned"
+    n_experts: int = 8
+    switch_every: int = 2  # every k-th block has a Switch FFN (blocks k-1, 2k-1, ...); 0 = dense
+    capacity_factor: float = 1.25  # 0 = dropless
+    router_jitter: float = 0.0  # multiplicative input noise U(1-eps, 1+eps) for the router (training only)
+    aux_loss_coef: float = 0.01  # Switch eq. 4 alpha
+    z_loss_coef: float = 0.001
+    init_std: float = 0.02
+
+    def switch_layers(self) -> list[int]:
+        """Block indices that have a Switch FFN."""
+        if self.switch_every <= 0 or self.n_experts <= 0:
+            return []
+        return [i for i in range(self.n_layer) if (i + 1) % self.switch_every == 0]
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/ruslit"  # a directory written by `gmtier prepare`; prepared on first use if missing
+    source: str = "../shared/data/ruslit"  # corpus used to prepare `dir` when it is missing
+    vocab_size: int = 8192  # tokenizer size when preparing
+    max_train_chars: int = 0  # 0 = all of the train split
+    max_val_chars: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    precision: str = "auto"  # "auto" (bf16 where supported, else fp16 on cuda; fp32 on cpu), "fp32", "bf16", "fp16"
+    seed: int = 1337
+    steps: int = 200
+    batch_size: int = 16  # sequences per step; all of them flow through each Switch layer together
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # applies to the dense parameters (experts are updated during backward); 0 = off
+    activation_checkpointing: bool = False
+    dense_optimizer: str = "torch"  # "torch" (AdamW on the device) or "cpu" (Rust CPU AdamW, host memory)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    compile: bool = False
+
+
+@dataclass
+class ExpertsConfig:
+    mode: str = "tiered"  # "tiered" (experts in the store) or "resident" (nn.Parameters + torch AdamW)
+    store_dir: str = ""  # "" = <run_dir>/store
+    ram_budget: int | str = "256MB"
+    gpu_budget: int | str = "1GB"
+    dtype: str = "auto"  # expert weights: "auto" (= training precision), "fp32", "bf16", "fp16"
+    prefetch: bool = True
+    prefetch_depth: int = 2  # how many following Switch layers the router predicts for
+    io_threads: int = 4
+    direct: bool = True  # O_DIRECT reads/writes (falls back where the filesystem refuses)
+    async_adam: bool = True  # run the expert AdamW in a worker thread while backward continues
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+
+    # ---- derived quantities -------------------------------------------------------------
+    def device(self) -> str:
+        import torch
+
+        if self.train.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.train.device
+
+    def precision(self) -> str:
+        """fp32, bf16 or fp16 for this device."""
+        import torch
+
+        p = self.train.precision
+        if self.device() == "cpu":
+            return "fp32" if p == "auto" else p
+        if p == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return p
+
+    def expert_dtype(self) -> str:
+        return self.precision() if self.experts.dtype == "auto" else self.experts.dtype
+
+    def store_dir(self) -> Path:
+        return Path(self.experts.store_dir) if self.experts.store_dir else Path(self.train.run_dir) / "store"
+
+    def expert_bytes(self) -> tuple[int, int]:
+        """(weights_bytes, record_bytes) of one expert record, each padded to 4096 as the store does."""
+        m = self.model
+        n = 2 * m.d_model * m.d_ff
+        half = self.expert_dtype() in ("bf16", "fp16")
+        weights = _pad(n * (2 if half else 4))
+        state = _pad(n * 4 * (3 if half else 2) + 8)  # (master +) exp_avg + exp_avg_sq, step
+        return weights, weights + state
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _pad(n: int, align: int = 4096) -> int:
+    return (n + align - 1) // align * align
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str, key: str) -> int:
+    """`123`, `"512MB"`, `"11 GB"`, `"1.5GiB"` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected a byte count such as 11GB or 512MiB")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"{key} = {value!r}: expected a byte count such as 11GB, 512MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "experts": ExpertsConfig}
+_CHOICES = {
+    "model.positions": ("rope", "learned"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.dense_optimizer": ("torch", "cpu"),
+    "experts.mode": ("tiered", "resident"),
+    "experts.dtype": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def _check_type(key: str, value, annotation):
+    kinds = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "int | str": (int, str)}[annotation]
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{key} = {value!r}: expected {annotation}, got a boolean")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{key} = {value!r}: expected {annotation}, got {type(value).__name__}")
+    return float(value) if annotation == "float" else value
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}]; known sections: {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        obj = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {section}.{key}; known keys in [{section}]: {', '.join(fields)}")
+            setattr(obj, key, _check_type(f"{section}.{key}", value, fields[key].type))
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`section.key=value` (value parsed as TOML, else taken as a string) into the raw dict."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=50")
+        path, text = item.split("=", 1)
+        section, key = path.strip().split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
+    m, t, e = cfg.model, cfg.train, cfg.experts
+    for key in ("n_layer", "n_head", "d_model", "d_ff", "seq_len"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} = {getattr(m, key)}: must be positive")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model = {m.d_model} is not divisible by model.n_head = {m.n_head}")
+    if m.positions == "rope" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.positions = 'rope' needs an even head size; d_model / n_head = {m.d_model // m.n_head}")
+    if m.switch_every < 0 or m.n_experts < 0:
+        raise ConfigError("model.switch_every and model.n_experts must be >= 0 (0 = dense)")
+    if m.switch_every > m.n_layer:
+        raise ConfigError(f"model.switch_every = {m.switch_every} > model.n_layer = {m.n_layer}: no block would be a Switch block; use 0 for dense")
+    if m.capacity_factor < 0:
+        raise ConfigError(f"model.capacity_factor = {m.capacity_factor}: use a value >= 1 or 0 for dropless")
+    if not 0 <= m.router_jitter < 1:
+        raise ConfigError(f"model.router_jitter = {m.router_jitter}: must be in [0, 1)")
+    if t.steps <= 0 or t.batch_size <= 0:
+        raise ConfigError("train.steps and train.batch_size must be positive")
+    if t.warmup_steps < 0 or t.lr <= 0 or t.min_lr < 0:
+        raise ConfigError("train.lr must be > 0, train.min_lr and train.warmup_steps >= 0")
+    for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0")
+    if e.prefetch_depth < 0 or e.io_threads <= 0:
+        raise ConfigError("experts.prefetch_depth must be >= 0 and experts.io_threads > 0")
+    ram = parse_bytes(e.ram_budget, "experts.ram_budget")
+    gpu = parse_bytes(e.gpu_budget, "experts.gpu_budget")
+    if m.switch_layers() and e.mode == "tiered":
+        weights, record = cfg.expert_bytes()
+        if ram < 2 * record:
+            raise ConfigError(
+                f"experts.ram_budget = {e.ram_budget!r} ({ram} B) holds fewer than 2 expert records of "
+                f"{record} B each; raise it to at least {2 * record} B ({math.ceil(2 * record / 2**20)}MiB)")
+        if cfg.train.device != "cpu" and gpu and gpu < 2 * weights:
+            raise ConfigError(
+                f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 2 experts of {weights} B; "
+                f"raise it to at least {2 * weights} B ({math.ceil(2 * weights / 2**20)}MiB)")

@@ -1,0 +1,82 @@
+"""Using a trained run: perplexity on a split or a text file, sampling, and parameter / tier byte counts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from gmtier.config import Config, from_dict, parse_bytes
+from gmtier.model import count_params
+from gmtier.train import CheckpointError, autocast_dtype, build_model
+
+
+def load_run(run_dir: str | Path, device: str | None = None, overrides: dict | None = None):
+    """(cfg, model, runtime) of a run's last checkpoint, in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "latest.json").exists():
+        raise CheckpointError(f"{run_dir}: no checkpoint (latest.json); train with `gmtier train --config ...` first")
+    raw = json.loads((run_dir / "config.json").read_text())
+    if device:
+        raw["train"]["device"] = device
+    for section, values in (overrides or {}).items():
+        raw[section].update(values)
+    cfg = from_dict(raw)
+    step = json.loads((run_dir / "latest.json").read_text())["step"]
+    model, runtime = build_model(cfg, cfg.device(), store_create=False, log=lambda *_: None)
+    if runtime is not None:
+        store_step = runtime.committed_step()
+        if store_step != step and (run_dir / f"ckpt-{store_step}").exists():
+            step = store_step
+    weights = load_file(str(run_dir / f"ckpt-{step}" / "model.safetensors"))
+    model.load_state_dict(weights, strict=False)
+    model.eval()
+    return cfg, model, runtime, step
+
+
+def text_batches(ids: np.ndarray, batch_size: int, seq_len: int):
+    n = (len(ids) - 1) // seq_len
+    for first in range(0, n, batch_size):
+        rows = range(first, min(n, first + batch_size))
+        chunk = torch.from_numpy(np.stack([ids[r * seq_len: r * seq_len + seq_len + 1] for r in rows]).astype(np.int64))
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def perplexity(cfg: Config, model, batches) -> tuple[float, int]:
+    """(mean token cross entropy, tokens) over (x, y) batches."""
+    device = cfg.device()
+    amp = autocast_dtype(cfg.precision())
+    total, tokens = 0.0, 0
+    for x, y in batches:
+        with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+            _, loss, _ = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        tokens += y.numel()
+    if tokens == 0:
+        raise ValueError("not enough text for one window of model.seq_len + 1 tokens")
+    return total / tokens, tokens
+
+
+def info(cfg: Config) -> dict:
+    """Parameter counts and bytes per tier (from the config alone)."""
+    p = count_params(cfg.model)
+    weights, record = cfg.expert_bytes()
+    n_experts = len(cfg.model.switch_layers()) * cfg.model.n_experts
+    ram = parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
+    gpu = parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
+    dense_bytes = p["dense"] * 4 * (3 if cfg.train.dense_optimizer == "torch" else 1)  # fp32 weights (+ m, v)
+    return {
+        "params_total": p["total"], "params_active_per_token": p["active_per_token"],
+        "params_dense": p["dense"], "params_per_expert": p["expert"], "experts": n_experts,
+        "expert_dtype": cfg.expert_dtype(), "expert_record_bytes": record, "expert_weights_bytes": weights,
+        "disk_bytes": 2 * n_experts * record,  # two shadow slots per expert
+        "ram_budget_bytes": ram, "ram_slots": ram // record if record else 0,
+        "gpu_budget_bytes": gpu, "gpu_slots": gpu // weights if weights else 0,
+        "dense_bytes_on_device": dense_bytes,
+        "experts_fit_in_ram": n_experts * record <= ram, "experts_fit_on_gpu": n_experts * weights <= gpu,
+    }
