@@ -240,7 +240,7 @@ class GPT(nn.Module):
             aux = aux + self.cfg.aux_loss_coef * s.aux_loss + self.cfg.z_loss_coef * s.z_loss
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, aux
 
     @torch.no_grad()
