@@ -1,5 +1,504 @@
-use pyo3::prelude::*;
+//! Bindings of the tiered expert store: `ExpertStore`, `Ticket`, `SlotPool`, `StoreError`,
+//! `raw_read`, `drop_cache`. Every call that may block releases the GIL.
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use gmtier_core::store::{self as core, format::TensorSpec, Key, StoreOptions};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pyo3::create_exception!(
+    gmtier._core,
+    StoreError,
+    PyRuntimeError,
+    "A damaged, truncated or mismatched expert store (checksum errors included), or a store that cannot make progress."
+);
+
+fn to_py(e: core::StoreError) -> PyErr {
+    use core::StoreError as E;
+    match e {
+        E::InvalidArgument(m) => PyValueError::new_err(m),
+        E::NotFound(m) => PyFileNotFoundError::new_err(m),
+        E::Timeout(m) => PyTimeoutError::new_err(m),
+        E::Io { context, source } => match source.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, format!("{context}: {source}"))),
+            None => PyOSError::new_err(format!("{context}: {source}")),
+        },
+        e @ (E::Corrupt(_) | E::AllPinned(_) | E::Closed) => StoreError::new_err(e.to_string()),
+    }
+}
+
+fn parse_schema(schema: &Bound<'_, PyAny>) -> PyResult<Vec<TensorSpec>> {
+    let mut out = Vec::new();
+    for item in schema.try_iter()? {
+        let item = item?;
+        let parts: Vec<Bound<'_, PyAny>> = item.try_iter()?.collect::<PyResult<_>>()?;
+        if parts.len() != 3 && parts.len() != 4 {
+            return Err(PyValueError::new_err(format!(
+                "schema entry {item} must be (name, dtype, shape[, section]) with section \"weights\" or \"state\""
+            )));
+        }
+        let name: String = parts[0].extract()?;
+        let dtype: String = parts[1].str()?.extract()?;
+        let shape: Vec<usize> = parts[2].extract().map_err(|_| {
+            PyValueError::new_err(format!(
+                "schema entry {name:?}: shape must be a list of non-negative ints"
+            ))
+        })?;
+        let section: String = if parts.len() == 4 {
+            parts[3].extract()?
+        } else {
+            "weights".into()
+        };
+        out.push(
+            TensorSpec::new(&name, &dtype, &shape, &section)
+                .map_err(|e| PyValueError::new_err(format!("schema entry {name:?}: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+fn copy_buffer(obj: &Bound<'_, PyAny>, dst: &mut [u8], what: &str) -> PyResult<()> {
+    let buf = PyBuffer::<u8>::get(obj).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what}: expected a bytes-like object of uint8 (bytes, bytearray, numpy uint8 array), got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    if buf.item_count() != dst.len() || !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: got {} bytes, a record is {} bytes (see ExpertStore.tensor_layout())",
+            buf.item_count(),
+            dst.len()
+        )));
+    }
+    buf.copy_to_slice(obj.py(), dst)
+}
+
+/// An expert store: NVMe data file + RAM slot arena. See docs/design.md.
+#[pyclass(module = "gmtier._core", name = "ExpertStore", frozen)]
+pub struct PyExpertStore {
+    inner: core::ExpertStore,
+}
+
+#[pymethods]
+impl PyExpertStore {
+    /// Create a store directory. `init(layer, expert) -> bytes-like of record_bytes` fills
+    /// records one at a time (streamed); without it every record is zero.
+    #[staticmethod]
+    #[pyo3(signature = (path, num_layers, num_experts, schema, init=None))]
+    fn create(
+        py: Python<'_>,
+        path: PathBuf,
+        num_layers: usize,
+        num_experts: usize,
+        schema: &Bound<'_, PyAny>,
+        init: Option<Py<PyAny>>,
+    ) -> PyResult<()> {
+        let schema = parse_schema(schema)?;
+        let res = py.detach(|| match init {
+            None => core::ExpertStore::create(&path, num_layers, num_experts, &schema, None),
+            Some(f) => {
+                let mut cb = |l: usize, e: usize, buf: &mut [u8]| -> core::Result<()> {
+                    Python::attach(|py| {
+                        let r = f.call1(py, (l, e)).and_then(|obj| {
+                            copy_buffer(
+                                obj.bind(py),
+                                buf,
+                                &format!("init({l}, {e}) returned a record that"),
+                            )
+                        });
+                        r.map_err(|err| {
+                            core::StoreError::InvalidArgument(format!(
+                                "init({l}, {e}) failed: {err}"
+                            ))
+                        })
+                    })
+                };
+                core::ExpertStore::create(&path, num_layers, num_experts, &schema, Some(&mut cb))
+            }
+        });
+        res.map_err(to_py)
+    }
+
+    /// Open a store with a RAM budget (bytes).
+    #[staticmethod]
+    #[pyo3(signature = (path, ram_bytes, io_threads=8, queue_depth=32, direct=true, chunk_bytes=4<<20))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        ram_bytes: usize,
+        io_threads: usize,
+        queue_depth: usize,
+        direct: bool,
+        chunk_bytes: usize,
+    ) -> PyResult<Self> {
+        let opts = StoreOptions {
+            ram_bytes,
+            io_threads,
+            queue_depth,
+            direct,
+            chunk_bytes,
+        };
+        let inner = py
+            .detach(|| core::ExpertStore::open(&path, opts))
+            .map_err(to_py)?;
+        Ok(PyExpertStore { inner })
+    }
+
+    /// Bytes per record (weights + state, multiple of 4096).
+    #[getter]
+    fn record_bytes(&self) -> usize {
+        self.inner.layout().record_bytes
+    }
+    /// Bytes of the weights section (what a GPU slot holds).
+    #[getter]
+    fn weights_bytes(&self) -> usize {
+        self.inner.layout().weights_bytes
+    }
+    /// Layers.
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.geometry().num_layers
+    }
+    /// Experts per layer.
+    #[getter]
+    fn num_experts(&self) -> usize {
+        self.inner.geometry().num_experts
+    }
+    /// RAM slots (ram_bytes // record_bytes).
+    #[getter]
+    fn ram_slots(&self) -> usize {
+        self.inner.ram_slots()
+    }
+    /// File offset of the first record.
+    #[getter]
+    fn data_start(&self) -> u64 {
+        self.inner.geometry().data_start
+    }
+    /// Store directory.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.dir().to_path_buf()
+    }
+
+    /// List of (name, dtype, shape, offset_in_record, nbytes, section).
+    fn tensor_layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items: Vec<_> = self
+            .inner
+            .layout()
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.spec.name.clone(),
+                    t.spec.dtype.name(),
+                    t.spec.shape.clone(),
+                    t.offset,
+                    t.nbytes,
+                    t.spec.section.name(),
+                )
+            })
+            .collect();
+        PyList::new(py, items)
+    }
+
+    /// (address, nbytes) of the RAM arena; slot s starts at s * record_bytes.
+    fn arena_address(&self) -> (usize, usize) {
+        self.inner.arena_address()
+    }
+
+    /// Ask for experts; returns a Ticket at once.
+    #[pyo3(signature = (keys, priority=0))]
+    fn request(slf: Py<Self>, py: Python<'_>, keys: Vec<Key>, priority: i64) -> PyResult<PyTicket> {
+        let t = slf.get().inner.request(&keys, priority).map_err(to_py)?;
+        let _ = py;
+        Ok(PyTicket {
+            ticket: Mutex::new(Some(t)),
+            store: slf,
+        })
+    }
+
+    /// Best-effort read-ahead at a priority (lower than any request). Does not pin.
+    #[pyo3(signature = (keys, priority=0))]
+    fn prefetch(&self, keys: Vec<Key>, priority: i64) -> PyResult<()> {
+        self.inner.prefetch(&keys, priority).map_err(to_py)
+    }
+
+    /// Unpin experts (once per wait()).
+    fn release(&self, keys: Vec<Key>) -> PyResult<()> {
+        self.inner.release(&keys).map_err(to_py)
+    }
+
+    /// The RAM records of these (pinned) experts changed.
+    fn mark_dirty(&self, keys: Vec<Key>) -> PyResult<()> {
+        self.inner.mark_dirty(&keys).map_err(to_py)
+    }
+
+    /// Write all dirty records back to their uncommitted disk slots.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.flush()).map_err(to_py)
+    }
+
+    /// Flush + fsync + atomic index replacement.
+    #[pyo3(signature = (user_meta=""))]
+    fn commit(&self, py: Python<'_>, user_meta: &str) -> PyResult<()> {
+        let m = user_meta.to_string();
+        py.detach(|| self.inner.commit(&m)).map_err(to_py)
+    }
+
+    /// Metadata string of the last commit.
+    fn user_meta(&self) -> String {
+        self.inner.user_meta()
+    }
+
+    /// Commits recorded in the index.
+    fn commit_count(&self) -> u64 {
+        self.inner.commit_count()
+    }
+
+    /// Counters as a dict.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.inner.metrics();
+        let d = PyDict::new(py);
+        d.set_item("hits", m.hits)?;
+        d.set_item("misses", m.misses)?;
+        d.set_item("prefetch_hits", m.prefetch_hits)?;
+        d.set_item("prefetches", m.prefetches)?;
+        d.set_item("prefetch_wasted", m.prefetch_wasted)?;
+        d.set_item("bytes_read", m.bytes_read)?;
+        d.set_item("bytes_written", m.bytes_written)?;
+        d.set_item("reads", m.reads)?;
+        d.set_item("evictions", m.evictions)?;
+        d.set_item("writebacks", m.writebacks)?;
+        d.set_item("stall_s", m.stall_s)?;
+        d.set_item("queue_depth_max", m.queue_depth_max)?;
+        d.set_item("commits", m.commits)?;
+        d.set_item("direct", m.direct)?;
+        d.set_item("resident", self.inner.resident())?;
+        d.set_item("pinned", self.inner.pinned())?;
+        d.set_item("ram_slots", self.inner.ram_slots())?;
+        Ok(d)
+    }
+
+    /// Copy of an expert's record (bytes).
+    fn read_record<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        expert: usize,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let v = py
+            .detach(|| self.inner.read_record(layer, expert))
+            .map_err(to_py)?;
+        Ok(pyo3::types::PyBytes::new(py, &v))
+    }
+
+    /// Replace an expert's record from a bytes-like object (through RAM; persisted on commit).
+    fn write_record(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        expert: usize,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let mut v = vec![0u8; self.inner.layout().record_bytes];
+        copy_buffer(data, &mut v, &format!("write_record({layer}, {expert})"))?;
+        py.detach(|| self.inner.write_record(layer, expert, &v))
+            .map_err(to_py)
+    }
+
+    /// Stop I/O; uncommitted changes are dropped.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.close())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, py: Python<'_>, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let g = self.inner.geometry();
+        format!(
+            "ExpertStore({:?}, {} layers x {} experts, record {} B, weights {} B, {} RAM slots)",
+            self.inner.dir(),
+            g.num_layers,
+            g.num_experts,
+            g.layout.record_bytes,
+            g.layout.weights_bytes,
+            self.inner.ram_slots()
+        )
+    }
+}
+
+/// An asynchronous request; wait() returns the RAM slot per key.
+#[pyclass(module = "gmtier._core", name = "Ticket", frozen)]
+pub struct PyTicket {
+    ticket: Mutex<Option<core::Ticket>>,
+    store: Py<PyExpertStore>,
+}
+
+#[pymethods]
+impl PyTicket {
+    /// Block (GIL released) until the experts are in RAM; returns their RAM slots, in order.
+    /// Pins them: release() each key once. `timeout` (seconds) raises TimeoutError instead of
+    /// waiting forever.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
+        let t = self.ticket.lock().unwrap().take().ok_or_else(|| {
+            PyValueError::new_err("this ticket was already waited on; request() again")
+        })?;
+        let timeout = timeout.map(Duration::from_secs_f64);
+        py.detach(|| t.wait(timeout)).map_err(to_py)
+    }
+    /// Whether wait() would return at once.
+    fn ready(&self) -> bool {
+        self.ticket
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_none_or(|t| t.ready())
+    }
+    /// The keys requested.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let keys: Vec<Key> = self
+            .ticket
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.keys().to_vec())
+            .unwrap_or_default();
+        PyList::new(py, keys)
+    }
+    /// The store this ticket belongs to.
+    #[getter]
+    fn store(&self, py: Python<'_>) -> Py<PyExpertStore> {
+        self.store.clone_ref(py)
+    }
+}
+
+/// Slot accounting with the store's eviction policy (LRU refined by prefetch priority, pinned
+/// slots never evicted); the GPU tier uses it.
+#[pyclass(module = "gmtier._core", name = "SlotPool", frozen)]
+pub struct PySlotPool {
+    inner: Mutex<core::SlotPool>,
+}
+
+#[pymethods]
+impl PySlotPool {
+    #[new]
+    fn new(num_slots: usize) -> PyResult<Self> {
+        if num_slots == 0 {
+            return Err(PyValueError::new_err(
+                "a SlotPool needs at least one slot (the budget is smaller than one expert)",
+            ));
+        }
+        Ok(PySlotPool {
+            inner: Mutex::new(core::SlotPool::new(num_slots)),
+        })
+    }
+    /// Take (and pin, unless pin=False for a prefetch) a slot for key: (slot, hit, evicted_key|None).
+    /// Raises StoreError when every slot is pinned.
+    #[pyo3(signature = (key, priority=0, pin=true))]
+    fn acquire(&self, key: Key, priority: i64, pin: bool) -> PyResult<(usize, bool, Option<Key>)> {
+        self.inner
+            .lock()
+            .unwrap()
+            .acquire(key, priority, pin)
+            .map_err(to_py)
+    }
+    /// Unpin key's slot.
+    fn release(&self, key: Key) -> PyResult<()> {
+        self.inner.lock().unwrap().release(key).map_err(to_py)
+    }
+    /// Slot of key, or None.
+    fn lookup(&self, key: Key) -> Option<usize> {
+        self.inner.lock().unwrap().lookup(key)
+    }
+    /// Forget key (its data is stale); returns whether it was resident.
+    fn invalidate(&self, key: Key) -> bool {
+        self.inner.lock().unwrap().invalidate(key)
+    }
+    /// Pins on slot.
+    fn pins(&self, slot: usize) -> PyResult<u32> {
+        let g = self.inner.lock().unwrap();
+        if slot >= g.num_slots() {
+            return Err(PyValueError::new_err(format!(
+                "slot {slot} out of range (pool has {})",
+                g.num_slots()
+            )));
+        }
+        Ok(g.pins(slot))
+    }
+    /// Key in slot, or None.
+    fn key_of(&self, slot: usize) -> PyResult<Option<Key>> {
+        let g = self.inner.lock().unwrap();
+        if slot >= g.num_slots() {
+            return Err(PyValueError::new_err(format!(
+                "slot {slot} out of range (pool has {})",
+                g.num_slots()
+            )));
+        }
+        Ok(g.key_of(slot))
+    }
+    /// Number of slots.
+    #[getter]
+    fn num_slots(&self) -> usize {
+        self.inner.lock().unwrap().num_slots()
+    }
+    /// Slots holding a key.
+    fn resident(&self) -> usize {
+        self.inner.lock().unwrap().resident()
+    }
+    /// Slots pinned.
+    fn pinned(&self) -> usize {
+        self.inner.lock().unwrap().pinned()
+    }
+}
+
+/// Read byte ranges [(offset, length)] of a file with `threads` concurrent O_DIRECT preads of
+/// `chunk_bytes`: the disk's physical limit. Returns (bytes, seconds, direct).
+#[pyfunction]
+#[pyo3(signature = (path, ranges, chunk_bytes=4<<20, threads=8, direct=true))]
+fn raw_read(
+    py: Python<'_>,
+    path: PathBuf,
+    ranges: Vec<(u64, u64)>,
+    chunk_bytes: usize,
+    threads: usize,
+    direct: bool,
+) -> PyResult<(u64, f64, bool)> {
+    let r = py
+        .detach(|| core::io::raw_read(&path, &ranges, chunk_bytes, threads, direct))
+        .map_err(|e| to_py(core::StoreError::io(&path, "raw read of", e)))?;
+    Ok((r.bytes, r.seconds, r.direct))
+}
+
+/// fdatasync + drop a file's clean pages from the page cache (no root needed).
+#[pyfunction]
+fn drop_cache(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| core::io::drop_cache(&path))
+        .map_err(|e| to_py(core::StoreError::io(&path, "drop page cache of", e)))
+}
+
+/// Register the store classes in `gmtier._core`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyExpertStore>()?;
+    m.add_class::<PyTicket>()?;
+    m.add_class::<PySlotPool>()?;
+    m.add("StoreError", m.py().get_type::<StoreError>())?;
+    m.add_function(wrap_pyfunction!(raw_read, m)?)?;
+    m.add_function(wrap_pyfunction!(drop_cache, m)?)?;
+    let _ = PyTuple::empty(m.py());
     Ok(())
 }

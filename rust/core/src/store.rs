@@ -1,1 +1,0 @@
-//! Tiered expert store (filled in by the store work).

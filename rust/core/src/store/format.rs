@@ -1,0 +1,572 @@
+//! On-disk format: a safetensors-valid data file holding two record slots per expert, plus
+//! `index.json`, the last committed state. See docs/design.md "The store on disk".
+
+use super::{Result, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// O_DIRECT alignment and the granule every record and section is padded to.
+pub const ALIGN: usize = 4096;
+/// Tensors inside a section start on this boundary, so SIMD loads and torch dtype views are aligned.
+pub const TENSOR_ALIGN: usize = 64;
+/// Version written into the header and the index.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the data file inside a store directory.
+pub const DATA_FILE: &str = "experts.safetensors";
+/// Name of the committed index inside a store directory.
+pub const INDEX_FILE: &str = "index.json";
+
+/// Round `x` up to a multiple of `a` (a power of two).
+pub fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// Element types a record tensor may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    /// float32
+    F32,
+    /// bfloat16
+    BF16,
+    /// float16
+    F16,
+    /// int64
+    I64,
+    /// uint8
+    U8,
+}
+
+impl DType {
+    /// Parse our short names and torch-style names.
+    pub fn parse(s: &str) -> Result<DType> {
+        let t = s.trim().trim_start_matches("torch.").to_ascii_lowercase();
+        Ok(match t.as_str() {
+            "f32" | "float32" | "float" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" | "half" => DType::F16,
+            "i64" | "int64" | "long" => DType::I64,
+            "u8" | "uint8" => DType::U8,
+            _ => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "unknown dtype {s:?}; use one of f32, bf16, f16, i64, u8 \
+                     (or float32, bfloat16, float16, int64, uint8)"
+                )))
+            }
+        })
+    }
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::I64 => 8,
+            DType::U8 => 1,
+        }
+    }
+    /// Our short name (used in the schema and in errors).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::I64 => "i64",
+            DType::U8 => "u8",
+        }
+    }
+    /// The safetensors header spelling.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::I64 => "I64",
+            DType::U8 => "U8",
+        }
+    }
+}
+
+/// Which part of a record a tensor belongs to. Weights come first: a GPU slot holds only them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// What the GPU needs for forward/backward.
+    Weights,
+    /// Optimizer state and master weights, used only on the CPU.
+    State,
+}
+
+impl Section {
+    /// Parse "weights" / "state".
+    pub fn parse(s: &str) -> Result<Section> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "weights" => Ok(Section::Weights),
+            "state" => Ok(Section::State),
+            _ => Err(StoreError::InvalidArgument(format!(
+                "unknown section {s:?}; use \"weights\" or \"state\""
+            ))),
+        }
+    }
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Weights => "weights",
+            Section::State => "state",
+        }
+    }
+}
+
+/// One tensor of the record schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// Name, unique in the schema, no dots-only or `__pad` prefix.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (empty = scalar).
+    pub shape: Vec<usize>,
+    /// Section.
+    pub section: Section,
+}
+
+impl TensorSpec {
+    /// Build a spec from strings, validating dtype and section.
+    pub fn new(name: &str, dtype: &str, shape: &[usize], section: &str) -> Result<TensorSpec> {
+        Ok(TensorSpec {
+            name: name.to_string(),
+            dtype: DType::parse(dtype)?,
+            shape: shape.to_vec(),
+            section: Section::parse(section)?,
+        })
+    }
+    /// Bytes of the tensor's data.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// A tensor placed inside a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorLayout {
+    /// The schema entry.
+    pub spec: TensorSpec,
+    /// Byte offset from the record start (multiple of [`TENSOR_ALIGN`]).
+    pub offset: usize,
+    /// Bytes.
+    pub nbytes: usize,
+}
+
+/// Where every tensor of a record lives; derived from the schema alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordLayout {
+    /// Tensors in record order (weights first).
+    pub tensors: Vec<TensorLayout>,
+    /// Bytes of the weights section, padded to [`ALIGN`].
+    pub weights_bytes: usize,
+    /// Bytes of a whole record (weights + state), a multiple of [`ALIGN`].
+    pub record_bytes: usize,
+}
+
+impl RecordLayout {
+    /// Lay out a schema: weights section first, each section padded to 4096.
+    pub fn new(schema: &[TensorSpec]) -> Result<RecordLayout> {
+        if schema.is_empty() {
+            return Err(StoreError::InvalidArgument(
+                "the record schema is empty; give at least one (name, dtype, shape, section)"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in schema {
+            if t.name.is_empty() || t.name.starts_with("__pad") || t.name.contains('"') {
+                return Err(StoreError::InvalidArgument(format!(
+                    "bad tensor name {:?} in the schema: names must be non-empty, must not start \
+                     with __pad and must not contain quotes",
+                    t.name
+                )));
+            }
+            if !seen.insert(t.name.clone()) {
+                return Err(StoreError::InvalidArgument(format!(
+                    "tensor name {:?} appears twice in the schema; names must be unique",
+                    t.name
+                )));
+            }
+            if t.nbytes() == 0 {
+                return Err(StoreError::InvalidArgument(format!(
+                    "tensor {:?} has shape {:?}, which holds no elements; every tensor needs at least one",
+                    t.name, t.shape
+                )));
+            }
+        }
+        let mut tensors = Vec::with_capacity(schema.len());
+        let mut off = 0usize;
+        for section in [Section::Weights, Section::State] {
+            for t in schema.iter().filter(|t| t.section == section) {
+                off = align_up(off, TENSOR_ALIGN);
+                tensors.push(TensorLayout {
+                    spec: t.clone(),
+                    offset: off,
+                    nbytes: t.nbytes(),
+                });
+                off += t.nbytes();
+            }
+            off = align_up(off, ALIGN);
+            if section == Section::Weights {
+                // A record with no weights still gets weights_bytes = 0; the GPU tier then has nothing to copy.
+            }
+        }
+        let weights_end = tensors
+            .iter()
+            .filter(|t| t.spec.section == Section::Weights)
+            .map(|t| t.offset + t.nbytes)
+            .max()
+            .unwrap_or(0);
+        Ok(RecordLayout {
+            tensors,
+            weights_bytes: align_up(weights_end, ALIGN),
+            record_bytes: off,
+        })
+    }
+
+    /// The schema in record order.
+    pub fn schema(&self) -> Vec<TensorSpec> {
+        self.tensors.iter().map(|t| t.spec.clone()).collect()
+    }
+
+    /// Find a tensor by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorLayout> {
+        self.tensors.iter().find(|t| t.spec.name == name)
+    }
+}
+
+/// Store geometry: what the header's `__metadata__` records besides the schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// MoE layers.
+    pub num_layers: usize,
+    /// Experts per layer.
+    pub num_experts: usize,
+    /// Record layout.
+    pub layout: RecordLayout,
+    /// File offset of the first record (8 + header length), a multiple of [`ALIGN`].
+    pub data_start: u64,
+}
+
+impl Geometry {
+    /// Number of experts in the store.
+    pub fn num_records(&self) -> usize {
+        self.num_layers * self.num_experts
+    }
+    /// Flat expert index.
+    pub fn flat(&self, layer: usize, expert: usize) -> usize {
+        layer * self.num_experts + expert
+    }
+    /// File offset of record slot `slot` (0/1) of an expert.
+    pub fn record_offset(&self, layer: usize, expert: usize, slot: u8) -> u64 {
+        let i = (self.flat(layer, expert) * 2 + slot as usize) as u64;
+        self.data_start + i * self.layout.record_bytes as u64
+    }
+    /// Size the data file must have.
+    pub fn file_size(&self) -> u64 {
+        self.data_start + (self.num_records() * 2 * self.layout.record_bytes) as u64
+    }
+    /// Check a (layer, expert) key against the geometry.
+    pub fn check_key(&self, layer: usize, expert: usize) -> Result<()> {
+        if layer >= self.num_layers || expert >= self.num_experts {
+            return Err(StoreError::InvalidArgument(format!(
+                "expert (layer {layer}, expert {expert}) is outside the store, which has {} layers \
+                 x {} experts",
+                self.num_layers, self.num_experts
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Serialized schema entry in the header metadata.
+#[derive(Serialize, Deserialize)]
+struct SchemaEntry {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    section: String,
+}
+
+/// Build the safetensors header text (unpadded JSON) for a geometry whose data starts at `data_start`.
+fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> String {
+    let schema: Vec<SchemaEntry> = layout
+        .tensors
+        .iter()
+        .map(|t| SchemaEntry {
+            name: t.spec.name.clone(),
+            dtype: t.spec.dtype.name().into(),
+            shape: t.spec.shape.clone(),
+            section: t.spec.section.name().into(),
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format", "gmtier-store".to_string());
+    meta.insert("version", FORMAT_VERSION.to_string());
+    meta.insert("schema", serde_json::to_string(&schema).unwrap());
+    meta.insert("num_layers", num_layers.to_string());
+    meta.insert("num_experts", num_experts.to_string());
+    meta.insert("record_bytes", layout.record_bytes.to_string());
+    meta.insert("weights_bytes", layout.weights_bytes.to_string());
+    // Built by hand: the header can hold ~10^5 entries and we want one pass, no intermediate Value tree.
+    let mut s =
+        String::with_capacity(256 + num_layers * num_experts * 2 * layout.tensors.len() * 96);
+    s.push('{');
+    s.push_str("\"__metadata__\":");
+    s.push_str(&serde_json::to_string(&meta).unwrap());
+    let rb = layout.record_bytes;
+    for l in 0..num_layers {
+        for e in 0..num_experts {
+            for slot in 0..2usize {
+                let base = ((l * num_experts + e) * 2 + slot) * rb;
+                let mut pos = 0usize;
+                let mut k = 0usize;
+                let mut pad = |s: &mut String, from: usize, to: usize| {
+                    if to > from {
+                        s.push_str(&format!(
+                            ",\"experts.{l}.{e}.{slot}.__pad{k}\":{{\"dtype\":\"U8\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+                            to - from,
+                            base + from,
+                            base + to
+                        ));
+                        k += 1;
+                    }
+                };
+                for t in &layout.tensors {
+                    pad(&mut s, pos, t.offset);
+                    let shape: Vec<String> = t.spec.shape.iter().map(|d| d.to_string()).collect();
+                    s.push_str(&format!(
+                        ",\"experts.{l}.{e}.{slot}.{}\":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+                        t.spec.name,
+                        t.spec.dtype.safetensors_name(),
+                        shape.join(","),
+                        base + t.offset,
+                        base + t.offset + t.nbytes
+                    ));
+                    pos = t.offset + t.nbytes;
+                }
+                pad(&mut s, pos, rb);
+            }
+        }
+    }
+    s.push('}');
+    s
+}
+
+/// Header bytes (8-byte length + JSON padded with spaces so the data starts 4096-aligned).
+pub fn build_header(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> Vec<u8> {
+    let json = header_json(num_layers, num_experts, layout);
+    let total = align_up(8 + json.len(), ALIGN);
+    let n = total - 8;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(n as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.resize(total, b' ');
+    out
+}
+
+/// Parse and validate the header of a data file (only `__metadata__` is read; the tensor table
+/// is derived from the schema and so need not be parsed).
+pub fn read_header(path: &Path, file: &File) -> Result<Geometry> {
+    use std::os::unix::fs::FileExt;
+    let corrupt = |what: String| {
+        StoreError::Corrupt(format!(
+            "{}: {what}; this is not a gmtier store data file or its header is damaged — \
+             restore it from a backup or recreate the store",
+            path.display()
+        ))
+    };
+    let mut len = [0u8; 8];
+    file.read_exact_at(&mut len, 0)
+        .map_err(|_| corrupt("file is shorter than the 8-byte safetensors header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    let size = file
+        .metadata()
+        .map_err(|e| StoreError::io(path, "stat", e))?
+        .len();
+    if n == 0 || n > 512 << 20 || 8 + n > size {
+        return Err(corrupt(format!(
+            "header length {n} does not fit a file of {size} bytes"
+        )));
+    }
+    let mut buf = vec![0u8; n as usize];
+    file.read_exact_at(&mut buf, 8)
+        .map_err(|e| StoreError::io(path, "read header", e))?;
+    let v: serde_json::Value = serde_json::from_slice(&buf)
+        .map_err(|e| corrupt(format!("header is not valid JSON ({e})")))?;
+    let meta = v
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("header has no __metadata__".into()))?;
+    let get = |k: &str| -> Result<&str> {
+        meta.get(k)
+            .and_then(|x| x.as_str())
+            .ok_or_else(|| corrupt(format!("__metadata__ lacks {k:?}")))
+    };
+    if get("format")? != "gmtier-store" {
+        return Err(corrupt(
+            "__metadata__.format is not \"gmtier-store\"".into(),
+        ));
+    }
+    let version: u32 = get("version")?
+        .parse()
+        .map_err(|_| corrupt("bad version".into()))?;
+    if version != FORMAT_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "{}: store format version {version}, this gmtier reads version {FORMAT_VERSION}; \
+             use a matching gmtier or recreate the store",
+            path.display()
+        )));
+    }
+    let num = |k: &str| -> Result<usize> {
+        get(k)?
+            .parse::<usize>()
+            .map_err(|_| corrupt(format!("__metadata__.{k} is not an integer")))
+    };
+    let entries: Vec<SchemaEntry> = serde_json::from_str(get("schema")?)
+        .map_err(|e| corrupt(format!("__metadata__.schema is not a valid schema ({e})")))?;
+    let schema = entries
+        .iter()
+        .map(|s| TensorSpec::new(&s.name, &s.dtype, &s.shape, &s.section))
+        .collect::<Result<Vec<_>>>()?;
+    let layout = RecordLayout::new(&schema)?;
+    let (nl, ne) = (num("num_layers")?, num("num_experts")?);
+    if num("record_bytes")? != layout.record_bytes || num("weights_bytes")? != layout.weights_bytes
+    {
+        return Err(corrupt(
+            "record_bytes/weights_bytes disagree with the schema".into(),
+        ));
+    }
+    let data_start = 8 + n;
+    if data_start % ALIGN as u64 != 0 {
+        return Err(corrupt(format!(
+            "data starts at byte {data_start}, not 4096-aligned"
+        )));
+    }
+    let g = Geometry {
+        num_layers: nl,
+        num_experts: ne,
+        layout,
+        data_start,
+    };
+    if size < g.file_size() {
+        return Err(StoreError::Corrupt(format!(
+            "{}: file is truncated: it is {size} bytes but {nl} layers x {ne} experts x 2 slots x \
+             {} bytes need {} bytes; the file was cut short (incomplete copy or full disk) — \
+             restore it from a backup or recreate the store",
+            path.display(),
+            g.layout.record_bytes,
+            g.file_size()
+        )));
+    }
+    Ok(g)
+}
+
+/// One expert's committed state in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Which record slot (0/1) holds the committed version.
+    pub slot: u8,
+    /// crc32 of that record.
+    pub crc: u32,
+    /// How many commits changed this expert.
+    pub gen: u64,
+}
+
+/// `index.json`: the last committed state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Index {
+    /// Always "gmtier-index".
+    pub format: String,
+    /// [`FORMAT_VERSION`].
+    pub version: u32,
+    /// Layers (must match the data file).
+    pub num_layers: usize,
+    /// Experts per layer (must match the data file).
+    pub num_experts: usize,
+    /// Record size (must match the data file).
+    pub record_bytes: usize,
+    /// Commit counter.
+    pub commit: u64,
+    /// The caller's metadata string from the last commit.
+    pub user_meta: String,
+    /// Per expert, flat `layer * num_experts + expert`: [slot, crc, gen].
+    pub experts: Vec<(u8, u32, u64)>,
+}
+
+impl Index {
+    /// Entry of a flat expert index.
+    pub fn entry(&self, i: usize) -> IndexEntry {
+        let (slot, crc, gen) = self.experts[i];
+        IndexEntry { slot, crc, gen }
+    }
+
+    /// Read and check `index.json` against the data file's geometry.
+    pub fn load(dir: &Path, g: &Geometry) -> Result<Index> {
+        let path = dir.join(INDEX_FILE);
+        let text = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::NotFound(format!(
+                    "{} is missing: the store was never committed or the file was deleted; \
+                     restore it or recreate the store",
+                    path.display()
+                ))
+            } else {
+                StoreError::io(&path, "read", e)
+            }
+        })?;
+        let idx: Index = serde_json::from_slice(&text).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{} is not a valid gmtier index ({e}); restore it from a backup or recreate the store",
+                path.display()
+            ))
+        })?;
+        if idx.format != "gmtier-index"
+            || idx.num_layers != g.num_layers
+            || idx.num_experts != g.num_experts
+            || idx.record_bytes != g.layout.record_bytes
+            || idx.experts.len() != g.num_records()
+            || idx.experts.iter().any(|e| e.0 > 1)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "{} does not match {}: index says {} layers x {} experts x {} bytes ({} entries), \
+                 data file says {} x {} x {}; the two files come from different stores — restore \
+                 the matching pair",
+                path.display(),
+                DATA_FILE,
+                idx.num_layers,
+                idx.num_experts,
+                idx.record_bytes,
+                idx.experts.len(),
+                g.num_layers,
+                g.num_experts,
+                g.layout.record_bytes
+            )));
+        }
+        Ok(idx)
+    }
+
+    /// Replace `index.json` atomically: write a temp file, fsync it, rename, fsync the directory.
+    pub fn store_atomic(&self, dir: &Path) -> Result<()> {
+        let tmp: PathBuf = dir.join(format!("{INDEX_FILE}.tmp"));
+        let text = serde_json::to_vec(self).expect("index serializes");
+        let res = (|| -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, dir.join(INDEX_FILE))?;
+            File::open(dir)?.sync_all()
+        })();
+        res.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            StoreError::io(&dir.join(INDEX_FILE), "commit (write index)", e)
+        })
+    }
+}

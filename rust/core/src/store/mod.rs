@@ -1,0 +1,1225 @@
+//! The tiered expert store: a data file on NVMe (two record slots per expert, shadow paging),
+//! a pinned-able RAM arena of `ram_bytes / record_bytes` slots, asynchronous reads and
+//! write-backs on an I/O thread pool, tickets that callers wait on without busy-waiting, and
+//! prefetch with priorities. See docs/design.md for the contracts.
+//!
+//! Concurrency model: one mutex (`Inner`) holds all bookkeeping and is never held across I/O;
+//! I/O workers lock it only to publish a completion; waiters sleep on one condvar.
+
+pub mod format;
+pub mod io;
+pub mod pool;
+
+use format::{Geometry, Index, RecordLayout, TensorSpec, ALIGN, DATA_FILE, INDEX_FILE};
+use io::{record_io, Arena, DataFile, Dir, IoPool, JobPriority, SendPtr};
+pub use pool::{Key, Need, SlotPool};
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Errors of the store, each with a message that names the problem and the fix.
+#[derive(Debug)]
+pub enum StoreError {
+    /// Bad argument (budget, key, schema, buffer size...).
+    InvalidArgument(String),
+    /// A file that should exist does not.
+    NotFound(String),
+    /// Damaged, truncated or mismatched files, checksum errors.
+    Corrupt(String),
+    /// An operating-system I/O error (disk full, permissions...).
+    Io {
+        /// What we were doing, with the file.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Every slot is pinned and nothing can be evicted.
+    AllPinned(String),
+    /// A wait ran past its timeout.
+    Timeout(String),
+    /// The store was closed.
+    Closed,
+}
+
+impl StoreError {
+    /// Wrap an I/O error with the file and the operation.
+    pub fn io(path: &Path, what: &str, source: std::io::Error) -> StoreError {
+        let hint = match source.raw_os_error() {
+            Some(libc::ENOSPC) => {
+                " — the disk is full: free space (the last commit is intact) and retry"
+            }
+            Some(libc::EFBIG) => " — the file size limit (ulimit -f) was hit: raise it and retry",
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                " — permission denied: check the path's owner and mode"
+            }
+            Some(libc::EROFS) => " — the filesystem is read-only",
+            _ => "",
+        };
+        StoreError::Io {
+            context: format!("{what} {}{hint}", path.display()),
+            source,
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::InvalidArgument(m)
+            | StoreError::NotFound(m)
+            | StoreError::Corrupt(m)
+            | StoreError::AllPinned(m)
+            | StoreError::Timeout(m) => f.write_str(m),
+            StoreError::Io { context, source } => write!(f, "{context}: {source}"),
+            StoreError::Closed => f.write_str("the expert store is closed; open it again"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Result with [`StoreError`].
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Options for [`ExpertStore::open`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// RAM budget: the arena holds `ram_bytes / record_bytes` record slots.
+    pub ram_bytes: usize,
+    /// I/O worker threads.
+    pub io_threads: usize,
+    /// Most I/O chunks in flight at once.
+    pub queue_depth: usize,
+    /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
+    pub direct: bool,
+    /// Bytes per pread/pwrite; a record is split into chunks that run concurrently.
+    pub chunk_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            ram_bytes: 1 << 30,
+            io_threads: 8,
+            queue_depth: 32,
+            direct: true,
+            chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Counters; see [`ExpertStore::metrics`].
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Requested experts already in RAM (or being read for another request).
+    pub hits: u64,
+    /// Requested experts that had to be read for this request.
+    pub misses: u64,
+    /// Requested experts that a prefetch had brought (or was bringing) into RAM.
+    pub prefetch_hits: u64,
+    /// Prefetches issued for experts not in RAM.
+    pub prefetches: u64,
+    /// Prefetched experts evicted before anyone used them.
+    pub prefetch_wasted: u64,
+    /// Bytes read from disk.
+    pub bytes_read: u64,
+    /// Bytes written to disk (write-back and init).
+    pub bytes_written: u64,
+    /// Records read.
+    pub reads: u64,
+    /// Records evicted from RAM.
+    pub evictions: u64,
+    /// Dirty records written back (eviction, flush, commit).
+    pub writebacks: u64,
+    /// Seconds callers spent blocked in wait().
+    pub stall_s: f64,
+    /// Largest number of I/O chunks in flight.
+    pub queue_depth_max: u64,
+    /// Commits.
+    pub commits: u64,
+    /// Whether I/O bypasses the page cache.
+    pub direct: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Empty,
+    Loading,
+    Ready,
+    /// A write-back is running; the RAM data stays valid.
+    Flushing,
+}
+
+#[derive(Debug)]
+struct SlotInfo {
+    state: SlotState,
+    dirty: bool,
+    dirty_gen: u64,
+    /// Key whose load waits for this slot's write-back (eviction of a dirty record).
+    evict_for: Option<Key>,
+    /// Tickets waiting for this load (to hear about a failure).
+    tickets: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    pins: u32,
+    demand: bool,
+    priority: i64,
+    tickets: Vec<u64>,
+    /// Slot whose write-back must finish before this load starts.
+    flushing_into: Option<usize>,
+}
+
+#[derive(PartialEq, Eq, Debug)]
+struct HeapItem {
+    prio: JobPriority,
+    key: Key,
+}
+impl Ord for HeapItem {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.prio.cmp(&o.prio)
+    }
+}
+impl PartialOrd for HeapItem {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+struct Inner {
+    pool: SlotPool,
+    slots: Vec<SlotInfo>,
+    index: Index,
+    /// Experts written back since the last commit: flat index -> (record slot, crc).
+    latest: HashMap<usize, (u8, u32)>,
+    pending: HashMap<Key, Pending>,
+    heap: BinaryHeap<HeapItem>,
+    seq: u64,
+    inflight_chunks: usize,
+    inflight_writes: usize,
+    committing: bool,
+    closed: bool,
+    /// A write-back failed: reported by flush/commit/wait until a later flush succeeds.
+    write_error: Option<String>,
+    ticket_errors: HashMap<u64, (String, Vec<Key>)>,
+    next_ticket: u64,
+    m: Metrics,
+}
+
+struct Shared {
+    dir: PathBuf,
+    data_path: PathBuf,
+    geom: Geometry,
+    file: Arc<DataFile>,
+    arena: Arena,
+    ram_slots: usize,
+    opts: StoreOptions,
+    io: IoPool,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    /// Serializes flush() and commit().
+    commit_lock: Mutex<()>,
+}
+
+/// The store. Dropping it waits for in-flight I/O; uncommitted changes are not committed.
+pub struct ExpertStore {
+    sh: Arc<Shared>,
+}
+
+/// An asynchronous request; [`Ticket::wait`] returns the RAM slots. Dropping a ticket that was
+/// never waited on releases its pins.
+pub struct Ticket {
+    sh: Arc<Shared>,
+    id: u64,
+    keys: Vec<Key>,
+    distinct: Vec<Key>,
+    done: bool,
+}
+
+fn key_str(k: Key) -> String {
+    format!("(layer {}, expert {})", k.0, k.1)
+}
+
+/// Initializer for [`ExpertStore::create`]: fills a zeroed record of `(layer, expert)`.
+pub type InitFn<'a> = &'a mut dyn FnMut(usize, usize, &mut [u8]) -> Result<()>;
+
+impl ExpertStore {
+    /// Create a store directory: the data file (header, space reserved with fallocate so a full
+    /// disk shows up now, not during training), every expert's slot 0 zero-filled or filled by
+    /// `init` one record at a time (streaming, O_DIRECT), and the first index.json.
+    pub fn create(
+        dir: &Path,
+        num_layers: usize,
+        num_experts: usize,
+        schema: &[TensorSpec],
+        init: Option<InitFn<'_>>,
+    ) -> Result<()> {
+        if num_layers == 0 || num_experts == 0 {
+            return Err(StoreError::InvalidArgument(format!(
+                "a store needs at least one layer and one expert (got {num_layers} x {num_experts})"
+            )));
+        }
+        let layout = RecordLayout::new(schema)?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, "create directory", e))?;
+        let data_path = dir.join(DATA_FILE);
+        if data_path.exists() {
+            return Err(StoreError::InvalidArgument(format!(
+                "{} already exists; open it with ExpertStore.open, or delete the directory to recreate it",
+                data_path.display()
+            )));
+        }
+        let header = format::build_header(num_layers, num_experts, &layout);
+        let geom = Geometry {
+            num_layers,
+            num_experts,
+            layout,
+            data_start: header.len() as u64,
+        };
+        let rb = geom.layout.record_bytes;
+        let res = (|| -> Result<Vec<(u8, u32, u64)>> {
+            {
+                use std::os::fd::AsRawFd;
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::create(&data_path)
+                    .map_err(|e| StoreError::io(&data_path, "create", e))?;
+                f.write_all_at(&header, 0)
+                    .map_err(|e| StoreError::io(&data_path, "write header", e))?;
+                let size = geom.file_size();
+                let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+                match rc {
+                    0 => {}
+                    libc::EOPNOTSUPP | libc::EINVAL => f
+                        .set_len(size)
+                        .map_err(|e| StoreError::io(&data_path, "set length of", e))?,
+                    e => {
+                        return Err(StoreError::io(
+                            &data_path,
+                            &format!(
+                                "reserve {size} bytes (2 slots x {} records x {rb} bytes) for",
+                                geom.num_records()
+                            ),
+                            std::io::Error::from_raw_os_error(e),
+                        ))
+                    }
+                }
+            }
+            let zero_crc = crc32fast::hash(&vec![0u8; rb]);
+            let mut entries = vec![(0u8, zero_crc, 0u64); geom.num_records()];
+            if let Some(init) = init {
+                let file = DataFile::open(&data_path, true, true)
+                    .map_err(|e| StoreError::io(&data_path, "open", e))?;
+                let buf = Arena::new(rb)
+                    .map_err(|e| StoreError::io(&data_path, "allocate a record buffer for", e))?;
+                for l in 0..num_layers {
+                    for e in 0..num_experts {
+                        let b = unsafe { buf.slice_mut(0, rb) };
+                        b.fill(0);
+                        init(l, e, b)?;
+                        entries[geom.flat(l, e)].1 = crc32fast::hash(b);
+                        file.write_all_at(b, geom.record_offset(l, e, 0))
+                            .map_err(|err| {
+                                StoreError::io(
+                                    &data_path,
+                                    &format!("write (layer {l}, expert {e}) of"),
+                                    err,
+                                )
+                            })?;
+                    }
+                }
+                file.sync_data()
+                    .map_err(|e| StoreError::io(&data_path, "fsync", e))?;
+            }
+            Ok(entries)
+        })();
+        let entries = match res {
+            Ok(x) => x,
+            Err(e) => {
+                // A half-made store is worse than none: remove what we created.
+                let _ = std::fs::remove_file(&data_path);
+                return Err(e);
+            }
+        };
+        let index = Index {
+            format: "gmtier-index".into(),
+            version: format::FORMAT_VERSION,
+            num_layers,
+            num_experts,
+            record_bytes: rb,
+            commit: 0,
+            user_meta: String::new(),
+            experts: entries,
+        };
+        index.store_atomic(dir)
+    }
+
+    /// Open a store with a RAM budget.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<ExpertStore> {
+        let data_path = dir.join(DATA_FILE);
+        if !data_path.exists() {
+            return Err(StoreError::NotFound(format!(
+                "{} not found: no expert store at {}; create one with ExpertStore.create (or check the path)",
+                data_path.display(),
+                dir.display()
+            )));
+        }
+        let file = DataFile::open(&data_path, true, opts.direct)
+            .map_err(|e| StoreError::io(&data_path, "open", e))?;
+        let geom = format::read_header(&data_path, file.file())?;
+        let index = Index::load(dir, &geom)?;
+        let rb = geom.layout.record_bytes;
+        let ram_slots = opts.ram_bytes / rb;
+        if ram_slots == 0 {
+            return Err(StoreError::InvalidArgument(format!(
+                "RAM budget of {} bytes is smaller than one expert record ({rb} bytes); raise ram_bytes to at \
+                 least {rb} (better: several records, so requests and prefetches overlap)",
+                opts.ram_bytes
+            )));
+        }
+        if opts.queue_depth == 0 || opts.io_threads == 0 {
+            return Err(StoreError::InvalidArgument(
+                "io_threads and queue_depth must be at least 1".into(),
+            ));
+        }
+        let arena = Arena::new(ram_slots * rb).map_err(|e| {
+            StoreError::io(
+                dir,
+                &format!("allocate a {} byte RAM arena for", ram_slots * rb),
+                e,
+            )
+        })?;
+        let m = Metrics {
+            direct: file.direct(),
+            ..Default::default()
+        };
+        let inner = Inner {
+            pool: SlotPool::new(ram_slots),
+            slots: (0..ram_slots)
+                .map(|_| SlotInfo {
+                    state: SlotState::Empty,
+                    dirty: false,
+                    dirty_gen: 0,
+                    evict_for: None,
+                    tickets: vec![],
+                })
+                .collect(),
+            index,
+            latest: HashMap::new(),
+            pending: HashMap::new(),
+            heap: BinaryHeap::new(),
+            seq: 0,
+            inflight_chunks: 0,
+            inflight_writes: 0,
+            committing: false,
+            closed: false,
+            write_error: None,
+            ticket_errors: HashMap::new(),
+            next_ticket: 0,
+            m,
+        };
+        let io = IoPool::new(opts.io_threads);
+        Ok(ExpertStore {
+            sh: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                data_path,
+                geom,
+                file: Arc::new(file),
+                arena,
+                ram_slots,
+                opts,
+                io,
+                inner: Mutex::new(inner),
+                cv: Condvar::new(),
+                commit_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Geometry (layers, experts, record layout).
+    pub fn geometry(&self) -> &Geometry {
+        &self.sh.geom
+    }
+    /// Record layout.
+    pub fn layout(&self) -> &RecordLayout {
+        &self.sh.geom.layout
+    }
+    /// RAM slots.
+    pub fn ram_slots(&self) -> usize {
+        self.sh.ram_slots
+    }
+    /// Store directory.
+    pub fn dir(&self) -> &Path {
+        &self.sh.dir
+    }
+    /// (address, length) of the RAM arena; slot `s` starts at `s * record_bytes`.
+    pub fn arena_address(&self) -> (usize, usize) {
+        (
+            self.sh.arena.ptr() as usize,
+            self.sh.ram_slots * self.sh.geom.layout.record_bytes,
+        )
+    }
+    /// The record of a RAM slot. The caller must hold a pin on the slot.
+    ///
+    /// # Safety
+    /// Nobody else may write the slot concurrently (it must be pinned and not being loaded).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_bytes(&self, slot: usize) -> &mut [u8] {
+        let rb = self.sh.geom.layout.record_bytes;
+        self.sh.arena.slice_mut(slot * rb, rb)
+    }
+
+    /// Ask for experts; never blocks on I/O. Pins the experts for the caller (the pins pass to
+    /// the caller at wait()). Duplicate keys count once.
+    pub fn request(&self, keys: &[Key], priority: i64) -> Result<Ticket> {
+        let sh = &self.sh;
+        let mut distinct = Vec::with_capacity(keys.len());
+        let mut seen = HashSet::new();
+        for &k in keys {
+            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
+            if seen.insert(k) {
+                distinct.push(k);
+            }
+        }
+        if distinct.len() > sh.ram_slots {
+            return Err(StoreError::InvalidArgument(format!(
+                "one request asks for {} distinct experts but the RAM tier has only {} slots ({} bytes / {} \
+                 per record); split the request or raise ram_bytes",
+                distinct.len(),
+                sh.ram_slots,
+                sh.opts.ram_bytes,
+                sh.geom.layout.record_bytes
+            )));
+        }
+        let mut g = sh.lock();
+        if g.closed {
+            return Err(StoreError::Closed);
+        }
+        let id = g.next_ticket;
+        g.next_ticket += 1;
+        for &k in &distinct {
+            let inner = &mut *g;
+            if let Some(s) = inner.pool.lookup(k) {
+                let prefetched = inner.pool.is_prefetched(s);
+                inner.pool.pin(s);
+                inner.pool.touch(s);
+                if prefetched {
+                    inner.m.prefetch_hits += 1;
+                }
+                inner.m.hits += 1;
+                let info = &mut inner.slots[s];
+                match info.state {
+                    SlotState::Loading => info.tickets.push(id),
+                    SlotState::Flushing => {
+                        // Rescue: the record was being written back to make room; keep it instead.
+                        if let Some(other) = info.evict_for.take() {
+                            if let Some(p) = inner.pending.get_mut(&other) {
+                                p.flushing_into = None;
+                                let prio = JobPriority {
+                                    class: p.demand as u8,
+                                    priority: p.priority,
+                                    seq: inner.seq,
+                                };
+                                inner.seq += 1;
+                                inner.heap.push(HeapItem { prio, key: other });
+                            }
+                        }
+                    }
+                    SlotState::Ready | SlotState::Empty => {}
+                }
+            } else if let Some(p) = inner.pending.get_mut(&k) {
+                p.pins += 1;
+                p.tickets.push(id);
+                inner.m.misses += 1;
+                if !p.demand {
+                    inner.m.prefetch_hits += 1;
+                    p.demand = true;
+                    if p.flushing_into.is_none() {
+                        let prio = JobPriority {
+                            class: 1,
+                            priority: priority.max(p.priority),
+                            seq: inner.seq,
+                        };
+                        inner.seq += 1;
+                        inner.heap.push(HeapItem { prio, key: k });
+                    }
+                }
+            } else {
+                inner.m.misses += 1;
+                inner.pending.insert(
+                    k,
+                    Pending {
+                        pins: 1,
+                        demand: true,
+                        priority,
+                        tickets: vec![id],
+                        flushing_into: None,
+                    },
+                );
+                let prio = JobPriority {
+                    class: 1,
+                    priority,
+                    seq: inner.seq,
+                };
+                inner.seq += 1;
+                inner.heap.push(HeapItem { prio, key: k });
+            }
+        }
+        sh.schedule(&mut g);
+        drop(g);
+        Ok(Ticket {
+            sh: sh.clone(),
+            id,
+            keys: keys.to_vec(),
+            distinct,
+            done: false,
+        })
+    }
+
+    /// Best-effort read-ahead; lower priority than any request. Does not pin.
+    pub fn prefetch(&self, keys: &[Key], priority: i64) -> Result<()> {
+        let sh = &self.sh;
+        for &k in keys {
+            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
+        }
+        let mut g = sh.lock();
+        if g.closed {
+            return Err(StoreError::Closed);
+        }
+        for &k in keys {
+            let inner = &mut *g;
+            if inner.pool.lookup(k).is_some() || inner.pending.contains_key(&k) {
+                continue;
+            }
+            inner.m.prefetches += 1;
+            inner.pending.insert(
+                k,
+                Pending {
+                    pins: 0,
+                    demand: false,
+                    priority,
+                    tickets: vec![],
+                    flushing_into: None,
+                },
+            );
+            let prio = JobPriority {
+                class: 0,
+                priority,
+                seq: inner.seq,
+            };
+            inner.seq += 1;
+            inner.heap.push(HeapItem { prio, key: k });
+        }
+        sh.schedule(&mut g);
+        Ok(())
+    }
+
+    /// Unpin experts (once per wait()). Duplicate keys count once.
+    pub fn release(&self, keys: &[Key]) -> Result<()> {
+        let mut seen = HashSet::new();
+        let distinct: Vec<Key> = keys.iter().copied().filter(|k| seen.insert(*k)).collect();
+        self.sh.release(&distinct)
+    }
+
+    /// The RAM records of these experts were changed: write them back before eviction.
+    pub fn mark_dirty(&self, keys: &[Key]) -> Result<()> {
+        let mut g = self.sh.lock();
+        for &k in keys {
+            let s = g.pool.lookup(k).filter(|&s| g.pool.pins(s) > 0).ok_or_else(|| {
+                StoreError::InvalidArgument(format!(
+                    "mark_dirty of {}, which is not pinned in RAM; mark an expert dirty between wait() and release()",
+                    key_str(k)
+                ))
+            })?;
+            let info = &mut g.slots[s];
+            if info.state == SlotState::Loading {
+                return Err(StoreError::InvalidArgument(format!(
+                    "mark_dirty of {} before its read finished; call ticket.wait() first",
+                    key_str(k)
+                )));
+            }
+            info.dirty = true;
+            info.dirty_gen += 1;
+        }
+        Ok(())
+    }
+
+    /// Write every dirty RAM record back to its uncommitted disk slot; blocks until done.
+    pub fn flush(&self) -> Result<()> {
+        let _c = self.sh.commit_lock.lock().unwrap();
+        self.sh.flush_locked()
+    }
+
+    /// Flush, fsync the data file, then atomically replace index.json (recording `user_meta`).
+    /// A crash at any point leaves the previous commit intact.
+    pub fn commit(&self, user_meta: &str) -> Result<()> {
+        let sh = &self.sh;
+        let _c = sh.commit_lock.lock().unwrap();
+        sh.lock().committing = true;
+        let res = (|| {
+            sh.flush_locked()?;
+            sh.file
+                .sync_data()
+                .map_err(|e| StoreError::io(&sh.data_path, "fsync", e))?;
+            let (new_index, snapshot) = {
+                let g = sh.lock();
+                let mut idx = g.index.clone();
+                for (&flat, &(slot, crc)) in &g.latest {
+                    let gen = idx.experts[flat].2 + 1;
+                    idx.experts[flat] = (slot, crc, gen);
+                }
+                idx.commit += 1;
+                idx.user_meta = user_meta.to_string();
+                (idx, g.latest.clone())
+            };
+            new_index.store_atomic(&sh.dir)?;
+            let mut g = sh.lock();
+            for (flat, v) in snapshot {
+                if g.latest.get(&flat) == Some(&v) {
+                    g.latest.remove(&flat);
+                }
+            }
+            g.index = new_index;
+            g.m.commits += 1;
+            Ok(())
+        })();
+        let mut g = sh.lock();
+        g.committing = false;
+        sh.schedule(&mut g);
+        sh.cv.notify_all();
+        res
+    }
+
+    /// The metadata string of the last commit.
+    pub fn user_meta(&self) -> String {
+        self.sh.lock().index.user_meta.clone()
+    }
+
+    /// Number of commits in the index.
+    pub fn commit_count(&self) -> u64 {
+        self.sh.lock().index.commit
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> Metrics {
+        let g = self.sh.lock();
+        let mut m = g.m.clone();
+        m.direct = self.sh.file.direct();
+        m
+    }
+
+    /// Slots holding a record (for tests and metrics).
+    pub fn resident(&self) -> usize {
+        self.sh.lock().pool.resident()
+    }
+
+    /// Slots pinned (by callers or in-flight I/O).
+    pub fn pinned(&self) -> usize {
+        self.sh.lock().pool.pinned()
+    }
+
+    /// Copy an expert's record out (request, wait, copy, release).
+    pub fn read_record(&self, layer: usize, expert: usize) -> Result<Vec<u8>> {
+        let k = (layer as u32, expert as u32);
+        let slots = self.request(&[k], 0)?.wait(None)?;
+        let out = unsafe { self.slot_bytes(slots[0]) }.to_vec();
+        self.release(&[k])?;
+        Ok(out)
+    }
+
+    /// Replace an expert's record (through RAM; written back on eviction, flush or commit).
+    pub fn write_record(&self, layer: usize, expert: usize, data: &[u8]) -> Result<()> {
+        let rb = self.sh.geom.layout.record_bytes;
+        if data.len() != rb {
+            return Err(StoreError::InvalidArgument(format!(
+                "record for (layer {layer}, expert {expert}) is {} bytes; this store's records are {rb} bytes \
+                 (see tensor_layout())",
+                data.len()
+            )));
+        }
+        let k = (layer as u32, expert as u32);
+        let slots = self.request(&[k], 0)?.wait(None)?;
+        unsafe { self.slot_bytes(slots[0]) }.copy_from_slice(data);
+        let r = self.mark_dirty(&[k]);
+        self.release(&[k])?;
+        r
+    }
+
+    /// Stop I/O (waiting for what is in flight). Later calls fail with [`StoreError::Closed`].
+    /// Uncommitted changes are dropped (the last commit stays on disk).
+    pub fn close(&self) {
+        let sh = &self.sh;
+        let mut g = sh.lock();
+        if g.closed {
+            return;
+        }
+        g.closed = true;
+        g.heap.clear();
+        while g.inflight_chunks > 0 {
+            g = sh.cv.wait(g).unwrap();
+        }
+        sh.cv.notify_all();
+        drop(g);
+        sh.io.shutdown();
+    }
+}
+
+impl Drop for ExpertStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the newest version of an expert lives on disk: (record slot, crc).
+    fn source(&self, g: &Inner, k: Key) -> (u8, u32) {
+        let flat = self.geom.flat(k.0 as usize, k.1 as usize);
+        match g.latest.get(&flat) {
+            Some(&v) => v,
+            None => {
+                let e = g.index.entry(flat);
+                (e.slot, e.crc)
+            }
+        }
+    }
+
+    /// Start as many pending loads as the queue depth and the free/evictable slots allow.
+    fn schedule(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>) {
+        let per_record = self
+            .geom
+            .layout
+            .record_bytes
+            .div_ceil(self.opts.chunk_bytes.max(ALIGN));
+        loop {
+            if g.closed || g.inflight_chunks >= self.opts.queue_depth {
+                return;
+            }
+            let Some(top) = g.heap.peek() else { return };
+            let key = top.key;
+            let class = top.prio.class;
+            let stale = match g.pending.get(&key) {
+                None => true,
+                Some(p) => p.flushing_into.is_some() || (p.demand as u8) != class,
+            };
+            if stale {
+                g.heap.pop();
+                continue;
+            }
+            let p = &g.pending[&key];
+            let need = if p.demand {
+                Need::Demand
+            } else {
+                Need::Prefetch(p.priority)
+            };
+            let inner = &mut **g;
+            let (slots, committing, werr) =
+                (&inner.slots, inner.committing, inner.write_error.is_some());
+            // While committing (or after a failed write) dirty records stay put: no write-back may race the index.
+            let Some(v) = inner
+                .pool
+                .victim(need, |s| !(slots[s].dirty && (committing || werr)))
+            else {
+                return;
+            };
+            g.heap.pop();
+            let _ = per_record;
+            if g.slots[v].dirty {
+                self.start_writeback(g, v, Some(key));
+                g.pending.get_mut(&key).unwrap().flushing_into = Some(v);
+            } else {
+                self.start_load(g, v, key);
+            }
+        }
+    }
+
+    /// Put pending `key` into (clean, unpinned) slot `v` and start reading it.
+    fn start_load(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>, v: usize, key: Key) {
+        let p = g.pending.remove(&key).expect("pending load");
+        let prefetch = if p.demand { None } else { Some(p.priority) };
+        let was_prefetched = g.pool.key_of(v).is_some() && g.pool.is_prefetched(v);
+        // +1: the read itself pins the slot until it completes.
+        if g.pool.assign(v, key, p.pins + 1, prefetch).is_some() {
+            g.m.evictions += 1;
+            if was_prefetched {
+                g.m.prefetch_wasted += 1;
+            }
+        }
+        let info = &mut g.slots[v];
+        info.state = SlotState::Loading;
+        info.dirty = false;
+        info.evict_for = None;
+        info.tickets = p.tickets;
+        let (dslot, crc) = self.source(g, key);
+        let off = self
+            .geom
+            .record_offset(key.0 as usize, key.1 as usize, dslot);
+        let rb = self.geom.layout.record_bytes;
+        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
+        let seq = g.seq;
+        g.seq += 1;
+        let prio = JobPriority {
+            class: p.demand as u8,
+            priority: p.priority,
+            seq,
+        };
+        let sh = self.clone();
+        let n = record_io(
+            &self.io,
+            &self.file,
+            Dir::Read,
+            off,
+            ptr,
+            rb,
+            self.opts.chunk_bytes,
+            prio,
+            Box::new(move |res| sh.finish_load(v, key, dslot, off, crc, res)),
+        );
+        g.inflight_chunks += n;
+        g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
+    }
+
+    fn finish_load(
+        self: &Arc<Self>,
+        v: usize,
+        key: Key,
+        dslot: u8,
+        off: u64,
+        want: u32,
+        res: std::io::Result<u32>,
+    ) {
+        let rb = self.geom.layout.record_bytes;
+        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
+        let mut g = self.lock();
+        g.inflight_chunks -= n;
+        let err = match res {
+            Ok(crc) if crc == want => None,
+            Ok(crc) => Some(format!(
+                "checksum mismatch in {} for layer {} expert {} (record slot {dslot} at byte {off}): the index \
+                 says crc32 {want:#010x}, the data has {crc:#010x}; the record is corrupt — restore the store \
+                 from a backup or recreate it",
+                self.data_path.display(),
+                key.0,
+                key.1
+            )),
+            Err(e) => Some(format!(
+                "{}",
+                StoreError::io(&self.data_path, &format!("read layer {} expert {} (byte {off}) of", key.0, key.1), e)
+            )),
+        };
+        let tickets = std::mem::take(&mut g.slots[v].tickets);
+        match err {
+            None => {
+                g.slots[v].state = SlotState::Ready;
+                let _ = g.pool.unpin(v);
+                g.m.bytes_read += rb as u64;
+                g.m.reads += 1;
+            }
+            Some(msg) => {
+                g.pool.remove(v);
+                g.slots[v].state = SlotState::Empty;
+                for t in tickets {
+                    let e = g
+                        .ticket_errors
+                        .entry(t)
+                        .or_insert_with(|| (msg.clone(), vec![]));
+                    e.1.push(key);
+                }
+            }
+        }
+        self.schedule(&mut g);
+        self.cv.notify_all();
+    }
+
+    /// Write slot `v`'s dirty record to its expert's uncommitted disk slot; then, if `evict_for`
+    /// is set, load that key into `v`.
+    fn start_writeback(
+        self: &Arc<Self>,
+        g: &mut MutexGuard<'_, Inner>,
+        v: usize,
+        evict_for: Option<Key>,
+    ) {
+        let key = g.pool.key_of(v).expect("dirty slot holds a key");
+        g.pool.pin(v);
+        let flat = self.geom.flat(key.0 as usize, key.1 as usize);
+        let target = 1 - g.index.entry(flat).slot;
+        let gen = g.slots[v].dirty_gen;
+        let info = &mut g.slots[v];
+        info.state = SlotState::Flushing;
+        info.evict_for = evict_for;
+        let off = self
+            .geom
+            .record_offset(key.0 as usize, key.1 as usize, target);
+        let rb = self.geom.layout.record_bytes;
+        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
+        let seq = g.seq;
+        g.seq += 1;
+        let sh = self.clone();
+        let n = record_io(
+            &self.io,
+            &self.file,
+            Dir::Write,
+            off,
+            ptr,
+            rb,
+            self.opts.chunk_bytes,
+            JobPriority {
+                class: 2,
+                priority: 0,
+                seq,
+            },
+            Box::new(move |res| sh.finish_writeback(v, key, target, gen, res)),
+        );
+        g.inflight_chunks += n;
+        g.inflight_writes += 1;
+        g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
+    }
+
+    fn finish_writeback(
+        self: &Arc<Self>,
+        v: usize,
+        key: Key,
+        target: u8,
+        gen: u64,
+        res: std::io::Result<u32>,
+    ) {
+        let rb = self.geom.layout.record_bytes;
+        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
+        let mut g = self.lock();
+        g.inflight_chunks -= n;
+        g.inflight_writes -= 1;
+        let _ = g.pool.unpin(v);
+        let evict_for = g.slots[v].evict_for.take();
+        g.slots[v].state = SlotState::Ready;
+        match res {
+            Ok(crc) => {
+                let flat = self.geom.flat(key.0 as usize, key.1 as usize);
+                g.latest.insert(flat, (target, crc));
+                g.m.bytes_written += rb as u64;
+                g.m.writebacks += 1;
+                if g.slots[v].dirty_gen == gen {
+                    g.slots[v].dirty = false;
+                }
+            }
+            Err(e) => {
+                g.write_error = Some(format!(
+                    "{} (nothing committed was lost; the record stays dirty in RAM)",
+                    StoreError::io(
+                        &self.data_path,
+                        &format!("write back layer {} expert {} to", key.0, key.1),
+                        e
+                    )
+                ));
+            }
+        }
+        if let Some(other) = evict_for {
+            if let Some(p) = g.pending.get_mut(&other) {
+                p.flushing_into = None;
+                let clean_and_free = !g.slots[v].dirty && g.pool.pins(v) == 0;
+                if clean_and_free && !g.closed {
+                    self.start_load(&mut g, v, other);
+                } else {
+                    let p = &g.pending[&other];
+                    let prio = JobPriority {
+                        class: p.demand as u8,
+                        priority: p.priority,
+                        seq: g.seq,
+                    };
+                    g.seq += 1;
+                    g.heap.push(HeapItem { prio, key: other });
+                }
+            }
+        }
+        self.schedule(&mut g);
+        self.cv.notify_all();
+    }
+
+    fn flush_locked(self: &Arc<Self>) -> Result<()> {
+        let mut g = self.lock();
+        g.write_error = None;
+        loop {
+            if let Some(e) = g.write_error.clone() {
+                return Err(StoreError::Io {
+                    context: e,
+                    source: std::io::Error::other("write-back failed"),
+                });
+            }
+            let dirty: Vec<usize> = (0..self.ram_slots)
+                .filter(|&s| g.slots[s].dirty && g.slots[s].state == SlotState::Ready)
+                .collect();
+            for s in &dirty {
+                self.start_writeback(&mut g, *s, None);
+            }
+            let any_dirty = g.slots.iter().any(|s| s.dirty);
+            if dirty.is_empty() && g.inflight_writes == 0 && !any_dirty {
+                return Ok(());
+            }
+            if g.closed {
+                return Err(StoreError::Closed);
+            }
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    fn release(self: &Arc<Self>, keys: &[Key]) -> Result<()> {
+        let mut g = self.lock();
+        let mut first_err = None;
+        for &k in keys {
+            let r = if let Some(s) = g.pool.lookup(k) {
+                g.pool.unpin(s)
+            } else if let Some(p) = g.pending.get_mut(&k).filter(|p| p.pins > 0) {
+                p.pins -= 1;
+                Ok(())
+            } else {
+                Err(StoreError::InvalidArgument(format!(
+                    "release of {}, which is not pinned in RAM: every wait() pins once and needs exactly one release",
+                    key_str(k)
+                )))
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.schedule(&mut g);
+        self.cv.notify_all();
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Ticket {
+    /// The keys of this request, as given.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    /// Whether wait() would return without blocking.
+    pub fn ready(&self) -> bool {
+        let g = self.sh.lock();
+        self.distinct.iter().all(|&k| {
+            g.pool
+                .lookup(k)
+                .is_some_and(|s| matches!(g.slots[s].state, SlotState::Ready | SlotState::Flushing))
+        }) || g.ticket_errors.contains_key(&self.id)
+    }
+
+    /// Block (on a condvar) until every expert is in RAM; returns the RAM slot of each key, in
+    /// order. The pins taken by request() now belong to the caller: release() each key once.
+    /// With a timeout, fails with [`StoreError::Timeout`] instead of waiting forever (e.g. when
+    /// every slot is pinned by experts nobody releases).
+    pub fn wait(mut self, timeout: Option<Duration>) -> Result<Vec<usize>> {
+        if self.done {
+            return Err(StoreError::InvalidArgument(
+                "this ticket was already waited on".into(),
+            ));
+        }
+        let sh = self.sh.clone();
+        let t0 = Instant::now();
+        let mut g = sh.lock();
+        let mut blocked = false;
+        let res = loop {
+            if let Some((msg, failed)) = g.ticket_errors.remove(&self.id) {
+                drop(g);
+                let others: Vec<Key> = self
+                    .distinct
+                    .iter()
+                    .copied()
+                    .filter(|k| !failed.contains(k))
+                    .collect();
+                self.done = true;
+                let _ = sh.release(&others);
+                g = sh.lock();
+                break Err(StoreError::Corrupt(msg));
+            }
+            if g.closed {
+                self.done = true;
+                break Err(StoreError::Closed);
+            }
+            let slots: Option<Vec<usize>> = self
+                .distinct
+                .iter()
+                .map(|&k| {
+                    g.pool.lookup(k).filter(|&s| {
+                        matches!(g.slots[s].state, SlotState::Ready | SlotState::Flushing)
+                    })
+                })
+                .collect();
+            if let Some(slots) = slots {
+                let map: HashMap<Key, usize> = self.distinct.iter().copied().zip(slots).collect();
+                self.done = true;
+                break Ok(self.keys.iter().map(|k| map[k]).collect());
+            }
+            if let Some(e) = g.write_error.clone() {
+                // A failed write-back can block evictions; tell the caller rather than hang.
+                if g.pending.values().any(|p| p.demand) && g.inflight_chunks == 0 {
+                    break Err(StoreError::Io {
+                        context: e,
+                        source: std::io::Error::other("write-back failed"),
+                    });
+                }
+            }
+            blocked = true;
+            match timeout {
+                None => g = sh.cv.wait(g).unwrap(),
+                Some(t) => {
+                    let left = t.checked_sub(t0.elapsed());
+                    let Some(left) = left else {
+                        let pinned = g.pool.pinned();
+                        break Err(StoreError::Timeout(format!(
+                            "waited {:.1}s for {} experts; {pinned} of {} RAM slots are pinned. If every slot is \
+                             pinned, release experts you are done with (store.release) or raise ram_bytes",
+                            t.as_secs_f64(),
+                            self.distinct.len(),
+                            sh.ram_slots
+                        )));
+                    };
+                    g = sh.cv.wait_timeout(g, left).unwrap().0;
+                }
+            }
+        };
+        if blocked {
+            g.m.stall_s += t0.elapsed().as_secs_f64();
+        }
+        res
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.done {
+            let failed = self
+                .sh
+                .lock()
+                .ticket_errors
+                .remove(&self.id)
+                .map(|e| e.1)
+                .unwrap_or_default();
+            let keys: Vec<Key> = self
+                .distinct
+                .iter()
+                .copied()
+                .filter(|k| !failed.contains(k))
+                .collect();
+            let _ = self.sh.release(&keys);
+        }
+    }
+}
+
+#[doc(hidden)]
+/// Test hook: the file offset of an expert's record slot and the slot the index commits.
+pub fn record_location(store: &ExpertStore, layer: usize, expert: usize) -> (u64, u64, u8) {
+    let g = store.sh.lock();
+    let e = g.index.entry(store.sh.geom.flat(layer, expert));
+    (
+        store.sh.geom.record_offset(layer, expert, 0),
+        store.sh.geom.record_offset(layer, expert, 1),
+        e.slot,
+    )
+}
+
+/// The index file name (for tools and tests).
+pub fn index_path(dir: &Path) -> PathBuf {
+    dir.join(INDEX_FILE)
+}
