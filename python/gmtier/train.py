@@ -199,12 +199,14 @@ class Trainer:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def fit(self) -> list[float]:
+    def fit(self, until: int | None = None) -> list[float]:
+        """Train to train.steps (or stop after step `until`, as an interruption would); returns the losses."""
         cfg, t = self.cfg, self.cfg.train
         losses = []
+        until = t.steps if until is None else min(until, t.steps)
         tokens_per_step = t.batch_size * cfg.model.seq_len
         t0, tok0 = time.perf_counter(), 0
-        while self.step < t.steps:
+        while self.step < until:
             x, y = self.train_data.batch(t.batch_size, cfg.model.seq_len, self.rng)
             out = self.train_step(x, y)
             losses.append(out["loss"])

@@ -1,0 +1,188 @@
+"""Training on CPU: loss falls on RusLit, tiered == resident, kill -9 and resume, the commands."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gmtier import config
+from gmtier.train import Trainer, train
+
+RUSLIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ruslit"
+if not RUSLIT.exists():
+    RUSLIT = Path("../shared/data/ruslit").resolve()
+
+
+def _tiered_available() -> bool:
+    try:
+        import gmtier.adam  # noqa: F401
+        import gmtier.store  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_store = pytest.mark.skipif(not _tiered_available(), reason="gmtier.store / gmtier.adam not built yet")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small RusLit subset: 400k characters of train, 40k of val, a 512-token vocabulary."""
+    from gmtier.data import prepare
+
+    out = tmp_path_factory.mktemp("ruslit")
+    prepare(RUSLIT, out, vocab_size=512, max_train_chars=400_000, max_val_chars=40_000)
+    return out
+
+
+def tiny(data_dir, run_dir, **sections) -> config.Config:
+    raw = {
+        "model": dict(n_layer=2, n_head=2, d_model=64, d_ff=128, seq_len=32, n_experts=4, switch_every=1,
+                      capacity_factor=1.25, router_jitter=0.0),
+        "data": dict(dir=str(data_dir)),
+        "train": dict(run_dir=str(run_dir), device="cpu", precision="fp32", steps=20, batch_size=8, lr=3e-3,
+                      min_lr=3e-4, warmup_steps=4, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=0),
+        "experts": dict(mode="tiered", ram_budget=3 * 2 * 64 * 128 * 4 * 3 + 3 * 8192, io_threads=2, async_adam=False),
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    return config.from_dict(raw)
+
+
+def losses_of(run_dir) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_resident_loss_falls_and_checkpoint_round_trips(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "run", train=dict(steps=60, eval_every=60, checkpoint_every=30),
+               experts=dict(mode="resident"))
+    losses = train(cfg, log=lambda s: None)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert val and val[-1]["val_ppl"] == pytest.approx(math.exp(val[-1]["val_loss"]))
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 60
+    assert [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-60"]
+
+
+def test_resume_continues_the_same_curve_in_process(data_dir, tmp_path):
+    full = tiny(data_dir, tmp_path / "full", train=dict(steps=12), experts=dict(mode="resident"))
+    ref = train(full, log=lambda s: None)
+    part = tiny(data_dir, tmp_path / "part", train=dict(steps=12, checkpoint_every=5), experts=dict(mode="resident"))
+    t = Trainer(part, log=lambda s: None)
+    t.fit(until=7)  # stop after step 7: the last checkpoint is step 5
+    t.close()
+    t = Trainer(tiny(data_dir, tmp_path / "part", train=dict(steps=12, checkpoint_every=5), experts=dict(mode="resident")),
+                resume=True, log=lambda s: None)
+    assert t.step == 5
+    rest = t.fit()
+    assert rest == pytest.approx(ref[5:], abs=1e-6)
+
+
+def test_existing_run_needs_resume_or_fresh(data_dir, tmp_path):
+    from gmtier.train import CheckpointError
+
+    cfg = tiny(data_dir, tmp_path / "run", train=dict(steps=2, checkpoint_every=2), experts=dict(mode="resident"))
+    train(cfg, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(cfg, log=lambda s: None)
+    assert train(cfg, fresh=True, log=lambda s: None)
+
+
+@needs_store
+def test_tiered_matches_resident_with_every_step_paging(data_dir, tmp_path):
+    """RAM budget of 3 records for 8 experts: experts are evicted and re-read every step."""
+    res = train(tiny(data_dir, tmp_path / "res", experts=dict(mode="resident")), log=lambda s: None)
+    tiered_small = train(tiny(data_dir, tmp_path / "small"), log=lambda s: None)
+    assert tiered_small == pytest.approx(res, abs=2e-4)
+    tiered_big = train(tiny(data_dir, tmp_path / "big", experts=dict(ram_budget="64MiB", async_adam=True)), log=lambda s: None)
+    assert tiered_big == pytest.approx(tiered_small, abs=1e-5)
+    m = [json.loads(l) for l in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert m["expert_updates"] > 0
+
+
+def _spawn_train(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    code = "import sys; from gmtier.commands import train; train(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, "--config", str(cfg_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _write_toml(path: Path, cfg: config.Config) -> Path:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["tiered", "resident"])
+def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path, mode):
+    if mode == "tiered" and not _tiered_available():
+        pytest.skip("gmtier.store / gmtier.adam not built yet")
+    steps = 60
+    ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", train=dict(steps=steps), experts=dict(mode=mode)))
+    p = _spawn_train(ref_cfg)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", train=dict(steps=steps, checkpoint_every=10),
+                                                   experts=dict(mode=mode)))
+    p = _spawn_train(cfg)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 25:
+            break
+        time.sleep(0.005)
+    assert p.poll() is None, "the run finished before it could be killed:\n" + p.communicate()[0]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = max(losses_of(tmp_path / "run"))
+    assert killed_at < steps
+
+    p = _spawn_train(cfg, "--resume")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "resumed" in out
+    ref, got = losses_of(tmp_path / "ref"), losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [got[s] for s in range(1, steps + 1)] == pytest.approx([ref[s] for s in range(1, steps + 1)], abs=1e-6)
+
+
+def test_commands_eval_generate_info(data_dir, tmp_path):
+    from gmtier.commands import eval_, generate, info
+
+    cfg = _write_toml(tmp_path / "c.toml", tiny(data_dir, tmp_path / "run", train=dict(steps=4, checkpoint_every=4),
+                                                 experts=dict(mode="tiered" if _tiered_available() else "resident")))
+    from gmtier.commands import train as train_cmd
+
+    runner = CliRunner()
+    r = runner.invoke(train_cmd, ["--config", str(cfg), "--set", "train.log_every=2"])
+    assert r.exit_code == 0, r.output
+    assert "tok/s" in r.output
+    r = runner.invoke(eval_, ["--run", str(tmp_path / "run"), "--batches", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["step"] == 4 and out["ppl"] == pytest.approx(math.exp(out["loss"]))
+    text = tmp_path / "t.txt"
+    text.write_text("Мой дядя самых честных правил, когда не в шутку занемог. " * 20, encoding="utf-8")
+    r = runner.invoke(eval_, ["--run", str(tmp_path / "run"), "--text", str(text)])
+    assert r.exit_code == 0 and "perplexity" in r.output, r.output
+    r = runner.invoke(generate, ["--run", str(tmp_path / "run"), "--prompt", "Мой дядя", "--tokens", "5"])
+    assert r.exit_code == 0 and r.output.startswith("Мой дядя"), r.output
+    r = runner.invoke(info, ["--run", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["params_total"] > d["params_active_per_token"]
+    r = runner.invoke(train_cmd, ["--config", str(cfg), "--set", "model.n_layers=3"])
+    assert r.exit_code != 0 and "unknown key model.n_layers" in r.output
