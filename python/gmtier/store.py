@@ -1,0 +1,428 @@
+"""The tiered expert store as torch sees it.
+
+`TieredExpertStore` wraps the Rust `gmtier._core.ExpertStore` (NVMe data file + RAM slot arena,
+asynchronous reads, write-back, crash-safe commit) and adds:
+
+- a zero-copy uint8 torch tensor over the RAM arena, page-locked with `cudaHostRegister` when
+  CUDA exists, and per-slot named tensor views (`slot_views`);
+- the GPU tier (`gmtier.tiers.GpuTier`): weights sections copied on a dedicated copy stream,
+  one CUDA event per slot; on a CPU-only machine the "GPU" views are the RAM views;
+- `acquire`/`release` for the Switch layers: an expert's weights on the compute device, with its
+  RAM record pinned so Adam can update it in place (`adam_step`, `mark_dirty`).
+
+Pins: every `wait`/`acquire` pins once; `release` unpins once. A pinned record is never evicted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from gmtier import _core
+from gmtier._core import SlotPool, StoreError, Ticket  # noqa: F401  (re-exported)
+
+Key = tuple[int, int]
+
+TORCH_DTYPES = {
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "f16": torch.float16,
+    "i64": torch.int64,
+    "u8": torch.uint8,
+}
+_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def _dtype_name(dtype) -> str:
+    """Accept torch dtypes and their string names."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _NAMES:
+            raise ValueError(f"dtype {dtype} is not supported by the store; use one of {sorted(TORCH_DTYPES)}")
+        return _NAMES[dtype]
+    return str(dtype)
+
+
+def normalize_schema(schema: Iterable[Sequence]) -> list[tuple[str, str, list[int], str]]:
+    """(name, dtype, shape[, section]) entries, dtype as a string (torch dtypes accepted)."""
+    out = []
+    for entry in schema:
+        entry = tuple(entry)
+        if len(entry) not in (3, 4):
+            raise ValueError(f"schema entry {entry!r} must be (name, dtype, shape[, section])")
+        name, dtype, shape = entry[:3]
+        section = entry[3] if len(entry) == 4 else "weights"
+        out.append((str(name), _dtype_name(dtype), [int(d) for d in shape], str(section)))
+    return out
+
+
+class TensorInfo:
+    """Where one named tensor lives inside a record."""
+
+    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "section")
+
+    def __init__(self, name, dtype, shape, offset, nbytes, section):
+        self.name, self.dtype, self.shape = name, TORCH_DTYPES[dtype], tuple(shape)
+        self.offset, self.nbytes, self.section = offset, nbytes, section
+
+    def __repr__(self) -> str:
+        return f"TensorInfo({self.name!r}, {self.dtype}, {list(self.shape)}, offset={self.offset}, {self.section})"
+
+
+def _views(buf: torch.Tensor, infos: Sequence[TensorInfo], base: int, sections=("weights", "state")) -> dict:
+    """Named dtype/shape views of `buf` (uint8) for a record starting at byte `base`."""
+    out = {}
+    for t in infos:
+        if t.section in sections:
+            out[t.name] = buf[base + t.offset: base + t.offset + t.nbytes].view(t.dtype).view(t.shape)
+    return out
+
+
+def _record_from_tensors(layout: Sequence[TensorInfo], record_bytes: int, tensors: Mapping, where: str) -> np.ndarray:
+    """Pack named tensors into one record (missing names stay zero); checks names, dtypes, shapes."""
+    rec = np.zeros(record_bytes, dtype=np.uint8)
+    known = {t.name: t for t in layout}
+    for name, value in tensors.items():
+        if name not in known:
+            raise ValueError(f"{where}: tensor {name!r} is not in the record schema ({', '.join(known)})")
+        t = known[name]
+        value = torch.as_tensor(value)
+        if value.dtype != t.dtype:
+            raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, the schema says {t.dtype}")
+        if tuple(value.shape) != t.shape:
+            raise ValueError(f"{where}: tensor {name!r} has shape {list(value.shape)}, the schema says {list(t.shape)}")
+        raw = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        rec[t.offset: t.offset + t.nbytes] = raw
+    return rec
+
+
+class GradsOnHost:
+    """Gradients copied to pinned host memory on a side stream; `wait()` before reading `tensors`."""
+
+    def __init__(self, tensors: dict, event=None):
+        self.tensors, self.event = tensors, event
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class TieredExpertStore:
+    """NVMe -> pinned RAM -> GPU expert store. Build with `create` (once) and `open`."""
+
+    # ---- construction --------------------------------------------------------------------------
+    @staticmethod
+    def create(path, num_layers: int, num_experts: int, schema, init: Callable | None = None,
+               user_meta: str | None = None) -> None:
+        """Create a store directory. `init(layer, expert)` returns a dict name -> tensor (missing
+        names are zero) or a bytes-like record; records are written one at a time (streamed)."""
+        schema = normalize_schema(schema)
+        core_init = None
+        if init is not None:
+            holder: dict = {}
+
+            def core_init(layer: int, expert: int):
+                rec = init(layer, expert)
+                if isinstance(rec, Mapping):
+                    if "layout" not in holder:
+                        holder["layout"], holder["rb"] = _layout_of_schema(schema)
+                    return _record_from_tensors(holder["layout"], holder["rb"], rec, f"init({layer}, {expert})")
+                return rec
+
+        _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init=core_init)
+        if user_meta:
+            s = _core.ExpertStore.open(str(path), _layout_of_schema(schema)[1])
+            s.commit(user_meta)
+            s.close()
+
+    @classmethod
+    def open(cls, path, ram_bytes: int, gpu_bytes: int = 0, device=None, io_threads: int = 8,
+             queue_depth: int = 32, direct: bool = True, pin_memory: bool = True) -> "TieredExpertStore":
+        """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`)."""
+        core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
+                                      queue_depth=queue_depth, direct=direct)
+        return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory)
+
+    def __init__(self, core: "_core.ExpertStore", gpu_bytes: int = 0, device=None, pin_memory: bool = True):
+        from gmtier.tiers import GpuTier
+
+        self.core = core
+        self.layout = [TensorInfo(*t) for t in core.tensor_layout()]
+        self.record_bytes, self.weights_bytes = core.record_bytes, core.weights_bytes
+        self.num_layers, self.num_experts, self.ram_slots = core.num_layers, core.num_experts, core.ram_slots
+        ptr, nbytes = core.arena_address()
+        buf = (ctypes.c_uint8 * nbytes).from_address(ptr)
+        buf._gmtier_owner = core  # the arena lives as long as any view of it
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.arena = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+        self.pinned = False
+        self._registered = None
+        if pin_memory and torch.cuda.is_available():
+            # Page-lock the arena so H2D copies are true async DMA at full PCIe speed.
+            err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+            if int(err) == 0:
+                self.pinned, self._registered = True, ptr
+        self._slot_views: dict[int, dict] = {}
+        self._lock = threading.RLock()
+        self._ram_slot: dict[Key, int] = {}  # pinned by acquire(): key -> RAM slot
+        self._acquired: dict[Key, int] = {}  # acquire() count per key
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.gpu = GpuTier(self, gpu_bytes, self.device)
+        self._d2h_stream = None
+        self._closed = False
+
+    # ---- layout and views ------------------------------------------------------------------------
+    def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
+        """Named views of RAM slot `slot` (all sections). Zero-copy: writes change the record."""
+        v = self._slot_views.get(slot)
+        if v is None:
+            if not 0 <= slot < self.ram_slots:
+                raise ValueError(f"RAM slot {slot} out of range (the store has {self.ram_slots})")
+            v = self._slot_views[slot] = _views(self.arena, self.layout, slot * self.record_bytes)
+        return v
+
+    def slot_bytes(self, slot: int) -> torch.Tensor:
+        """The whole record of RAM slot `slot` as uint8."""
+        return self.arena[slot * self.record_bytes: (slot + 1) * self.record_bytes]
+
+    def weights_bytes_view(self, slot: int) -> torch.Tensor:
+        """The weights section of RAM slot `slot` as uint8 (what an H2D copy moves)."""
+        base = slot * self.record_bytes
+        return self.arena[base: base + self.weights_bytes]
+
+    # ---- the RAM tier --------------------------------------------------------------------------
+    def request(self, keys: Sequence[Key], priority: int = 0) -> Ticket:
+        """Ask for experts (never blocks); `wait()` the ticket (or `self.wait(ticket)`)."""
+        return self.core.request([tuple(k) for k in keys], priority)
+
+    def wait(self, ticket: Ticket, timeout: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """Views of the requested records, in order (pins them; release each key once)."""
+        return [self.slot_views(s) for s in ticket.wait(timeout)]
+
+    def get(self, keys: Sequence[Key], priority: int = 0, timeout: float | None = None) -> list[dict]:
+        """request + wait: RAM views of the records, pinned."""
+        return self.wait(self.request(keys, priority), timeout)
+
+    def prefetch(self, keys: Sequence[Key], priority: int = 0) -> None:
+        """Best-effort read-ahead into RAM (lower priority than any request)."""
+        self.core.prefetch([tuple(k) for k in keys], priority)
+
+    def release(self, keys: Sequence[Key]) -> None:
+        """Unpin experts. Keys that were `acquire`d also leave the GPU tier's pin."""
+        keys = [tuple(k) for k in keys]
+        plain = []
+        with self._lock:
+            for k in keys:
+                n = self._acquired.get(k, 0)
+                if n:
+                    self._acquired[k] = n - 1
+                    if n == 1:
+                        del self._acquired[k]
+                        self._ram_slot.pop(k, None)
+                    self.gpu.release([k])  # GPU pin; the RAM pin goes once the H2D copy is done
+                else:
+                    plain.append(k)
+        if plain:
+            self.core.release(plain)
+
+    def mark_dirty(self, keys: Sequence[Key]) -> None:
+        """The RAM records changed (e.g. by Adam): write back before eviction; GPU copies are stale."""
+        keys = [tuple(k) for k in keys]
+        self.core.mark_dirty(keys)
+        self.gpu.invalidate(keys)
+
+    def flush(self) -> None:
+        """Write all dirty records back (to the uncommitted disk slots)."""
+        self.gpu.drain()
+        self.core.flush()
+
+    def commit(self, user_meta: str = "") -> None:
+        """Flush + fsync + atomic index replacement; a crash keeps the previous commit."""
+        self.gpu.drain()
+        self.core.commit(user_meta)
+
+    def user_meta(self) -> str:
+        return self.core.user_meta()
+
+    # ---- the compute device ----------------------------------------------------------------------
+    def acquire(self, key: Key, priority: int = 0, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """The expert's weights on the compute device (GPU tier; RAM views on CPU), ready for the
+        current stream. Pins the RAM record too (so `adam_step` can update it); `release` once."""
+        key = tuple(key)
+        slot = self.core.request([key], priority).wait(timeout)[0]
+        with self._lock:
+            self._ram_slot[key] = slot
+            self._acquired[key] = self._acquired.get(key, 0) + 1
+            try:
+                return self.gpu.acquire(key, slot)
+            except BaseException:
+                self._acquired[key] -= 1
+                if not self._acquired[key]:
+                    del self._acquired[key]
+                self.core.release([key])
+                raise
+
+    def record(self, key: Key) -> dict[str, torch.Tensor]:
+        """All tensors of an `acquire`d expert's RAM record (weights and state)."""
+        slot = self._ram_slot.get(tuple(key))
+        if slot is None:
+            raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
+        return self.slot_views(slot)
+
+    def grads_to_host(self, key: Key, grads: Mapping[str, torch.Tensor]) -> GradsOnHost:
+        """Copy gradients to pinned host memory on a side stream (async); `.wait()` before use."""
+        if not any(g.is_cuda for g in grads.values()):
+            return GradsOnHost({n: g.detach() for n, g in grads.items()})
+        cur = torch.cuda.current_stream()
+        if self._d2h_stream is None:
+            self._d2h_stream = torch.cuda.Stream(device=cur.device)
+        s = self._d2h_stream
+        s.wait_stream(cur)
+        out = {}
+        with torch.cuda.stream(s):
+            for n, g in grads.items():
+                host = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+                host.copy_(g.detach(), non_blocking=True)
+                g.record_stream(s)
+                out[n] = host
+            ev = torch.cuda.Event()
+            ev.record(s)
+        return GradsOnHost(out, ev)
+
+    def adam_step(self, key: Key, grads: Mapping[str, torch.Tensor], lr: float, grad_scale: float = 1.0,
+                  beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0) -> bool:
+        """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
+        written in the same pass). Returns True when skipped (non-finite gradients)."""
+        rec = self.record(key)
+        from gmtier import adam
+
+        fn = getattr(adam, "adamw_record", None)
+        if fn is not None:
+            return bool(fn(rec, grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=weight_decay))
+        return _adamw_record_torch(rec, grads, lr, grad_scale, beta1, beta2, eps, weight_decay)
+
+    # ---- convenience ----------------------------------------------------------------------------
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Copies of an expert's tensors."""
+        key = (layer, expert)
+        views = self.get([key])[0]
+        try:
+            return {n: t.clone() for n, t in views.items()}
+        finally:
+            self.core.release([key])
+
+    def write_expert(self, layer: int, expert: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace named tensors of an expert (others keep their values); persisted by commit()."""
+        key = (layer, expert)
+        known = {t.name: t for t in self.layout}
+        for name, value in tensors.items():
+            if name not in known:
+                raise ValueError(f"write_expert({layer}, {expert}): {name!r} is not in the record schema "
+                                 f"({', '.join(known)})")
+            t = known[name]
+            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+                raise ValueError(f"write_expert({layer}, {expert}): {name!r} is {value.dtype} {list(value.shape)}, "
+                                 f"the schema says {t.dtype} {list(t.shape)}")
+        views = self.get([key])[0]
+        try:
+            for name, value in tensors.items():
+                views[name].copy_(value)
+            self.mark_dirty([key])
+        finally:
+            self.core.release([key])
+
+    def metrics(self) -> dict:
+        """RAM-tier counters (hit rate included) and the GPU tier's under `gpu_`."""
+        m = dict(self.core.metrics())
+        n = m["hits"] + m["misses"]
+        m["hit_rate"] = m["hits"] / n if n else None
+        m.update({f"gpu_{k}": v for k, v in self.gpu.metrics().items()})
+        return m
+
+    def tier_metrics(self) -> dict:
+        """Metrics for the training log (prefixed `ram_`/`gpu_`)."""
+        m = self.core.metrics()
+        n = m["hits"] + m["misses"]
+        out = {f"ram_{k}": m[k] for k in ("hits", "misses", "prefetch_hits", "bytes_read", "bytes_written",
+                                          "stall_s", "evictions", "writebacks", "queue_depth_max")}
+        out["ram_hit_rate"] = m["hits"] / n if n else None
+        out.update({f"gpu_{k}": v for k, v in self.gpu.metrics().items()})
+        return out
+
+    def close(self) -> None:
+        """Stop I/O and unregister the arena; uncommitted changes are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        self.gpu.drain()
+        self.core.close()
+        if self._registered is not None:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"TieredExpertStore({self.core.path}, {self.num_layers}x{self.num_experts} experts, "
+                f"record {self.record_bytes} B, {self.ram_slots} RAM slots, {self.gpu!r})")
+
+
+def _layout_of_schema(schema) -> tuple[list[TensorInfo], int]:
+    """Layout of a schema without a store (mirrors the Rust RecordLayout)."""
+    def up(x, a):
+        return -(-x // a) * a
+
+    infos, off = [], 0
+    for section in ("weights", "state"):
+        for name, dtype, shape, sec in schema:
+            if sec != section:
+                continue
+            off = up(off, 64)
+            n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[_canon(dtype)]).element_size()
+            infos.append(TensorInfo(name, _canon(dtype), shape, off, n, sec))
+            off += n
+        off = up(off, 4096)
+    return infos, off
+
+
+def _canon(dtype: str) -> str:
+    d = dtype.lower().removeprefix("torch.")
+    return {"float32": "f32", "float": "f32", "bfloat16": "bf16", "float16": "f16", "half": "f16",
+            "int64": "i64", "long": "i64", "uint8": "u8"}.get(d, d)
+
+
+@torch.no_grad()
+def _adamw_record_torch(rec, grads, lr, grad_scale, beta1, beta2, eps, weight_decay) -> bool:
+    """Reference AdamW on a record (used when gmtier.adam has no record entry point)."""
+    gs = {n: g.float() / grad_scale for n, g in grads.items()}
+    if not all(torch.isfinite(g).all() for g in gs.values()):
+        return True
+    step = rec["step"]
+    step += 1
+    t = int(step.item())
+    for n, g in gs.items():
+        w = rec[n]
+        master = rec.get(f"{n}.master", w)
+        m, v = rec[f"{n}.exp_avg"], rec[f"{n}.exp_avg_sq"]
+        master.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+        master.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        if master is not w:
+            w.copy_(master)
+    return False
