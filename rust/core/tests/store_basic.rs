@@ -1,0 +1,221 @@
+//! Store: bit-exact round trips, commit/reopen, clear errors, slot pool policy.
+use gmtier_core::store::format::TensorSpec;
+use gmtier_core::store::{
+    record_location, ExpertStore, Key, Need, SlotPool, StoreError, StoreOptions,
+};
+use std::path::Path;
+
+fn schema() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec::new("w1", "bf16", &[32, 64], "weights").unwrap(),
+        TensorSpec::new("w2", "bfloat16", &[64, 32], "weights").unwrap(),
+        TensorSpec::new("w1.master", "f32", &[32, 64], "state").unwrap(),
+        TensorSpec::new("step", "i64", &[1], "state").unwrap(),
+    ]
+}
+
+/// Deterministic pseudo-random record content for (layer, expert, version).
+fn content(l: usize, e: usize, v: u64, n: usize) -> Vec<u8> {
+    let mut x = (l as u64 * 1_000_003 + e as u64 * 7919 + v * 104_729) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn opts(ram_bytes: usize) -> StoreOptions {
+    StoreOptions {
+        ram_bytes,
+        io_threads: 3,
+        queue_depth: 8,
+        direct: true,
+        chunk_bytes: 8192,
+    }
+}
+
+fn make(dir: &Path, l: usize, e: usize) -> usize {
+    let mut init = |l: usize, e: usize, b: &mut [u8]| {
+        b.copy_from_slice(&content(l, e, 0, b.len()));
+        Ok(())
+    };
+    ExpertStore::create(dir, l, e, &schema(), Some(&mut init)).unwrap();
+    let s = ExpertStore::open(dir, opts(1 << 20)).unwrap();
+    s.layout().record_bytes
+}
+
+#[test]
+fn layout_is_aligned_and_weights_first() {
+    let s = gmtier_core::store::format::RecordLayout::new(&schema()).unwrap();
+    assert_eq!(s.weights_bytes, 8192);
+    assert_eq!(s.record_bytes % 4096, 0);
+    assert_eq!(s.record_bytes, 8192 + 12288);
+    assert!(s.tensors.iter().all(|t| t.offset % 64 == 0));
+    assert_eq!(s.tensor("w1.master").unwrap().offset, 8192);
+}
+
+#[test]
+fn round_trip_through_ram_writeback_and_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let (nl, ne) = (2, 5);
+    let rb = make(d.path(), nl, ne);
+    {
+        // 3 slots for 10 experts: every write goes through eviction write-back.
+        let s = ExpertStore::open(d.path(), opts(3 * rb)).unwrap();
+        for l in 0..nl {
+            for e in 0..ne {
+                assert_eq!(
+                    s.read_record(l, e).unwrap(),
+                    content(l, e, 0, rb),
+                    "initial ({l},{e})"
+                );
+            }
+        }
+        for l in 0..nl {
+            for e in 0..ne {
+                s.write_record(l, e, &content(l, e, 1, rb)).unwrap();
+            }
+        }
+        assert!(
+            s.metrics().writebacks >= 7,
+            "dirty evictions were written back"
+        );
+        for l in 0..nl {
+            for e in 0..ne {
+                assert_eq!(
+                    s.read_record(l, e).unwrap(),
+                    content(l, e, 1, rb),
+                    "after write-back ({l},{e})"
+                );
+            }
+        }
+        s.commit("{\"step\": 1}").unwrap();
+        // A second version, committed too: the shadow slot flips back.
+        s.write_record(1, 4, &content(1, 4, 2, rb)).unwrap();
+        s.commit("{\"step\": 2}").unwrap();
+        assert!(s.resident() <= 3);
+    }
+    let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+    assert_eq!(s.user_meta(), "{\"step\": 2}");
+    for l in 0..nl {
+        for e in 0..ne {
+            let v = if (l, e) == (1, 4) { 2 } else { 1 };
+            assert_eq!(
+                s.read_record(l, e).unwrap(),
+                content(l, e, v, rb),
+                "reopened ({l},{e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let rb = make(d.path(), 1, 3);
+    let msg = |e: StoreError| e.to_string();
+
+    let e = msg(ExpertStore::open(d.path(), opts(rb - 1)).err().unwrap());
+    assert!(
+        e.contains("smaller than one expert record") && e.contains("raise ram_bytes"),
+        "{e}"
+    );
+
+    let e = msg(ExpertStore::open(&d.path().join("nope"), opts(rb))
+        .err()
+        .unwrap());
+    assert!(e.contains("not found"), "{e}");
+
+    let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+    let e = msg(s.request(&[(0, 0), (0, 1), (0, 2)], 0).err().unwrap());
+    assert!(e.contains("only 2 slots"), "{e}");
+    let e = msg(s.request(&[(1, 0)], 0).err().unwrap());
+    assert!(e.contains("outside the store"), "{e}");
+    let e = msg(s.release(&[(0, 0)]).err().unwrap());
+    assert!(e.contains("not pinned"), "{e}");
+    let e = msg(s.write_record(0, 0, &[0u8; 10]).err().unwrap());
+    assert!(e.contains("records are"), "{e}");
+    drop(s);
+
+    // Corrupt one byte of a committed record: the read names layer and expert.
+    let (off0, _off1, slot) =
+        record_location(&ExpertStore::open(d.path(), opts(rb)).unwrap(), 0, 2);
+    assert_eq!(slot, 0);
+    let data = d.path().join("experts.safetensors");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        f.write_all_at(&[0xAB, 0xCD], off0 + 100).unwrap();
+    }
+    let s = ExpertStore::open(d.path(), opts(rb)).unwrap();
+    let e = msg(s.read_record(0, 2).err().unwrap());
+    assert!(
+        e.contains("checksum mismatch") && e.contains("layer 0 expert 2"),
+        "{e}"
+    );
+    // The store keeps working for the other experts.
+    assert_eq!(s.read_record(0, 1).unwrap(), content(0, 1, 0, rb));
+    drop(s);
+
+    // Truncated file.
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - 4096).unwrap();
+    let e = msg(ExpertStore::open(d.path(), opts(rb)).err().unwrap());
+    assert!(e.contains("truncated"), "{e}");
+    f.set_len(len).unwrap();
+
+    // Index from another store.
+    let d2 = tempfile::tempdir().unwrap();
+    make(d2.path(), 2, 3);
+    std::fs::copy(d2.path().join("index.json"), d.path().join("index.json")).unwrap();
+    let e = msg(ExpertStore::open(d.path(), opts(rb)).err().unwrap());
+    assert!(e.contains("does not match"), "{e}");
+
+    // Bad schema.
+    let e = msg(TensorSpec::new("x", "f64", &[2], "weights").err().unwrap());
+    assert!(e.contains("unknown dtype"), "{e}");
+    let e = msg(ExpertStore::create(&d.path().join("z"), 1, 1, &[], None)
+        .err()
+        .unwrap());
+    assert!(e.contains("schema is empty"), "{e}");
+}
+
+#[test]
+fn slot_pool_policy() {
+    let mut p = SlotPool::new(3);
+    let k = |e: u32| -> Key { (0, e) };
+    assert_eq!(p.acquire(k(0), 0, true).unwrap(), (0, false, None));
+    assert_eq!(p.acquire(k(1), 0, true).unwrap(), (1, false, None));
+    assert_eq!(p.acquire(k(2), 0, true).unwrap(), (2, false, None));
+    // All pinned: a clear error, nothing evicted.
+    let e = p.acquire(k(3), 0, true).err().unwrap().to_string();
+    assert!(e.contains("all 3 slots are pinned"), "{e}");
+    p.release(k(1)).unwrap();
+    p.release(k(0)).unwrap();
+    // LRU among unpinned: key 0 was used before key 1.
+    assert_eq!(p.acquire(k(3), 0, true).unwrap(), (0, false, Some(k(0))));
+    // A hit pins again.
+    assert_eq!(p.acquire(k(3), 0, true).unwrap(), (0, true, None));
+    assert_eq!(p.pins(0), 2);
+    // Prefetch protection: a prefetched slot survives lower-priority prefetches.
+    p.release(k(3)).unwrap();
+    p.release(k(3)).unwrap();
+    p.release(k(2)).unwrap();
+    let (s5, _, _) = p.acquire(k(5), 5, false).unwrap(); // prefetch into LRU slot
+    assert_eq!(p.pins(s5), 0);
+    assert!(p.is_prefetched(s5));
+    let (s6, _, _) = p.acquire(k(6), 1, false).unwrap();
+    assert_ne!(
+        s6, s5,
+        "low-priority prefetch must not evict a higher-priority one"
+    );
+    // Demand evicts unprotected slots before prefetched ones.
+    let v = p.victim(Need::Demand, |_| true).unwrap();
+    assert!(!p.is_prefetched(v));
+    assert!(p.invalidate(k(5)));
+    assert_eq!(p.lookup(k(5)), None);
+}
