@@ -22,15 +22,12 @@ if not RUSLIT.exists():
 
 
 def _tiered_available() -> bool:
-    try:
-        import gmtier.adam  # noqa: F401
-        import gmtier.store  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import gmtier._core
+
+    return hasattr(gmtier._core, "ExpertStore")
 
 
-needs_store = pytest.mark.skipif(not _tiered_available(), reason="gmtier.store / gmtier.adam not built yet")
+needs_store = pytest.mark.skipif(not _tiered_available(), reason="gmtier._core.ExpertStore not built")
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +125,7 @@ def _write_toml(path: Path, cfg: config.Config) -> Path:
 @pytest.mark.parametrize("mode", ["tiered", "resident"])
 def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path, mode):
     if mode == "tiered" and not _tiered_available():
-        pytest.skip("gmtier.store / gmtier.adam not built yet")
+        pytest.skip("gmtier._core.ExpertStore not built")
     steps = 60
     ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", train=dict(steps=steps), experts=dict(mode=mode)))
     p = _spawn_train(ref_cfg)
