@@ -84,3 +84,45 @@ def raw_read(
     path: str, ranges: Sequence[tuple[int, int]], chunk_bytes: int = 4194304, threads: int = 8, direct: bool = True
 ) -> tuple[int, float, bool]: ...
 def drop_cache(path: str) -> None: ...
+
+# --- adam ---
+
+# spec: (master, exp_avg, exp_avg_sq, grad, grad_dtype, half (0 = none), half_dtype, numel, step)
+# as data_ptr() addresses; dtypes "float32" | "bfloat16" | "float16". Use gmtier.adam, which validates.
+AdamSpec = tuple[int, int, int, int, str, int, str, int, int]
+
+class AdamJob:
+    def wait(self) -> bool: ...  # True when the step was skipped; GIL released
+    def done(self) -> bool: ...
+
+def adamw_step_raw(
+    specs: Sequence[AdamSpec],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = False,
+    simd: str = "auto",
+    threads: int = 0,
+) -> bool: ...
+def adamw_step_raw_async(
+    specs: Sequence[AdamSpec],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = False,
+    simd: str = "auto",
+    threads: int = 0,
+) -> AdamJob: ...
+def grad_sumsq_raw(grads: Sequence[tuple[int, str, int]], simd: str = "auto", threads: int = 0) -> tuple[float, bool]: ...
+def memory_bandwidth(nbytes: int = 1073741824, threads: int = 0, repeats: int = 5) -> dict: ...
+def adam_simd_available() -> list[str]: ...
+def adam_simd_best() -> str: ...
+def adam_chunk_elements() -> int: ...

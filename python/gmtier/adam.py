@@ -1,0 +1,379 @@
+"""Fused multi-threaded SIMD CPU AdamW (the Rust kernel in `gmtier._core`).
+
+One pass per chunk of every tensor: gradient (fp32/bf16/fp16) -> AdamW update of the fp32 master
+weight and both moments -> optional bf16/fp16 copy of the new weight (round to nearest even),
+with the math and operation order of ``torch.optim.AdamW``. The GIL is released while it runs.
+
+Two ways in:
+
+* :func:`adamw_step` on raw tensors, as the training loop has them in the store's RAM slots:
+  ``AdamTensors(master, exp_avg, exp_avg_sq, grad, step, half=None)``, ``step`` being the expert's
+  int64[1] step counter (incremented once per call, only for tensors passed; tensors of one
+  expert may share it). ``async_=True`` returns an :class:`AdamHandle` so GPU work continues.
+* :class:`CpuAdamW`, a ``torch.optim.Optimizer`` for plain CPU fp32 parameters with ``.grad``;
+  a parameter group may carry ``"half_copies"``, bf16/fp16 tensors aligned with ``"params"``
+  that receive the rounded new weights.
+
+Loss scaling and clipping: pass ``grad_scale`` (the fp16 loss scale; gradients are multiplied by
+``1 / grad_scale`` in the pass) and ``clip_coef`` (from :func:`clip_coef`, which computes the
+global norm with :func:`grad_sumsq`). ``check_finite=True`` first scans the gradients and skips
+the whole step, writing nothing, when any is inf/NaN; a caller that already computed the global
+norm knows that (``math.isfinite(norm)``) and can leave it off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import torch
+
+from gmtier import _core
+
+__all__ = [
+    "AdamTensors",
+    "AdamHandle",
+    "CpuAdamW",
+    "adamw_step",
+    "grad_sumsq",
+    "clip_coef",
+    "simd_available",
+    "simd_best",
+    "memory_bandwidth",
+]
+
+_GRAD_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_HALF_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SIMD_CHOICES = ("auto", "avx512", "avx2", "scalar")
+
+
+def simd_available() -> list[str]:
+    """SIMD paths this CPU can run, fastest first (``"scalar"`` always)."""
+    return list(_core.adam_simd_available())
+
+
+def simd_best() -> str:
+    """The path ``simd="auto"`` uses."""
+    return _core.adam_simd_best()
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, repeats: int = 5) -> dict:
+    """Multi-threaded copy / triad bandwidth (GB/s, bytes read + written) over ``nbytes`` arrays."""
+    return dict(_core.memory_bandwidth(int(nbytes), _threads(threads), int(repeats)))
+
+
+class AdamTensors(NamedTuple):
+    """One tensor's AdamW state and gradient (all CPU, contiguous, same numel)."""
+
+    master: torch.Tensor  # fp32, updated in place
+    exp_avg: torch.Tensor  # fp32
+    exp_avg_sq: torch.Tensor  # fp32
+    grad: torch.Tensor  # fp32, bf16 or fp16 (read only)
+    step: torch.Tensor  # int64, one element; may be shared by the tensors of one expert
+    half: torch.Tensor | None = None  # bf16 or fp16: receives the rounded new weight
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return 0
+    threads = int(threads)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 or None = all CPUs), got {threads}")
+    return threads
+
+
+def _simd(simd: str) -> str:
+    if simd not in SIMD_CHOICES:
+        raise ValueError(f"simd must be one of {SIMD_CHOICES}, got {simd!r}")
+    if simd != "auto" and simd not in simd_available():
+        raise RuntimeError(
+            f"simd path {simd!r} is not available on this CPU (available: {', '.join(simd_available())})"
+        )
+    return simd
+
+
+def _check_tensor(t: Any, what: str, dtypes: dict, numel: int | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{what}: must be on the CPU, is on {t.device}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{what}: dtype {str(t.dtype).replace('torch.', '')} not supported ({names})")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: must be contiguous (call .contiguous() or pass a flat view)")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{what}: has {t.numel()} elements, the master weight has {numel}")
+
+
+def _as_tensors(item: Any, i: int) -> AdamTensors:
+    if isinstance(item, AdamTensors):
+        return item
+    if isinstance(item, dict):
+        try:
+            return AdamTensors(**item)
+        except TypeError as e:
+            raise TypeError(f"tensors[{i}]: {e}") from None
+    if isinstance(item, (tuple, list)) and len(item) in (5, 6):
+        return AdamTensors(*item)
+    raise TypeError(
+        f"tensors[{i}]: expected AdamTensors(master, exp_avg, exp_avg_sq, grad, step, half=None), "
+        f"a dict or a 5/6-tuple, got {type(item).__name__}"
+    )
+
+
+def _specs(tensors: Iterable[Any]) -> tuple[list[tuple], list[AdamTensors]]:
+    specs, items = [], []
+    spans = []  # (start, end, label, writable) for the overlap check
+    for i, item in enumerate(tensors):
+        t = _as_tensors(item, i)
+        _check_tensor(t.master, f"tensors[{i}].master", {torch.float32: 0}, None)
+        n = t.master.numel()
+        _check_tensor(t.exp_avg, f"tensors[{i}].exp_avg", {torch.float32: 0}, n)
+        _check_tensor(t.exp_avg_sq, f"tensors[{i}].exp_avg_sq", {torch.float32: 0}, n)
+        _check_tensor(t.grad, f"tensors[{i}].grad", _GRAD_DTYPES, n)
+        _check_tensor(t.step, f"tensors[{i}].step", {torch.int64: 0}, 1)
+        if t.half is not None:
+            _check_tensor(t.half, f"tensors[{i}].half", _HALF_DTYPES, n)
+        if n:
+            for name in ("master", "exp_avg", "exp_avg_sq", "grad", "half"):
+                x = getattr(t, name)
+                if x is not None:
+                    start = x.data_ptr()
+                    spans.append((start, start + x.numel() * x.element_size(), f"tensors[{i}].{name}", name != "grad"))
+        specs.append(
+            (
+                t.master.data_ptr(),
+                t.exp_avg.data_ptr(),
+                t.exp_avg_sq.data_ptr(),
+                t.grad.data_ptr(),
+                _GRAD_DTYPES[t.grad.dtype],
+                0 if t.half is None else t.half.data_ptr(),
+                "" if t.half is None else _HALF_DTYPES[t.half.dtype],
+                n,
+                t.step.data_ptr(),
+            )
+        )
+        items.append(t)
+    spans.sort()
+    for (s0, e0, a, w0), (s1, e1, b, w1) in zip(spans, spans[1:]):
+        if s1 < e0 and (w0 or w1):
+            raise ValueError(f"{a} and {b} overlap in memory; every written array must be separate")
+    return specs, items
+
+
+class AdamHandle:
+    """A step running on the Adam thread pool. Keep the tensors untouched until :meth:`wait`."""
+
+    def __init__(self, jobs: list, keep: list) -> None:
+        self._jobs = jobs
+        self._keep = keep  # the tensors, alive until the step finished
+        self._skipped: bool | None = None
+
+    def done(self) -> bool:
+        """Whether the step finished (never blocks)."""
+        return self._skipped is not None or all(j.done() for j in self._jobs)
+
+    def wait(self) -> bool:
+        """Block (GIL released) until the step finished; returns True when it was skipped."""
+        if self._skipped is None:
+            skipped = False
+            for j in self._jobs:
+                skipped |= bool(j.wait())
+            self._skipped = skipped
+            self._keep = []
+        return self._skipped
+
+    @property
+    def skipped(self) -> bool:
+        return self.wait()
+
+
+def adamw_step(
+    tensors: Sequence[Any],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = False,
+    simd: str = "auto",
+    threads: int | None = None,
+    async_: bool = False,
+) -> bool | AdamHandle:
+    """One fused AdamW step over ``tensors`` (a list of :class:`AdamTensors`, dicts or tuples).
+
+    Returns True when the step was skipped (``check_finite`` found an inf/NaN gradient; nothing
+    was written, step counters included), False otherwise; with ``async_=True`` an
+    :class:`AdamHandle` whose ``wait()`` returns that flag.
+    """
+    specs, items = _specs(tensors)
+    beta1, beta2 = (float(b) for b in betas)
+    args = (specs, float(lr), beta1, beta2, float(eps), float(weight_decay), float(grad_scale),
+            float(clip_coef), bool(check_finite), _simd(simd), _threads(threads))
+    if async_:
+        return AdamHandle([_core.adamw_step_raw_async(*args)], items)
+    return bool(_core.adamw_step_raw(*args))
+
+
+def grad_sumsq(
+    grads: Iterable[torch.Tensor],
+    *,
+    grad_scale: float = 1.0,
+    simd: str = "auto",
+    threads: int | None = None,
+) -> tuple[float, bool]:
+    """Sum of squares of all gradients divided by ``grad_scale**2`` (float64 accumulation of
+    fp32 partial sums), and whether all elements are finite. One multi-threaded read pass."""
+    raw, keep = [], []
+    for i, g in enumerate(grads):
+        _check_tensor(g, f"grads[{i}]", _GRAD_DTYPES, None)
+        raw.append((g.data_ptr(), _GRAD_DTYPES[g.dtype], g.numel()))
+        keep.append(g)
+    s, nonfinite = _core.grad_sumsq_raw(raw, _simd(simd), _threads(threads))
+    return float(s) / (float(grad_scale) ** 2), not nonfinite
+
+
+def clip_coef(
+    grads: Iterable[torch.Tensor],
+    max_norm: float,
+    *,
+    grad_scale: float = 1.0,
+    extra_sumsq: float = 0.0,
+    simd: str = "auto",
+    threads: int | None = None,
+) -> tuple[float, float]:
+    """``(clip_coef, total_norm)`` as ``torch.nn.utils.clip_grad_norm_`` computes them
+    (``min(1, max_norm / (norm + 1e-6))``), over these gradients plus ``extra_sumsq`` (e.g. the
+    dense part's squared norm from the GPU). A non-finite norm gives ``(1.0, inf/nan)``."""
+    s, finite = grad_sumsq(grads, grad_scale=grad_scale, simd=simd, threads=threads)
+    total = math.sqrt(s + float(extra_sumsq)) if finite else float("nan")
+    if not math.isfinite(total):
+        return 1.0, total
+    return min(1.0, float(max_norm) / (total + 1e-6)), total
+
+
+class CpuAdamW(torch.optim.Optimizer):
+    """Drop-in ``torch.optim.AdamW`` for CPU fp32 parameters, on the fused Rust kernel.
+
+    A parameter group may hold ``"half_copies"``: a list aligned with ``"params"`` of bf16/fp16
+    tensors (or None) that receive the new weights, rounded to nearest even, in the same pass.
+    Parameters without ``.grad`` are skipped and keep their step count. ``step()`` returns the
+    closure's loss; :attr:`last_step_skipped` tells whether ``check_finite`` skipped the step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        check_finite: bool = False,
+        simd: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if eps < 0:
+            raise ValueError(f"invalid eps: {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.check_finite = bool(check_finite)
+        self.simd = _simd(simd)
+        self.threads = _threads(threads)
+        self.last_step_skipped = False
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        for i, p in enumerate(group["params"]):
+            _check_tensor(p, f"params[{i}]", {torch.float32: 0}, None)
+        halves = group.get("half_copies")
+        if halves is not None:
+            if len(halves) != len(group["params"]):
+                raise ValueError(
+                    f"half_copies has {len(halves)} entries, the group {len(group['params'])} params"
+                )
+            for i, (p, h) in enumerate(zip(group["params"], halves)):
+                if h is not None:
+                    _check_tensor(h, f"half_copies[{i}]", _HALF_DTYPES, p.numel())
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "simd"):
+            self._check_group(self.param_groups[-1])
+
+    def _group_tensors(self, group: dict) -> list[AdamTensors]:
+        out = []
+        halves = group.get("half_copies") or [None] * len(group["params"])
+        for p, h in zip(group["params"], halves):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("CpuAdamW does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros(1, dtype=torch.int64)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            step = state["step"]
+            if step.dtype != torch.int64 or step.numel() != 1:  # e.g. a torch AdamW state dict
+                state["step"] = step = torch.tensor([int(step.reshape(-1)[0].item())], dtype=torch.int64)
+            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            out.append(AdamTensors(p.detach(), state["exp_avg"], state["exp_avg_sq"], grad, step, h))
+        return out
+
+    def _launch(self, grad_scale: float, clip: float, async_: bool) -> tuple[list, list, bool]:
+        groups = [(g, self._group_tensors(g)) for g in self.param_groups]
+        groups = [(g, ts) for g, ts in groups if ts]
+        if self.check_finite and groups:
+            _, finite = grad_sumsq([t.grad for _, ts in groups for t in ts], simd=self.simd, threads=self.threads)
+            if not finite:
+                return [], [], True
+        jobs, keep = [], []
+        for g, ts in groups:
+            kw = dict(
+                lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                grad_scale=grad_scale, clip_coef=clip, simd=self.simd, threads=self.threads,
+            )
+            if async_:
+                h = adamw_step(ts, async_=True, **kw)
+                jobs.extend(h._jobs)
+                keep.append(ts)
+            else:
+                adamw_step(ts, **kw)
+        return jobs, keep, False
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scale: float = 1.0,
+        clip_coef: float = 1.0,
+    ) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _, _, skipped = self._launch(grad_scale, clip_coef, async_=False)
+        self.last_step_skipped = skipped
+        return loss
+
+    @torch.no_grad()
+    def step_async(self, *, grad_scale: float = 1.0, clip_coef: float = 1.0) -> AdamHandle:
+        """Start the step on the Adam thread pool; leave params, grads and state untouched until
+        ``handle.wait()`` returned (it returns True if ``check_finite`` skipped the step)."""
+        jobs, keep, skipped = self._launch(grad_scale, clip_coef, async_=True)
+        self.last_step_skipped = skipped
+        h = AdamHandle(jobs, keep)
+        if skipped:
+            h._skipped = True
+        return h

@@ -1,0 +1,218 @@
+//! AVX-512 (F + BW + VL) AdamW kernel: 16 lanes, unrolled 4x, masked tails.
+
+use core::arch::x86_64::*;
+
+use super::{Coefs, GradDtype, HalfDtype};
+
+const G_F32: u8 = 0;
+const G_BF16: u8 = 1;
+const G_F16: u8 = 2;
+const H_NONE: u8 = 0;
+const H_BF16: u8 = 1;
+const H_F16: u8 = 2;
+
+#[derive(Clone, Copy)]
+struct V {
+    gscale: __m512,
+    decay: __m512,
+    lerp_coeff: __m512,
+    lerp_small: bool,
+    beta2: __m512,
+    omb2: __m512,
+    neg_step_size: __m512,
+    bc2_sqrt: __m512,
+    eps: __m512,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn splat(c: &Coefs) -> V {
+    V {
+        gscale: _mm512_set1_ps(c.gscale),
+        decay: _mm512_set1_ps(c.decay),
+        lerp_coeff: _mm512_set1_ps(c.lerp_coeff),
+        lerp_small: c.lerp_small,
+        beta2: _mm512_set1_ps(c.beta2),
+        omb2: _mm512_set1_ps(c.omb2),
+        neg_step_size: _mm512_set1_ps(c.neg_step_size),
+        bc2_sqrt: _mm512_set1_ps(c.bc2_sqrt),
+        eps: _mm512_set1_ps(c.eps),
+    }
+}
+
+/// 16 gradient elements at `i` as fp32 (all 16, or those of mask `k`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn load_grad<const G: u8>(g: *const u8, i: usize, k: __mmask16) -> __m512 {
+    if G == G_F32 {
+        _mm512_maskz_loadu_ps(k, (g as *const f32).add(i))
+    } else {
+        let raw = _mm256_maskz_loadu_epi16(k, (g as *const u16).add(i) as *const i16);
+        if G == G_BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        } else {
+            _mm512_cvtph_ps(raw)
+        }
+    }
+}
+
+/// fp32 -> bf16, round to nearest even, NaN -> 0x7FC0.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn to_bf16(x: __m512) -> __m256i {
+    let bits = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    let r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
+    _mm512_cvtepi32_epi16(r)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn body<const G: u8, const H: u8>(
+    c: &V,
+    p: *mut f32,
+    m: *mut f32,
+    v: *mut f32,
+    g: *const u8,
+    h: *mut u16,
+    i: usize,
+    k: __mmask16,
+) {
+    let grad = _mm512_mul_ps(load_grad::<G>(g, i, k), c.gscale);
+    let pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), c.decay);
+    let mv = _mm512_maskz_loadu_ps(k, m.add(i));
+    let base = if c.lerp_small { mv } else { grad };
+    let mv = _mm512_fmadd_ps(c.lerp_coeff, _mm512_sub_ps(grad, mv), base);
+    // torch's `v * beta2 + (omb2 * g) * g`, contracted to one FMA as its build does
+    let vv = _mm512_fmadd_ps(
+        _mm512_mul_ps(c.omb2, grad),
+        grad,
+        _mm512_mul_ps(_mm512_maskz_loadu_ps(k, v.add(i)), c.beta2),
+    );
+    let denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vv), c.bc2_sqrt), c.eps);
+    let pv = _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(c.neg_step_size, mv), denom));
+    _mm512_mask_storeu_ps(p.add(i), k, pv);
+    _mm512_mask_storeu_ps(m.add(i), k, mv);
+    _mm512_mask_storeu_ps(v.add(i), k, vv);
+    if H == H_BF16 {
+        _mm256_mask_storeu_epi16(h.add(i) as *mut i16, k, to_bf16(pv));
+    } else if H == H_F16 {
+        let hv = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(pv);
+        _mm256_mask_storeu_epi16(h.add(i) as *mut i16, k, hv);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run<const G: u8, const H: u8>(
+    c: &Coefs,
+    p: *mut f32,
+    m: *mut f32,
+    v: *mut f32,
+    g: *const u8,
+    h: *mut u16,
+    n: usize,
+) {
+    let c = splat(c);
+    let all: __mmask16 = 0xFFFF;
+    let mut i = 0;
+    while i + 64 <= n {
+        body::<G, H>(&c, p, m, v, g, h, i, all);
+        body::<G, H>(&c, p, m, v, g, h, i + 16, all);
+        body::<G, H>(&c, p, m, v, g, h, i + 32, all);
+        body::<G, H>(&c, p, m, v, g, h, i + 48, all);
+        i += 64;
+    }
+    while i + 16 <= n {
+        body::<G, H>(&c, p, m, v, g, h, i, all);
+        i += 16;
+    }
+    if i < n {
+        let k: __mmask16 = ((1u32 << (n - i)) - 1) as __mmask16;
+        body::<G, H>(&c, p, m, v, g, h, i, k);
+    }
+}
+
+/// Update `n` elements.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; pointers valid for `n` elements; `h` null for no half copy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn step(
+    c: &Coefs,
+    p: *mut f32,
+    m: *mut f32,
+    v: *mut f32,
+    g: *const u8,
+    gd: GradDtype,
+    h: *mut u16,
+    hd: HalfDtype,
+    n: usize,
+) {
+    let hk = match (h.is_null(), hd) {
+        (true, _) => H_NONE,
+        (false, HalfDtype::Bf16) => H_BF16,
+        (false, HalfDtype::F16) => H_F16,
+    };
+    match (gd, hk) {
+        (GradDtype::F32, H_NONE) => run::<G_F32, H_NONE>(c, p, m, v, g, h, n),
+        (GradDtype::F32, H_BF16) => run::<G_F32, H_BF16>(c, p, m, v, g, h, n),
+        (GradDtype::F32, _) => run::<G_F32, H_F16>(c, p, m, v, g, h, n),
+        (GradDtype::Bf16, H_NONE) => run::<G_BF16, H_NONE>(c, p, m, v, g, h, n),
+        (GradDtype::Bf16, H_BF16) => run::<G_BF16, H_BF16>(c, p, m, v, g, h, n),
+        (GradDtype::Bf16, _) => run::<G_BF16, H_F16>(c, p, m, v, g, h, n),
+        (GradDtype::F16, H_NONE) => run::<G_F16, H_NONE>(c, p, m, v, g, h, n),
+        (GradDtype::F16, H_BF16) => run::<G_F16, H_BF16>(c, p, m, v, g, h, n),
+        (GradDtype::F16, _) => run::<G_F16, H_F16>(c, p, m, v, g, h, n),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn stats<const G: u8>(g: *const u8, n: usize) -> (f64, bool) {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut maxbits = _mm512_setzero_si512();
+    let absmask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let mut i = 0;
+    let all: __mmask16 = 0xFFFF;
+    while i + 64 <= n {
+        for (u, a) in acc.iter_mut().enumerate() {
+            let x = load_grad::<G>(g, i + 16 * u, all);
+            *a = _mm512_fmadd_ps(x, x, *a);
+            maxbits = _mm512_max_epu32(maxbits, _mm512_and_si512(_mm512_castps_si512(x), absmask));
+        }
+        i += 64;
+    }
+    while i < n {
+        let k: __mmask16 = if n - i >= 16 {
+            all
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        };
+        let x = load_grad::<G>(g, i, k);
+        acc[0] = _mm512_fmadd_ps(x, x, acc[0]);
+        maxbits = _mm512_max_epu32(maxbits, _mm512_and_si512(_mm512_castps_si512(x), absmask));
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(sum));
+    let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+        _mm512_castps_pd(sum),
+    )));
+    let s = _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+    let mx = _mm512_reduce_max_epu32(maxbits);
+    (s, mx >= 0x7F80_0000)
+}
+
+/// Sum of squares (f64) and whether any element is inf/NaN.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL; `g` valid for `n` elements of `dtype`.
+pub(crate) unsafe fn grad_stats(g: *const u8, dtype: GradDtype, n: usize) -> (f64, bool) {
+    match dtype {
+        GradDtype::F32 => stats::<G_F32>(g, n),
+        GradDtype::Bf16 => stats::<G_BF16>(g, n),
+        GradDtype::F16 => stats::<G_F16>(g, n),
+    }
+}
