@@ -249,3 +249,29 @@ def test_cpu_adamw_check_finite_and_async():
 def test_memory_bandwidth_runs():
     bw = A.memory_bandwidth(nbytes=8 << 20, threads=1, repeats=1)
     assert bw["copy_gbps"] > 0 and bw["triad_gbps"] > 0
+
+
+def test_adamw_record_matches_store_reference():
+    # A record as the store lays it out: bf16 weights, fp32 masters and moments, int64 step.
+    torch.manual_seed(3)
+    shapes = {"w1": (64, 32), "w2": (32, 64)}
+    rec = {"step": torch.zeros(1, dtype=torch.int64)}
+    for n, s in shapes.items():
+        rec[f"{n}.master"] = torch.randn(s)
+        rec[n] = rec[f"{n}.master"].bfloat16()
+        rec[f"{n}.exp_avg"] = torch.zeros(s)
+        rec[f"{n}.exp_avg_sq"] = torch.zeros(s)
+    refs = {n: torch.nn.Parameter(rec[f"{n}.master"].clone()) for n in shapes}
+    opt = torch.optim.AdamW(list(refs.values()), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    for _ in range(5):
+        grads = {n: torch.randn(s).bfloat16() for n, s in shapes.items()}
+        for n in shapes:
+            refs[n].grad = grads[n].float()
+        opt.step()
+        assert A.adamw_record(rec, grads, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1) is False
+    assert rec["step"].item() == 5
+    for n in shapes:
+        assert _rel(rec[f"{n}.master"], refs[n].detach(), 0.1) < 1e-6
+        assert torch.equal(rec[n], rec[f"{n}.master"].bfloat16())
+    bad = {"w1": torch.full(shapes["w1"], float("nan")).bfloat16()}
+    assert A.adamw_record(rec, bad, lr=1e-2) is True and rec["step"].item() == 5

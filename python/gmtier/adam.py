@@ -24,7 +24,7 @@ norm knows that (``math.isfinite(norm)``) and can leave it off.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -35,6 +35,8 @@ __all__ = [
     "AdamHandle",
     "CpuAdamW",
     "adamw_step",
+    "adamw_record",
+    "record_tensors",
     "grad_sumsq",
     "clip_coef",
     "simd_available",
@@ -216,6 +218,56 @@ def adamw_step(
     if async_:
         return AdamHandle([_core.adamw_step_raw_async(*args)], items)
     return bool(_core.adamw_step_raw(*args))
+
+
+def record_tensors(rec: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> list[AdamTensors]:
+    """:class:`AdamTensors` for an expert record (the store's schema): for each gradient name
+    ``n``, ``rec[f"{n}.master"]`` (fp32; absent when ``rec[n]`` itself is the fp32 weight),
+    ``rec[f"{n}.exp_avg"]``, ``rec[f"{n}.exp_avg_sq"]``, the shared ``rec["step"]``, and
+    ``rec[n]`` as the half copy when it is bf16/fp16. Flat views, so shapes need not match."""
+    out = []
+    for n, g in grads.items():
+        for need in (f"{n}.exp_avg", f"{n}.exp_avg_sq", "step"):
+            if need not in rec:
+                raise KeyError(f"record has no {need!r} (tensors: {', '.join(rec)})")
+        w = rec.get(n)
+        master = rec.get(f"{n}.master")
+        half = None
+        if master is None:
+            if w is None or w.dtype != torch.float32:
+                raise KeyError(f"record has no fp32 master for {n!r} ({n!r}.master absent, {n!r} not fp32)")
+            master = w
+        elif w is not None:
+            if w.dtype not in _HALF_DTYPES:
+                raise TypeError(f"record tensor {n!r}: dtype {w.dtype} is neither bf16 nor fp16")
+            half = w.reshape(-1)
+        out.append(AdamTensors(master.reshape(-1), rec[f"{n}.exp_avg"].reshape(-1), rec[f"{n}.exp_avg_sq"].reshape(-1),
+                               g.reshape(-1), rec["step"].reshape(-1), half))
+    return out
+
+
+def adamw_record(
+    rec: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = True,
+    simd: str = "auto",
+    threads: int | None = None,
+    async_: bool = False,
+) -> bool | AdamHandle:
+    """AdamW on one expert's record in place (see :func:`record_tensors`): one fused pass per
+    tensor, the expert's step incremented once. Returns True when skipped (inf/NaN gradient),
+    or an :class:`AdamHandle` with ``async_=True``."""
+    return adamw_step(record_tensors(rec, grads), lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                      grad_scale=grad_scale, clip_coef=clip_coef, check_finite=check_finite, simd=simd,
+                      threads=threads, async_=async_)
 
 
 def grad_sumsq(
