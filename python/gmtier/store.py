@@ -328,9 +328,12 @@ class TieredExpertStore:
                 raise ValueError(f"write_expert({layer}, {expert}): {name!r} is not in the record schema "
                                  f"({', '.join(known)})")
             t = known[name]
-            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
-                raise ValueError(f"write_expert({layer}, {expert}): {name!r} is {value.dtype} {list(value.shape)}, "
-                                 f"the schema says {t.dtype} {list(t.shape)}")
+            if value.dtype != t.dtype:
+                raise ValueError(f"write_expert({layer}, {expert}): tensor {name!r} has dtype {value.dtype}, "
+                                 f"the schema says {t.dtype}")
+            if tuple(value.shape) != t.shape:
+                raise ValueError(f"write_expert({layer}, {expert}): tensor {name!r} has shape {list(value.shape)}, "
+                                 f"the schema says {list(t.shape)}")
         views = self.get([key])[0]
         try:
             for name, value in tensors.items():

@@ -29,6 +29,10 @@ fn to_py(e: core::StoreError) -> PyErr {
             Some(errno) => PyOSError::new_err((errno, format!("{context}: {source}"))),
             None => PyOSError::new_err(format!("{context}: {source}")),
         },
+        E::WriteBack { message, errno } => match errno {
+            Some(errno) => PyOSError::new_err((errno, message)),
+            None => PyOSError::new_err(message),
+        },
         e @ (E::Corrupt(_) | E::AllPinned(_) | E::Closed) => StoreError::new_err(e.to_string()),
     }
 }

@@ -36,6 +36,13 @@ pub enum StoreError {
     },
     /// Every slot is pinned and nothing can be evicted.
     AllPinned(String),
+    /// A write-back failed (disk full, file size limit...); nothing committed was lost.
+    WriteBack {
+        /// What failed and what to do.
+        message: String,
+        /// The OS error number, if any.
+        errno: Option<i32>,
+    },
     /// A wait ran past its timeout.
     Timeout(String),
     /// The store was closed.
@@ -70,7 +77,8 @@ impl std::fmt::Display for StoreError {
             | StoreError::NotFound(m)
             | StoreError::Corrupt(m)
             | StoreError::AllPinned(m)
-            | StoreError::Timeout(m) => f.write_str(m),
+            | StoreError::Timeout(m)
+            | StoreError::WriteBack { message: m, .. } => f.write_str(m),
             StoreError::Io { context, source } => write!(f, "{context}: {source}"),
             StoreError::Closed => f.write_str("the expert store is closed; open it again"),
         }
@@ -202,7 +210,7 @@ struct Inner {
     committing: bool,
     closed: bool,
     /// A write-back failed: reported by flush/commit/wait until a later flush succeeds.
-    write_error: Option<String>,
+    write_error: Option<(String, Option<i32>)>,
     ticket_errors: HashMap<u64, (String, Vec<Key>)>,
     next_ticket: u64,
     m: Metrics,
@@ -1005,13 +1013,13 @@ impl Shared {
                 }
             }
             Err(e) => {
-                g.write_error = Some(format!(
-                    "{} (nothing committed was lost; the record stays dirty in RAM)",
-                    StoreError::io(
-                        &self.data_path,
-                        &format!("write back layer {} expert {} to", key.0, key.1),
-                        e
-                    )
+                let errno = e.raw_os_error();
+                g.write_error = Some((
+                    format!(
+                        "{}; nothing committed was lost (the last commit is intact, the record stays dirty in RAM)",
+                        StoreError::io(&self.data_path, &format!("write back layer {} expert {} to", key.0, key.1), e)
+                    ),
+                    errno,
                 ));
             }
         }
@@ -1041,11 +1049,8 @@ impl Shared {
         let mut g = self.lock();
         g.write_error = None;
         loop {
-            if let Some(e) = g.write_error.clone() {
-                return Err(StoreError::Io {
-                    context: e,
-                    source: std::io::Error::other("write-back failed"),
-                });
+            if let Some((message, errno)) = g.write_error.clone() {
+                return Err(StoreError::WriteBack { message, errno });
             }
             let dirty: Vec<usize> = (0..self.ram_slots)
                 .filter(|&s| g.slots[s].dirty && g.slots[s].state == SlotState::Ready)
@@ -1151,13 +1156,10 @@ impl Ticket {
                 self.done = true;
                 break Ok(self.keys.iter().map(|k| map[k]).collect());
             }
-            if let Some(e) = g.write_error.clone() {
+            if let Some((message, errno)) = g.write_error.clone() {
                 // A failed write-back can block evictions; tell the caller rather than hang.
                 if g.pending.values().any(|p| p.demand) && g.inflight_chunks == 0 {
-                    break Err(StoreError::Io {
-                        context: e,
-                        source: std::io::Error::other("write-back failed"),
-                    });
+                    break Err(StoreError::WriteBack { message, errno });
                 }
             }
             blocked = true;

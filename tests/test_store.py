@@ -1,0 +1,233 @@
+"""The Python store API on CPU: round trips, commit/reopen, the safetensors view, clear errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from gmtier import _core
+from gmtier.store import StoreError, TieredExpertStore
+
+SCHEMA = [
+    ("w1", "bf16", [16, 32], "weights"),
+    ("w2", torch.bfloat16, [32, 16], "weights"),
+    ("w1.master", "float32", [16, 32], "state"),
+    ("step", "i64", [1], "state"),
+]
+
+
+def rand_expert(layer, expert, version=0):
+    g = torch.Generator().manual_seed(layer * 1000 + expert * 10 + version)
+    return {
+        "w1": torch.randn(16, 32, generator=g).to(torch.bfloat16),
+        "w2": torch.randn(32, 16, generator=g).to(torch.bfloat16),
+        "w1.master": torch.randn(16, 32, generator=g),
+        "step": torch.tensor([version], dtype=torch.int64),
+    }
+
+
+def same(a, b):
+    return all(torch.equal(a[n], b[n]) for n in b)
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    d = tmp_path / "store"
+    TieredExpertStore.create(d, 2, 4, SCHEMA, init=rand_expert, user_meta='{"step": 0}')
+    return d
+
+
+def record_bytes(d):
+    s = _core.ExpertStore.open(str(d), 1 << 20)
+    rb = s.record_bytes
+    s.close()
+    return rb
+
+
+def test_round_trip_commit_reopen(store_dir):
+    rb = record_bytes(store_dir)
+    with TieredExpertStore.open(store_dir, ram_bytes=3 * rb) as s:
+        assert s.user_meta() == '{"step": 0}'
+        for l in range(2):
+            for e in range(4):
+                assert same(s.read_expert(l, e), rand_expert(l, e))
+        # Change every expert through the zero-copy views (3 slots: evictions write back).
+        for l in range(2):
+            for e in range(4):
+                v = s.get([(l, e)])[0]
+                for n, t in rand_expert(l, e, 1).items():
+                    v[n].copy_(t)
+                s.mark_dirty([(l, e)])
+                s.release([(l, e)])
+        assert s.metrics()["writebacks"] > 0
+        s.commit('{"step": 1}')
+        s.write_expert(0, 0, rand_expert(0, 0, 2))  # not committed
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        assert s.user_meta() == '{"step": 1}'
+        for l in range(2):
+            for e in range(4):
+                assert same(s.read_expert(l, e), rand_expert(l, e, 1)), (l, e)
+
+
+def test_safetensors_reads_the_file(store_dir):
+    from safetensors import safe_open
+
+    rb = record_bytes(store_dir)
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        s.write_expert(1, 2, rand_expert(1, 2, 5))
+        s.commit("x")
+    import json
+
+    committed = json.loads((store_dir / "index.json").read_text())["experts"][1 * 4 + 2][0]
+    with safe_open(str(store_dir / "experts.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "gmtier-store"
+        for n, t in rand_expert(1, 2, 5).items():
+            assert torch.equal(f.get_tensor(f"experts.1.2.{committed}.{n}"), t)
+        assert torch.equal(f.get_tensor("experts.0.3.0.w1"), rand_expert(0, 3)["w1"])
+
+
+def test_views_are_zero_copy_and_layout(store_dir):
+    rb = record_bytes(store_dir)
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        assert [t.name for t in s.layout] == ["w1", "w2", "w1.master", "step"]
+        assert s.weights_bytes == 4096 and s.record_bytes % 4096 == 0
+        v = s.get([(0, 1)])[0]
+        slot = s.core.request([(0, 1)]).wait()[0]
+        assert v["w1"].data_ptr() == s.arena.data_ptr() + slot * s.record_bytes
+        s.release([(0, 1)])  # duplicates in one call count once
+        s.release([(0, 1)])
+        w = s.acquire((0, 2))  # CPU: the GPU tier serves the RAM views of the weights
+        assert set(w) == {"w1", "w2"} and torch.equal(w["w1"], rand_expert(0, 2)["w1"])
+        s.release([(0, 2)])
+        assert s.metrics()["pinned"] == 0
+
+
+def test_concurrent_threads(store_dir):
+    rb = record_bytes(store_dir)
+    errors = []
+    with TieredExpertStore.open(store_dir, ram_bytes=4 * rb, io_threads=3) as s:
+        def worker(t):
+            try:
+                rng = np.random.default_rng(t)
+                for _ in range(60):
+                    keys = list({(int(rng.integers(2)), int(rng.integers(4))) for _ in range(2)})
+                    views = s.get(keys, timeout=20)
+                    for k, v in zip(keys, views):
+                        assert torch.equal(v["w1"], rand_expert(*k)["w1"])
+                    s.release(keys)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        m = s.metrics()
+        assert m["pinned"] == 0 and m["resident"] <= 4
+
+
+def test_bad_inputs(tmp_path, store_dir):
+    rb = record_bytes(store_dir)
+    with pytest.raises(ValueError, match="smaller than one expert record"):
+        TieredExpertStore.open(store_dir, ram_bytes=rb - 1)
+    with pytest.raises(FileNotFoundError, match="no expert store"):
+        TieredExpertStore.open(tmp_path / "missing", ram_bytes=rb)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        TieredExpertStore.create(tmp_path / "x", 1, 1, [("w", "f64", [2], "weights")])
+    with pytest.raises(ValueError, match="unknown section"):
+        TieredExpertStore.create(tmp_path / "x", 1, 1, [("w", "f32", [2], "gpu")])
+    with pytest.raises(ValueError, match="already exists"):
+        TieredExpertStore.create(store_dir, 1, 1, SCHEMA)
+    with pytest.raises(ValueError, match="shape"):
+        TieredExpertStore.create(tmp_path / "y", 1, 1, SCHEMA, init=lambda l, e: {"w1": torch.zeros(3, dtype=torch.bfloat16)})
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        with pytest.raises(ValueError, match="dtype"):
+            s.write_expert(0, 0, {"w1": torch.zeros(16, 32)})
+        with pytest.raises(ValueError, match="shape"):
+            s.write_expert(0, 0, {"w1": torch.zeros(4, 4, dtype=torch.bfloat16)})
+        with pytest.raises(ValueError, match="not in the record schema"):
+            s.write_expert(0, 0, {"w3": torch.zeros(1)})
+        with pytest.raises(ValueError, match="outside the store"):
+            s.get([(5, 0)])
+        with pytest.raises(ValueError, match="only 2 slots"):
+            s.request([(0, 0), (0, 1), (0, 2)])
+        with pytest.raises(ValueError, match="not pinned"):
+            s.release([(0, 0)])
+        with pytest.raises(ValueError, match="a record is 8192 bytes"):
+            s.core.write_record(0, 0, b"abc")
+        s.get([(0, 0), (0, 1)])
+        with pytest.raises(TimeoutError, match="RAM slots are pinned"):
+            s.get([(1, 1)], timeout=0.2)
+        s.release([(0, 0), (0, 1)])
+
+
+def test_truncated_and_corrupt_files(store_dir):
+    rb = record_bytes(store_dir)
+    data = store_dir / "experts.safetensors"
+    s = _core.ExpertStore.open(str(store_dir), rb)
+    start = s.data_start
+    s.close()
+    # Flip bytes in the committed slot of layer 1 expert 3.
+    with open(data, "r+b") as f:
+        f.seek(start + ((1 * 4 + 3) * 2) * rb + 64)
+        f.write(b"\xde\xad")
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        with pytest.raises(StoreError, match=r"checksum mismatch.*layer 1 expert 3"):
+            s.read_expert(1, 3)
+        assert same(s.read_expert(1, 2), rand_expert(1, 2))  # the rest still works
+        assert s.metrics()["pinned"] == 0
+    size = os.path.getsize(data)
+    os.truncate(data, size - 4096)
+    with pytest.raises(StoreError, match="truncated"):
+        TieredExpertStore.open(store_dir, ram_bytes=2 * rb)
+    os.truncate(data, 100)
+    with pytest.raises(StoreError, match="header"):
+        TieredExpertStore.open(store_dir, ram_bytes=2 * rb)
+
+
+def test_disk_full_during_writeback_loses_nothing(tmp_path, store_dir):
+    """Write-back past a file-size limit (RLIMIT_FSIZE, as a full disk would) fails with a clear
+    OSError; the last commit stays readable."""
+    rb = record_bytes(store_dir)
+    code = textwrap.dedent(f"""
+        import resource, signal, torch
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        from gmtier.store import TieredExpertStore
+        s = TieredExpertStore.open({str(store_dir)!r}, ram_bytes={2 * rb})
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({rb * 4}, {rb * 4}))
+        v = s.get([(1, 3)])[0]
+        v["w1"].fill_(7)
+        s.mark_dirty([(1, 3)])
+        s.release([(1, 3)])
+        try:
+            s.commit("lost")
+        except OSError as e:
+            print("ERR", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "ERR" in out.stdout and "file size limit" in out.stdout and "last commit is intact" in out.stdout, out
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        assert s.user_meta() == '{"step": 0}'
+        for l in range(2):
+            for e in range(4):
+                assert same(s.read_expert(l, e), rand_expert(l, e))
+
+
+def test_slot_pool():
+    p = _core.SlotPool(2)
+    assert p.acquire((0, 0)) == (0, False, None)
+    assert p.acquire((0, 1)) == (1, False, None)
+    with pytest.raises(StoreError, match="all 2 slots are pinned"):
+        p.acquire((0, 2))
+    p.release((0, 0))
+    assert p.acquire((0, 2)) == (0, False, (0, 0))
+    assert p.lookup((0, 0)) is None and p.invalidate((0, 2))
+    with pytest.raises(ValueError):
+        _core.SlotPool(0)
