@@ -272,6 +272,9 @@ impl Drop for IoPool {
     }
 }
 
+/// Called once when a whole record's I/O is done, with its crc32 or the first error.
+pub type IoDone = Box<dyn FnOnce(io::Result<u32>) + Send>;
+
 /// A raw pointer that may cross threads; the slot pool guarantees exclusive access.
 #[derive(Clone, Copy)]
 pub struct SendPtr(pub *mut u8);
@@ -307,7 +310,7 @@ pub fn record_io(
     len: usize,
     chunk: usize,
     prio: JobPriority,
-    done: Box<dyn FnOnce(io::Result<u32>) + Send>,
+    done: IoDone,
 ) -> usize {
     let chunk = chunk.max(ALIGN);
     let n = len.div_ceil(chunk).max(1);
@@ -315,7 +318,7 @@ pub fn record_io(
         remaining: AtomicUsize,
         crcs: Mutex<Vec<Option<crc32fast::Hasher>>>,
         err: Mutex<Option<io::Error>>,
-        done: Mutex<Option<Box<dyn FnOnce(io::Result<u32>) + Send>>>,
+        done: Mutex<Option<IoDone>>,
     }
     let op = Arc::new(Op {
         remaining: AtomicUsize::new(n),
