@@ -301,8 +301,10 @@ class TieredExpertStore:
         """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
         written in the same pass). Returns True when skipped (non-finite gradients)."""
         rec = self.record(key)
-        from gmtier import adam
-
+        try:
+            from gmtier import adam
+        except ImportError:
+            adam = None
         fn = getattr(adam, "adamw_record", None)
         if fn is not None:
             return bool(fn(rec, grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2, eps=eps,
