@@ -109,6 +109,7 @@ class ExpertRuntime:
         self.pending: list[Future] = []
         self.model = None
         self.predicted: dict[int, set[int]] = {}
+        self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0, "wait_s": 0.0}
         self.layer_stats = [{"tp": 0, "fp": 0, "fn": 0} for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
@@ -174,6 +175,7 @@ class ExpertRuntime:
             done(key)
 
     def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        self.used[layer] = [e for e, c in enumerate(counts) if c]
         out = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
 
         def compute(e, s, n, w1, w2):
@@ -186,6 +188,11 @@ class ExpertRuntime:
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
         dx = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
         grads = {}
+        if layer > 0 and self.cfg.experts.prefetch:
+            # Backward walks the layers in reverse, and forward already told us which experts the
+            # previous Switch layer used: read them ahead exactly.
+            prev = self.used.get(layer - 1, [])
+            self.store.prefetch([(layer - 1, e) for e in prev], priority=1)
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
@@ -236,20 +243,19 @@ class ExpertRuntime:
     @torch.no_grad()
     def predict_and_prefetch(self, block: int, x: torch.Tensor) -> None:
         """Called with block `block`'s input: predict the experts of the next Switch layers
-        (after this block) with their own routers and prefetch them."""
+        (after this block) with their own routers and prefetch them, nearest first. A later
+        block's fresher prediction replaces an earlier one; the last one made is scored."""
         if self.model is None:
             return
         depth = self.cfg.experts.prefetch_depth
         ahead = [i for i, l in enumerate(self.switch_layers) if l > block][:depth]
         h = x.reshape(-1, x.shape[-1])
         for rank, slot in enumerate(ahead):
-            if slot in self.predicted:
-                continue
             blk = self.model.blocks[self.switch_layers[slot]]
             logits = blk.ffn.router_logits(blk.ln_2(h))
             experts = torch.bincount(logits.argmax(-1), minlength=self.n_experts).nonzero().squeeze(1).tolist()
             self.predicted[slot] = set(experts)
-            self.store.prefetch([(slot, e) for e in experts], priority=1 - rank)
+            self.store.prefetch([(slot, e) for e in experts], priority=2 - rank)
 
     def observe(self, slot: int, counts: list[int]) -> None:
         """The real routing of layer `slot`: score the prediction made for it."""
