@@ -183,3 +183,17 @@ def test_commands_eval_generate_info(data_dir, tmp_path):
     assert d["params_total"] > d["params_active_per_token"]
     r = runner.invoke(train_cmd, ["--config", str(cfg), "--set", "model.n_layers=3"])
     assert r.exit_code != 0 and "unknown key model.n_layers" in r.output
+
+
+def test_dense_optimizer_offloaded_to_cpu_adam_matches_torch(data_dir, tmp_path):
+    ref = train(tiny(data_dir, tmp_path / "a", train=dict(steps=8), experts=dict(mode="resident")), log=lambda s: None)
+    got = train(tiny(data_dir, tmp_path / "b", train=dict(steps=8, dense_optimizer="cpu"), experts=dict(mode="resident")),
+                log=lambda s: None)
+    assert got == pytest.approx(ref, abs=1e-4)
+    # and it checkpoints / resumes
+    cfg = tiny(data_dir, tmp_path / "c", train=dict(steps=8, checkpoint_every=4, dense_optimizer="cpu"), experts=dict(mode="resident"))
+    t = Trainer(cfg, log=lambda s: None)
+    t.fit(until=4)
+    t.close()
+    t = Trainer(cfg, resume=True, log=lambda s: None)
+    assert t.fit() == pytest.approx(got[4:], abs=1e-6)

@@ -135,9 +135,7 @@ class Trainer:
         groups = dense_param_groups(self.model, cfg.train.weight_decay)
         t = cfg.train
         if t.dense_optimizer == "cpu":
-            from gmtier.adam import CpuAdamW
-
-            self.opt = CpuAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+            self.opt = HostAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
         else:
             fused = self.device.startswith("cuda")
             self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
@@ -310,6 +308,56 @@ class Trainer:
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+class HostAdamW(torch.optim.Optimizer):
+    """AdamW for device parameters whose fp32 master, exp_avg and exp_avg_sq live in host memory
+    (pinned on CUDA) and are updated by the Rust CPU AdamW: gradients go D2H, the new weights
+    H2D. For when the dense part's optimizer state does not fit the GPU. Works with GradScaler
+    (it unscales the device gradients before `step`)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _state(self, p):
+        st = self.state[p]
+        if not st:
+            pin = p.is_cuda
+            st["master"] = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin).copy_(p.detach())
+            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
+            st["step"] = torch.zeros(1, dtype=torch.int64)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from gmtier.adam import AdamTensors, adamw_step
+
+        for group in self.param_groups:
+            items = []
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                st = self._state(p)
+                g = p.grad.detach().to("cpu", torch.float32, non_blocking=True).reshape(-1)
+                items.append(AdamTensors(st["master"].reshape(-1), st["exp_avg"].reshape(-1),
+                                         st["exp_avg_sq"].reshape(-1), g, st["step"]))
+            if not items:
+                continue
+            if params[0].is_cuda:
+                torch.cuda.current_stream(params[0].device).synchronize()  # the D2H copies landed
+            adamw_step(items, lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+            for p in params:
+                p.copy_(self.state[p]["master"], non_blocking=True)
+        return None
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():  # torch moved the state to the parameters' device: back to host
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and k != "step":
+                    st[k] = v.to("cpu", torch.float32).pin_memory() if p.is_cuda else v.to("cpu", torch.float32)
+                elif k == "step":
+                    st[k] = v.to("cpu", torch.int64).reshape(1)
 
 
 def optimizer_to_flat(opt) -> tuple[dict[str, torch.Tensor], dict]:
