@@ -2,6 +2,12 @@
 
 import click
 
+from gmtier.bench.adam import bench_adam
+from gmtier.bench.paging import bench_paging
+from gmtier.bench.train import bench_train
+from gmtier.commands import COMMANDS
+from gmtier.data import prepare_command
+
 
 @click.group()
 @click.version_option(package_name="gmtier")
@@ -9,22 +15,5 @@ def main() -> None:
     """Train Switch Transformer LMs whose experts live on NVMe, paged through pinned RAM to the GPU."""
 
 
-def _register() -> None:
-    # Imported here, not at the top, so `gmtier --help` stays fast and one broken command
-    # does not hide the others.
-    from gmtier.bench.adam import bench_adam
-    from gmtier.bench.paging import bench_paging
-    from gmtier.data import prepare_command
-
-    main.add_command(prepare_command)
-    main.add_command(bench_paging)
-    main.add_command(bench_adam)
-    try:
-        from gmtier.commands import COMMANDS
-    except ImportError:  # the training commands are added by the model/loop work
-        COMMANDS = []
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_register()
+for _command in (prepare_command, *COMMANDS, bench_paging, bench_adam, bench_train):
+    main.add_command(_command)

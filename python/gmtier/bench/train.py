@@ -1,0 +1,275 @@
+"""`gmtier bench-train`: real training steps against their hardware lower bound, same run.
+
+For each config it times tiered training steps and measures, on the same machine in the same
+run, every rate the bound needs:
+
+    bound = max(GPU compute time,              fwd+bwd of the same model with experts resident
+                PCIe bytes / pinned H2D rate,  torch copy of pinned memory to the GPU
+                disk bytes / O_DIRECT rate,    aligned reads of the store's own file
+                Adam bytes / DRAM bandwidth)   multi-threaded copy over buffers >> caches
+
+and reports step / bound, the share of transfer time hidden behind compute (1 - time the loop
+waited for experts / transfer time), prefetch precision/recall, peak GPU memory and RSS, and,
+where the whole model fits on the GPU, the same model fully resident for comparison.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from gmtier import config as config_mod
+
+GB = 1e9
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def h2d_rate(nbytes: int = 1 << 28, repeats: int = 5) -> float | None:
+    """Pinned host -> GPU copy rate (GB/s) of one large buffer: the PCIe ceiling."""
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    src.random_(0, 255)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times)[len(times) // 2] / GB
+
+
+def disk_read_rate(path: Path, max_bytes: int = 4 << 30, threads: int = 8) -> tuple[float, bool]:
+    """O_DIRECT read rate (GB/s) of the store's own file: the disk ceiling."""
+    from gmtier import _core
+
+    size = min(path.stat().st_size, max_bytes) // 4096 * 4096
+    nbytes, seconds, direct = _core.raw_read(str(path), [(0, size)], 4 << 20, threads, True)
+    return nbytes / seconds / GB, direct
+
+
+def _adam_bytes_per_param(expert_dtype: str) -> int:
+    """Bytes the fused AdamW moves per expert parameter: the gradient in; master, m and v in and
+    out; the new half-precision weight out (fp32 experts: the weight is the master)."""
+    half = expert_dtype in ("bf16", "fp16")
+    return (2 if half else 4) + 3 * 4 * 2 + (2 if half else 0)
+
+
+def _load(path: str, overrides, work_dir: Path, name: str, extra: list[str]):
+    cfg = config_mod.load(path, list(overrides) + extra)
+    cfg.train.run_dir = str(work_dir / name)
+    cfg.experts.store_dir = ""
+    cfg.train.eval_every = cfg.train.checkpoint_every = 0
+    return cfg
+
+
+def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False) -> dict:
+    """Median step time over `steps` after `warmup`, plus the expert traffic of the timed steps."""
+    cfg = trainer.cfg
+    times, traffic = [], {}
+    if trainer.runtime is not None:
+        trainer.runtime.metrics()  # reset the counters
+    for i in range(warmup + steps):
+        x, y = trainer.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, trainer.rng)
+        _sync()
+        t0 = time.perf_counter()
+        if fwd_bwd_only:
+            x, y = x.to(trainer.device), y.to(trainer.device)
+            with trainer.autocast():
+                _, loss, aux = trainer.model(x, y)
+            (loss + aux).backward()
+            trainer.model.zero_grad(set_to_none=True)
+        else:
+            trainer.train_step(x, y)
+        _sync()
+        dt = time.perf_counter() - t0
+        if i == warmup - 1 and trainer.runtime is not None:
+            trainer.runtime.metrics()
+        if i >= warmup:
+            times.append(dt)
+    if trainer.runtime is not None:
+        m = trainer.runtime.metrics()
+        traffic = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        traffic["prefetch_per_layer"] = m.get("prefetch_per_layer")
+    times.sort()
+    return {"step_s": times[len(times) // 2], "step_s_all": times, **traffic}
+
+
+def _resident_fits(cfg) -> bool:
+    """Whether the whole model with fp32 weights, grads and AdamW moments fits half the GPU."""
+    if not torch.cuda.is_available():
+        return True
+    m = cfg.model
+    expert_params = len(m.switch_layers()) * m.n_experts * 2 * m.d_model * m.d_ff
+    dense_params = m.n_layer * 12 * m.d_model**2 + 2 * m.vocab_size * m.d_model
+    return (expert_params + dense_params) * 16 < 0.5 * torch.cuda.get_device_properties(0).total_memory
+
+
+def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, resident: bool, prefetch_off: bool,
+                 log) -> dict:
+    from gmtier.adam import memory_bandwidth
+    from gmtier.train import Trainer
+
+    name = Path(path).stem
+    quiet = lambda s: None  # noqa: E731
+    out: dict = {"config": name, "overrides": list(overrides)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out["device"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+
+    def run_tiered(prefetch: bool) -> tuple[dict, object]:
+        cfg = _load(path, overrides, work_dir, f"{name}-tiered", [f"experts.prefetch={str(prefetch).lower()}"])
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        tr = Trainer(cfg, fresh=True, log=quiet)
+        try:
+            res = _time_steps(tr, warmup, steps)
+            res["max_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
+            return res, tr
+        except BaseException:
+            tr.close()
+            raise
+
+    log(f"[{name}] tiered training, prefetch on ...")
+    tiered, trainer = run_tiered(True)
+    cfg = trainer.cfg
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    store_file = cfg.store_dir() / "experts.safetensors"
+    weights_bytes, record_bytes = cfg.expert_bytes()
+    try:
+        log(f"[{name}] hardware ceilings ...")
+        disk_gbps, direct = disk_read_rate(store_file)
+        h2d_gbps = h2d_rate()
+        dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
+    finally:
+        trainer.close()
+        rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        del trainer
+        gc.collect()
+
+    expert_params = 2 * cfg.model.d_model * cfg.model.d_ff
+    adam_bytes = tiered.get("expert_updates", 0) / steps * expert_params * _adam_bytes_per_param(cfg.expert_dtype())
+    disk_bytes = (tiered.get("disk_read_bytes", 0) + tiered.get("disk_write_bytes", 0)) / steps
+    pcie_bytes = tiered.get("h2d_bytes", 0) / steps + (
+        tiered.get("expert_updates", 0) / steps * weights_bytes if device == "cuda" else 0)  # + dW to host
+
+    log(f"[{name}] GPU compute time: fwd+bwd with experts resident ...")
+    m = cfg.model
+    fit_experts = m.n_experts
+    extra = ["experts.mode='resident'"]
+    if not _resident_fits(cfg):
+        # Top-1 routing: FLOPs per token do not depend on the expert count, so fewer experts time
+        # the same compute (capacity-factor drops aside).
+        while fit_experts > 1 and not _resident_fits(_load(path, overrides, work_dir, "probe", extra + [f"model.n_experts={fit_experts}"])):
+            fit_experts //= 2
+        extra.append(f"model.n_experts={fit_experts}")
+    rcfg = _load(path, overrides, work_dir, f"{name}-resident", extra)
+    rtr = Trainer(rcfg, fresh=True, log=quiet)
+    try:
+        compute = _time_steps(rtr, warmup, steps, fwd_bwd_only=True)
+        full_resident = _time_steps(rtr, 1, steps) if (resident and fit_experts == m.n_experts) else None
+    finally:
+        rtr.close()
+        del rtr
+        gc.collect()
+
+    prefetch_off_res = None
+    if prefetch_off:
+        log(f"[{name}] tiered training, prefetch off ...")
+        prefetch_off_res, tr = run_tiered(False)
+        tr.close()
+
+    comp_s = compute["step_s"]
+    parts = {"gpu_compute_s": comp_s,
+             "pcie_s": pcie_bytes / (h2d_gbps * GB) if h2d_gbps else 0.0,
+             "disk_s": disk_bytes / (disk_gbps * GB),
+             "adam_s": adam_bytes / (dram_gbps * GB)}
+    bound = max(parts.values())
+    transfer_s = max(parts["pcie_s"], parts["disk_s"])
+    waited = tiered.get("wait_s", 0.0) / steps
+    step_s = tiered["step_s"]
+    ram_budget = config_mod.parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
+    gpu_budget = config_mod.parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
+    out.update({
+        "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
+        "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_direct": direct, "dram_copy_gbps": dram_gbps,
+        "disk_bytes_per_step": disk_bytes, "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
+        "expert_updates_per_step": tiered.get("expert_updates", 0) / steps,
+        "wait_for_experts_s": waited,
+        "transfer_hidden": None if transfer_s == 0 else max(0.0, 1 - waited / transfer_s),
+        "prefetch_precision": tiered.get("prefetch_precision"), "prefetch_recall": tiered.get("prefetch_recall"),
+        "prefetch_per_layer": tiered.get("prefetch_per_layer"),
+        "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
+        "compute_measured_with_experts": fit_experts,
+        "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
+        "dense_param_bytes": tiered["dense_param_bytes"],
+        "rss_bytes": rss_bytes, "ram_budget": ram_budget,
+        "resident_step_s": full_resident["step_s"] if full_resident else None,
+        "tiered_vs_resident": (full_resident["step_s"] / step_s) if full_resident else None,
+        "prefetch_off_step_s": prefetch_off_res["step_s"] if prefetch_off_res else None,
+        "prefetch_off_wait_s": prefetch_off_res.get("wait_s", 0.0) / steps if prefetch_off_res else None,
+    })
+    return out
+
+
+def _table(results: list[dict]) -> str:
+    rows = [
+        ("device", "device", "{}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("step (s)", "step_s", "{:.3f}"),
+        ("bound (s)", "bound_s", "{:.3f}"), ("bound term", "bound_term", "{}"), ("step / bound", "step_over_bound", "{:.2f}"),
+        ("  GPU compute (s)", "gpu_compute_s", "{:.3f}"), ("  PCIe (s)", "pcie_s", "{:.3f}"), ("  disk (s)", "disk_s", "{:.3f}"),
+        ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s", "disk_read_gbps", "{:.2f}"),
+        ("DRAM copy GB/s", "dram_copy_gbps", "{:.1f}"), ("waited for experts (s)", "wait_for_experts_s", "{:.3f}"),
+        ("transfer hidden", "transfer_hidden", "{:.1%}"), ("prefetch precision", "prefetch_precision", "{:.2f}"),
+        ("prefetch recall", "prefetch_recall", "{:.2f}"), ("RAM hit rate", "ram_hit_rate", "{:.2f}"),
+        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU GB", "max_gpu_bytes", "{:.2e}"), ("RSS bytes", "rss_bytes", "{:.2e}"),
+        ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
+        ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  " + "  ".join(f"{r['config']:>16}" for r in results)]
+    for label, key, fmt in rows:
+        cells = [("—" if r.get(key) is None else fmt.format(r[key])) for r in results]
+        lines.append(f"{label:{width}}  " + "  ".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+@click.command("bench-train")
+@click.option("--config", "configs", multiple=True, default=["configs/small.toml"], show_default=True,
+              help="a config to bench (repeat for several)")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override for every config")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True, help="timed steps (median reported)")
+@click.option("--dir", "work_dir", type=click.Path(file_okay=False), default="gmtier-bench-train", show_default=True,
+              help="where the benchmark's stores go (put it on the NVMe disk)")
+@click.option("--resident/--no-resident", default=True, help="also time the model fully resident where it fits")
+@click.option("--prefetch-off/--no-prefetch-off", default=True, help="also time tiered training with prefetch off")
+@click.option("--keep", is_flag=True, help="keep the stores afterwards")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON list instead of a table")
+def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, keep, as_json):
+    """Time real training steps and compare them with their hardware lower bound."""
+    work = Path(work_dir)
+    log = (lambda s: click.echo(s, err=True))
+    try:
+        results = [bench_config(c, overrides, work, warmup, steps, resident, prefetch_off, log) for c in configs]
+    except config_mod.ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    click.echo(json.dumps(results, indent=1) if as_json else _table(results))
