@@ -154,7 +154,7 @@ fn run_case(
             .map(|(&x, &r)| (x as f64 - r).abs())
             .enumerate()
             .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
-        let ulps = ((p[i] as f64 - r.p[i]) / (p[i].abs() as f64 * f32::EPSILON as f64));
+        let ulps = (p[i] as f64 - r.p[i]) / (p[i].abs() as f64 * f32::EPSILON as f64);
         eprintln!(
             "{ctx}: max abs err {e:e} at p={} ({ulps} ulp) rel {ep:e}",
             p[i]

@@ -236,6 +236,8 @@ fn memory_bandwidth<'py>(
         .map_err(err)?;
     let d = PyDict::new(py);
     d.set_item("copy_gbps", bw.copy_gbps)?;
+    d.set_item("memcpy_gbps", bw.memcpy_gbps)?;
+    d.set_item("stream_copy_gbps", bw.stream_copy_gbps)?;
     d.set_item("triad_gbps", bw.triad_gbps)?;
     d.set_item("copy_median_gbps", bw.copy_median_gbps)?;
     d.set_item("threads", bw.threads)?;

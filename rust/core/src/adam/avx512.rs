@@ -10,6 +10,7 @@ const G_F16: u8 = 2;
 const H_NONE: u8 = 0;
 const H_BF16: u8 = 1;
 const H_F16: u8 = 2;
+use super::{STREAM_ALL, STREAM_HALF, STREAM_NONE};
 
 #[derive(Clone, Copy)]
 struct V {
@@ -70,7 +71,8 @@ fn to_bf16(x: __m512) -> __m256i {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn body<const G: u8, const H: u8>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn body<const G: u8, const H: u8, const S: u8>(
     c: &V,
     p: *mut f32,
     m: *mut f32,
@@ -93,20 +95,33 @@ unsafe fn body<const G: u8, const H: u8>(
     );
     let denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vv), c.bc2_sqrt), c.eps);
     let pv = _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(c.neg_step_size, mv), denom));
-    _mm512_mask_storeu_ps(p.add(i), k, pv);
-    _mm512_mask_storeu_ps(m.add(i), k, mv);
-    _mm512_mask_storeu_ps(v.add(i), k, vv);
-    if H == H_BF16 {
-        _mm256_mask_storeu_epi16(h.add(i) as *mut i16, k, to_bf16(pv));
-    } else if H == H_F16 {
-        let hv = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(pv);
-        _mm256_mask_storeu_epi16(h.add(i) as *mut i16, k, hv);
+    if S == STREAM_ALL {
+        // full vectors at 64-byte aligned addresses (checked by `step`)
+        _mm512_stream_ps(p.add(i), pv);
+        _mm512_stream_ps(m.add(i), mv);
+        _mm512_stream_ps(v.add(i), vv);
+    } else {
+        _mm512_mask_storeu_ps(p.add(i), k, pv);
+        _mm512_mask_storeu_ps(m.add(i), k, mv);
+        _mm512_mask_storeu_ps(v.add(i), k, vv);
+    }
+    if H != H_NONE {
+        let hv = if H == H_BF16 {
+            to_bf16(pv)
+        } else {
+            _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(pv)
+        };
+        if S == STREAM_NONE {
+            _mm256_mask_storeu_epi16(h.add(i) as *mut i16, k, hv);
+        } else {
+            _mm256_stream_si256(h.add(i) as *mut __m256i, hv);
+        }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run<const G: u8, const H: u8>(
+unsafe fn run<const G: u8, const H: u8, const S: u8>(
     c: &Coefs,
     p: *mut f32,
     m: *mut f32,
@@ -119,19 +134,22 @@ unsafe fn run<const G: u8, const H: u8>(
     let all: __mmask16 = 0xFFFF;
     let mut i = 0;
     while i + 64 <= n {
-        body::<G, H>(&c, p, m, v, g, h, i, all);
-        body::<G, H>(&c, p, m, v, g, h, i + 16, all);
-        body::<G, H>(&c, p, m, v, g, h, i + 32, all);
-        body::<G, H>(&c, p, m, v, g, h, i + 48, all);
+        body::<G, H, S>(&c, p, m, v, g, h, i, all);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 16, all);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 32, all);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 48, all);
         i += 64;
     }
     while i + 16 <= n {
-        body::<G, H>(&c, p, m, v, g, h, i, all);
+        body::<G, H, S>(&c, p, m, v, g, h, i, all);
         i += 16;
     }
     if i < n {
         let k: __mmask16 = ((1u32 << (n - i)) - 1) as __mmask16;
-        body::<G, H>(&c, p, m, v, g, h, i, k);
+        body::<G, H, STREAM_NONE>(&c, p, m, v, g, h, i, k);
+    }
+    if S != STREAM_NONE {
+        _mm_sfence();
     }
 }
 
@@ -150,22 +168,43 @@ pub(crate) unsafe fn step(
     h: *mut u16,
     hd: HalfDtype,
     n: usize,
+    stream: u8,
 ) {
     let hk = match (h.is_null(), hd) {
         (true, _) => H_NONE,
         (false, HalfDtype::Bf16) => H_BF16,
         (false, HalfDtype::F16) => H_F16,
     };
+    // Streaming stores need full vectors at aligned addresses: 64 bytes for fp32, 32 for half.
+    let stream = match stream {
+        STREAM_ALL
+            if [p, m, v].iter().all(|x| (*x as usize).is_multiple_of(64))
+                && (h as usize).is_multiple_of(32) =>
+        {
+            STREAM_ALL
+        }
+        STREAM_ALL | STREAM_HALF if (h as usize).is_multiple_of(32) && hk != H_NONE => STREAM_HALF,
+        _ => STREAM_NONE,
+    };
+    macro_rules! go {
+        ($g:expr, $h:expr) => {
+            match stream {
+                STREAM_ALL => run::<$g, $h, STREAM_ALL>(c, p, m, v, g, h, n),
+                STREAM_HALF => run::<$g, $h, STREAM_HALF>(c, p, m, v, g, h, n),
+                _ => run::<$g, $h, STREAM_NONE>(c, p, m, v, g, h, n),
+            }
+        };
+    }
     match (gd, hk) {
-        (GradDtype::F32, H_NONE) => run::<G_F32, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::F32, H_BF16) => run::<G_F32, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::F32, _) => run::<G_F32, H_F16>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, H_NONE) => run::<G_BF16, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, H_BF16) => run::<G_BF16, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, _) => run::<G_BF16, H_F16>(c, p, m, v, g, h, n),
-        (GradDtype::F16, H_NONE) => run::<G_F16, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::F16, H_BF16) => run::<G_F16, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::F16, _) => run::<G_F16, H_F16>(c, p, m, v, g, h, n),
+        (GradDtype::F32, H_NONE) => go!(G_F32, H_NONE),
+        (GradDtype::F32, H_BF16) => go!(G_F32, H_BF16),
+        (GradDtype::F32, _) => go!(G_F32, H_F16),
+        (GradDtype::Bf16, H_NONE) => go!(G_BF16, H_NONE),
+        (GradDtype::Bf16, H_BF16) => go!(G_BF16, H_BF16),
+        (GradDtype::Bf16, _) => go!(G_BF16, H_F16),
+        (GradDtype::F16, H_NONE) => go!(G_F16, H_NONE),
+        (GradDtype::F16, H_BF16) => go!(G_F16, H_BF16),
+        (GradDtype::F16, _) => go!(G_F16, H_F16),
     }
 }
 

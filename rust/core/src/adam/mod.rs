@@ -44,6 +44,22 @@ pub use bandwidth::{memory_bandwidth, Bandwidth};
 /// keeping the working set of one task inside L2.
 pub const CHUNK: usize = 16 * 1024;
 
+/// Elements per task of the gradient read pass (sum of squares / finite check): it moves only
+/// the gradient, so its tasks are larger.
+pub const STATS_CHUNK: usize = 256 * 1024;
+
+/// [`CHUNK`], or `GMTIER_ADAM_CHUNK` (elements, a multiple of 64) for experiments.
+fn chunk_len() -> usize {
+    static LEN: OnceLock<usize> = OnceLock::new();
+    *LEN.get_or_init(|| {
+        std::env::var("GMTIER_ADAM_CHUNK")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n >= 64 && n % 64 == 0)
+            .unwrap_or(CHUNK)
+    })
+}
+
 /// A SIMD code path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Simd {
@@ -358,7 +374,37 @@ pub(crate) struct Coefs {
     pub neg_step_size: f32,
     pub bc2_sqrt: f32,
     pub eps: f32,
+    /// Store policy: [`STREAM_NONE`], [`STREAM_HALF`] or [`STREAM_ALL`].
+    pub stream: u8,
 }
+
+/// Regular stores.
+pub(crate) const STREAM_NONE: u8 = 0;
+/// Non-temporal stores for the half copy (write-only: saves its read-for-ownership).
+pub(crate) const STREAM_HALF: u8 = 1;
+/// Non-temporal stores for every output.
+pub(crate) const STREAM_ALL: u8 = 2;
+
+/// The store policy: `GMTIER_ADAM_STREAM` = none | half | all | auto (default auto: streaming
+/// stores for the half copy when a call touches more than [`STREAM_MIN_BYTES`]).
+fn stream_policy(bytes: usize) -> u8 {
+    static ENV: OnceLock<Option<u8>> = OnceLock::new();
+    let forced = *ENV.get_or_init(|| match std::env::var("GMTIER_ADAM_STREAM").as_deref() {
+        Ok("none") => Some(STREAM_NONE),
+        Ok("half") => Some(STREAM_HALF),
+        Ok("all") => Some(STREAM_ALL),
+        _ => None,
+    });
+    forced.unwrap_or(if bytes >= STREAM_MIN_BYTES {
+        STREAM_HALF
+    } else {
+        STREAM_NONE
+    })
+}
+
+/// Calls touching at least this many bytes use streaming stores under the `auto` policy
+/// (well above the last-level caches, whose contents would otherwise be reused).
+pub const STREAM_MIN_BYTES: usize = 64 << 20;
 
 impl Coefs {
     pub(crate) fn new(cfg: &AdamConfig, step: i64) -> Coefs {
@@ -377,6 +423,7 @@ impl Coefs {
             neg_step_size: (-(cfg.lr / bc1)) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             eps: cfg.eps as f32,
+            stream: STREAM_NONE,
         }
     }
 }
@@ -431,7 +478,18 @@ unsafe fn run_chunk(simd: Simd, c: &Coefs, p: &RawParam, off: usize, n: usize) {
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => avx2::step(c, master, m, v, g, p.grad_dtype, h, p.half_dtype, n),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => avx512::step(c, master, m, v, g, p.grad_dtype, h, p.half_dtype, n),
+        Simd::Avx512 => avx512::step(
+            c,
+            master,
+            m,
+            v,
+            g,
+            p.grad_dtype,
+            h,
+            p.half_dtype,
+            n,
+            c.stream,
+        ),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("non-x86 SIMD paths are never resolved"),
     }
@@ -492,20 +550,20 @@ unsafe impl Send for RawGrad {}
 unsafe impl Sync for RawGrad {}
 
 /// Work list of (tensor index, element offset, length) chunks over tensors of sizes `sizes`.
-fn chunk_starts(sizes: impl Iterator<Item = usize>) -> Vec<usize> {
+fn chunk_starts(sizes: impl Iterator<Item = usize>, chunk: usize) -> Vec<usize> {
     // prefix[i] = index of the first chunk of tensor i; prefix[last] = total chunks
     let mut prefix = vec![0usize];
     for n in sizes {
         let last = *prefix.last().unwrap();
-        prefix.push(last + n.div_ceil(CHUNK));
+        prefix.push(last + n.div_ceil(chunk));
     }
     prefix
 }
 
-fn locate(prefix: &[usize], chunk: usize) -> (usize, usize) {
+fn locate(prefix: &[usize], chunk: usize, chunk_len: usize) -> (usize, usize) {
     // the tensor whose chunk range holds `chunk` (skips empty tensors)
     let t = prefix.partition_point(|&start| start <= chunk) - 1;
-    (t, (chunk - prefix[t]) * CHUNK)
+    (t, (chunk - prefix[t]) * chunk_len)
 }
 
 /// Sum of squares of all gradients (in f64) and whether any element is inf/NaN.
@@ -523,14 +581,14 @@ pub unsafe fn grad_stats_raw(
 }
 
 fn grad_stats_in_pool(grads: &[RawGrad], simd: Simd) -> (f64, bool) {
-    let prefix = chunk_starts(grads.iter().map(|g| g.numel));
+    let prefix = chunk_starts(grads.iter().map(|g| g.numel), STATS_CHUNK);
     let total = *prefix.last().unwrap();
     (0..total)
         .into_par_iter()
         .map(|ci| {
-            let (t, off) = locate(&prefix, ci);
+            let (t, off) = locate(&prefix, ci, STATS_CHUNK);
             let g = &grads[t];
-            let n = CHUNK.min(g.numel - off);
+            let n = STATS_CHUNK.min(g.numel - off);
             let size = match g.dtype {
                 GradDtype::F32 => 4,
                 _ => 2,
@@ -618,6 +676,15 @@ unsafe fn step_in_pool(
         }
     }
     // Distinct step counters, each incremented once.
+    let bytes: usize = params
+        .iter()
+        .map(|p| {
+            let g = if p.grad_dtype == GradDtype::F32 { 4 } else { 2 };
+            let h = if p.half.is_null() { 0 } else { 2 };
+            p.numel * (24 + g + h)
+        })
+        .sum();
+    let stream = stream_policy(bytes);
     let mut steps: Vec<(*mut i64, i64)> = Vec::new();
     let mut coefs = Vec::with_capacity(params.len());
     for p in params {
@@ -629,14 +696,17 @@ unsafe fn step_in_pool(
                 s
             }
         };
-        coefs.push(Coefs::new(cfg, new));
+        let mut c = Coefs::new(cfg, new);
+        c.stream = stream;
+        coefs.push(c);
     }
-    let prefix = chunk_starts(params.iter().map(|p| p.numel));
+    let chunk = chunk_len();
+    let prefix = chunk_starts(params.iter().map(|p| p.numel), chunk);
     let total = *prefix.last().unwrap();
     (0..total).into_par_iter().for_each(|ci| {
-        let (t, off) = locate(&prefix, ci);
+        let (t, off) = locate(&prefix, ci, chunk);
         let p = &params[t];
-        let n = CHUNK.min(p.numel - off);
+        let n = chunk.min(p.numel - off);
         // SAFETY: the caller vouches for the pointers; chunks are disjoint; simd is available.
         unsafe { run_chunk(simd, &coefs[t], p, off, n) };
     });
