@@ -277,7 +277,7 @@ class ExpertRuntime:
             out["prefetch_per_layer"] = [
                 {"precision": s["tp"] / max(1, s["tp"] + s["fp"]), "recall": s["tp"] / max(1, s["tp"] + s["fn"])}
                 for s in self.layer_stats]
-        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s")})
+        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "wait_s")})
         out.update(self._tier_metrics())
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
