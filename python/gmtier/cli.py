@@ -17,3 +17,7 @@ def main() -> None:
 
 for _command in (prepare_command, *COMMANDS, bench_paging, bench_adam, bench_train):
     main.add_command(_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device-machine session: install the carried abi3 wheel, run the GPU tests and the benches,
+# logs under $OUT. Usage (from the repo root on the GPU machine): bash benches/gpu_session.sh [steps...]
+# steps: tests paging adam train (default: all). The wheel and the prepared data travel in .carry/.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
+python3 -m pip install --no-deps --force-reinstall -q .carry/*.whl 2>&1 | grep -v WARNING
+mkdir -p data && cp -rn .carry/data/* data/ 2>/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+BENCH=${BENCH_DIR:-/root/gmtier-bench}
+steps=${*:-tests paging adam train}
+for s in $steps; do
+  echo "=== $s"
+  case $s in
+    tests)  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15 ;;
+    paging) python3 -m gmtier.cli bench-paging --dir "$BENCH/paging" --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
+              --record-mb 64 2>&1 | tee "$OUT/bench-paging.txt" | tail -30 ;;
+    adam)   python3 -m gmtier.cli bench-adam --threads 16 --json 2>&1 | tee "$OUT/bench-adam.json" | tail -30 ;;
+    train)  python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/train" --json \
+              ${TRAIN_SET:-} 2>"$OUT/bench-train.err" | tee "$OUT/bench-train.json" | tail -60; tail -20 "$OUT/bench-train.err" ;;
+  esac
+done
