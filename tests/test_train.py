@@ -55,8 +55,15 @@ def tiny(data_dir, run_dir, **sections) -> config.Config:
 
 
 def losses_of(run_dir) -> dict[int, float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # being written
+            continue
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
 
 
 def test_resident_loss_falls_and_checkpoint_round_trips(data_dir, tmp_path):

@@ -301,7 +301,13 @@ class Trainer:
         self.step = state["step"]
         # Drop metrics logged after the checkpoint by the run that was killed.
         if self.metrics_path.exists():
-            keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= self.step]
+            keep = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    pass
             self.metrics_path.write_text("".join(l + "\n" for l in keep))
         self.log(f"resumed {self.run_dir} at step {self.step}")
 
