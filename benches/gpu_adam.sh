@@ -41,7 +41,7 @@ gmtier bench-adam --threads "$THREADS" --params "$PARAMS" --repeats "$REPEATS" |
 
 if [ "${SWEEP:-1}" = 1 ]; then
   # gmtier alone: threads x store policy x chunk size
-  python benches/adam_sweep.py --params "$PARAMS" --threads "$THREADS" 8 4 1 --streams none half all \
+  python benches/adam_sweep.py --params $((PARAMS / 2)) --threads "$THREADS" 4 1 --streams none half all \
     --chunks 16384 65536 --repeats 5 | tee "$OUT/adam_sweep.jsonl"
 fi
 uptime
