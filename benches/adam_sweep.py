@@ -1,7 +1,8 @@
-"""Sweep gmtier's Adam knobs that are read once per process (GMTIER_ADAM_STREAM, GMTIER_ADAM_CHUNK)
-and the thread count, timing only gmtier's bf16 pipeline step. One JSON line per setting.
+"""Sweep gmtier's Adam knobs that are read once per process (GMTIER_ADAM_STREAM, GMTIER_ADAM_CHUNK,
+GMTIER_ADAM_PREFETCH) and the thread count, timing only gmtier's bf16 pipeline step. One JSON line
+per setting; each setting is `threads:stream:chunk:prefetch`.
 
-    python benches/adam_sweep.py --params 128000000 --threads 16 8 4 1
+    python benches/adam_sweep.py --params 128000000 --settings 16:half:16384:0 16:none:16384:0 16:half:16384:256
 """
 
 import argparse
@@ -32,6 +33,7 @@ def child(params: int, tensors: int, threads: int, repeats: int) -> None:
         ts.append(time.perf_counter() - t)
     med = statistics.median(ts)
     print(json.dumps({"stream": os.environ.get("GMTIER_ADAM_STREAM", "auto"),
+                      "prefetch": int(os.environ.get("GMTIER_ADAM_PREFETCH", "0")),
                       "chunk": int(os.environ.get("GMTIER_ADAM_CHUNK", adam._core.adam_chunk_elements())),
                       "threads": threads, "mparams_s": n * tensors / med / 1e6,
                       "best_mparams_s": n * tensors / min(ts) / 1e6, "gbps_effective": 28 * n * tensors / med / 1e9}),
@@ -43,21 +45,17 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=64_000_000)
     ap.add_argument("--tensors", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, nargs="+", default=[0])
-    ap.add_argument("--streams", nargs="+", default=["none", "half", "all"])
-    ap.add_argument("--chunks", type=int, nargs="+", default=[8192, 16384, 65536])
-    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--settings", nargs="+", default=["0:auto:16384:0"], help="threads:stream:chunk:prefetch")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child:
-        child(a.params, a.tensors, a.threads[0], a.repeats)
+    if a.child is not None:
+        child(a.params, a.tensors, a.child, a.repeats)
         return
-    for threads in a.threads:
-        for stream in a.streams:
-            for chunk in a.chunks:
-                env = dict(os.environ, GMTIER_ADAM_STREAM=stream, GMTIER_ADAM_CHUNK=str(chunk))
-                subprocess.run([sys.executable, __file__, "--child", "--params", str(a.params), "--tensors",
-                                str(a.tensors), "--repeats", str(a.repeats), "--threads", str(threads)], env=env,
-                               check=False)
+    for setting in a.settings:
+        threads, stream, chunk, prefetch = setting.split(":")
+        env = dict(os.environ, GMTIER_ADAM_STREAM=stream, GMTIER_ADAM_CHUNK=chunk, GMTIER_ADAM_PREFETCH=prefetch)
+        subprocess.run([sys.executable, __file__, "--child", threads, "--params", str(a.params), "--tensors",
+                        str(a.tensors), "--repeats", str(a.repeats)], env=env, check=False)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 #      pydantic, tqdm, packaging are already in the image)
 # Run there:
 #   run(command="bash benches/gpu_adam.sh", carry=["wheels"])
-# Knobs: PARAMS (default 256M: ~4-5 GB per workload), THREADS (16), REPEATS (7), SWEEP=0 to skip the sweep.
+# Knobs: PARAMS (default 256M: ~4-5 GB per workload), THREADS (16), REPEATS (7), SWEEP=0 to skip the
+# sweep of gmtier's own knobs (threads x GMTIER_ADAM_STREAM x GMTIER_ADAM_CHUNK x GMTIER_ADAM_PREFETCH).
 #
 # DeepSpeed's CPUAdam JIT-builds with g++ (ninja) at first use; no network needed. DS_ACCELERATOR=cpu
 # builds the CPU-only variant (the same SIMD kernel; the CUDA variant would need the CUDA toolkit
@@ -41,7 +42,11 @@ gmtier bench-adam --threads "$THREADS" --params "$PARAMS" --repeats "$REPEATS" |
 
 if [ "${SWEEP:-1}" = 1 ]; then
   # gmtier alone: threads x store policy x chunk size
-  python benches/adam_sweep.py --params $((PARAMS / 2)) --threads "$THREADS" 4 1 --streams none half all \
-    --chunks 16384 65536 --repeats 5 | tee "$OUT/adam_sweep.jsonl"
+  T=$THREADS
+  python benches/adam_sweep.py --params $((PARAMS / 2)) --repeats 5 --settings \
+    $T:none:16384:0 $T:half:16384:0 $T:all:16384:0 $T:half:65536:0 $T:half:4096:0 \
+    $T:half:16384:256 $T:all:16384:256 $T:half:16384:1024 \
+    8:none:16384:0 8:half:16384:0 4:none:16384:0 4:half:16384:0 1:none:16384:0 1:half:16384:0 1:half:16384:256 \
+    | tee "$OUT/adam_sweep.jsonl"
 fi
 uptime

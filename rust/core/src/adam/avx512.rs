@@ -130,10 +130,24 @@ unsafe fn run<const G: u8, const H: u8, const S: u8>(
     h: *mut u16,
     n: usize,
 ) {
+    let pf = c.prefetch;
     let c = splat(c);
     let all: __mmask16 = 0xFFFF;
+    let gsize = if G == G_F32 { 4 } else { 2 };
     let mut i = 0;
     while i + 64 <= n {
+        if pf != 0 {
+            // software prefetch `pf` elements ahead (addresses past the end are harmless)
+            let j = i + pf;
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j + 16 * l) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(m.wrapping_add(j + 16 * l) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(j + 16 * l) as *const i8);
+            }
+            for l in 0..gsize {
+                _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(j * gsize + 64 * l) as *const i8);
+            }
+        }
         body::<G, H, S>(&c, p, m, v, g, h, i, all);
         body::<G, H, S>(&c, p, m, v, g, h, i + 16, all);
         body::<G, H, S>(&c, p, m, v, g, h, i + 32, all);

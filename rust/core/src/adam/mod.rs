@@ -376,6 +376,21 @@ pub(crate) struct Coefs {
     pub eps: f32,
     /// Store policy: [`STREAM_NONE`], [`STREAM_HALF`] or [`STREAM_ALL`].
     pub stream: u8,
+    /// Software prefetch distance in elements (0 = off; AVX-512 path only).
+    pub prefetch: usize,
+}
+
+/// `GMTIER_ADAM_PREFETCH`: software prefetch distance in elements (default 0: the hardware
+/// prefetchers alone), for experiments.
+fn prefetch_distance() -> usize {
+    static PF: OnceLock<usize> = OnceLock::new();
+    *PF.get_or_init(|| {
+        std::env::var("GMTIER_ADAM_PREFETCH")
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .map(|n| n / 64 * 64)
+            .unwrap_or(0)
+    })
 }
 
 /// Regular stores.
@@ -424,6 +439,7 @@ impl Coefs {
             bc2_sqrt: bc2.sqrt() as f32,
             eps: cfg.eps as f32,
             stream: STREAM_NONE,
+            prefetch: prefetch_distance(),
         }
     }
 }
