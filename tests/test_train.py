@@ -223,3 +223,19 @@ def test_readme_main_command(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "val ppl" in p.stdout and "tok/s" in p.stdout
     assert (tmp_path / "run" / "latest.json").exists()
+
+
+@needs_store
+def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp_path):
+    t = Trainer(tiny(data_dir, tmp_path / "run", train=dict(batch_size=16)), log=lambda s: None)
+    try:
+        calls = []
+        acquire = t.runtime.store.acquire
+        t.runtime.store.acquire = lambda key, **kw: (calls.append(tuple(key)), acquire(key, **kw))[1]
+        x, y = t.train_data.batch(16, t.cfg.model.seq_len, t.rng)
+        t.train_step(x, y)
+        used = {(slot, e) for slot, es in t.runtime.used.items() for e in es}
+        assert used and sorted(calls) == sorted(list(used) * 2)
+        assert t.runtime.metrics()["expert_updates"] == len(used)
+    finally:
+        t.close()

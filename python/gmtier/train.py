@@ -204,6 +204,7 @@ class Trainer:
         until = t.steps if until is None else min(until, t.steps)
         tokens_per_step = t.batch_size * cfg.model.seq_len
         t0, tok0 = time.perf_counter(), 0
+        start, start_step = time.perf_counter(), self.step
         while self.step < until:
             x, y = self.train_data.batch(t.batch_size, cfg.model.seq_len, self.rng)
             out = self.train_step(x, y)
@@ -221,11 +222,20 @@ class Trainer:
                 self.log(self._progress_line(rec))
                 t0, tok0 = time.perf_counter(), 0
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                t_eval = time.perf_counter()
                 val = self.evaluate()
                 self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
                 self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+                t0 += time.perf_counter() - t_eval
             if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+                t_ckpt = time.perf_counter()
                 self.save_checkpoint()
+                self.log(f"step {self.step:6d} | checkpoint {self.run_dir}/ckpt-{self.step}")
+                t0 += time.perf_counter() - t_ckpt  # tokens/s counts training time only
+        if self.step > start_step:
+            wall = time.perf_counter() - start
+            self.log(f"done: {self.step - start_step} steps in {wall:.1f}s "
+                     f"({(self.step - start_step) * tokens_per_step / wall:,.0f} tok/s including eval and checkpoints)")
         return losses
 
     def _progress_line(self, r: dict) -> str:
