@@ -19,7 +19,7 @@ def expert(l, e, v=0):
 @pytest.fixture
 def store(tmp_path):
     TieredExpertStore.create(tmp_path / "s", 2, 6, SCHEMA, init=expert)
-    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=1 << 20, gpu_bytes=0, device="cpu")
+    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=8 << 20, gpu_bytes=0, device="cpu")
     rb, wb = s.record_bytes, s.weights_bytes
     s.close()
     s = TieredExpertStore.open(tmp_path / "s", ram_bytes=4 * rb, gpu_bytes=3 * wb, device="cuda")

@@ -62,7 +62,10 @@ class GpuTier:
         for ev, key in self._inflight:
             if block and ev is not None:
                 ev.synchronize()
-            (done if block or ev is None or ev.query() else keep).append(key)
+            if block or ev is None or ev.query():
+                done.append(key)
+            else:
+                keep.append((ev, key))
         self._inflight = keep
         if done:
             self.store.core.release(done)
