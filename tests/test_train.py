@@ -239,3 +239,11 @@ def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp
         assert t.runtime.metrics()["expert_updates"] == len(used)
     finally:
         t.close()
+
+
+@needs_store
+def test_resume_with_a_different_model_is_refused(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "run", train=dict(steps=2, checkpoint_every=2))
+    train(cfg, log=lambda s: None)
+    with pytest.raises(config.ConfigError, match="--fresh"):
+        Trainer(tiny(data_dir, tmp_path / "run", model=dict(n_experts=8), train=dict(steps=4)), resume=True, log=lambda s: None)

@@ -257,7 +257,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"experts.ram_budget = {e.ram_budget!r} ({ram} B) holds fewer than 2 expert records of "
                 f"{record} B each; raise it to at least {2 * record} B ({math.ceil(2 * record / 2**20)}MiB)")
-        if cfg.train.device != "cpu" and gpu and gpu < 2 * weights:
+        if cfg.device().startswith("cuda") and gpu < 2 * weights:
             raise ConfigError(
                 f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 2 experts of {weights} B; "
                 f"raise it to at least {2 * weights} B ({math.ceil(2 * weights / 2**20)}MiB)")

@@ -31,6 +31,7 @@ from gmtier.model import expert_ffn, init_expert
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _STORE_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_TORCH_DTYPE_OF = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i64": torch.int64}
 
 
 def record_schema(d_model: int, d_ff: int, dtype: torch.dtype) -> list[tuple[str, str, list[int], str]]:
@@ -98,6 +99,7 @@ class ExpertRuntime:
         self.store = TieredExpertStore.open(
             path, ram_bytes=parse_bytes(cfg.experts.ram_budget, "experts.ram_budget"), gpu_bytes=gpu_bytes,
             device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct)
+        self._check_geometry(path, record_schema(m.d_model, m.d_ff, self.dtype))
         t = cfg.train
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
         self.lr, self.grad_scale = t.lr, 1.0
@@ -115,6 +117,19 @@ class ExpertRuntime:
         self._base = self.store.tier_metrics()
 
     # ---- setup ------------------------------------------------------------------------------
+    def _check_geometry(self, path: Path, schema) -> None:
+        """An existing store must have been made for this model (layers, experts, record schema)."""
+        from gmtier.config import ConfigError
+
+        have = [(t.name, str(t.dtype).removeprefix("torch."), list(t.shape)) for t in self.store.layout]
+        want = [(n, str(_TORCH_DTYPE_OF[d]).removeprefix("torch."), list(sh)) for n, d, sh, _ in schema]
+        if (self.store.num_layers, self.store.num_experts) != (len(self.switch_layers), self.n_experts) or have != want:
+            self.store.close()
+            raise ConfigError(
+                f"the expert store {path} holds {self.store.num_layers} layers x {self.store.num_experts} experts with "
+                f"records {have}, but the config needs {len(self.switch_layers)} x {self.n_experts} with {want} "
+                f"(model.* or experts.dtype changed); train with --fresh or point experts.store_dir elsewhere")
+
     def _create(self, path: Path) -> None:
         """A new store filled from the seeded init, one record at a time, committed as step 0."""
         import shutil
