@@ -63,6 +63,29 @@ def disk_read_rate(path: Path, max_bytes: int = 4 << 30, threads: int = 8) -> tu
     return nbytes / seconds / GB, direct
 
 
+def disk_write_rate(directory: Path, nbytes: int = 1 << 30, piece: int = 16 << 20) -> float:
+    """O_DIRECT write rate (GB/s) of a scratch file beside the store, fsync included."""
+    import mmap
+
+    path = directory / "write-probe.bin"
+    buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(4096) * (piece // 4096))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:  # a filesystem without O_DIRECT
+        fd = os.open(path, flags & ~getattr(os, "O_DIRECT", 0), 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(nbytes // piece):
+            os.write(fd, buf)
+        os.fsync(fd)
+        return nbytes / (time.perf_counter() - t0) / GB
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
 def _adam_bytes_per_param(expert_dtype: str) -> int:
     """Bytes the fused AdamW moves per expert parameter: the gradient in; master, m and v in and
     out; the new half-precision weight out (fp32 experts: the weight is the master)."""
@@ -154,6 +177,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     try:
         log(f"[{name}] hardware ceilings ...")
         disk_gbps, direct = disk_read_rate(store_file)
+        disk_write_gbps = disk_write_rate(store_file.parent)
         h2d_gbps = h2d_rate()
         dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
     finally:
@@ -164,7 +188,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
 
     expert_params = 2 * cfg.model.d_model * cfg.model.d_ff
     adam_bytes = tiered.get("expert_updates", 0) / steps * expert_params * _adam_bytes_per_param(cfg.expert_dtype())
-    disk_bytes = (tiered.get("disk_read_bytes", 0) + tiered.get("disk_write_bytes", 0)) / steps
+    read_bytes, write_bytes = tiered.get("disk_read_bytes", 0) / steps, tiered.get("disk_write_bytes", 0) / steps
     pcie_bytes = tiered.get("h2d_bytes", 0) / steps + (
         tiered.get("expert_updates", 0) / steps * weights_bytes if device == "cuda" else 0)  # + dW to host
 
@@ -181,7 +205,13 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     rcfg = _load(path, overrides, work_dir, f"{name}-resident", extra)
     rtr = Trainer(rcfg, fresh=True, log=quiet)
     try:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         compute = _time_steps(rtr, warmup, steps, fwd_bwd_only=True)
+        # The dense part's peak (weights, grads, activations): the resident run's peak less its
+        # experts' fp32 weights and grads.
+        resident_expert_bytes = len(m.switch_layers()) * fit_experts * 2 * m.d_model * m.d_ff * 8
+        dense_peak = torch.cuda.max_memory_allocated() - resident_expert_bytes if device == "cuda" else None
         full_resident = _time_steps(rtr, 1, steps) if (resident and fit_experts == m.n_experts) else None
     finally:
         rtr.close()
@@ -197,7 +227,8 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     comp_s = compute["step_s"]
     parts = {"gpu_compute_s": comp_s,
              "pcie_s": pcie_bytes / (h2d_gbps * GB) if h2d_gbps else 0.0,
-             "disk_s": disk_bytes / (disk_gbps * GB),
+             # Reads and writes may overlap on the device (full duplex): the lower bound takes the larger.
+             "disk_s": max(read_bytes / (disk_gbps * GB), write_bytes / (disk_write_gbps * GB)),
              "adam_s": adam_bytes / (dram_gbps * GB)}
     bound = max(parts.values())
     transfer_s = max(parts["pcie_s"], parts["disk_s"])
@@ -208,8 +239,9 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     out.update({
         "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
-        "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_direct": direct, "dram_copy_gbps": dram_gbps,
-        "disk_bytes_per_step": disk_bytes, "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
+        "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
+        "dram_copy_gbps": dram_gbps, "disk_read_bytes_per_step": read_bytes, "disk_write_bytes_per_step": write_bytes,
+        "disk_serial_s": read_bytes / (disk_gbps * GB) + write_bytes / (disk_write_gbps * GB), "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
         "expert_updates_per_step": tiered.get("expert_updates", 0) / steps,
         "wait_for_experts_s": waited,
         "transfer_hidden": None if transfer_s == 0 else max(0.0, 1 - waited / transfer_s),
@@ -218,6 +250,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
         "compute_measured_with_experts": fit_experts,
         "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
+        "dense_peak_bytes": dense_peak, "gpu_limit_bytes": gpu_budget + dense_peak if dense_peak else None,
         "dense_param_bytes": tiered["dense_param_bytes"],
         "rss_bytes": rss_bytes, "ram_budget": ram_budget,
         "resident_step_s": full_resident["step_s"] if full_resident else None,
@@ -234,10 +267,12 @@ def _table(results: list[dict]) -> str:
         ("bound (s)", "bound_s", "{:.3f}"), ("bound term", "bound_term", "{}"), ("step / bound", "step_over_bound", "{:.2f}"),
         ("  GPU compute (s)", "gpu_compute_s", "{:.3f}"), ("  PCIe (s)", "pcie_s", "{:.3f}"), ("  disk (s)", "disk_s", "{:.3f}"),
         ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s", "disk_read_gbps", "{:.2f}"),
+        ("disk write GB/s", "disk_write_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
+        ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
         ("DRAM copy GB/s", "dram_copy_gbps", "{:.1f}"), ("waited for experts (s)", "wait_for_experts_s", "{:.3f}"),
         ("transfer hidden", "transfer_hidden", "{:.1%}"), ("prefetch precision", "prefetch_precision", "{:.2f}"),
         ("prefetch recall", "prefetch_recall", "{:.2f}"), ("RAM hit rate", "ram_hit_rate", "{:.2f}"),
-        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU GB", "max_gpu_bytes", "{:.2e}"), ("RSS bytes", "rss_bytes", "{:.2e}"),
+        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("RSS bytes", "rss_bytes", "{:.2e}"),
         ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
     ]
