@@ -11,6 +11,7 @@ const G_F16: u8 = 2;
 const H_NONE: u8 = 0;
 const H_BF16: u8 = 1;
 const H_F16: u8 = 2;
+use super::{STREAM_ALL, STREAM_HALF, STREAM_NONE};
 
 #[derive(Clone, Copy)]
 struct V {
@@ -71,7 +72,7 @@ fn to_bf16(x: __m256) -> __m128i {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn body<const G: u8, const H: u8>(
+unsafe fn body<const G: u8, const H: u8, const S: u8>(
     c: &V,
     p: *mut f32,
     m: *mut f32,
@@ -93,20 +94,33 @@ unsafe fn body<const G: u8, const H: u8>(
     );
     let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), c.bc2_sqrt), c.eps);
     let pv = _mm256_add_ps(pv, _mm256_div_ps(_mm256_mul_ps(c.neg_step_size, mv), denom));
-    _mm256_storeu_ps(p.add(i), pv);
-    _mm256_storeu_ps(m.add(i), mv);
-    _mm256_storeu_ps(v.add(i), vv);
-    if H == H_BF16 {
-        _mm_storeu_si128(h.add(i) as *mut __m128i, to_bf16(pv));
-    } else if H == H_F16 {
-        let hv = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(pv);
-        _mm_storeu_si128(h.add(i) as *mut __m128i, hv);
+    if S == STREAM_ALL {
+        // 32-byte aligned addresses (checked by `step`)
+        _mm256_stream_ps(p.add(i), pv);
+        _mm256_stream_ps(m.add(i), mv);
+        _mm256_stream_ps(v.add(i), vv);
+    } else {
+        _mm256_storeu_ps(p.add(i), pv);
+        _mm256_storeu_ps(m.add(i), mv);
+        _mm256_storeu_ps(v.add(i), vv);
+    }
+    if H != H_NONE {
+        let hv = if H == H_BF16 {
+            to_bf16(pv)
+        } else {
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(pv)
+        };
+        if S == STREAM_NONE {
+            _mm_storeu_si128(h.add(i) as *mut __m128i, hv);
+        } else {
+            _mm_stream_si128(h.add(i) as *mut __m128i, hv);
+        }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run<const G: u8, const H: u8>(
+unsafe fn run<const G: u8, const H: u8, const S: u8>(
     c: &Coefs,
     p: *mut f32,
     m: *mut f32,
@@ -115,18 +129,35 @@ unsafe fn run<const G: u8, const H: u8>(
     h: *mut u16,
     n: usize,
 ) {
+    let pf = c.prefetch;
     let c = splat(c);
+    let gsize = if G == G_F32 { 4 } else { 2 };
     let mut i = 0;
     while i + 32 <= n {
-        body::<G, H>(&c, p, m, v, g, h, i);
-        body::<G, H>(&c, p, m, v, g, h, i + 8);
-        body::<G, H>(&c, p, m, v, g, h, i + 16);
-        body::<G, H>(&c, p, m, v, g, h, i + 24);
+        if pf != 0 && i % 64 == 0 {
+            // software prefetch `pf` elements ahead (addresses past the end are harmless)
+            let j = i + pf;
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j + 16 * l) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(m.wrapping_add(j + 16 * l) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(j + 16 * l) as *const i8);
+            }
+            for l in 0..gsize {
+                _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(j * gsize + 64 * l) as *const i8);
+            }
+        }
+        body::<G, H, S>(&c, p, m, v, g, h, i);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 8);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 16);
+        body::<G, H, S>(&c, p, m, v, g, h, i + 24);
         i += 32;
     }
     while i + 8 <= n {
-        body::<G, H>(&c, p, m, v, g, h, i);
+        body::<G, H, S>(&c, p, m, v, g, h, i);
         i += 8;
+    }
+    if S != STREAM_NONE {
+        _mm_sfence();
     }
     let r = n - i;
     if r > 0 {
@@ -141,7 +172,7 @@ unsafe fn run<const G: u8, const H: u8>(
         core::ptr::copy_nonoverlapping(m.add(i), mb.as_mut_ptr(), r);
         core::ptr::copy_nonoverlapping(v.add(i), vb.as_mut_ptr(), r);
         core::ptr::copy_nonoverlapping(g.add(i * gsize), gb.as_mut_ptr() as *mut u8, r * gsize);
-        body::<G, H>(
+        body::<G, H, STREAM_NONE>(
             &c,
             pb.as_mut_ptr(),
             mb.as_mut_ptr(),
@@ -174,22 +205,43 @@ pub(crate) unsafe fn step(
     h: *mut u16,
     hd: HalfDtype,
     n: usize,
+    stream: u8,
 ) {
     let hk = match (h.is_null(), hd) {
         (true, _) => H_NONE,
         (false, HalfDtype::Bf16) => H_BF16,
         (false, HalfDtype::F16) => H_F16,
     };
+    // Streaming stores need aligned addresses: 32 bytes for fp32 vectors, 16 for half.
+    let stream = match stream {
+        STREAM_ALL
+            if [p, m, v].iter().all(|x| (*x as usize).is_multiple_of(32))
+                && (h as usize).is_multiple_of(16) =>
+        {
+            STREAM_ALL
+        }
+        STREAM_ALL | STREAM_HALF if (h as usize).is_multiple_of(16) && hk != H_NONE => STREAM_HALF,
+        _ => STREAM_NONE,
+    };
+    macro_rules! go {
+        ($g:expr, $h:expr) => {
+            match stream {
+                STREAM_ALL => run::<$g, $h, STREAM_ALL>(c, p, m, v, g, h, n),
+                STREAM_HALF => run::<$g, $h, STREAM_HALF>(c, p, m, v, g, h, n),
+                _ => run::<$g, $h, STREAM_NONE>(c, p, m, v, g, h, n),
+            }
+        };
+    }
     match (gd, hk) {
-        (GradDtype::F32, H_NONE) => run::<G_F32, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::F32, H_BF16) => run::<G_F32, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::F32, _) => run::<G_F32, H_F16>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, H_NONE) => run::<G_BF16, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, H_BF16) => run::<G_BF16, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::Bf16, _) => run::<G_BF16, H_F16>(c, p, m, v, g, h, n),
-        (GradDtype::F16, H_NONE) => run::<G_F16, H_NONE>(c, p, m, v, g, h, n),
-        (GradDtype::F16, H_BF16) => run::<G_F16, H_BF16>(c, p, m, v, g, h, n),
-        (GradDtype::F16, _) => run::<G_F16, H_F16>(c, p, m, v, g, h, n),
+        (GradDtype::F32, H_NONE) => go!(G_F32, H_NONE),
+        (GradDtype::F32, H_BF16) => go!(G_F32, H_BF16),
+        (GradDtype::F32, _) => go!(G_F32, H_F16),
+        (GradDtype::Bf16, H_NONE) => go!(G_BF16, H_NONE),
+        (GradDtype::Bf16, H_BF16) => go!(G_BF16, H_BF16),
+        (GradDtype::Bf16, _) => go!(G_BF16, H_F16),
+        (GradDtype::F16, H_NONE) => go!(G_F16, H_NONE),
+        (GradDtype::F16, H_BF16) => go!(G_F16, H_BF16),
+        (GradDtype::F16, _) => go!(G_F16, H_F16),
     }
 }
 

@@ -376,7 +376,7 @@ pub(crate) struct Coefs {
     pub eps: f32,
     /// Store policy: [`STREAM_NONE`], [`STREAM_HALF`] or [`STREAM_ALL`].
     pub stream: u8,
-    /// Software prefetch distance in elements (0 = off; AVX-512 path only).
+    /// Software prefetch distance in elements (0 = off; SIMD paths only).
     pub prefetch: usize,
 }
 
@@ -492,7 +492,18 @@ unsafe fn run_chunk(simd: Simd, c: &Coefs, p: &RawParam, off: usize, n: usize) {
     match simd {
         Simd::Scalar => scalar::step(c, master, m, v, g, p.grad_dtype, h, p.half_dtype, n),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => avx2::step(c, master, m, v, g, p.grad_dtype, h, p.half_dtype, n),
+        Simd::Avx2 => avx2::step(
+            c,
+            master,
+            m,
+            v,
+            g,
+            p.grad_dtype,
+            h,
+            p.half_dtype,
+            n,
+            c.stream,
+        ),
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 => avx512::step(
             c,
