@@ -48,6 +48,9 @@ pub const CHUNK: usize = 16 * 1024;
 /// the gradient, so its tasks are larger.
 pub const STATS_CHUNK: usize = 256 * 1024;
 
+/// Calls with at most this many elements in all run on the calling thread.
+pub const INLINE_MAX: usize = CHUNK;
+
 /// [`CHUNK`], or `GMTIER_ADAM_CHUNK` (elements, a multiple of 64) for experiments.
 fn chunk_len() -> usize {
     static LEN: OnceLock<usize> = OnceLock::new();
@@ -541,10 +544,14 @@ unsafe fn stats_chunk(simd: Simd, g: *const u8, dtype: GradDtype, n: usize) -> (
 /// The rayon pool with `threads` workers (0 = one per available CPU), created once per size.
 pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    // available_parallelism() reads cgroup files: once per process, not per call.
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
     let threads = if threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        *DEFAULT.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
     } else {
         threads
     };
@@ -604,26 +611,36 @@ pub unsafe fn grad_stats_raw(
 ) -> Result<(f64, bool), AdamError> {
     let simd = Simd::resolve(simd)?;
     let pool = thread_pool(threads)?;
-    Ok(pool.install(|| grad_stats_in_pool(grads, simd)))
+    let total: usize = grads.iter().map(|g| g.numel).sum();
+    if total <= INLINE_MAX {
+        return Ok(grad_stats_in_pool(grads, simd, false));
+    }
+    Ok(pool.install(|| grad_stats_in_pool(grads, simd, true)))
 }
 
-fn grad_stats_in_pool(grads: &[RawGrad], simd: Simd) -> (f64, bool) {
+fn grad_stats_in_pool(grads: &[RawGrad], simd: Simd, parallel: bool) -> (f64, bool) {
     let prefix = chunk_starts(grads.iter().map(|g| g.numel), STATS_CHUNK);
     let total = *prefix.last().unwrap();
-    (0..total)
-        .into_par_iter()
-        .map(|ci| {
-            let (t, off) = locate(&prefix, ci, STATS_CHUNK);
-            let g = &grads[t];
-            let n = STATS_CHUNK.min(g.numel - off);
-            let size = match g.dtype {
-                GradDtype::F32 => 4,
-                _ => 2,
-            };
-            // SAFETY: the caller vouches for the pointers; off + n <= numel.
-            unsafe { stats_chunk(simd, g.ptr.add(off * size), g.dtype, n) }
-        })
-        .reduce(|| (0.0, false), |a, b| (a.0 + b.0, a.1 || b.1))
+    let one = |ci: usize| {
+        let (t, off) = locate(&prefix, ci, STATS_CHUNK);
+        let g = &grads[t];
+        let n = STATS_CHUNK.min(g.numel - off);
+        let size = match g.dtype {
+            GradDtype::F32 => 4,
+            _ => 2,
+        };
+        // SAFETY: the caller vouches for the pointers; off + n <= numel.
+        unsafe { stats_chunk(simd, g.ptr.add(off * size), g.dtype, n) }
+    };
+    let add = |a: (f64, bool), b: (f64, bool)| (a.0 + b.0, a.1 || b.1);
+    if parallel {
+        (0..total)
+            .into_par_iter()
+            .map(one)
+            .reduce(|| (0.0, false), add)
+    } else {
+        (0..total).map(one).fold((0.0, false), add)
+    }
 }
 
 /// Sum of squares of gradients (safe wrapper of [`grad_stats_raw`]).
@@ -663,13 +680,19 @@ pub unsafe fn adamw_step_raw(
     cfg.validate()?;
     let simd = Simd::resolve(simd)?;
     let pool = thread_pool(threads)?;
-    pool.install(|| step_in_pool(params, cfg, simd))
+    let total: usize = params.iter().map(|p| p.numel).sum();
+    if total <= INLINE_MAX {
+        // Small calls run on the caller's thread: waking the pool costs more than the work.
+        return step_in_pool(params, cfg, simd, false);
+    }
+    pool.install(|| step_in_pool(params, cfg, simd, true))
 }
 
 unsafe fn step_in_pool(
     params: &[RawParam],
     cfg: &AdamConfig,
     simd: Simd,
+    parallel: bool,
 ) -> Result<StepOutcome, AdamError> {
     for (i, p) in params.iter().enumerate() {
         if p.numel > 0
@@ -693,7 +716,7 @@ unsafe fn step_in_pool(
                 numel: p.numel,
             })
             .collect();
-        if !nonfinite_in_pool(&grads, simd) {
+        if !nonfinite_in_pool(&grads, simd, parallel) {
             // all finite: fall through
         } else {
             return Ok(StepOutcome {
@@ -730,13 +753,18 @@ unsafe fn step_in_pool(
     let chunk = chunk_len();
     let prefix = chunk_starts(params.iter().map(|p| p.numel), chunk);
     let total = *prefix.last().unwrap();
-    (0..total).into_par_iter().for_each(|ci| {
+    let one = |ci: usize| {
         let (t, off) = locate(&prefix, ci, chunk);
         let p = &params[t];
         let n = chunk.min(p.numel - off);
         // SAFETY: the caller vouches for the pointers; chunks are disjoint; simd is available.
         unsafe { run_chunk(simd, &coefs[t], p, off, n) };
-    });
+    };
+    if parallel {
+        (0..total).into_par_iter().for_each(one);
+    } else {
+        (0..total).for_each(one);
+    }
     for (ptr, s) in steps {
         ptr.write(s);
     }
@@ -747,8 +775,8 @@ unsafe fn step_in_pool(
 }
 
 /// Whether any gradient element is inf/NaN (the skip check: a read of the gradients only).
-fn nonfinite_in_pool(grads: &[RawGrad], simd: Simd) -> bool {
-    grad_stats_in_pool(grads, simd).1
+fn nonfinite_in_pool(grads: &[RawGrad], simd: Simd, parallel: bool) -> bool {
+    grad_stats_in_pool(grads, simd, parallel).1
 }
 
 /// One AdamW step over many tensors (safe wrapper of [`adamw_step_raw`]).
@@ -823,7 +851,7 @@ pub unsafe fn adamw_step_raw_async(
         Ok((simd, pool)) => pool.spawn(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: the caller of adamw_step_raw_async vouches for the pointers.
-                unsafe { step_in_pool(&params, &cfg, simd) }
+                unsafe { step_in_pool(&params, &cfg, simd, true) }
             }));
             finish(r.unwrap_or_else(|e| {
                 let msg = e
