@@ -275,3 +275,35 @@ def test_adamw_record_matches_store_reference():
         assert torch.equal(rec[n], rec[f"{n}.master"].bfloat16())
     bad = {"w1": torch.full(shapes["w1"], float("nan")).bfloat16()}
     assert A.adamw_record(rec, bad, lr=1e-2) is True and rec["step"].item() == 5
+
+
+def test_store_adam_step_uses_fused_kernel(tmp_path):
+    # TieredExpertStore.adam_step finds gmtier.adam.adamw_record and updates the RAM record in place.
+    store_mod = pytest.importorskip("gmtier.store")
+    schema = [("w1", "bf16", [16, 32], "weights"), ("w1.master", "float32", [16, 32], "state"),
+              ("w1.exp_avg", "float32", [16, 32], "state"), ("w1.exp_avg_sq", "float32", [16, 32], "state"),
+              ("step", "i64", [1], "state")]
+    masters = {}
+
+    def init(layer, expert):
+        g = torch.Generator().manual_seed(layer * 10 + expert)
+        w = torch.randn(16, 32, generator=g)
+        masters[(layer, expert)] = w
+        return {"w1": w.bfloat16(), "w1.master": w, "w1.exp_avg": torch.zeros(16, 32),
+                "w1.exp_avg_sq": torch.zeros(16, 32), "step": torch.zeros(1, dtype=torch.int64)}
+
+    d = tmp_path / "store"
+    store_mod.TieredExpertStore.create(d, 1, 2, schema, init=init)
+    with store_mod.TieredExpertStore.open(d, ram_bytes=1 << 24) as s:
+        s.acquire((0, 1))
+        grad = torch.randn(16, 32).bfloat16()
+        ref = torch.nn.Parameter(masters[(0, 1)].clone())
+        opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        ref.grad = grad.float()
+        opt.step()
+        assert s.adam_step((0, 1), {"w1": grad}, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1) is False
+        rec = s.record((0, 1))
+        assert rec["step"].item() == 1
+        assert _rel(rec["w1.master"], ref.detach(), 0.1) < 1e-6
+        assert torch.equal(rec["w1"], rec["w1.master"].bfloat16())
+        s.release([(0, 1)])

@@ -148,8 +148,8 @@ def _deepspeed(sizes, repeats):
 
 
 @click.command("bench-adam")
-@click.option("--params", default=32_000_000, show_default=True, type=int,
-              help="parameters per workload (default leaves the caches: 16 B/param of state ~ 512 MB)")
+@click.option("--params", default=64_000_000, show_default=True, type=int,
+              help="parameters per workload (default leaves the caches: ~1 GB of state and gradients per workload)")
 @click.option("--tensors", default=8, show_default=True, type=int, help="split into this many tensors (experts)")
 @click.option("--threads", default=None, type=int, help="threads for every contender [default: all CPUs]")
 @click.option("--repeats", default=5, show_default=True, type=int, help="timed steps (median) after 2 warm-up")
