@@ -307,3 +307,12 @@ def test_store_adam_step_uses_fused_kernel(tmp_path):
         assert _rel(rec["w1.master"], ref.detach(), 0.1) < 1e-6
         assert torch.equal(rec["w1"], rec["w1.master"].bfloat16())
         s.release([(0, 1)])
+
+
+def test_dropped_handle_finishes_before_freeing():
+    n = 1 << 20
+    for _ in range(3):
+        p = torch.randn(n)
+        A.adamw_step([(p, torch.zeros(n), torch.zeros(n), torch.randn(n), torch.zeros(1, dtype=torch.int64))],
+                     lr=1e-3, async_=True)  # handle dropped at once: __del__ waits
+        del p

@@ -190,6 +190,15 @@ class AdamHandle:
     def skipped(self) -> bool:
         return self.wait()
 
+    def __del__(self) -> None:
+        # Dropped without wait(): the kernel may still be writing into the tensors this handle
+        # keeps alive, so finish it before they can be freed.
+        if self._skipped is None and self._keep:
+            try:
+                self.wait()
+            except Exception:
+                pass
+
 
 def adamw_step(
     tensors: Sequence[Any],
