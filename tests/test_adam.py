@@ -316,3 +316,21 @@ def test_dropped_handle_finishes_before_freeing():
         A.adamw_step([(p, torch.zeros(n), torch.zeros(n), torch.randn(n), torch.zeros(1, dtype=torch.int64))],
                      lr=1e-3, async_=True)  # handle dropped at once: __del__ waits
         del p
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_works_in_forked_child():
+    import os
+
+    n = 1 << 20
+    t = (torch.randn(n), torch.zeros(n), torch.zeros(n), torch.randn(n), torch.zeros(1, dtype=torch.int64))
+    A.adamw_step([t], lr=1e-3)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child inherits no pool threads: must not hang
+        try:
+            A.adamw_step([t], lr=1e-3)
+            os._exit(0 if t[4].item() == 2 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -543,7 +543,10 @@ unsafe fn stats_chunk(simd: Simd, g: *const u8, dtype: GradDtype, n: usize) -> (
 
 /// The rayon pool with `threads` workers (0 = one per available CPU), created once per size.
 pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> {
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    // Keyed by (process id, threads): a fork()ed child (e.g. a DataLoader worker) inherits the
+    // map but not the worker threads, so it builds its own pools instead of waiting forever.
+    type Pools = HashMap<(u32, usize), Arc<rayon::ThreadPool>>;
+    static POOLS: OnceLock<Mutex<Pools>> = OnceLock::new();
     // available_parallelism() reads cgroup files: once per process, not per call.
     static DEFAULT: OnceLock<usize> = OnceLock::new();
     let threads = if threads == 0 {
@@ -559,7 +562,8 @@ pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> 
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = pools.get(&threads) {
+    let key = (std::process::id(), threads);
+    if let Some(p) = pools.get(&key) {
         return Ok(p.clone());
     }
     let pool = rayon::ThreadPoolBuilder::new()
@@ -568,7 +572,19 @@ pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> 
         .build()
         .map_err(|e| AdamError::Invalid(format!("cannot start {threads} threads: {e}")))?;
     let pool = Arc::new(pool);
-    pools.insert(threads, pool.clone());
+    if pools.keys().any(|(pid, _)| *pid != key.0) {
+        // Pools of the parent process: their threads do not exist here; never drop them (that
+        // would wait for those threads).
+        let stale: Vec<_> = pools
+            .keys()
+            .filter(|(pid, _)| *pid != key.0)
+            .cloned()
+            .collect();
+        for k in stale {
+            std::mem::forget(pools.remove(&k));
+        }
+    }
+    pools.insert(key, pool.clone());
     Ok(pool)
 }
 
