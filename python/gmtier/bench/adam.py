@@ -174,7 +174,8 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
         f"({adam.simd_best() if simd == 'auto' else simd}), {repeats} repeats, load avg {load0:.2f}")
 
     bw = adam.memory_bandwidth(bw_bytes, threads=threads, repeats=max(3, repeats))
-    log(f"  memory: copy {bw['copy_gbps']:.1f} GB/s (median {bw['copy_median_gbps']:.1f}), triad {bw['triad_gbps']:.1f} GB/s")
+    log(f"  memory: copy {bw['copy_gbps']:.1f} GB/s (median {bw['copy_median_gbps']:.1f}; memcpy {bw['memcpy_gbps']:.1f}, "
+        f"streaming {bw['stream_copy_gbps']:.1f}), triad {bw['triad_gbps']:.1f}, in place {bw['inplace_gbps']:.1f} GB/s")
 
     res = {}
     res["gmtier_pipeline_s"] = _gmtier_pipeline(sizes, threads, repeats, simd)
@@ -210,6 +211,8 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
         "gbps_effective_fp32": eff32,
         "bandwidth_fraction": eff / bw["copy_gbps"],
         "dram_triad_gbps": bw["triad_gbps"],
+        "dram_inplace_gbps": bw["inplace_gbps"],
+        "bandwidth_fraction_inplace": eff / bw["inplace_gbps"],
         "dram_copy_median_gbps": bw["copy_median_gbps"],
         "deepspeed_error": ds_err,
         "params": params,
@@ -247,7 +250,8 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
           f"vs torch fused {out['speedup_vs_torch_fused']:.2f}x (target >= 1)"
           + ("" if ds_s is None else f", vs DeepSpeed {out['speedup_vs_deepspeed']:.2f}x (target > 1)"))
     print(f"effective bandwidth {eff:.1f} GB/s (fp32 workload {eff32:.1f}) = {100 * out['bandwidth_fraction']:.0f}% "
-          f"of the measured copy {bw['copy_gbps']:.1f} GB/s (target >= 85%); triad {bw['triad_gbps']:.1f} GB/s")
+          f"of the measured copy {bw['copy_gbps']:.1f} GB/s (target >= 85%); triad {bw['triad_gbps']:.1f} GB/s, "
+          f"in-place read+write {bw['inplace_gbps']:.1f} GB/s ({100 * out['bandwidth_fraction_inplace']:.0f}% of it)")
     print(f"check_finite costs {100 * out['check_finite_overhead']:.1f}%")
     if ds_err:
         print(f"DeepSpeed: {ds_err}")

@@ -239,6 +239,7 @@ fn memory_bandwidth<'py>(
     d.set_item("memcpy_gbps", bw.memcpy_gbps)?;
     d.set_item("stream_copy_gbps", bw.stream_copy_gbps)?;
     d.set_item("triad_gbps", bw.triad_gbps)?;
+    d.set_item("inplace_gbps", bw.inplace_gbps)?;
     d.set_item("copy_median_gbps", bw.copy_median_gbps)?;
     d.set_item("threads", bw.threads)?;
     d.set_item("nbytes", bw.bytes)?;

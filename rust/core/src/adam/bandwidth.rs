@@ -19,6 +19,9 @@ pub struct Bandwidth {
     pub stream_copy_gbps: f64,
     /// `a = b + s * c` over f32 arrays (2 reads + 1 write per element).
     pub triad_gbps: f64,
+    /// `a *= s` in place (each line read then written back): AdamW's access pattern for the
+    /// master weight and moments.
+    pub inplace_gbps: f64,
     /// Median copy over the repeats.
     pub copy_median_gbps: f64,
     pub threads: usize,
@@ -52,6 +55,7 @@ pub fn memory_bandwidth(
         let mut copy = Vec::new();
         let mut stream = Vec::new();
         let mut triad = Vec::new();
+        let mut inplace = Vec::new();
         let has_stream = stream_copy_available();
         for _ in 0..repeats + 1 {
             let t = Instant::now();
@@ -77,11 +81,20 @@ pub fn memory_bandwidth(
                     }
                 });
             triad.push((3 * n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+            let t = Instant::now();
+            let s = std::hint::black_box(1.0f32);
+            c.par_chunks_mut(piece).for_each(|x| {
+                for x in x.iter_mut() {
+                    *x *= s;
+                }
+            });
+            inplace.push((2 * n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
         std::hint::black_box(&a);
         // Drop the warm-up run.
         copy.remove(0);
         triad.remove(0);
+        inplace.remove(0);
         if has_stream {
             stream.remove(0);
         }
@@ -96,6 +109,7 @@ pub fn memory_bandwidth(
             memcpy_gbps: best(&copy),
             stream_copy_gbps: best(&stream),
             triad_gbps: best(&triad),
+            inplace_gbps: best(&inplace),
             copy_median_gbps: median(all),
             threads: nthreads,
             bytes: n * 4,
