@@ -7,7 +7,7 @@
 #     (deepspeed is an sdist on PyPI: `pip wheel` builds its py3-none-any wheel; torch, numpy,
 #      pydantic, tqdm, packaging are already in the image)
 # Run there:
-#   run(command="bash benches/gpu_adam.sh", carry=["wheels"])
+#   run(command="bash benches/gpu_adam.sh", carry=["wheels"])      (or the wheels in .carry/: WHEELS=.carry)
 # Knobs: PARAMS (default 256M: ~4-5 GB per workload), THREADS (16), REPEATS (7), SWEEP=0 to skip the
 # sweep of gmtier's own knobs (threads x GMTIER_ADAM_STREAM x GMTIER_ADAM_CHUNK x GMTIER_ADAM_PREFETCH).
 #
@@ -25,9 +25,11 @@ set -x
 nproc; lscpu > "$OUT/lscpu.txt"; grep -m1 "model name" /proc/cpuinfo; free -g; uptime
 python -c "import torch; print(torch.__version__, torch.get_num_threads())"
 
-pip install --no-index --no-deps --force-reinstall wheels/gmtier-*.whl || { echo "no gmtier wheel in wheels/"; exit 1; }
-if ls wheels/deepspeed-*.whl >/dev/null 2>&1; then
-  pip install --no-index --find-links wheels deepspeed || echo "deepspeed install failed"
+# the wheels: $WHEELS, else wheels/, else .carry/ (where benches/gpu_session.sh keeps its wheel)
+WHEELS=${WHEELS:-$(ls -d wheels .carry 2>/dev/null | while read d; do ls "$d"/gmtier-*.whl >/dev/null 2>&1 && echo "$d" && break; done)}
+pip install --no-index --no-deps --force-reinstall "$WHEELS"/gmtier-*.whl || { echo "no gmtier wheel in ${WHEELS:-wheels/ or .carry/}"; exit 1; }
+if ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
+  pip install --no-index --find-links "$WHEELS" deepspeed || echo "deepspeed install failed"
 fi
 python -c "import gmtier.adam as A; print('simd', A.simd_available())"
 
