@@ -131,6 +131,9 @@ def _torch_plain(sizes, repeats, fused: bool):
 
 def _deepspeed(sizes, repeats):
     """(seconds, None) or (None, why not)."""
+    # The CPU accelerator builds CPUAdam without the CUDA toolkit (the same SIMD kernel); this
+    # process never uses DeepSpeed on the GPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import torch
 
