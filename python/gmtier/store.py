@@ -300,16 +300,10 @@ class TieredExpertStore:
                   beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0) -> bool:
         """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
         written in the same pass). Returns True when skipped (non-finite gradients)."""
-        rec = self.record(key)
-        try:
-            from gmtier import adam
-        except ImportError:
-            adam = None
-        fn = getattr(adam, "adamw_record", None)
-        if fn is not None:
-            return bool(fn(rec, grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2, eps=eps,
-                           weight_decay=weight_decay))
-        return _adamw_record_torch(rec, grads, lr, grad_scale, beta1, beta2, eps, weight_decay)
+        from gmtier.adam import adamw_record
+
+        return bool(adamw_record(self.record(key), grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2,
+                                 eps=eps, weight_decay=weight_decay))
 
     # ---- convenience ----------------------------------------------------------------------------
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -408,26 +402,3 @@ def _canon(dtype: str) -> str:
     d = dtype.lower().removeprefix("torch.")
     return {"float32": "f32", "float": "f32", "bfloat16": "bf16", "float16": "f16", "half": "f16",
             "int64": "i64", "long": "i64", "uint8": "u8"}.get(d, d)
-
-
-@torch.no_grad()
-def _adamw_record_torch(rec, grads, lr, grad_scale, beta1, beta2, eps, weight_decay) -> bool:
-    """Reference AdamW on a record (used when gmtier.adam has no record entry point)."""
-    gs = {n: g.float() / grad_scale for n, g in grads.items()}
-    if not all(torch.isfinite(g).all() for g in gs.values()):
-        return True
-    step = rec["step"]
-    step += 1
-    t = int(step.item())
-    for n, g in gs.items():
-        w = rec[n]
-        master = rec.get(f"{n}.master", w)
-        m, v = rec[f"{n}.exp_avg"], rec[f"{n}.exp_avg_sq"]
-        master.mul_(1 - lr * weight_decay)
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-        master.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-        if master is not w:
-            w.copy_(master)
-    return False
