@@ -107,6 +107,9 @@ class ExpertRuntime:
         # paging loop (current + next), so the budgets bound how many updates may be in flight.
         slots = self.store.ram_slots if gpu_bytes == 0 else min(self.store.ram_slots, self.store.gpu.num_slots)
         self.max_pending = max(0, min(2, slots - 2)) if cfg.experts.async_adam else 0
+        # RAM slots left for read-ahead once those pins are counted: prefetching more than fits
+        # would only evict records before their use and read them twice.
+        self.prefetch_room = max(0, self.store.ram_slots - 2 - self.max_pending)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="gmtier-adam") if self.max_pending else None
         self.pending: list[Future] = []
         self.model = None
@@ -181,9 +184,11 @@ class ExpertRuntime:
         if not keys:
             return
         starts = _offsets(counts)
-        self.store.prefetch(keys[1:], priority=5)
+        room = self.prefetch_room if self.cfg.experts.prefetch else 0
         w = self._acquire(keys[0])
         for i, key in enumerate(keys):
+            if room:
+                self.store.prefetch(keys[i + 2: i + 2 + room], priority=5)
             e = key[1]
             compute(e, starts[e], counts[e], w["w1"], w["w2"])
             w = self._acquire(keys[i + 1]) if i + 1 < len(keys) else None
@@ -206,8 +211,8 @@ class ExpertRuntime:
         if layer > 0 and self.cfg.experts.prefetch:
             # Backward walks the layers in reverse, and forward already told us which experts the
             # previous Switch layer used: read them ahead exactly.
-            prev = self.used.get(layer - 1, [])
-            self.store.prefetch([(layer - 1, e) for e in prev], priority=1)
+            prev = self.used.get(layer - 1, [])[-self.prefetch_room:] if self.prefetch_room else []
+            self.store.prefetch([(layer - 1, e) for e in reversed(prev)], priority=1)
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
@@ -268,9 +273,12 @@ class ExpertRuntime:
         for rank, slot in enumerate(ahead):
             blk = self.model.blocks[self.switch_layers[slot]]
             logits = blk.ffn.router_logits(blk.ln_2(h))
-            experts = torch.bincount(logits.argmax(-1), minlength=self.n_experts).nonzero().squeeze(1).tolist()
+            counts = torch.bincount(logits.argmax(-1), minlength=self.n_experts).tolist()
+            experts = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
             self.predicted[slot] = set(experts)
-            self.store.prefetch([(slot, e) for e in experts], priority=2 - rank)
+            room = self.prefetch_room if rank == 0 else self.prefetch_room // 2  # the nearest layer first
+            if room:
+                self.store.prefetch([(slot, e) for e in experts[:room]], priority=2 - rank)
 
     def observe(self, slot: int, counts: list[int]) -> None:
         """The real routing of layer `slot`: score the prediction made for it."""

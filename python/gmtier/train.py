@@ -67,6 +67,21 @@ def ensure_data(cfg: Config, log=print):
     return data.TokenData(cfg.data.dir, "train"), data.TokenData(cfg.data.dir, "val")
 
 
+def _malloc_trim():
+    """glibc keeps freed heap pages of the step's variable-size CPU tensors (routing gives every
+    expert a different token count), so RSS creeps up step after step; give them back."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return lambda: None
+    return lambda: libc.malloc_trim(0)
+
+
+release_host_memory = _malloc_trim()
+
+
 def autocast_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -210,6 +225,8 @@ class Trainer:
             out = self.train_step(x, y)
             losses.append(out["loss"])
             tok0 += tokens_per_step
+            if self.step % 10 == 0:
+                release_host_memory()
             if t.log_every and (self.step % t.log_every == 0 or self.step == t.steps):
                 dt = time.perf_counter() - t0
                 rec = {"step": self.step, "loss": out["loss"], "aux": out["aux"], "lr": out["lr"],
