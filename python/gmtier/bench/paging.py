@@ -30,12 +30,32 @@ def _trace(kind: str, rng, n_experts: int, k: int, zipf_s: float):
     return rng.choice(n_experts, size=k, replace=False, p=p / p.sum())
 
 
-def _run_trace(store, kind: str, steps: int, layers: int, n_experts: int, k: int, zipf_s: float, seed: int,
-               prefetch: bool):
-    """Walk the trace layer by layer: prefetch layer l+1's experts, request layer l's, wait, release."""
+def _synthetic_plan(kind: str, steps: int, layers: int, n_experts: int, k: int, zipf_s: float, seed: int):
+    """steps x layers lists of (layer, expert) keys drawn from a uniform or Zipf expert choice."""
     rng = np.random.default_rng(seed)
-    plan = [[[(layer, int(e)) for e in _trace(kind, rng, n_experts, k, zipf_s)] for layer in range(layers)]
+    return [[[(layer, int(e)) for e in _trace(kind, rng, n_experts, k, zipf_s)] for layer in range(layers)]
             for _ in range(steps)]
+
+
+def load_routing_trace(path) -> list[list[list[tuple[int, int]]]]:
+    """A routing trace recorded by `gmtier train` (routing.jsonl: one line per step, the experts
+    that got tokens in each Switch layer) as steps x layers lists of keys."""
+    plan = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                layers = json.loads(line)["experts"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise click.BadParameter(f"{path}:{line_no}: not a routing-trace line ({e}); "
+                                         "give the routing.jsonl of a training run", param_hint="--trace") from None
+            plan.append([[(l, int(e)) for e in experts] for l, experts in enumerate(layers)])
+    if not plan:
+        raise click.BadParameter(f"{path}: empty routing trace", param_hint="--trace")
+    return plan
+
+
+def _run_trace(store, kind: str, plan, prefetch: bool):
+    """Walk the trace layer by layer: prefetch layer l+1's experts, request layer l's, wait, release."""
     flat = [keys for step in plan for keys in step]
     m0 = store.metrics()
     t0 = time.perf_counter()
@@ -143,9 +163,12 @@ def _h2d(store_path, ram_bytes, record_bytes, weights_bytes, n_experts, gpu_mb, 
               help="Alternate raw and store measurements this many times; medians are reported.")
 @click.option("--no-prefetch", is_flag=True, help="Do not prefetch the next layer's experts.")
 @click.option("--keep", is_flag=True, help="Keep the expert file (reused by later runs with the same sizes).")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also replay a routing trace recorded by training (<run_dir>/routing.jsonl); "
+                   "its layer and expert counts set --layers and the experts per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, layers, experts_per_step, steps,
-                 zipf_s, io_threads, queue_depth, chunk_mb, repeats, no_prefetch, keep, as_json):
+                 zipf_s, io_threads, queue_depth, chunk_mb, repeats, no_prefetch, trace_path, keep, as_json):
     """Measure the store's NVMe->RAM and RAM->GPU paging against raw O_DIRECT reads and pinned copies."""
     import torch
 
@@ -154,7 +177,12 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
     say = (lambda *a: None) if as_json else click.echo
     rb = int(record_mb * MiB) // 4096 * 4096
     wb = max(4096, int(rb * weights_frac) // 4096 * 4096)
+    recorded = load_routing_trace(trace_path) if trace_path else None
+    if recorded is not None:
+        layers = len(recorded[0])
     n_experts = max(2, int(data_mb * MiB) // (rb * layers))
+    if recorded is not None:
+        n_experts = max(n_experts, 1 + max(e for step in recorded for keys in step for _, e in keys))
     ram_bytes = int(ram_mb * MiB)
     ram_slots = ram_bytes // rb
     if ram_slots < 2:
@@ -203,19 +231,25 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
     ranges = [(start + ((l * n_experts + e) * 2) * rb, rb) for l in range(layers) for e in range(n_experts)]
     # Raw and store runs alternate, `repeats` times, and medians are reported: a shared disk's
     # bandwidth drifts, and alternating exposes both to the same drift.
-    raws, runs = [], {"uniform": [], "zipf": []}
+    raws, runs = [], {"uniform": [], "zipf": [], "recorded": []}
     for rep in range(repeats):
         if not direct:
             _core.drop_cache(str(data_file))
         nbytes, secs, raw_direct = _core.raw_read(str(data_file), ranges, chunk_bytes=chunk, threads=io_threads)
         raws.append(nbytes / secs / 1e9)
         say(f"[{rep + 1}/{repeats}] raw O_DIRECT read: {nbytes / 1e9:.2f} GB in {secs:.2f}s = {raws[-1]:.3f} GB/s")
-        for kind, seed in (("uniform", 1), ("zipf", 2)):
+        for kind, seed in (("uniform", 1), ("zipf", 2), ("recorded", 0)):
+            if kind == "recorded":
+                if recorded is None:
+                    continue
+                plan = recorded
+            else:
+                plan = _synthetic_plan(kind, steps, layers, n_experts, k, zipf_s, seed + 10 * rep)
             if not direct:
                 _core.drop_cache(str(data_file))
             s = _core.ExpertStore.open(str(path), ram_bytes, io_threads=io_threads, queue_depth=queue_depth,
                                        chunk_bytes=chunk)
-            r = _run_trace(s, kind, steps, layers, n_experts, k, zipf_s, seed + 10 * rep, prefetch=not no_prefetch)
+            r = _run_trace(s, kind, plan, prefetch=not no_prefetch)
             s.close()
             del s
             runs[kind].append(r)
@@ -225,8 +259,8 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
     def median_run(rs):
         return sorted(rs, key=lambda r: r["gbps"])[len(rs) // 2]
 
-    rows = [median_run(runs["uniform"]), median_run(runs["zipf"])]
-    uni, zipf = rows
+    rows = [median_run(runs[kind]) for kind in ("uniform", "zipf", "recorded") if runs[kind]]
+    uni, zipf = rows[:2]
     out = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dir": str(path.resolve()),
@@ -253,6 +287,9 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
         "hit_rate": zipf["hit_rate"],
         "uniform_hit_rate": uni["hit_rate"],
         "stall_s": uni["stall_s"] + zipf["stall_s"],
+        "recorded_trace": trace_path,
+        "recorded_store_read_gbps": rows[2]["gbps"] if recorded else None,
+        "recorded_hit_rate": rows[2]["hit_rate"] if recorded else None,
         "traces": rows,
         "h2d_raw_gbps": None,
         "h2d_store_gbps": None,
