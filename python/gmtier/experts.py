@@ -263,17 +263,25 @@ class ExpertRuntime:
     @torch.no_grad()
     def predict_and_prefetch(self, block: int, x: torch.Tensor) -> None:
         """Called with block `block`'s input: predict the experts of the next Switch layers
-        (after this block) with their own routers and prefetch them, nearest first. A later
-        block's fresher prediction replaces an earlier one; the last one made is scored."""
+        (after this block) with their own routers and prefetch them, nearest first.
+
+        Predictions are made at the first block and at each block that follows a Switch block
+        (the residual stream right after a Switch layer), one host sync for all layers ahead;
+        a later prediction replaces an earlier one and the last one made is scored."""
         if self.model is None:
+            return
+        if block > 0 and block - 1 not in self.switch_layers:
             return
         depth = self.cfg.experts.prefetch_depth
         ahead = [i for i, l in enumerate(self.switch_layers) if l > block][:depth]
+        if not ahead:
+            return
         h = x.reshape(-1, x.shape[-1])
-        for rank, slot in enumerate(ahead):
+        votes = []
+        for slot in ahead:
             blk = self.model.blocks[self.switch_layers[slot]]
-            logits = blk.ffn.router_logits(blk.ln_2(h))
-            counts = torch.bincount(logits.argmax(-1), minlength=self.n_experts).tolist()
+            votes.append(torch.bincount(blk.ffn.router_logits(blk.ln_2(h)).argmax(-1), minlength=self.n_experts))
+        for rank, (slot, counts) in enumerate(zip(ahead, torch.stack(votes).tolist())):
             experts = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
             self.predicted[slot] = set(experts)
             room = self.prefetch_room if rank == 0 else self.prefetch_room // 2  # the nearest layer first
