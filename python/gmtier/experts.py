@@ -103,6 +103,7 @@ class ExpertRuntime:
         t = cfg.train
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
         self.lr, self.grad_scale = t.lr, 1.0
+        self.step_skipped = 0
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
         # paging loop (current + next), so the budgets bound how many updates may be in flight.
         slots = self.store.ram_slots if gpu_bytes == 0 else min(self.store.ram_slots, self.store.gpu.num_slots)
@@ -225,6 +226,7 @@ class ExpertRuntime:
     # ---- the expert update --------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
         self.lr, self.grad_scale = lr, grad_scale
+        self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
 
     def _update(self, key, grads: dict[str, torch.Tensor]) -> None:
         """dW to pinned RAM (async D2H on CUDA), then AdamW on the record where it lives (in a
@@ -252,6 +254,7 @@ class ExpertRuntime:
         self.stats["adam_s"] += dt
         self.stats["expert_updates"] += 1
         self.stats["skipped_updates"] += int(bool(skipped))
+        self.step_skipped += int(bool(skipped))
 
     def end_step(self) -> None:
         """Wait for the expert updates of this step."""

@@ -188,7 +188,12 @@ class Trainer:
             dense = [p for n, p in self.model.named_parameters() if p.grad is not None and ".experts." not in n]
             torch.nn.utils.clip_grad_norm_(dense, cfg.train.grad_clip)
         self.scaler.step(self.opt)
-        self.scaler.update()
+        if self.scaler.is_enabled() and self.runtime is not None and self.runtime.step_skipped:
+            # Expert gradients overflowed at this loss scale (the scaler only sees the dense
+            # ones): back off as GradScaler would, or the experts could skip every step.
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": loss.item(), "aux": aux.item(), "lr": lr}
