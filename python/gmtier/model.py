@@ -203,11 +203,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if ".experts." in name:
                 continue
-            if p.dim() >= 2:
+            if p.dim() >= 2:  # matrices (routers included) ~ N(0, init_std); residual outputs scaled down
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "w2.weight")) else cfg.init_std
                 nn.init.normal_(p, 0.0, std)
-            if "router" in name:
-                nn.init.normal_(p, 0.0, cfg.init_std)
         if cfg.positions == "rope":
             cos, sin = rope_cache(cfg.seq_len, cfg.d_model // cfg.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
