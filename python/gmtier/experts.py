@@ -106,11 +106,16 @@ class ExpertRuntime:
         self.step_skipped = 0
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
         # paging loop (current + next), so the budgets bound how many updates may be in flight.
-        slots = self.store.ram_slots if gpu_bytes == 0 else min(self.store.ram_slots, self.store.gpu.num_slots)
+        # On CUDA the GPU tier keeps a RAM record pinned until the H2D copy that read it has
+        # finished; count two such copies in flight.
+        in_copy = 2 if gpu_bytes else 0
+        slots = self.store.ram_slots - in_copy
+        if gpu_bytes:
+            slots = min(slots, self.store.gpu.num_slots)
         self.max_pending = max(0, min(2, slots - 2)) if cfg.experts.async_adam else 0
         # RAM slots left for read-ahead once those pins are counted: prefetching more than fits
         # would only evict records before their use and read them twice.
-        self.prefetch_room = max(0, self.store.ram_slots - 2 - self.max_pending)
+        self.prefetch_room = max(0, self.store.ram_slots - in_copy - 2 - self.max_pending)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="gmtier-adam") if self.max_pending else None
         self.pending: list[Future] = []
         self.model = None
