@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from gmtier import config
 from gmtier.train import Trainer, train
 
-RUSLIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ruslit"
+# The bundled corpus sits beside the checkout (../shared); GMTIER_RUSLIT points elsewhere (GPU machine).
+RUSLIT = Path(os.environ.get("GMTIER_RUSLIT", Path(__file__).resolve().parents[2] / "shared" / "data" / "ruslit"))
 if not RUSLIT.exists():
     RUSLIT = Path("../shared/data/ruslit").resolve()
 
