@@ -24,7 +24,7 @@ def test_tiered_matches_resident_bf16(data_dir, tmp_path):
         pytest.skip("no bf16 on this GPU")
     res = train(gpu_cfg(data_dir, tmp_path / "res", experts=dict(mode="resident")), log=lambda s: None)
     tiered = train(gpu_cfg(data_dir, tmp_path / "tiered", experts=dict(async_adam=True)), log=lambda s: None)
-    assert res[-1] < res[0] - 0.5
+    assert res[-1] < res[0] - 0.4
     # bf16 expert weights (tiered: rounded from the fp32 master by the CPU AdamW; resident: cast by
     # autocast) and GPU reductions in a different order: close, not equal.
     assert tiered == pytest.approx(res, abs=0.05)
@@ -37,7 +37,7 @@ def test_fp16_with_loss_scaling_trains(data_dir, tmp_path):
     cfg = gpu_cfg(data_dir, tmp_path / "run", precision="fp16", train=dict(steps=30))
     losses = train(cfg, log=lambda s: None)
     assert all(l == l and l < 20 for l in losses)  # finite
-    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3  # a few early steps skip while the loss scale settles
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss_scale"] > 0
 
