@@ -113,6 +113,12 @@ def test_tiered_matches_resident_with_every_step_paging(data_dir, tmp_path):
     assert tiered_big == pytest.approx(tiered_small, abs=1e-5)
     m = [json.loads(l) for l in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()][-1]
     assert m["expert_updates"] > 0
+    # The routing trace (what bench-paging --trace replays): one line per step, every Switch layer.
+    from gmtier.bench.paging import load_routing_trace
+
+    plan = load_routing_trace(tmp_path / "small" / "routing.jsonl")
+    assert len(plan) == len(res) and all(len(step) == 2 for step in plan)
+    assert all(0 <= e < 4 and layer in (0, 1) for step in plan for keys in step for layer, e in keys)
 
 
 def _spawn_train(cfg_path: Path, *extra: str) -> subprocess.Popen:

@@ -161,8 +161,9 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume and has_ckpt:
             self.load_checkpoint()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+            (self.run_dir / "routing.jsonl").unlink(missing_ok=True)
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast(self):
@@ -213,6 +214,16 @@ class Trainer:
             raise ConfigError(f"the {data.split} split is shorter than one batch of train.batch_size x model.seq_len tokens")
         return total / n
 
+    def _record_routing(self) -> None:
+        """Append the experts each Switch layer used this step to routing.jsonl: the trace
+        `gmtier bench-paging --trace` replays."""
+        from gmtier.model import SwitchFFN
+
+        layers = [sorted(m.last_experts) for m in self.model.modules() if isinstance(m, SwitchFFN)]
+        if layers:
+            with open(self.run_dir / "routing.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "experts": layers}) + "\n")
+
     def _emit(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -230,6 +241,7 @@ class Trainer:
             out = self.train_step(x, y)
             losses.append(out["loss"])
             tok0 += tokens_per_step
+            self._record_routing()
             if self.step % 10 == 0:
                 release_host_memory()
             if t.log_every and (self.step % t.log_every == 0 or self.step == t.steps):
@@ -331,21 +343,27 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
-        # Drop metrics logged after the checkpoint by the run that was killed.
-        if self.metrics_path.exists():
-            keep = []
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= self.step:
-                        keep.append(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    pass
-            self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        # Drop metrics and routing logged after the checkpoint by the run that was killed.
+        for path in (self.metrics_path, self.run_dir / "routing.jsonl"):
+            if path.exists():
+                _keep_lines_up_to(path, self.step)
         self.log(f"resumed {self.run_dir} at step {self.step}")
 
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+def _keep_lines_up_to(path: Path, step: int) -> None:
+    """Keep the JSON lines of `path` logged at or before `step` (and none cut by a kill)."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 class HostAdamW(torch.optim.Optimizer):
