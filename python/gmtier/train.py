@@ -162,6 +162,8 @@ class Trainer:
         if resume and has_ckpt:
             self.load_checkpoint()
         else:
+            if resume:
+                log(f"{self.run_dir}: no checkpoint yet, starting from step 0")
             self.metrics_path.unlink(missing_ok=True)
             (self.run_dir / "routing.jsonl").unlink(missing_ok=True)
 
