@@ -231,3 +231,18 @@ def test_slot_pool():
     assert p.lookup((0, 0)) is None and p.invalidate((0, 2))
     with pytest.raises(ValueError):
         _core.SlotPool(0)
+
+
+def test_timed_out_ticket_stays_pending(store_dir):
+    """A wait that times out keeps the ticket (and its pins): waiting again completes it."""
+    rb = record_bytes(store_dir)
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        held = s.core.request([(0, 0), (0, 1)])
+        held.wait()
+        ticket = s.core.request([(1, 3)])
+        with pytest.raises(TimeoutError, match="RAM slots are pinned"):
+            ticket.wait(0.05)
+        threading.Timer(0.1, s.core.release, args=([(0, 0)],)).start()
+        (slot,) = ticket.wait(10)
+        assert same({n: t.clone() for n, t in s.slot_views(slot).items()}, rand_expert(1, 3))
+        s.core.release([(0, 1), (1, 3)])

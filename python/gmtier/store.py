@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -256,7 +257,7 @@ class TieredExpertStore:
         """The expert's weights on the compute device (GPU tier; RAM views on CPU), ready for the
         current stream. Pins the RAM record too (so `adam_step` can update it); `release` once."""
         key = tuple(key)
-        slot = self.core.request([key], priority).wait(timeout)[0]
+        slot = self._wait_reaping(self.core.request([key], priority), timeout)[0]
         with self._lock:
             self._ram_slot[key] = slot
             self._acquired[key] = self._acquired.get(key, 0) + 1
@@ -268,6 +269,21 @@ class TieredExpertStore:
                     del self._acquired[key]
                 self.core.release([key])
                 raise
+
+    def _wait_reaping(self, ticket, timeout: float | None) -> list[int]:
+        """Wait for a ticket. On CUDA, RAM records feeding finished H2D copies stay pinned until
+        the GPU tier reaps them, so a full RAM tier may only free up by reaping: wait in short
+        slices and reap between them, never forever on a pin nothing will drop."""
+        if not self.gpu.cuda:
+            return ticket.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return ticket.wait(0.01)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                self.gpu.drain()
 
     def record(self, key: Key) -> dict[str, torch.Tensor]:
         """All tensors of an `acquire`d expert's RAM record (weights and state)."""

@@ -116,8 +116,8 @@ fn duplicate_concurrent_requests_read_once() {
     let d = tempfile::tempdir().unwrap();
     let rb = make(d.path(), 1, 4);
     let s = ExpertStore::open(d.path(), opts(4 * rb)).unwrap();
-    let t1 = s.request(&[(0, 3)], 0).unwrap();
-    let t2 = s.request(&[(0, 3), (0, 3)], 0).unwrap();
+    let mut t1 = s.request(&[(0, 3)], 0).unwrap();
+    let mut t2 = s.request(&[(0, 3), (0, 3)], 0).unwrap();
     let a = t1.wait(None).unwrap();
     let b = t2.wait(None).unwrap();
     assert_eq!(a[0], b[0]);
@@ -149,7 +149,9 @@ fn all_slots_pinned_blocks_until_release() {
         .unwrap()
         .to_string();
     assert!(e.contains("2 of 2 RAM slots are pinned"), "{e}");
-    let t = s.request(&[(0, 3)], 0).unwrap();
+    let mut t = s.request(&[(0, 3)], 0).unwrap();
+    // A timed-out ticket stays pending: the same ticket completes once a slot frees.
+    assert!(t.wait(Some(Duration::from_millis(50))).is_err());
     let s2 = s.clone();
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));

@@ -359,11 +359,16 @@ impl PyTicket {
     /// waiting forever.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
-        let t = self.ticket.lock().unwrap().take().ok_or_else(|| {
+        let mut t = self.ticket.lock().unwrap().take().ok_or_else(|| {
             PyValueError::new_err("this ticket was already waited on; request() again")
         })?;
         let timeout = timeout.map(Duration::from_secs_f64);
-        py.detach(|| t.wait(timeout)).map_err(to_py)
+        let res = py.detach(|| t.wait(timeout));
+        if let Err(core::StoreError::Timeout(_)) = res {
+            // Still pending and still pinned: the caller may wait on it again.
+            *self.ticket.lock().unwrap() = Some(t);
+        }
+        res.map_err(to_py)
     }
     /// Whether wait() would return at once.
     fn ready(&self) -> bool {

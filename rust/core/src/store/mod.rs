@@ -1114,7 +1114,7 @@ impl Ticket {
     /// order. The pins taken by request() now belong to the caller: release() each key once.
     /// With a timeout, fails with [`StoreError::Timeout`] instead of waiting forever (e.g. when
     /// every slot is pinned by experts nobody releases).
-    pub fn wait(mut self, timeout: Option<Duration>) -> Result<Vec<usize>> {
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Vec<usize>> {
         if self.done {
             return Err(StoreError::InvalidArgument(
                 "this ticket was already waited on".into(),
