@@ -101,7 +101,8 @@ class ExpertRuntime:
             device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct)
         self._check_geometry(path, record_schema(m.d_model, m.d_ff, self.dtype))
         t = cfg.train
-        self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay)
+        self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
+                          threads=cfg.experts.adam_threads or None)
         self.lr, self.grad_scale = t.lr, 1.0
         self.step_skipped = 0
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
@@ -112,7 +113,9 @@ class ExpertRuntime:
         slots = self.store.ram_slots - in_copy
         if gpu_bytes:
             slots = min(slots, self.store.gpu.num_slots)
-        self.max_pending = max(0, min(2, slots - 2)) if cfg.experts.async_adam else 0
+        # Up to 8 updates queued lets backward run ahead of the CPU AdamW (2 put the AdamW on the
+        # critical path of the `small` step on an H200); small budgets keep fewer.
+        self.max_pending = max(0, min(min(8, max(2, (slots - 2) // 2)), slots - 2)) if cfg.experts.async_adam else 0
         # RAM slots left for read-ahead once those pins are counted: prefetching more than fits
         # would only evict records before their use and read them twice.
         self.prefetch_room = max(0, self.store.ram_slots - in_copy - 2 - self.max_pending)

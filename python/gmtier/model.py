@@ -88,7 +88,10 @@ def route(logits: torch.Tensor, capacity_factor: float) -> Routing:
     P = probs.mean(0)  # mean router probability per expert
     aux = N * (f * P).sum()
     z = torch.logsumexp(logits, -1).square().mean()
-    rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # position of the token within its expert's queue
+    # Position of each token within its expert's queue: a scan along the token axis, run over the
+    # transposed copy so it scans contiguous memory (the outer-dimension scan took 2.6 ms per
+    # layer for 16K tokens on an H200, a tenth of the `small` step).
+    rank = (onehot.t().contiguous().cumsum(1).t() * onehot).sum(-1) - 1
     keep = rank < capacity(T, N, capacity_factor)
     return Routing(expert, gate, keep, aux, z)
 

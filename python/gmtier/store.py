@@ -313,13 +313,14 @@ class TieredExpertStore:
         return GradsOnHost(out, ev)
 
     def adam_step(self, key: Key, grads: Mapping[str, torch.Tensor], lr: float, grad_scale: float = 1.0,
-                  beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0) -> bool:
+                  beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+                  threads: int | None = None) -> bool:
         """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
         written in the same pass). Returns True when skipped (non-finite gradients)."""
         from gmtier.adam import adamw_record
 
         return bool(adamw_record(self.record(key), grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2,
-                                 eps=eps, weight_decay=weight_decay))
+                                 eps=eps, weight_decay=weight_decay, threads=threads))
 
     # ---- convenience ----------------------------------------------------------------------------
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
