@@ -75,8 +75,12 @@ fn raw_params(specs: Vec<Spec>) -> PyResult<Vec<RawParam>> {
         .collect()
 }
 
+/// The converted arguments of `adamw_step_raw` and `adamw_step_raw_async`: parameters, SIMD
+/// choice and step configuration.
 #[allow(clippy::too_many_arguments)]
-fn config(
+fn step_args(
+    specs: Vec<Spec>,
+    simd: &str,
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -85,8 +89,8 @@ fn config(
     grad_scale: f64,
     clip_coef: f64,
     check_finite: bool,
-) -> AdamConfig {
-    AdamConfig {
+) -> PyResult<(Vec<RawParam>, Option<Simd>, AdamConfig)> {
+    let cfg = AdamConfig {
         lr,
         beta1,
         beta2,
@@ -95,7 +99,8 @@ fn config(
         grad_scale,
         clip_coef,
         check_finite,
-    }
+    };
+    Ok((raw_params(specs)?, self::simd(simd)?, cfg))
 }
 
 /// Raw fused AdamW step over tensors given by address (use `gmtier.adam`, which validates).
@@ -118,9 +123,9 @@ fn adamw_step_raw(
     simd: &str,
     threads: usize,
 ) -> PyResult<bool> {
-    let params = raw_params(specs)?;
-    let s = self::simd(simd)?;
-    let cfg = config(
+    let (params, s, cfg) = step_args(
+        specs,
+        simd,
         lr,
         beta1,
         beta2,
@@ -129,7 +134,7 @@ fn adamw_step_raw(
         grad_scale,
         clip_coef,
         check_finite,
-    );
+    )?;
     let out = py.detach(move || {
         // SAFETY: gmtier.adam checked dtypes, sizes, devices and contiguity and keeps the tensors
         // alive for the call.
@@ -178,9 +183,9 @@ fn adamw_step_raw_async(
     simd: &str,
     threads: usize,
 ) -> PyResult<PyAdamJob> {
-    let params = raw_params(specs)?;
-    let s = self::simd(simd)?;
-    let cfg = config(
+    let (params, s, cfg) = step_args(
+        specs,
+        simd,
         lr,
         beta1,
         beta2,
@@ -189,7 +194,7 @@ fn adamw_step_raw_async(
         grad_scale,
         clip_coef,
         check_finite,
-    );
+    )?;
     // SAFETY: gmtier.adam validated the tensors and holds them until the job is waited on.
     let job = unsafe { adam::adamw_step_raw_async(params, cfg, s, threads) };
     Ok(PyAdamJob { job })

@@ -2,15 +2,9 @@
 
 use core::arch::x86_64::*;
 
-use super::{Coefs, GradDtype, HalfDtype};
+use super::{Coefs, GradDtype};
 
-const G_F32: u8 = 0;
-const G_BF16: u8 = 1;
-const G_F16: u8 = 2;
-const H_NONE: u8 = 0;
-const H_BF16: u8 = 1;
-const H_F16: u8 = 2;
-use super::{STREAM_ALL, STREAM_HALF, STREAM_NONE};
+use super::{G_BF16, G_F16, G_F32, H_BF16, H_NONE, STREAM_ALL, STREAM_NONE};
 
 #[derive(Clone, Copy)]
 struct V {
@@ -167,60 +161,7 @@ unsafe fn run<const G: u8, const H: u8, const S: u8>(
     }
 }
 
-/// Update `n` elements.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL; pointers valid for `n` elements; `h` null for no half copy.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn step(
-    c: &Coefs,
-    p: *mut f32,
-    m: *mut f32,
-    v: *mut f32,
-    g: *const u8,
-    gd: GradDtype,
-    h: *mut u16,
-    hd: HalfDtype,
-    n: usize,
-    stream: u8,
-) {
-    let hk = match (h.is_null(), hd) {
-        (true, _) => H_NONE,
-        (false, HalfDtype::Bf16) => H_BF16,
-        (false, HalfDtype::F16) => H_F16,
-    };
-    // Streaming stores need full vectors at aligned addresses: 64 bytes for fp32, 32 for half.
-    let stream = match stream {
-        STREAM_ALL
-            if [p, m, v].iter().all(|x| (*x as usize).is_multiple_of(64))
-                && (h as usize).is_multiple_of(32) =>
-        {
-            STREAM_ALL
-        }
-        STREAM_ALL | STREAM_HALF if (h as usize).is_multiple_of(32) && hk != H_NONE => STREAM_HALF,
-        _ => STREAM_NONE,
-    };
-    macro_rules! go {
-        ($g:expr, $h:expr) => {
-            match stream {
-                STREAM_ALL => run::<$g, $h, STREAM_ALL>(c, p, m, v, g, h, n),
-                STREAM_HALF => run::<$g, $h, STREAM_HALF>(c, p, m, v, g, h, n),
-                _ => run::<$g, $h, STREAM_NONE>(c, p, m, v, g, h, n),
-            }
-        };
-    }
-    match (gd, hk) {
-        (GradDtype::F32, H_NONE) => go!(G_F32, H_NONE),
-        (GradDtype::F32, H_BF16) => go!(G_F32, H_BF16),
-        (GradDtype::F32, _) => go!(G_F32, H_F16),
-        (GradDtype::Bf16, H_NONE) => go!(G_BF16, H_NONE),
-        (GradDtype::Bf16, H_BF16) => go!(G_BF16, H_BF16),
-        (GradDtype::Bf16, _) => go!(G_BF16, H_F16),
-        (GradDtype::F16, H_NONE) => go!(G_F16, H_NONE),
-        (GradDtype::F16, H_BF16) => go!(G_F16, H_BF16),
-        (GradDtype::F16, _) => go!(G_F16, H_F16),
-    }
-}
+kernel!(Avx512, 64);
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn stats<const G: u8>(g: *const u8, n: usize) -> (f64, bool) {

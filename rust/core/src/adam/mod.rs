@@ -32,6 +32,33 @@ use rayon::prelude::*;
 mod bandwidth;
 mod scalar;
 
+/// `kernel!(Name, vec_bytes)` in a SIMD backend: the unit type `Name` implementing [`Kernel`] with
+/// that module's `#[target_feature]` `run::<G, H, S>`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel {
+    ($name:ident, $vec_bytes:expr) => {
+        /// The backend for [`super::simd_step`].
+        pub(crate) struct $name;
+
+        impl super::Kernel for $name {
+            const VEC_BYTES: usize = $vec_bytes;
+
+            #[inline(always)]
+            unsafe fn run<const G: u8, const H: u8, const S: u8>(
+                c: &Coefs,
+                p: *mut f32,
+                m: *mut f32,
+                v: *mut f32,
+                g: *const u8,
+                h: *mut u16,
+                n: usize,
+            ) {
+                run::<G, H, S>(c, p, m, v, g, h, n)
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -403,6 +430,104 @@ pub(crate) const STREAM_HALF: u8 = 1;
 /// Non-temporal stores for every output.
 pub(crate) const STREAM_ALL: u8 = 2;
 
+// Const-generic kernel tags of the SIMD backends: gradient dtype (G) and half-copy dtype (H).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const G_F32: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const G_BF16: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const G_F16: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const H_NONE: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const H_BF16: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+pub(crate) const H_F16: u8 = 2;
+
+/// A SIMD backend: its `#[target_feature]` kernel, monomorphized per gradient dtype `G`, half
+/// dtype `H` and store policy `S`, and the width of its fp32 vectors.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Kernel {
+    /// Bytes of one fp32 vector: streaming stores need p/m/v aligned to this, the half copy to
+    /// half of it.
+    const VEC_BYTES: usize;
+
+    /// Update `n` elements (`h` null for no half copy).
+    ///
+    /// # Safety
+    /// The CPU has the backend's features; pointers valid for `n` elements; streaming policy `S`
+    /// only with the alignment above.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run<const G: u8, const H: u8, const S: u8>(
+        c: &Coefs,
+        p: *mut f32,
+        m: *mut f32,
+        v: *mut f32,
+        g: *const u8,
+        h: *mut u16,
+        n: usize,
+    );
+}
+
+/// Update `n` elements with backend `K`: picks the store policy the pointers' alignment allows
+/// and dispatches (grad dtype, half dtype, policy) to `K::run`'s monomorphized kernels.
+///
+/// # Safety
+/// The CPU has `K`'s features; pointers valid for `n` elements; `h` null for no half copy.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn simd_step<K: Kernel>(
+    c: &Coefs,
+    p: *mut f32,
+    m: *mut f32,
+    v: *mut f32,
+    g: *const u8,
+    gd: GradDtype,
+    h: *mut u16,
+    hd: HalfDtype,
+    n: usize,
+    stream: u8,
+) {
+    let hk = match (h.is_null(), hd) {
+        (true, _) => H_NONE,
+        (false, HalfDtype::Bf16) => H_BF16,
+        (false, HalfDtype::F16) => H_F16,
+    };
+    // Streaming stores need full vectors at aligned addresses: one fp32 vector for p/m/v, half
+    // of that for the half copy.
+    let (fa, ha) = (K::VEC_BYTES, K::VEC_BYTES / 2);
+    let stream = match stream {
+        STREAM_ALL
+            if [p, m, v].iter().all(|x| (*x as usize).is_multiple_of(fa))
+                && (h as usize).is_multiple_of(ha) =>
+        {
+            STREAM_ALL
+        }
+        STREAM_ALL | STREAM_HALF if (h as usize).is_multiple_of(ha) && hk != H_NONE => STREAM_HALF,
+        _ => STREAM_NONE,
+    };
+    macro_rules! go {
+        ($g:expr, $h:expr) => {
+            match stream {
+                STREAM_ALL => K::run::<$g, $h, STREAM_ALL>(c, p, m, v, g, h, n),
+                STREAM_HALF => K::run::<$g, $h, STREAM_HALF>(c, p, m, v, g, h, n),
+                _ => K::run::<$g, $h, STREAM_NONE>(c, p, m, v, g, h, n),
+            }
+        };
+    }
+    match (gd, hk) {
+        (GradDtype::F32, H_NONE) => go!(G_F32, H_NONE),
+        (GradDtype::F32, H_BF16) => go!(G_F32, H_BF16),
+        (GradDtype::F32, _) => go!(G_F32, H_F16),
+        (GradDtype::Bf16, H_NONE) => go!(G_BF16, H_NONE),
+        (GradDtype::Bf16, H_BF16) => go!(G_BF16, H_BF16),
+        (GradDtype::Bf16, _) => go!(G_BF16, H_F16),
+        (GradDtype::F16, H_NONE) => go!(G_F16, H_NONE),
+        (GradDtype::F16, H_BF16) => go!(G_F16, H_BF16),
+        (GradDtype::F16, _) => go!(G_F16, H_F16),
+    }
+}
+
 /// The store policy: `GMTIER_ADAM_STREAM` = none | half | all | auto (default auto: streaming
 /// stores for the half copy when a call touches more than [`STREAM_MIN_BYTES`]).
 fn stream_policy(bytes: usize) -> u8 {
@@ -495,7 +620,7 @@ unsafe fn run_chunk(simd: Simd, c: &Coefs, p: &RawParam, off: usize, n: usize) {
     match simd {
         Simd::Scalar => scalar::step(c, master, m, v, g, p.grad_dtype, h, p.half_dtype, n),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => avx2::step(
+        Simd::Avx2 => simd_step::<avx2::Avx2>(
             c,
             master,
             m,
@@ -508,7 +633,7 @@ unsafe fn run_chunk(simd: Simd, c: &Coefs, p: &RawParam, off: usize, n: usize) {
             c.stream,
         ),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => avx512::step(
+        Simd::Avx512 => simd_step::<avx512::Avx512>(
             c,
             master,
             m,

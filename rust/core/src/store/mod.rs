@@ -11,7 +11,7 @@ pub mod io;
 pub mod pool;
 
 use format::{Geometry, Index, RecordLayout, TensorSpec, ALIGN, DATA_FILE, INDEX_FILE};
-use io::{record_io, Arena, DataFile, Dir, IoPool, JobPriority, SendPtr};
+use io::{record_io, Arena, DataFile, Dir, IoDone, IoPool, JobPriority, SendPtr};
 pub use pool::{Key, Need, SlotPool};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -865,8 +865,6 @@ impl Shared {
         let off = self
             .geom
             .record_offset(key.0 as usize, key.1 as usize, dslot);
-        let rb = self.geom.layout.record_bytes;
-        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
         let seq = g.seq;
         g.seq += 1;
         let prio = JobPriority {
@@ -875,19 +873,52 @@ impl Shared {
             seq,
         };
         let sh = self.clone();
+        self.submit_record(
+            g,
+            Dir::Read,
+            v,
+            off,
+            prio,
+            Box::new(move |res| sh.finish_load(v, key, dslot, off, crc, res)),
+        );
+    }
+
+    /// Start reading or writing slot `v`'s record at byte `off` of the data file and count its
+    /// chunks in flight; `done` runs once all chunks finished and must call
+    /// [`Self::lock_finished_record`].
+    fn submit_record(
+        &self,
+        g: &mut MutexGuard<'_, Inner>,
+        dir: Dir,
+        v: usize,
+        off: u64,
+        prio: JobPriority,
+        done: IoDone,
+    ) {
+        let rb = self.geom.layout.record_bytes;
+        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
         let n = record_io(
             &self.io,
             &self.file,
-            Dir::Read,
+            dir,
             off,
             ptr,
             rb,
             self.opts.chunk_bytes,
             prio,
-            Box::new(move |res| sh.finish_load(v, key, dslot, off, crc, res)),
+            done,
         );
         g.inflight_chunks += n;
         g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
+    }
+
+    /// Lock, and take a finished [`Self::submit_record`] I/O's chunks out of flight.
+    fn lock_finished_record(&self) -> MutexGuard<'_, Inner> {
+        let rb = self.geom.layout.record_bytes;
+        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
+        let mut g = self.lock();
+        g.inflight_chunks -= n;
+        g
     }
 
     fn finish_load(
@@ -900,9 +931,7 @@ impl Shared {
         res: std::io::Result<u32>,
     ) {
         let rb = self.geom.layout.record_bytes;
-        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
-        let mut g = self.lock();
-        g.inflight_chunks -= n;
+        let mut g = self.lock_finished_record();
         let err = match res {
             Ok(crc) if crc == want => None,
             Ok(crc) => Some(format!(
@@ -961,19 +990,14 @@ impl Shared {
         let off = self
             .geom
             .record_offset(key.0 as usize, key.1 as usize, target);
-        let rb = self.geom.layout.record_bytes;
-        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
         let seq = g.seq;
         g.seq += 1;
         let sh = self.clone();
-        let n = record_io(
-            &self.io,
-            &self.file,
+        self.submit_record(
+            g,
             Dir::Write,
+            v,
             off,
-            ptr,
-            rb,
-            self.opts.chunk_bytes,
             JobPriority {
                 class: 2,
                 priority: 0,
@@ -981,9 +1005,7 @@ impl Shared {
             },
             Box::new(move |res| sh.finish_writeback(v, key, target, gen, res)),
         );
-        g.inflight_chunks += n;
         g.inflight_writes += 1;
-        g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
     }
 
     fn finish_writeback(
@@ -995,9 +1017,7 @@ impl Shared {
         res: std::io::Result<u32>,
     ) {
         let rb = self.geom.layout.record_bytes;
-        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
-        let mut g = self.lock();
-        g.inflight_chunks -= n;
+        let mut g = self.lock_finished_record();
         g.inflight_writes -= 1;
         let _ = g.pool.unpin(v);
         let evict_for = g.slots[v].evict_for.take();
