@@ -216,6 +216,24 @@ struct Inner {
     m: Metrics,
 }
 
+impl Inner {
+    /// Queue the read of `key`: demand reads (class 1) before prefetches (class 0), then by
+    /// priority, then first come first served.
+    fn queue_read(&mut self, key: Key, demand: bool, priority: i64) {
+        let prio = JobPriority {
+            class: demand as u8,
+            priority,
+            seq: self.next_seq(),
+        };
+        self.heap.push(HeapItem { prio, key });
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq - 1
+    }
+}
+
 struct Shared {
     dir: PathBuf,
     data_path: PathBuf,
@@ -523,13 +541,8 @@ impl ExpertStore {
                         if let Some(other) = info.evict_for.take() {
                             if let Some(p) = inner.pending.get_mut(&other) {
                                 p.flushing_into = None;
-                                let prio = JobPriority {
-                                    class: p.demand as u8,
-                                    priority: p.priority,
-                                    seq: inner.seq,
-                                };
-                                inner.seq += 1;
-                                inner.heap.push(HeapItem { prio, key: other });
+                                let (demand, priority) = (p.demand, p.priority);
+                                inner.queue_read(other, demand, priority);
                             }
                         }
                     }
@@ -543,13 +556,8 @@ impl ExpertStore {
                     inner.m.prefetch_hits += 1;
                     p.demand = true;
                     if p.flushing_into.is_none() {
-                        let prio = JobPriority {
-                            class: 1,
-                            priority: priority.max(p.priority),
-                            seq: inner.seq,
-                        };
-                        inner.seq += 1;
-                        inner.heap.push(HeapItem { prio, key: k });
+                        let priority = priority.max(p.priority);
+                        inner.queue_read(k, true, priority);
                     }
                 }
             } else {
@@ -564,13 +572,7 @@ impl ExpertStore {
                         flushing_into: None,
                     },
                 );
-                let prio = JobPriority {
-                    class: 1,
-                    priority,
-                    seq: inner.seq,
-                };
-                inner.seq += 1;
-                inner.heap.push(HeapItem { prio, key: k });
+                inner.queue_read(k, true, priority);
             }
         }
         sh.schedule(&mut g);
@@ -610,13 +612,7 @@ impl ExpertStore {
                     flushing_into: None,
                 },
             );
-            let prio = JobPriority {
-                class: 0,
-                priority,
-                seq: inner.seq,
-            };
-            inner.seq += 1;
-            inner.heap.push(HeapItem { prio, key: k });
+            inner.queue_read(k, false, priority);
         }
         sh.schedule(&mut g);
         Ok(())
@@ -865,12 +861,10 @@ impl Shared {
         let off = self
             .geom
             .record_offset(key.0 as usize, key.1 as usize, dslot);
-        let seq = g.seq;
-        g.seq += 1;
         let prio = JobPriority {
             class: p.demand as u8,
             priority: p.priority,
-            seq,
+            seq: g.next_seq(),
         };
         let sh = self.clone();
         self.submit_record(
@@ -990,8 +984,7 @@ impl Shared {
         let off = self
             .geom
             .record_offset(key.0 as usize, key.1 as usize, target);
-        let seq = g.seq;
-        g.seq += 1;
+        let seq = g.next_seq();
         let sh = self.clone();
         self.submit_record(
             g,
@@ -1051,13 +1044,8 @@ impl Shared {
                     self.start_load(&mut g, v, other);
                 } else {
                     let p = &g.pending[&other];
-                    let prio = JobPriority {
-                        class: p.demand as u8,
-                        priority: p.priority,
-                        seq: g.seq,
-                    };
-                    g.seq += 1;
-                    g.heap.push(HeapItem { prio, key: other });
+                    let (demand, priority) = (p.demand, p.priority);
+                    g.queue_read(other, demand, priority);
                 }
             }
         }
