@@ -74,7 +74,6 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
-    compile: bool = False
 
 
 @dataclass

@@ -189,10 +189,6 @@ class TieredExpertStore:
             v = self._slot_views[slot] = _views(self.arena, self.layout, slot * self.record_bytes)
         return v
 
-    def slot_bytes(self, slot: int) -> torch.Tensor:
-        """The whole record of RAM slot `slot` as uint8."""
-        return self.arena[slot * self.record_bytes: (slot + 1) * self.record_bytes]
-
     def weights_bytes_view(self, slot: int) -> torch.Tensor:
         """The weights section of RAM slot `slot` as uint8 (what an H2D copy moves)."""
         base = slot * self.record_bytes
