@@ -31,6 +31,7 @@ class GpuTier:
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._lock = threading.RLock()
         self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0}
+        self._weight_names = {t.name for t in store.layout if t.section == "weights"}
         if not self.cuda:
             self.num_slots = 0
             return
@@ -82,7 +83,7 @@ class GpuTier:
         current stream. Takes one GPU pin; the RAM pin passes to the tier (released at release)."""
         if not self.cuda:
             return {n: t for n, t in self.store.slot_views(ram_slot).items()
-                    if n in self._weight_names()}
+                    if n in self._weight_names}
         with self._lock:
             self._reap()
             stream = torch.cuda.current_stream(self.device)
@@ -147,9 +148,6 @@ class GpuTier:
                     self._stale.add(k)  # dropped at its last release
                 else:
                     self.pool.invalidate(k)
-
-    def _weight_names(self) -> set:
-        return {t.name for t in self.store.layout if t.section == "weights"}
 
     def metrics(self) -> dict:
         m = dict(self.m)
