@@ -172,7 +172,11 @@ class ExpertRuntime:
 
     def attach(self, model) -> None:
         self.model = model
-        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch else None
+        # Prefetch fills the RAM tier; when the RAM budget holds every record, all experts stay
+        # in RAM after their first read and predicting costs a host sync per block for nothing
+        # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
+        all_in_ram = self.store.ram_slots >= len(self.switch_layers) * self.n_experts + self.max_pending + 2
+        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and not all_in_ram else None
 
     def committed_step(self) -> int | None:
         meta = self.store.user_meta()
