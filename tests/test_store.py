@@ -246,3 +246,32 @@ def test_timed_out_ticket_stays_pending(store_dir):
         (slot,) = ticket.wait(10)
         assert same({n: t.clone() for n, t in s.slot_views(slot).items()}, rand_expert(1, 3))
         s.core.release([(0, 1), (1, 3)])
+
+
+def wait_for(pred, timeout=10.0):
+    import time
+
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.001)
+
+
+def test_write_back_is_eager_and_async(store_dir):
+    """write_back starts a dirty record's write now (while still pinned); eviction then writes nothing."""
+    rb = record_bytes(store_dir)
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        v = s.get([(0, 1)])[0]
+        for n, t in rand_expert(0, 1, 3).items():
+            v[n].copy_(t)
+        s.mark_dirty([(0, 1)])
+        s.write_back([(0, 1), (1, 2)])  # (1, 2) is not resident: ignored
+        wait_for(lambda: s.metrics()["writebacks"] == 1)
+        s.release([(0, 1)])
+        for e in (0, 2, 3):
+            s.read_expert(0, e)  # evicts (0, 1): clean already
+        assert s.metrics()["writebacks"] == 1
+        s.commit("wb")
+        assert s.metrics()["writebacks"] == 1
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        assert same(s.read_expert(0, 1), rand_expert(0, 1, 3))

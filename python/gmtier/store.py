@@ -235,6 +235,11 @@ class TieredExpertStore:
         self.core.mark_dirty(keys)
         self.gpu.invalidate(keys)
 
+    def write_back(self, keys: Sequence[Key]) -> None:
+        """Start writing these experts' dirty RAM records back now (write-behind, asynchronous;
+        keys not resident or clean are ignored), so a later eviction need not wait for it."""
+        self.core.write_back([tuple(k) for k in keys])
+
     def flush(self) -> None:
         """Write all dirty records back (to the uncommitted disk slots)."""
         self.gpu.drain()

@@ -1,7 +1,8 @@
 //! Store: bit-exact round trips, commit/reopen, clear errors, slot pool policy.
 use gmtier_core::store::format::TensorSpec;
 use gmtier_core::store::{
-    record_location, ExpertStore, Key, Need, SlotPool, StoreError, StoreOptions,
+    block_io, record_location, slot_status, ExpertStore, Key, Need, SlotPool, StoreError,
+    StoreOptions,
 };
 use std::path::Path;
 
@@ -218,4 +219,87 @@ fn slot_pool_policy() {
     assert!(!p.is_prefetched(v));
     assert!(p.invalidate(k(5)));
     assert_eq!(p.lookup(k(5)), None);
+}
+
+/// Poll until `f` holds (write-behind finishes asynchronously); fails after 10 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn write_back_cleans_a_pinned_record_early() {
+    let d = tempfile::tempdir().unwrap();
+    let rb = make(d.path(), 1, 4);
+    {
+        let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+        let k: Key = (0, 1);
+        let slot = s.request(&[k], 0).unwrap().wait(None).unwrap()[0];
+        unsafe { s.slot_bytes(slot) }.copy_from_slice(&content(0, 1, 1, rb));
+        s.mark_dirty(&[k]).unwrap();
+        assert_eq!(slot_status(&s, k), Some((true, false)));
+        // Not resident, clean, duplicate: ignored; out of range: an error.
+        s.write_back(&[k, (0, 3), k]).unwrap();
+        assert!(s.write_back(&[(5, 0)]).is_err());
+        eventually("the write-behind", || s.metrics().writebacks == 1);
+        assert_eq!(slot_status(&s, k), Some((false, false)), "clean now");
+        s.write_back(&[k]).unwrap(); // clean: nothing to do
+        s.release(&[k]).unwrap();
+        let written = s.metrics().bytes_written;
+        // Evict it: no further write is needed.
+        for e in [0, 2, 3] {
+            assert_eq!(s.read_record(0, e).unwrap(), content(0, e, 0, rb));
+        }
+        assert_eq!(slot_status(&s, k), None, "evicted");
+        let m = s.metrics();
+        assert_eq!((m.writebacks, m.bytes_written), (1, written));
+        assert!(m.evictions >= 1);
+        s.commit("wb").unwrap();
+        assert_eq!(
+            s.metrics().writebacks,
+            1,
+            "commit had nothing left to write"
+        );
+    }
+    let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+    for e in 0..4 {
+        let v = if e == 1 { 1 } else { 0 };
+        assert_eq!(s.read_record(0, e).unwrap(), content(0, e, v, rb), "({e})");
+    }
+}
+
+#[test]
+fn write_back_of_a_record_redirtied_during_its_write_writes_it_again() {
+    let d = tempfile::tempdir().unwrap();
+    let rb = make(d.path(), 1, 3);
+    {
+        let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+        let k: Key = (0, 2);
+        let slot = s.request(&[k], 0).unwrap().wait(None).unwrap()[0];
+        unsafe { s.slot_bytes(slot) }.copy_from_slice(&content(0, 2, 1, rb));
+        s.mark_dirty(&[k]).unwrap();
+        {
+            // The workers are busy: the write-back is queued and cannot finish yet.
+            let _hold = block_io(&s);
+            s.write_back(&[k]).unwrap();
+            assert_eq!(slot_status(&s, k), Some((true, true)), "write-back running");
+            // Already being written: ignored.
+            s.write_back(&[k]).unwrap();
+            // Adam changes the record again and marks it dirty while the write is in flight.
+            unsafe { s.slot_bytes(slot) }.copy_from_slice(&content(0, 2, 2, rb));
+            s.mark_dirty(&[k]).unwrap();
+        }
+        eventually("the first write-back", || s.metrics().writebacks == 1);
+        assert_eq!(slot_status(&s, k), Some((true, false)), "still dirty");
+        s.release(&[k]).unwrap();
+        s.commit("v2").unwrap();
+        assert_eq!(s.metrics().writebacks, 2, "commit wrote the newer version");
+        assert_eq!(slot_status(&s, k), Some((false, false)));
+    }
+    let s = ExpertStore::open(d.path(), opts(2 * rb)).unwrap();
+    assert_eq!(s.read_record(0, 2).unwrap(), content(0, 2, 2, rb));
+    assert_eq!(s.read_record(0, 0).unwrap(), content(0, 0, 0, rb));
 }

@@ -244,6 +244,12 @@ impl PyExpertStore {
         self.inner.mark_dirty(&keys).map_err(to_py)
     }
 
+    /// Start writing these experts' dirty RAM records back now (write-behind); never waits for
+    /// the I/O. Keys not resident, clean or already being written are ignored.
+    fn write_back(&self, py: Python<'_>, keys: Vec<Key>) -> PyResult<()> {
+        py.detach(|| self.inner.write_back(&keys)).map_err(to_py)
+    }
+
     /// Write all dirty records back to their uncommitted disk slots.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.flush()).map_err(to_py)

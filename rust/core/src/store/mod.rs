@@ -648,6 +648,34 @@ impl ExpertStore {
         Ok(())
     }
 
+    /// Eager write-behind: start writing these experts' dirty RAM records back to their
+    /// uncommitted disk slots now, asynchronously, so a later eviction finds them clean. Never
+    /// blocks on I/O. Keys that are not resident, clean, still loading or already being written
+    /// are ignored, and so is the whole call while a commit runs or after a failed write-back
+    /// (flush/commit report that error). Safe while the caller still pins the keys: a record
+    /// marked dirty again during its write stays dirty and is written again later.
+    pub fn write_back(&self, keys: &[Key]) -> Result<()> {
+        let sh = &self.sh;
+        for &k in keys {
+            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
+        }
+        let mut g = sh.lock();
+        if g.closed {
+            return Err(StoreError::Closed);
+        }
+        if g.committing || g.write_error.is_some() {
+            return Ok(());
+        }
+        for &k in keys {
+            if let Some(s) = g.pool.lookup(k) {
+                if g.slots[s].dirty && g.slots[s].state == SlotState::Ready {
+                    sh.start_writeback(&mut g, s, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Write every dirty RAM record back to its uncommitted disk slot; blocks until done.
     pub fn flush(&self) -> Result<()> {
         let _c = self.sh.commit_lock.lock().unwrap();
@@ -1227,6 +1255,63 @@ pub fn record_location(store: &ExpertStore, layer: usize, expert: usize) -> (u64
         store.sh.geom.record_offset(layer, expert, 1),
         e.slot,
     )
+}
+
+#[doc(hidden)]
+/// Test hook: whether `key` is resident, and then (dirty, write-back running).
+pub fn slot_status(store: &ExpertStore, key: Key) -> Option<(bool, bool)> {
+    let g = store.sh.lock();
+    g.pool
+        .lookup(key)
+        .map(|s| (g.slots[s].dirty, g.slots[s].state == SlotState::Flushing))
+}
+
+#[doc(hidden)]
+/// Test hook: occupy every I/O worker with a job that blocks until the returned guard is
+/// dropped, so that I/O queued meanwhile cannot start (deterministic tests of in-flight states).
+pub fn block_io(store: &ExpertStore) -> IoBlock {
+    let n = store.sh.opts.io_threads;
+    let gate = Arc::new((Mutex::new((0usize, false)), Condvar::new()));
+    for _ in 0..n {
+        let gate = gate.clone();
+        store.sh.io.submit(
+            JobPriority {
+                class: u8::MAX,
+                priority: 0,
+                seq: 0,
+            },
+            Box::new(move || {
+                let (m, cv) = &*gate;
+                let mut g = m.lock().unwrap();
+                g.0 += 1;
+                cv.notify_all();
+                while !g.1 {
+                    g = cv.wait(g).unwrap();
+                }
+            }),
+        );
+    }
+    let (m, cv) = &*gate;
+    let mut g = m.lock().unwrap();
+    while g.0 < n {
+        g = cv.wait(g).unwrap();
+    }
+    drop(g);
+    IoBlock { gate }
+}
+
+#[doc(hidden)]
+/// See [`block_io`]; dropping it lets the I/O workers go.
+pub struct IoBlock {
+    gate: Arc<(Mutex<(usize, bool)>, Condvar)>,
+}
+
+impl Drop for IoBlock {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.gate;
+        m.lock().unwrap().1 = true;
+        cv.notify_all();
+    }
 }
 
 /// The index file name (for tools and tests).
