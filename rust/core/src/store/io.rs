@@ -1,5 +1,5 @@
 //! Aligned memory, O_DIRECT files with a buffered fallback, and a pread/pwrite worker pool
-//! that runs the most urgent job first.
+//! that keeps reads and writes both moving, each most urgent first.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -153,15 +153,32 @@ impl DataFile {
     }
 }
 
-/// Job priority: class (2 = write-back, 1 = demand read, 0 = prefetch), then priority, then FIFO.
+/// Job priority: class (see the constants: prefetch, demand read, write-back, urgent
+/// write-back), then priority, then FIFO. Classes from [`JobPriority::WRITE`] up are writes, the
+/// others reads; [`IoPool`] keeps the two apart so that both make progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobPriority {
-    /// Coarse class; higher runs first.
+    /// Coarse class; higher runs first among jobs of the same kind (read or write).
     pub class: u8,
     /// Finer priority inside a class; higher runs first.
     pub priority: i64,
     /// Submission order; lower runs first.
     pub seq: u64,
+}
+
+impl JobPriority {
+    /// A prefetch read.
+    pub const PREFETCH: u8 = 0;
+    /// A demand read (someone waits for it).
+    pub const DEMAND: u8 = 1;
+    /// A write-back nobody waits for yet (write-behind, flush, commit).
+    pub const WRITE: u8 = 2;
+    /// A write-back a demand read waits for (eviction of a dirty slot): runs before any read.
+    pub const URGENT_WRITE: u8 = 3;
+    /// Whether the job writes (class [`Self::WRITE`] or higher).
+    pub fn is_write(&self) -> bool {
+        self.class >= Self::WRITE
+    }
 }
 
 impl Ord for JobPriority {
@@ -199,12 +216,52 @@ impl PartialOrd for Job {
 }
 
 struct Queue {
-    jobs: BinaryHeap<Job>,
+    reads: BinaryHeap<Job>,
+    writes: BinaryHeap<Job>,
+    /// Write jobs running now.
+    writes_running: usize,
+    /// Whether the last job taken was a write (a one-thread pool alternates).
+    last_was_write: bool,
     stop: bool,
 }
 
-/// Worker threads that run I/O jobs, most urgent first. The caller bounds how many jobs are
-/// queued (the store's queue depth); the pool itself only orders them.
+impl Queue {
+    /// The next job for a free worker of a pool of `threads`, and whether it writes. Reads and
+    /// writes are queued apart: with only one kind queued, its most urgent job runs (heap
+    /// order). With both, an urgent write-back (a demand read waits for it) runs first; other
+    /// writes run while fewer than half the workers write (a one-thread pool alternates), else
+    /// the most urgent read. So a batch of write-behinds never starves demand reads, reads
+    /// never starve writes, and a full-duplex disk sees both at once.
+    fn pop(&mut self, threads: usize) -> Option<(Job, bool)> {
+        let write = match (self.writes.peek(), self.reads.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(w), Some(_)) => {
+                w.prio.class >= JobPriority::URGENT_WRITE
+                    || if threads == 1 {
+                        !self.last_was_write
+                    } else {
+                        self.writes_running < threads / 2
+                    }
+            }
+        };
+        let job = if write {
+            self.writes.pop()
+        } else {
+            self.reads.pop()
+        }?;
+        if write {
+            self.writes_running += 1;
+        }
+        self.last_was_write = write;
+        Some((job, write))
+    }
+}
+
+/// Worker threads that run I/O jobs: reads and writes from separate queues, each most urgent
+/// first, both making progress when both are queued (see `Queue::pop`). The caller bounds how
+/// many jobs are queued (the store's queue depth); the pool itself only orders them.
 pub struct IoPool {
     q: Arc<(Mutex<Queue>, Condvar)>,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -213,24 +270,28 @@ pub struct IoPool {
 impl IoPool {
     /// Start `threads` workers.
     pub fn new(threads: usize) -> IoPool {
+        let threads = threads.max(1);
         let q = Arc::new((
             Mutex::new(Queue {
-                jobs: BinaryHeap::new(),
+                reads: BinaryHeap::new(),
+                writes: BinaryHeap::new(),
+                writes_running: 0,
+                last_was_write: false,
                 stop: false,
             }),
             Condvar::new(),
         ));
-        let workers = (0..threads.max(1))
+        let workers = (0..threads)
             .map(|i| {
                 let q = q.clone();
                 std::thread::Builder::new()
                     .name(format!("gmtier-io-{i}"))
                     .spawn(move || loop {
-                        let job = {
-                            let (m, cv) = &*q;
+                        let (m, cv) = &*q;
+                        let (job, write) = {
                             let mut g = m.lock().unwrap();
                             loop {
-                                if let Some(j) = g.jobs.pop() {
+                                if let Some(j) = g.pop(threads) {
                                     break j;
                                 }
                                 if g.stop {
@@ -240,6 +301,9 @@ impl IoPool {
                             }
                         };
                         (job.run)();
+                        if write {
+                            m.lock().unwrap().writes_running -= 1;
+                        }
                     })
                     .expect("spawn I/O thread")
             })
@@ -252,7 +316,14 @@ impl IoPool {
     /// Queue a job.
     pub fn submit(&self, prio: JobPriority, run: Box<dyn FnOnce() + Send>) {
         let (m, cv) = &*self.q;
-        m.lock().unwrap().jobs.push(Job { prio, run });
+        let mut g = m.lock().unwrap();
+        let job = Job { prio, run };
+        if prio.is_write() {
+            g.writes.push(job);
+        } else {
+            g.reads.push(job);
+        }
+        drop(g);
         cv.notify_one();
     }
     /// Run the queued jobs, then stop and join the workers.

@@ -1020,7 +1020,12 @@ impl Shared {
             v,
             off,
             JobPriority {
-                class: 2,
+                // A demand load waits for an eviction's write-back: as urgent as that read.
+                class: if evict_for.is_some() {
+                    JobPriority::URGENT_WRITE
+                } else {
+                    JobPriority::WRITE
+                },
                 priority: 0,
                 seq,
             },
