@@ -275,3 +275,87 @@ def test_write_back_is_eager_and_async(store_dir):
         assert s.metrics()["writebacks"] == 1
     with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
         assert same(s.read_expert(0, 1), rand_expert(0, 1, 3))
+
+
+def test_section_requests(store_dir):
+    """weights-only then state reads equal a whole read; only the missing section is read."""
+    rb = record_bytes(store_dir)
+    wb = 4096
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        t = s.request([(1, 2)], sections="weights")
+        assert t.sections == "weights"
+        (v,) = s.wait(t)
+        assert set(v) == {"w1", "w2"}  # only the valid section's views
+        (slot,) = s.core.request([(1, 2)], 0, "weights").wait()
+        assert s.slot_sections(slot) == ["weights"]
+        m = s.metrics()
+        assert (m["bytes_read"], m["section_reads"]) == (wb, 1)
+        with pytest.raises(ValueError, match="holds only its weights section"):
+            s.mark_dirty([(1, 2)])
+        (v,) = s.get([(1, 2)])  # the whole record: only the state is read
+        assert s.slot_sections(slot) == ["weights", "state"]
+        assert s.metrics()["bytes_read"] == rb and s.metrics()["section_reads"] == 2
+        assert same({n: t.clone() for n, t in v.items()}, rand_expert(1, 2))
+        s.release([(1, 2)])
+        s.release([(1, 2)])
+        s.release([(1, 2)])
+        # State first, then weights, against a whole read of the same record.
+        (v,) = s.wait(s.request([(0, 3)], sections="state"))
+        assert set(v) == {"w1.master", "step"}
+        state = {n: t.clone() for n, t in v.items()}
+        (w,) = s.wait(s.request([(0, 3)], sections="weights"))
+        s.release([(0, 3)])
+        s.release([(0, 3)])
+        assert same({**state, **{n: t.clone() for n, t in w.items()}}, rand_expert(0, 3))
+        s.prefetch([(0, 0)], 1, sections="weights")
+        with pytest.raises(ValueError, match='sections must be "all", "weights" or "state"'):
+            s.request([(0, 0)], sections="bias")
+        with pytest.raises(ValueError, match="sections must be"):
+            s.prefetch([(0, 0)], sections="")
+        wait_for(lambda: s.metrics()["pinned"] == 0)
+
+
+def test_corrupt_state_section(store_dir):
+    """One flipped byte in the state section: state and whole reads fail, a weights read works."""
+    rb = record_bytes(store_dir)
+    s = _core.ExpertStore.open(str(store_dir), rb)
+    start = s.data_start
+    s.close()
+    with open(store_dir / "experts.safetensors", "r+b") as f:
+        f.seek(start + ((1 * 4 + 1) * 2) * rb + 4096 + 10)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        (w,) = s.wait(s.request([(1, 1)], sections="weights"))
+        assert torch.equal(w["w1"], rand_expert(1, 1)["w1"])
+        with pytest.raises(StoreError, match=r"checksum mismatch.*layer 1 expert 1.*state section"):
+            s.wait(s.request([(1, 1)], sections="state"))
+        s.release([(1, 1)])
+        with pytest.raises(StoreError, match=r"checksum mismatch.*layer 1 expert 1"):
+            s.read_expert(1, 1)
+        assert s.metrics()["pinned"] == 0
+
+
+def test_index_without_section_crcs(store_dir):
+    """An index written before section reads (no section_crcs) opens; section requests read the
+    whole (verified) record."""
+    import json
+
+    rb = record_bytes(store_dir)
+    p = store_dir / "index.json"
+    idx = json.loads(p.read_text())
+    del idx["section_crcs"]
+    p.write_text(json.dumps(idx))
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        (v,) = s.wait(s.request([(0, 2)], sections="weights"))
+        assert s.metrics()["bytes_read"] == rb and s.metrics()["section_reads"] == 0
+        assert same({n: t.clone() for n, t in v.items()}, rand_expert(0, 2))  # whole record valid
+        s.release([(0, 2)])
+        s.write_expert(1, 0, rand_expert(1, 0, 4))
+        s.commit("new")
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        (v,) = s.wait(s.request([(1, 0)], sections="state"))
+        assert s.metrics()["bytes_read"] == 4096
+        assert torch.equal(v["w1.master"], rand_expert(1, 0, 4)["w1.master"])
+        s.release([(1, 0)])

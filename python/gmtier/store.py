@@ -181,7 +181,8 @@ class TieredExpertStore:
 
     # ---- layout and views ------------------------------------------------------------------------
     def slot_views(self, slot: int) -> dict[str, torch.Tensor]:
-        """Named views of RAM slot `slot` (all sections). Zero-copy: writes change the record."""
+        """Named views of RAM slot `slot` (all sections). Zero-copy: writes change the record.
+        After a request for one section, check `slot_sections(slot)` (or use `valid_views`)."""
         v = self._slot_views.get(slot)
         if v is None:
             if not 0 <= slot < self.ram_slots:
@@ -195,21 +196,39 @@ class TieredExpertStore:
         return self.arena[base: base + self.weights_bytes]
 
     # ---- the RAM tier --------------------------------------------------------------------------
-    def request(self, keys: Sequence[Key], priority: int = 0) -> Ticket:
-        """Ask for experts (never blocks); `wait()` the ticket (or `self.wait(ticket)`)."""
-        return self.core.request([tuple(k) for k in keys], priority)
+    def request(self, keys: Sequence[Key], priority: int = 0, sections: str = "all") -> Ticket:
+        """Ask for experts (never blocks); `wait()` the ticket (or `self.wait(ticket)`).
+        `sections`: "all", "weights" or "state"; only what a RAM slot lacks of it is read."""
+        return self.core.request([tuple(k) for k in keys], priority, sections)
 
     def wait(self, ticket: Ticket, timeout: float | None = None) -> list[dict[str, torch.Tensor]]:
-        """Views of the requested records, in order (pins them; release each key once)."""
-        return [self.slot_views(s) for s in ticket.wait(timeout)]
+        """Views of the requested records, in order (pins them; release each key once). For a
+        ticket of one section, only the tensors of the sections valid in the slot."""
+        slots = ticket.wait(timeout)
+        if ticket.sections == "all":
+            return [self.slot_views(s) for s in slots]
+        return [self.valid_views(s) for s in slots]
+
+    def slot_sections(self, slot: int) -> list[str]:
+        """The sections valid in RAM slot `slot` ("weights", "state"): only their views hold
+        the record (they stay valid while the slot is pinned)."""
+        return self.core.slot_sections(slot)
+
+    def valid_views(self, slot: int) -> dict[str, torch.Tensor]:
+        """Named views of RAM slot `slot`'s valid sections only (see `slot_sections`)."""
+        secs = self.core.slot_sections(slot)
+        if len(secs) == 2:
+            return self.slot_views(slot)
+        return _views(self.arena, self.layout, slot * self.record_bytes, tuple(secs))
 
     def get(self, keys: Sequence[Key], priority: int = 0, timeout: float | None = None) -> list[dict]:
         """request + wait: RAM views of the records, pinned."""
         return self.wait(self.request(keys, priority), timeout)
 
-    def prefetch(self, keys: Sequence[Key], priority: int = 0) -> None:
-        """Best-effort read-ahead into RAM (lower priority than any request)."""
-        self.core.prefetch([tuple(k) for k in keys], priority)
+    def prefetch(self, keys: Sequence[Key], priority: int = 0, sections: str = "all") -> None:
+        """Best-effort read-ahead into RAM (lower priority than any request); `sections` as in
+        `request`."""
+        self.core.prefetch([tuple(k) for k in keys], priority, sections)
 
     def release(self, keys: Sequence[Key]) -> None:
         """Unpin experts. Keys that were `acquire`d also leave the GPU tier's pin."""

@@ -1,7 +1,7 @@
 //! Bindings of the tiered expert store: `ExpertStore`, `Ticket`, `SlotPool`, `StoreError`,
 //! `raw_read`, `drop_cache`. Every call that may block releases the GIL.
 
-use gmtier_core::store::{self as core, format::TensorSpec, Key, StoreOptions};
+use gmtier_core::store::{self as core, format::TensorSpec, Key, Sections, StoreOptions};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{
     PyFileNotFoundError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError,
@@ -217,21 +217,45 @@ impl PyExpertStore {
         self.inner.arena_address()
     }
 
-    /// Ask for experts; returns a Ticket at once.
-    #[pyo3(signature = (keys, priority=0))]
-    fn request(slf: Py<Self>, py: Python<'_>, keys: Vec<Key>, priority: i64) -> PyResult<PyTicket> {
-        let t = slf.get().inner.request(&keys, priority).map_err(to_py)?;
-        let _ = py;
+    /// Ask for experts; returns a Ticket at once. `sections`: "all" (the whole record),
+    /// "weights" or "state": only what the RAM slot lacks of it is read.
+    #[pyo3(signature = (keys, priority=0, sections="all"))]
+    fn request(
+        slf: Py<Self>,
+        py: Python<'_>,
+        keys: Vec<Key>,
+        priority: i64,
+        sections: &str,
+    ) -> PyResult<PyTicket> {
+        let secs = Sections::parse(sections).map_err(to_py)?;
+        let t = py
+            .detach(|| slf.get().inner.request_sections(&keys, priority, secs))
+            .map_err(to_py)?;
         Ok(PyTicket {
+            sections: t.sections().name(),
             ticket: Mutex::new(Some(t)),
             store: slf,
         })
     }
 
     /// Best-effort read-ahead at a priority (lower than any request). Does not pin.
-    #[pyo3(signature = (keys, priority=0))]
-    fn prefetch(&self, keys: Vec<Key>, priority: i64) -> PyResult<()> {
-        self.inner.prefetch(&keys, priority).map_err(to_py)
+    #[pyo3(signature = (keys, priority=0, sections="all"))]
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Key>,
+        priority: i64,
+        sections: &str,
+    ) -> PyResult<()> {
+        let secs = Sections::parse(sections).map_err(to_py)?;
+        py.detach(|| self.inner.prefetch_sections(&keys, priority, secs))
+            .map_err(to_py)
+    }
+
+    /// Names of the sections valid in RAM slot `slot` ("weights", "state"); only those may be
+    /// used. They stay valid while the slot is pinned.
+    fn slot_sections(&self, slot: usize) -> PyResult<Vec<&'static str>> {
+        Ok(self.inner.slot_sections(slot).map_err(to_py)?.names())
     }
 
     /// Unpin experts (once per wait()).
@@ -284,6 +308,8 @@ impl PyExpertStore {
         d.set_item("bytes_read", m.bytes_read)?;
         d.set_item("bytes_written", m.bytes_written)?;
         d.set_item("reads", m.reads)?;
+        d.set_item("section_reads", m.section_reads)?;
+        d.set_item("read_errors", m.read_errors)?;
         d.set_item("evictions", m.evictions)?;
         d.set_item("writebacks", m.writebacks)?;
         d.set_item("stall_s", m.stall_s)?;
@@ -355,6 +381,7 @@ impl PyExpertStore {
 #[pyclass(module = "gmtier._core", name = "Ticket", frozen)]
 pub struct PyTicket {
     ticket: Mutex<Option<core::Ticket>>,
+    sections: &'static str,
     store: Py<PyExpertStore>,
 }
 
@@ -394,6 +421,11 @@ impl PyTicket {
             .map(|t| t.keys().to_vec())
             .unwrap_or_default();
         PyList::new(py, keys)
+    }
+    /// The sections requested ("all", "weights" or "state"): what wait() makes valid.
+    #[getter]
+    fn sections(&self) -> &'static str {
+        self.sections
     }
     /// The store this ticket belongs to.
     #[getter]

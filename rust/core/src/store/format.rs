@@ -118,6 +118,84 @@ impl Section {
     }
 }
 
+/// A set of record sections (which parts of a record a read brings, which a RAM slot holds).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Sections(u8);
+
+impl Sections {
+    /// No section.
+    pub const NONE: Sections = Sections(0);
+    /// The weights section only (what forward needs).
+    pub const WEIGHTS: Sections = Sections(1);
+    /// The state section only (master weights and optimizer state).
+    pub const STATE: Sections = Sections(2);
+    /// The whole record.
+    pub const ALL: Sections = Sections(3);
+
+    /// Parse "all", "weights" or "state".
+    pub fn parse(s: &str) -> Result<Sections> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "all" => Ok(Sections::ALL),
+            "weights" => Ok(Sections::WEIGHTS),
+            "state" => Ok(Sections::STATE),
+            _ => Err(StoreError::InvalidArgument(format!(
+                "sections must be \"all\", \"weights\" or \"state\", got {s:?}"
+            ))),
+        }
+    }
+    /// The set holding one section.
+    pub fn of(s: Section) -> Sections {
+        match s {
+            Section::Weights => Sections::WEIGHTS,
+            Section::State => Sections::STATE,
+        }
+    }
+    /// Whether every section of `o` is in `self`.
+    pub fn contains(self, o: Sections) -> bool {
+        self.0 & o.0 == o.0
+    }
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// Union.
+    pub fn union(self, o: Sections) -> Sections {
+        Sections(self.0 | o.0)
+    }
+    /// Intersection.
+    pub fn intersect(self, o: Sections) -> Sections {
+        Sections(self.0 & o.0)
+    }
+    /// The sections of `self` not in `o`.
+    pub fn minus(self, o: Sections) -> Sections {
+        Sections(self.0 & !o.0)
+    }
+    /// Section names, weights first.
+    pub fn names(self) -> Vec<&'static str> {
+        [Section::Weights, Section::State]
+            .into_iter()
+            .filter(|&s| self.contains(Sections::of(s)))
+            .map(Section::name)
+            .collect()
+    }
+    /// "all", "weights", "state" or "none".
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            0 => "none",
+            1 => "weights",
+            2 => "state",
+            _ => "all",
+        }
+    }
+}
+
+/// crc32 of `a` followed by `b`, from their crc32s (`len_b`: bytes of `b`).
+pub fn crc_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new_with_initial_len(crc_a, 0);
+    h.combine(&crc32fast::Hasher::new_with_initial_len(crc_b, len_b));
+    h.finalize()
+}
+
 /// One tensor of the record schema.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
@@ -233,6 +311,34 @@ impl RecordLayout {
     /// The schema in record order.
     pub fn schema(&self) -> Vec<TensorSpec> {
         self.tensors.iter().map(|t| t.spec.clone()).collect()
+    }
+
+    /// (start, length) of a section inside the record (length 0 when it holds no tensor).
+    pub fn section_range(&self, s: Section) -> (usize, usize) {
+        match s {
+            Section::Weights => (0, self.weights_bytes),
+            Section::State => (self.weights_bytes, self.record_bytes - self.weights_bytes),
+        }
+    }
+
+    /// The sections that hold at least one byte.
+    pub fn nonempty(&self) -> Sections {
+        let mut out = Sections::NONE;
+        for s in [Section::Weights, Section::State] {
+            if self.section_range(s).1 > 0 {
+                out = out.union(Sections::of(s));
+            }
+        }
+        out
+    }
+
+    /// crc32s of a record's (weights, state) sections.
+    pub fn section_crcs(&self, record: &[u8]) -> (u32, u32) {
+        let wb = self.weights_bytes;
+        (
+            crc32fast::hash(&record[..wb]),
+            crc32fast::hash(&record[wb..]),
+        )
     }
 
     /// Find a tensor by name.
@@ -477,6 +583,9 @@ pub struct IndexEntry {
     pub crc: u32,
     /// How many commits changed this expert.
     pub gen: u64,
+    /// crc32s of the record's (weights, state) sections; `None` in an index written before
+    /// section reads existed (such a record is only ever read whole).
+    pub sections: Option<(u32, u32)>,
 }
 
 /// `index.json`: the last committed state.
@@ -498,13 +607,22 @@ pub struct Index {
     pub user_meta: String,
     /// Per expert, flat `layer * num_experts + expert`: [slot, crc, gen].
     pub experts: Vec<(u8, u32, u64)>,
+    /// Per expert: [weights crc, state crc] of the committed record, or null where unknown
+    /// (an index from before section reads lacks the field; older gmtier ignores it).
+    #[serde(default)]
+    pub section_crcs: Vec<Option<(u32, u32)>>,
 }
 
 impl Index {
     /// Entry of a flat expert index.
     pub fn entry(&self, i: usize) -> IndexEntry {
         let (slot, crc, gen) = self.experts[i];
-        IndexEntry { slot, crc, gen }
+        IndexEntry {
+            slot,
+            crc,
+            gen,
+            sections: self.section_crcs.get(i).copied().flatten(),
+        }
     }
 
     /// Read and check `index.json` against the data file's geometry.
@@ -521,7 +639,7 @@ impl Index {
                 StoreError::io(&path, "read", e)
             }
         })?;
-        let idx: Index = serde_json::from_slice(&text).map_err(|e| {
+        let mut idx: Index = serde_json::from_slice(&text).map_err(|e| {
             StoreError::Corrupt(format!(
                 "{} is not a valid gmtier index ({e}); restore it from a backup or recreate the store",
                 path.display()
@@ -533,6 +651,7 @@ impl Index {
             || idx.record_bytes != g.layout.record_bytes
             || idx.experts.len() != g.num_records()
             || idx.experts.iter().any(|e| e.0 > 1)
+            || !(idx.section_crcs.is_empty() || idx.section_crcs.len() == idx.experts.len())
         {
             return Err(StoreError::Corrupt(format!(
                 "{} does not match {}: index says {} layers x {} experts x {} bytes ({} entries), \
@@ -549,6 +668,9 @@ impl Index {
                 g.layout.record_bytes
             )));
         }
+        // An index from before section reads: every record is read whole until a commit or a
+        // verified whole read records its section crcs.
+        idx.section_crcs.resize(idx.experts.len(), None);
         Ok(idx)
     }
 

@@ -343,8 +343,14 @@ impl Drop for IoPool {
     }
 }
 
-/// Called once when a whole record's I/O is done, with its crc32 or the first error.
-pub type IoDone = Box<dyn FnOnce(io::Result<u32>) + Send>;
+/// Called once when a record's I/O is done, with the crc32 of each segment or the first error.
+pub type IoDone = Box<dyn FnOnce(io::Result<Vec<u32>>) + Send>;
+
+/// Chunks [`record_io`] splits `segments` into.
+pub fn record_chunks(segments: &[usize], chunk: usize) -> usize {
+    let chunk = chunk.max(ALIGN);
+    segments.iter().map(|l| l.div_ceil(chunk).max(1)).sum()
+}
 
 /// A raw pointer that may cross threads; the slot pool guarantees exclusive access.
 #[derive(Clone, Copy)]
@@ -368,9 +374,12 @@ pub enum Dir {
     Write,
 }
 
-/// Read or write one record as concurrent chunks of `chunk` bytes; each chunk's crc32 is
-/// computed by the worker that moved it (cache-hot), and the last chunk combines them and calls
-/// `done` with the record's crc32. Returns the number of chunks queued.
+/// Read or write contiguous bytes (a record or a section of one) as concurrent chunks of
+/// `chunk` bytes: `segments` are consecutive lengths (e.g. the weights and state sections)
+/// starting at `offset` in the file and `ptr` in memory; no chunk straddles two segments. Each
+/// chunk's crc32 is computed by the worker that moved it (cache-hot), and the last chunk
+/// combines them and calls `done` with each segment's crc32. Returns the number of chunks
+/// queued ([`record_chunks`]).
 #[allow(clippy::too_many_arguments)]
 pub fn record_io(
     pool: &IoPool,
@@ -378,29 +387,42 @@ pub fn record_io(
     dir: Dir,
     offset: u64,
     ptr: SendPtr,
-    len: usize,
+    segments: &[usize],
     chunk: usize,
     prio: JobPriority,
     done: IoDone,
 ) -> usize {
     let chunk = chunk.max(ALIGN);
-    let n = len.div_ceil(chunk).max(1);
+    // (segment, start, len) of every chunk.
+    let mut pieces = Vec::new();
+    let mut start = 0usize;
+    for (si, &len) in segments.iter().enumerate() {
+        let n = len.div_ceil(chunk).max(1);
+        for i in 0..n {
+            let s = i * chunk;
+            pieces.push((si, start + s, chunk.min(len - s.min(len))));
+        }
+        start += len;
+    }
+    let n = pieces.len();
     struct Op {
         remaining: AtomicUsize,
         crcs: Mutex<Vec<Option<crc32fast::Hasher>>>,
         err: Mutex<Option<io::Error>>,
         done: Mutex<Option<IoDone>>,
+        segment_of: Vec<usize>,
+        segments: usize,
     }
     let op = Arc::new(Op {
         remaining: AtomicUsize::new(n),
         crcs: Mutex::new(vec![None; n]),
         err: Mutex::new(None),
         done: Mutex::new(Some(done)),
+        segment_of: pieces.iter().map(|p| p.0).collect(),
+        segments: segments.len(),
     });
-    for i in 0..n {
+    for (i, &(_, start, clen)) in pieces.iter().enumerate() {
         let (op, file) = (op.clone(), file.clone());
-        let start = i * chunk;
-        let clen = chunk.min(len - start);
         let run = move || {
             // SAFETY: the slot is owned by this I/O until `done` runs (the pool pins it).
             let buf = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(start), clen) };
@@ -426,12 +448,12 @@ pub fn record_io(
                 let result = match op.err.lock().unwrap().take() {
                     Some(e) => Err(e),
                     None => {
-                        let mut crcs = op.crcs.lock().unwrap();
-                        let mut total = crc32fast::Hasher::new();
-                        for h in crcs.iter_mut() {
-                            total.combine(h.as_ref().expect("every chunk finished"));
+                        let crcs = op.crcs.lock().unwrap();
+                        let mut totals = vec![crc32fast::Hasher::new(); op.segments];
+                        for (h, &si) in crcs.iter().zip(&op.segment_of) {
+                            totals[si].combine(h.as_ref().expect("every chunk finished"));
                         }
-                        Ok(total.finalize())
+                        Ok(totals.into_iter().map(|h| h.finalize()).collect())
                     }
                 };
                 let done = op.done.lock().unwrap().take().expect("done runs once");

@@ -10,8 +10,11 @@ pub mod format;
 pub mod io;
 pub mod pool;
 
-use format::{Geometry, Index, RecordLayout, TensorSpec, ALIGN, DATA_FILE, INDEX_FILE};
-use io::{record_io, Arena, DataFile, Dir, IoDone, IoPool, JobPriority, SendPtr};
+pub use format::Sections;
+use format::{
+    crc_combine, Geometry, Index, RecordLayout, Section, TensorSpec, DATA_FILE, INDEX_FILE,
+};
+use io::{record_chunks, record_io, Arena, DataFile, Dir, IoDone, IoPool, JobPriority, SendPtr};
 pub use pool::{Key, Need, SlotPool};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -130,12 +133,16 @@ pub struct Metrics {
     pub prefetches: u64,
     /// Prefetched experts evicted before anyone used them.
     pub prefetch_wasted: u64,
-    /// Bytes read from disk.
+    /// Bytes read from disk (only the sections read).
     pub bytes_read: u64,
     /// Bytes written to disk (write-back and init).
     pub bytes_written: u64,
-    /// Records read.
+    /// Reads completed (whole records and single sections).
     pub reads: u64,
+    /// Reads of a single section (weights or state) rather than a whole record.
+    pub section_reads: u64,
+    /// Reads that failed (checksum mismatch or I/O error).
+    pub read_errors: u64,
     /// Records evicted from RAM.
     pub evictions: u64,
     /// Dirty records written back (eviction, flush, commit).
@@ -166,8 +173,33 @@ struct SlotInfo {
     dirty_gen: u64,
     /// Key whose load waits for this slot's write-back (eviction of a dirty record).
     evict_for: Option<Key>,
-    /// Tickets waiting for this load (to hear about a failure).
-    tickets: Vec<u64>,
+    /// Tickets waiting for a read into this slot, with the sections each needs (to hear about
+    /// a failure); a ticket leaves the list once its sections are valid.
+    tickets: Vec<(u64, Sections)>,
+    /// Sections of the record in RAM that are valid (read and verified, or written by the
+    /// caller of a whole record); only these may be used.
+    valid: Sections,
+    /// Sections someone asked for: a finished read starts the next read while any is missing.
+    want: Sections,
+    /// Class and priority of that next read.
+    want_demand: bool,
+    want_priority: i64,
+}
+
+impl SlotInfo {
+    fn empty() -> SlotInfo {
+        SlotInfo {
+            state: SlotState::Empty,
+            dirty: false,
+            dirty_gen: 0,
+            evict_for: None,
+            tickets: vec![],
+            valid: Sections::NONE,
+            want: Sections::NONE,
+            want_demand: false,
+            want_priority: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -175,7 +207,9 @@ struct Pending {
     pins: u32,
     demand: bool,
     priority: i64,
-    tickets: Vec<u64>,
+    /// Sections to read (the union of what the requests and prefetches asked for).
+    sections: Sections,
+    tickets: Vec<(u64, Sections)>,
     /// Slot whose write-back must finish before this load starts.
     flushing_into: Option<usize>,
 }
@@ -200,8 +234,9 @@ struct Inner {
     pool: SlotPool,
     slots: Vec<SlotInfo>,
     index: Index,
-    /// Experts written back since the last commit: flat index -> (record slot, crc).
-    latest: HashMap<usize, (u8, u32)>,
+    /// Experts written back since the last commit: flat index -> (record slot, crc,
+    /// (weights crc, state crc)).
+    latest: HashMap<usize, (u8, u32, (u32, u32))>,
     pending: HashMap<Key, Pending>,
     heap: BinaryHeap<HeapItem>,
     seq: u64,
@@ -234,6 +269,24 @@ impl Inner {
     }
 }
 
+/// Where an expert's newest version lives on disk and its checksums.
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    slot: u8,
+    crc: u32,
+    /// (weights, state) crcs; `None` in an index from before section reads.
+    sections: Option<(u32, u32)>,
+}
+
+/// A read in flight.
+struct Read {
+    key: Key,
+    secs: Sections,
+    src: Source,
+    off: u64,
+    lens: Vec<usize>,
+}
+
 struct Shared {
     dir: PathBuf,
     data_path: PathBuf,
@@ -261,6 +314,7 @@ pub struct Ticket {
     id: u64,
     keys: Vec<Key>,
     distinct: Vec<Key>,
+    sections: Sections,
     done: bool,
 }
 
@@ -304,7 +358,8 @@ impl ExpertStore {
             data_start: header.len() as u64,
         };
         let rb = geom.layout.record_bytes;
-        let res = (|| -> Result<Vec<(u8, u32, u64)>> {
+        type Entries = (Vec<(u8, u32, u64)>, Vec<Option<(u32, u32)>>);
+        let res = (|| -> Result<Entries> {
             {
                 use std::os::fd::AsRawFd;
                 use std::os::unix::fs::FileExt;
@@ -331,8 +386,10 @@ impl ExpertStore {
                     }
                 }
             }
-            let zero_crc = crc32fast::hash(&vec![0u8; rb]);
+            let zeros = vec![0u8; rb];
+            let zero_crc = crc32fast::hash(&zeros);
             let mut entries = vec![(0u8, zero_crc, 0u64); geom.num_records()];
+            let mut sections = vec![Some(geom.layout.section_crcs(&zeros)); geom.num_records()];
             if let Some(init) = init {
                 let file = DataFile::open(&data_path, true, true)
                     .map_err(|e| StoreError::io(&data_path, "open", e))?;
@@ -343,7 +400,11 @@ impl ExpertStore {
                         let b = unsafe { buf.slice_mut(0, rb) };
                         b.fill(0);
                         init(l, e, b)?;
-                        entries[geom.flat(l, e)].1 = crc32fast::hash(b);
+                        let (wc, sc) = geom.layout.section_crcs(b);
+                        let flat = geom.flat(l, e);
+                        entries[flat].1 =
+                            crc_combine(wc, sc, (rb - geom.layout.weights_bytes) as u64);
+                        sections[flat] = Some((wc, sc));
                         file.write_all_at(b, geom.record_offset(l, e, 0))
                             .map_err(|err| {
                                 StoreError::io(
@@ -357,9 +418,9 @@ impl ExpertStore {
                 file.sync_data()
                     .map_err(|e| StoreError::io(&data_path, "fsync", e))?;
             }
-            Ok(entries)
+            Ok((entries, sections))
         })();
-        let entries = match res {
+        let (entries, section_crcs) = match res {
             Ok(x) => x,
             Err(e) => {
                 // A half-made store is worse than none: remove what we created.
@@ -376,6 +437,7 @@ impl ExpertStore {
             commit: 0,
             user_meta: String::new(),
             experts: entries,
+            section_crcs,
         };
         index.store_atomic(dir)
     }
@@ -421,15 +483,7 @@ impl ExpertStore {
         };
         let inner = Inner {
             pool: SlotPool::new(ram_slots),
-            slots: (0..ram_slots)
-                .map(|_| SlotInfo {
-                    state: SlotState::Empty,
-                    dirty: false,
-                    dirty_gen: 0,
-                    evict_for: None,
-                    tickets: vec![],
-                })
-                .collect(),
+            slots: (0..ram_slots).map(|_| SlotInfo::empty()).collect(),
             index,
             latest: HashMap::new(),
             pending: HashMap::new(),
@@ -495,10 +549,23 @@ impl ExpertStore {
         self.sh.arena.slice_mut(slot * rb, rb)
     }
 
-    /// Ask for experts; never blocks on I/O. Pins the experts for the caller (the pins pass to
-    /// the caller at wait()). Duplicate keys count once.
+    /// Ask for experts' whole records; never blocks on I/O. Pins the experts for the caller
+    /// (the pins pass to the caller at wait()). Duplicate keys count once.
     pub fn request(&self, keys: &[Key], priority: i64) -> Result<Ticket> {
+        self.request_sections(keys, priority, Sections::ALL)
+    }
+
+    /// Ask for some sections of experts' records (e.g. only the weights for forward): only the
+    /// sections the RAM slot lacks are read, and wait() returns once they are valid. The slot
+    /// keeps what it held; [`Self::slot_sections`] tells which sections a slot holds.
+    pub fn request_sections(
+        &self,
+        keys: &[Key],
+        priority: i64,
+        sections: Sections,
+    ) -> Result<Ticket> {
         let sh = &self.sh;
+        let secs = sh.norm(sections);
         let mut distinct = Vec::with_capacity(keys.len());
         let mut seen = HashSet::new();
         for &k in keys {
@@ -532,11 +599,20 @@ impl ExpertStore {
                 if prefetched {
                     inner.m.prefetch_hits += 1;
                 }
-                inner.m.hits += 1;
                 let info = &mut inner.slots[s];
+                let missing = secs.minus(info.valid);
                 match info.state {
-                    SlotState::Loading => info.tickets.push(id),
+                    SlotState::Loading => {
+                        inner.m.hits += 1;
+                        if !missing.is_empty() {
+                            info.tickets.push((id, secs));
+                            info.want = info.want.union(secs);
+                            info.want_demand = true;
+                            info.want_priority = info.want_priority.max(priority);
+                        }
+                    }
                     SlotState::Flushing => {
+                        inner.m.hits += 1;
                         // Rescue: the record was being written back to make room; keep it instead.
                         if let Some(other) = info.evict_for.take() {
                             if let Some(p) = inner.pending.get_mut(&other) {
@@ -546,11 +622,21 @@ impl ExpertStore {
                             }
                         }
                     }
-                    SlotState::Ready | SlotState::Empty => {}
+                    SlotState::Ready | SlotState::Empty => {
+                        if missing.is_empty() {
+                            inner.m.hits += 1;
+                        } else {
+                            // Resident, but without a section this request needs: read just that.
+                            inner.m.misses += 1;
+                            info.tickets.push((id, secs));
+                            sh.start_section_read(&mut g, s, secs, true, priority);
+                        }
+                    }
                 }
             } else if let Some(p) = inner.pending.get_mut(&k) {
                 p.pins += 1;
-                p.tickets.push(id);
+                p.tickets.push((id, secs));
+                p.sections = p.sections.union(secs);
                 inner.m.misses += 1;
                 if !p.demand {
                     inner.m.prefetch_hits += 1;
@@ -568,7 +654,8 @@ impl ExpertStore {
                         pins: 1,
                         demand: true,
                         priority,
-                        tickets: vec![id],
+                        sections: secs,
+                        tickets: vec![(id, secs)],
                         flushing_into: None,
                     },
                 );
@@ -582,13 +669,20 @@ impl ExpertStore {
             id,
             keys: keys.to_vec(),
             distinct,
+            sections: secs,
             done: false,
         })
     }
 
-    /// Best-effort read-ahead; lower priority than any request. Does not pin.
+    /// Best-effort read-ahead of whole records; lower priority than any request. Does not pin.
     pub fn prefetch(&self, keys: &[Key], priority: i64) -> Result<()> {
+        self.prefetch_sections(keys, priority, Sections::ALL)
+    }
+
+    /// Best-effort read-ahead of some sections (only those a resident slot lacks are read).
+    pub fn prefetch_sections(&self, keys: &[Key], priority: i64, sections: Sections) -> Result<()> {
         let sh = &self.sh;
+        let secs = sh.norm(sections);
         for &k in keys {
             sh.geom.check_key(k.0 as usize, k.1 as usize)?;
         }
@@ -598,7 +692,24 @@ impl ExpertStore {
         }
         for &k in keys {
             let inner = &mut *g;
-            if inner.pool.lookup(k).is_some() || inner.pending.contains_key(&k) {
+            if let Some(s) = inner.pool.lookup(k) {
+                let info = &mut inner.slots[s];
+                let missing = secs.minus(info.valid);
+                if missing.is_empty() {
+                    continue;
+                }
+                match info.state {
+                    SlotState::Loading => info.want = info.want.union(secs),
+                    SlotState::Ready | SlotState::Empty => {
+                        inner.m.prefetches += 1;
+                        sh.start_section_read(&mut g, s, secs, false, priority);
+                    }
+                    SlotState::Flushing => {}
+                }
+                continue;
+            }
+            if let Some(p) = inner.pending.get_mut(&k) {
+                p.sections = p.sections.union(secs);
                 continue;
             }
             inner.m.prefetches += 1;
@@ -608,6 +719,7 @@ impl ExpertStore {
                     pins: 0,
                     demand: false,
                     priority,
+                    sections: secs,
                     tickets: vec![],
                     flushing_into: None,
                 },
@@ -616,6 +728,25 @@ impl ExpertStore {
         }
         sh.schedule(&mut g);
         Ok(())
+    }
+
+    /// The sections valid in RAM slot `slot` (sections without bytes count as valid; an empty
+    /// slot has none). Only valid sections may be used; they stay valid while the slot is pinned.
+    pub fn slot_sections(&self, slot: usize) -> Result<Sections> {
+        if slot >= self.sh.ram_slots {
+            return Err(StoreError::InvalidArgument(format!(
+                "RAM slot {slot} out of range (the store has {})",
+                self.sh.ram_slots
+            )));
+        }
+        let g = self.sh.lock();
+        Ok(if g.pool.key_of(slot).is_some() {
+            g.slots[slot]
+                .valid
+                .union(Sections::ALL.minus(self.sh.geom.layout.nonempty()))
+        } else {
+            Sections::NONE
+        })
     }
 
     /// Unpin experts (once per wait()). Duplicate keys count once.
@@ -635,11 +766,22 @@ impl ExpertStore {
                     key_str(k)
                 ))
             })?;
+            let full = self.sh.geom.layout.nonempty();
             let info = &mut g.slots[s];
-            if info.state == SlotState::Loading {
+            if info.valid.is_empty() {
                 return Err(StoreError::InvalidArgument(format!(
                     "mark_dirty of {} before its read finished; call ticket.wait() first",
                     key_str(k)
+                )));
+            }
+            if !info.valid.contains(full) {
+                return Err(StoreError::InvalidArgument(format!(
+                    "mark_dirty of {}, whose RAM slot holds only its {} section: a write-back \
+                     writes the whole record, so request the whole record (sections=\"all\") or \
+                     its {} section, and wait for it, before changing it",
+                    key_str(k),
+                    info.valid.name(),
+                    full.minus(info.valid).name()
                 )));
             }
             info.dirty = true;
@@ -696,9 +838,10 @@ impl ExpertStore {
             let (new_index, snapshot) = {
                 let g = sh.lock();
                 let mut idx = g.index.clone();
-                for (&flat, &(slot, crc)) in &g.latest {
+                for (&flat, &(slot, crc, secs)) in &g.latest {
                     let gen = idx.experts[flat].2 + 1;
                     idx.experts[flat] = (slot, crc, gen);
+                    idx.section_crcs[flat] = Some(secs);
                 }
                 idx.commit += 1;
                 idx.user_meta = user_meta.to_string();
@@ -807,25 +950,51 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where the newest version of an expert lives on disk: (record slot, crc).
-    fn source(&self, g: &Inner, k: Key) -> (u8, u32) {
+    /// Where the newest version of an expert lives on disk.
+    fn source(&self, g: &Inner, k: Key) -> Source {
         let flat = self.geom.flat(k.0 as usize, k.1 as usize);
         match g.latest.get(&flat) {
-            Some(&v) => v,
+            Some(&(slot, crc, secs)) => Source {
+                slot,
+                crc,
+                sections: Some(secs),
+            },
             None => {
                 let e = g.index.entry(flat);
-                (e.slot, e.crc)
+                Source {
+                    slot: e.slot,
+                    crc: e.crc,
+                    sections: e.sections,
+                }
             }
         }
     }
 
+    /// The sections a request for `s` reads: those with bytes; nothing asked means the whole record.
+    fn norm(&self, s: Sections) -> Sections {
+        let full = self.geom.layout.nonempty();
+        match s.intersect(full) {
+            x if x.is_empty() => full,
+            x => x,
+        }
+    }
+
+    /// (start in the record, lengths of the non-empty sections in `secs`, in record order).
+    fn region(&self, secs: Sections) -> (usize, Vec<usize>) {
+        let mut start = None;
+        let mut lens = vec![];
+        for sec in [Section::Weights, Section::State] {
+            let (off, len) = self.geom.layout.section_range(sec);
+            if secs.contains(Sections::of(sec)) && len > 0 {
+                start.get_or_insert(off);
+                lens.push(len);
+            }
+        }
+        (start.unwrap_or(0), lens)
+    }
+
     /// Start as many pending loads as the queue depth and the free/evictable slots allow.
     fn schedule(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>) {
-        let per_record = self
-            .geom
-            .layout
-            .record_bytes
-            .div_ceil(self.opts.chunk_bytes.max(ALIGN));
         loop {
             if g.closed || g.inflight_chunks >= self.opts.queue_depth {
                 return;
@@ -858,7 +1027,6 @@ impl Shared {
                 return;
             };
             g.heap.pop();
-            let _ = per_record;
             if g.slots[v].dirty {
                 self.start_writeback(g, v, Some(key));
                 g.pending.get_mut(&key).unwrap().flushing_into = Some(v);
@@ -868,7 +1036,7 @@ impl Shared {
         }
     }
 
-    /// Put pending `key` into (clean, unpinned) slot `v` and start reading it.
+    /// Put pending `key` into (clean, unpinned) slot `v` and start reading the sections asked for.
     fn start_load(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>, v: usize, key: Key) {
         let p = g.pending.remove(&key).expect("pending load");
         let prefetch = if p.demand { None } else { Some(p.priority) };
@@ -881,51 +1049,120 @@ impl Shared {
             }
         }
         let info = &mut g.slots[v];
+        *info = SlotInfo {
+            state: SlotState::Loading,
+            dirty_gen: info.dirty_gen,
+            tickets: p.tickets,
+            want: p.sections,
+            want_demand: p.demand,
+            want_priority: p.priority,
+            ..SlotInfo::empty()
+        };
+        self.start_read(g, v, key, p.sections, p.demand, p.priority);
+    }
+
+    /// Resident, ready slot `v` lacks some of `secs`: read them into it (the slot stays assigned;
+    /// requests wait for it as for a load).
+    fn start_section_read(
+        self: &Arc<Self>,
+        g: &mut MutexGuard<'_, Inner>,
+        v: usize,
+        secs: Sections,
+        demand: bool,
+        priority: i64,
+    ) {
+        let key = g.pool.key_of(v).expect("resident slot holds a key");
+        g.pool.pin(v);
+        let info = &mut g.slots[v];
         info.state = SlotState::Loading;
-        info.dirty = false;
-        info.evict_for = None;
-        info.tickets = p.tickets;
-        let (dslot, crc) = self.source(g, key);
+        info.want = info.valid.union(secs);
+        info.want_demand = demand;
+        info.want_priority = priority;
+        let missing = secs.minus(info.valid);
+        self.start_read(g, v, key, missing, demand, priority);
+    }
+
+    /// Read the sections `secs` of `key` into slot `v` (state Loading, pinned once for the
+    /// read). Without section crcs in the index (an older store) only whole records are read,
+    /// so no byte is used unverified.
+    fn start_read(
+        self: &Arc<Self>,
+        g: &mut MutexGuard<'_, Inner>,
+        v: usize,
+        key: Key,
+        secs: Sections,
+        demand: bool,
+        priority: i64,
+    ) {
+        let src = self.source(g, key);
+        let full = self.geom.layout.nonempty();
+        let secs = if src.sections.is_none() {
+            // Reachable only with nothing valid: a partly valid slot was read by sections, so
+            // its source has section crcs (a new version needs a whole, dirty record).
+            debug_assert!(g.slots[v].valid.is_empty());
+            full
+        } else {
+            secs
+        };
+        let (start, lens) = self.region(secs);
         let off = self
             .geom
-            .record_offset(key.0 as usize, key.1 as usize, dslot);
+            .record_offset(key.0 as usize, key.1 as usize, src.slot)
+            + start as u64;
         let prio = JobPriority {
-            class: p.demand as u8,
-            priority: p.priority,
+            class: if demand {
+                JobPriority::DEMAND
+            } else {
+                JobPriority::PREFETCH
+            },
+            priority,
             seq: g.next_seq(),
         };
+        let n = record_chunks(&lens, self.opts.chunk_bytes);
         let sh = self.clone();
+        let read = Read {
+            key,
+            secs,
+            src,
+            off,
+            lens: lens.clone(),
+        };
         self.submit_record(
             g,
             Dir::Read,
             v,
+            start,
             off,
+            &lens,
             prio,
-            Box::new(move |res| sh.finish_load(v, key, dslot, off, crc, res)),
+            Box::new(move |res| sh.finish_load(v, read, n, res)),
         );
     }
 
-    /// Start reading or writing slot `v`'s record at byte `off` of the data file and count its
-    /// chunks in flight; `done` runs once all chunks finished and must call
-    /// [`Self::lock_finished_record`].
+    /// Start reading or writing consecutive sections (`lens`) of slot `v`'s record, from byte
+    /// `start` of the record, at byte `off` of the data file, and count its chunks in flight;
+    /// `done` runs once all chunks finished and must call [`Self::lock_finished`].
+    #[allow(clippy::too_many_arguments)]
     fn submit_record(
         &self,
         g: &mut MutexGuard<'_, Inner>,
         dir: Dir,
         v: usize,
+        start: usize,
         off: u64,
+        lens: &[usize],
         prio: JobPriority,
         done: IoDone,
     ) {
         let rb = self.geom.layout.record_bytes;
-        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb) });
+        let ptr = SendPtr(unsafe { self.arena.ptr().add(v * rb + start) });
         let n = record_io(
             &self.io,
             &self.file,
             dir,
             off,
             ptr,
-            rb,
+            lens,
             self.opts.chunk_bytes,
             prio,
             done,
@@ -934,53 +1171,136 @@ impl Shared {
         g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
     }
 
-    /// Lock, and take a finished [`Self::submit_record`] I/O's chunks out of flight.
-    fn lock_finished_record(&self) -> MutexGuard<'_, Inner> {
-        let rb = self.geom.layout.record_bytes;
-        let n = rb.div_ceil(self.opts.chunk_bytes.max(ALIGN));
+    /// Lock, and take a finished [`Self::submit_record`] I/O's `n` chunks out of flight.
+    fn lock_finished(&self, n: usize) -> MutexGuard<'_, Inner> {
         let mut g = self.lock();
         g.inflight_chunks -= n;
         g
     }
 
-    fn finish_load(
-        self: &Arc<Self>,
-        v: usize,
-        key: Key,
-        dslot: u8,
-        off: u64,
-        want: u32,
-        res: std::io::Result<u32>,
-    ) {
-        let rb = self.geom.layout.record_bytes;
-        let mut g = self.lock_finished_record();
-        let err = match res {
-            Ok(crc) if crc == want => None,
-            Ok(crc) => Some(format!(
-                "checksum mismatch in {} for layer {} expert {} (record slot {dslot} at byte {off}): the index \
-                 says crc32 {want:#010x}, the data has {crc:#010x}; the record is corrupt — restore the store \
-                 from a backup or recreate it",
+    /// Check a finished read against the index: the whole record's crc32 for a whole read,
+    /// the section's for a section read. Returns the (weights, state) crcs of a whole read.
+    fn verify(&self, r: &Read, crcs: &[u32]) -> std::result::Result<Option<(u32, u32)>, String> {
+        let full = self.geom.layout.nonempty();
+        let (got, want, what) = if r.secs == full {
+            let mut total = crcs[0];
+            for (c, l) in crcs.iter().zip(&r.lens).skip(1) {
+                total = crc_combine(total, *c, *l as u64);
+            }
+            (total, r.src.crc, "record")
+        } else {
+            let (wc, sc) = r.src.sections.expect("section reads need section crcs");
+            if r.secs == Sections::WEIGHTS {
+                (crcs[0], wc, "weights section of the record")
+            } else {
+                (crcs[0], sc, "state section of the record")
+            }
+        };
+        if got != want {
+            return Err(format!(
+                "checksum mismatch in {} for layer {} expert {} ({what} in record slot {} at byte {}): \
+                 the index says crc32 {want:#010x}, the data has {got:#010x}; the record is corrupt — \
+                 restore the store from a backup or recreate it",
                 self.data_path.display(),
-                key.0,
-                key.1
-            )),
+                r.key.0,
+                r.key.1,
+                r.src.slot,
+                r.off
+            ));
+        }
+        if r.secs != full {
+            return Ok(None);
+        }
+        // A whole read gives both sections' crcs (an empty section's crc32 is 0).
+        let mut it = crcs.iter();
+        let mut pick = |sec| {
+            if self.geom.layout.section_range(sec).1 > 0 {
+                *it.next().unwrap()
+            } else {
+                0
+            }
+        };
+        let w = pick(Section::Weights);
+        let st = pick(Section::State);
+        Ok(Some((w, st)))
+    }
+
+    fn finish_load(self: &Arc<Self>, v: usize, r: Read, n: usize, res: std::io::Result<Vec<u32>>) {
+        let mut g = self.lock_finished(n);
+        let key = r.key;
+        let err = match res {
+            Ok(crcs) => match self.verify(&r, &crcs) {
+                Ok(secs) => {
+                    // An index from before section reads: remember the verified section crcs
+                    // of the committed record (the next commit stores them).
+                    let flat = self.geom.flat(key.0 as usize, key.1 as usize);
+                    if let (Some(secs), None) = (secs, r.src.sections) {
+                        let e = g.index.entry(flat);
+                        if !g.latest.contains_key(&flat)
+                            && (e.slot, e.crc) == (r.src.slot, r.src.crc)
+                        {
+                            g.index.section_crcs[flat] = Some(secs);
+                        }
+                    }
+                    None
+                }
+                Err(msg) => Some(msg),
+            },
             Err(e) => Some(format!(
                 "{}",
-                StoreError::io(&self.data_path, &format!("read layer {} expert {} (byte {off}) of", key.0, key.1), e)
+                StoreError::io(
+                    &self.data_path,
+                    &format!("read layer {} expert {} (byte {}) of", key.0, key.1, r.off),
+                    e
+                )
             )),
         };
-        let tickets = std::mem::take(&mut g.slots[v].tickets);
         match err {
             None => {
-                g.slots[v].state = SlotState::Ready;
                 let _ = g.pool.unpin(v);
-                g.m.bytes_read += rb as u64;
+                g.m.bytes_read += r.lens.iter().sum::<usize>() as u64;
                 g.m.reads += 1;
+                if r.secs != self.geom.layout.nonempty() {
+                    g.m.section_reads += 1;
+                }
+                let info = &mut g.slots[v];
+                info.valid = info.valid.union(r.secs);
+                let valid = info.valid;
+                info.tickets.retain(|&(_, s)| !valid.contains(s));
+                let missing = info.want.minus(valid);
+                if missing.is_empty() || g.closed {
+                    g.slots[v].state = SlotState::Ready;
+                } else {
+                    // Someone asked for another section while this one was read.
+                    let info = &g.slots[v];
+                    let demand = info.want_demand && !info.tickets.is_empty();
+                    let priority = info.want_priority;
+                    g.pool.pin(v);
+                    self.start_read(&mut g, v, key, missing, demand, priority);
+                }
             }
             Some(msg) => {
-                g.pool.remove(v);
-                g.slots[v].state = SlotState::Empty;
-                for t in tickets {
+                g.m.read_errors += 1;
+                let tickets = std::mem::take(&mut g.slots[v].tickets);
+                if g.slots[v].valid.is_empty() {
+                    // Nothing of it was ever valid: drop the slot (and the waiters' pins).
+                    g.pool.remove(v);
+                    g.slots[v] = SlotInfo {
+                        dirty_gen: g.slots[v].dirty_gen,
+                        ..SlotInfo::empty()
+                    };
+                } else {
+                    // Other sections are valid and may be in use: keep the slot; the waiters
+                    // for the failed section get the error and lose their pin.
+                    let _ = g.pool.unpin(v);
+                    for _ in &tickets {
+                        let _ = g.pool.unpin(v);
+                    }
+                    let info = &mut g.slots[v];
+                    info.state = SlotState::Ready;
+                    info.want = info.valid;
+                }
+                for (t, _) in tickets {
                     let e = g
                         .ticket_errors
                         .entry(t)
@@ -1014,11 +1334,16 @@ impl Shared {
             .record_offset(key.0 as usize, key.1 as usize, target);
         let seq = g.next_seq();
         let sh = self.clone();
+        // Only whole records are ever dirty; each section's crc32 comes out of the same pass.
+        let (_, lens) = self.region(Sections::ALL);
+        let n = record_chunks(&lens, self.opts.chunk_bytes);
         self.submit_record(
             g,
             Dir::Write,
             v,
+            0,
             off,
+            &lens,
             JobPriority {
                 // A demand load waits for an eviction's write-back: as urgent as that read.
                 class: if evict_for.is_some() {
@@ -1029,7 +1354,7 @@ impl Shared {
                 priority: 0,
                 seq,
             },
-            Box::new(move |res| sh.finish_writeback(v, key, target, gen, res)),
+            Box::new(move |res| sh.finish_writeback(v, key, target, gen, n, res)),
         );
         g.inflight_writes += 1;
     }
@@ -1040,18 +1365,26 @@ impl Shared {
         key: Key,
         target: u8,
         gen: u64,
-        res: std::io::Result<u32>,
+        n: usize,
+        res: std::io::Result<Vec<u32>>,
     ) {
-        let rb = self.geom.layout.record_bytes;
-        let mut g = self.lock_finished_record();
+        let layout = &self.geom.layout;
+        let rb = layout.record_bytes;
+        let mut g = self.lock_finished(n);
         g.inflight_writes -= 1;
         let _ = g.pool.unpin(v);
         let evict_for = g.slots[v].evict_for.take();
         g.slots[v].state = SlotState::Ready;
         match res {
-            Ok(crc) => {
+            Ok(crcs) => {
+                let (w, st) = match (layout.weights_bytes > 0, rb > layout.weights_bytes) {
+                    (true, true) => (crcs[0], crcs[1]),
+                    (true, false) => (crcs[0], 0),
+                    _ => (0, crcs[0]),
+                };
+                let crc = crc_combine(w, st, (rb - layout.weights_bytes) as u64);
                 let flat = self.geom.flat(key.0 as usize, key.1 as usize);
-                g.latest.insert(flat, (target, crc));
+                g.latest.insert(flat, (target, crc, (w, st)));
                 g.m.bytes_written += rb as u64;
                 g.m.writebacks += 1;
                 if g.slots[v].dirty_gen == gen {
@@ -1112,6 +1445,22 @@ impl Shared {
 
     fn release(self: &Arc<Self>, keys: &[Key]) -> Result<()> {
         let mut g = self.lock();
+        self.release_locked(&mut g, keys)
+    }
+
+    /// A ticket gives its pins back without waiting: take it off the waiters of reads into
+    /// its keys' slots, so a failing read does not drop its pin a second time.
+    fn forget_ticket(&self, g: &mut Inner, id: u64, keys: &[Key]) {
+        for &k in keys {
+            if let Some(s) = g.pool.lookup(k) {
+                g.slots[s].tickets.retain(|t| t.0 != id);
+            } else if let Some(p) = g.pending.get_mut(&k) {
+                p.tickets.retain(|t| t.0 != id);
+            }
+        }
+    }
+
+    fn release_locked(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>, keys: &[Key]) -> Result<()> {
         let mut first_err = None;
         for &k in keys {
             let r = if let Some(s) = g.pool.lookup(k) {
@@ -1129,7 +1478,7 @@ impl Shared {
                 first_err.get_or_insert(e);
             }
         }
-        self.schedule(&mut g);
+        self.schedule(g);
         self.cv.notify_all();
         first_err.map_or(Ok(()), Err)
     }
@@ -1141,14 +1490,25 @@ impl Ticket {
         &self.keys
     }
 
+    /// The sections this request asked for (what wait() guarantees valid in each slot).
+    pub fn sections(&self) -> Sections {
+        self.sections
+    }
+
+    /// Slot of `k` if the sections asked for are valid there.
+    fn slot_ready(&self, g: &Inner, k: Key) -> Option<usize> {
+        g.pool
+            .lookup(k)
+            .filter(|&s| g.slots[s].valid.contains(self.sections))
+    }
+
     /// Whether wait() would return without blocking.
     pub fn ready(&self) -> bool {
         let g = self.sh.lock();
-        self.distinct.iter().all(|&k| {
-            g.pool
-                .lookup(k)
-                .is_some_and(|s| matches!(g.slots[s].state, SlotState::Ready | SlotState::Flushing))
-        }) || g.ticket_errors.contains_key(&self.id)
+        self.distinct
+            .iter()
+            .all(|&k| self.slot_ready(&g, k).is_some())
+            || g.ticket_errors.contains_key(&self.id)
     }
 
     /// Block (on a condvar) until every expert is in RAM; returns the RAM slot of each key, in
@@ -1167,7 +1527,6 @@ impl Ticket {
         let mut blocked = false;
         let res = loop {
             if let Some((msg, failed)) = g.ticket_errors.remove(&self.id) {
-                drop(g);
                 let others: Vec<Key> = self
                     .distinct
                     .iter()
@@ -1175,8 +1534,8 @@ impl Ticket {
                     .filter(|k| !failed.contains(k))
                     .collect();
                 self.done = true;
-                let _ = sh.release(&others);
-                g = sh.lock();
+                sh.forget_ticket(&mut g, self.id, &others);
+                let _ = sh.release_locked(&mut g, &others);
                 break Err(StoreError::Corrupt(msg));
             }
             if g.closed {
@@ -1186,11 +1545,7 @@ impl Ticket {
             let slots: Option<Vec<usize>> = self
                 .distinct
                 .iter()
-                .map(|&k| {
-                    g.pool.lookup(k).filter(|&s| {
-                        matches!(g.slots[s].state, SlotState::Ready | SlotState::Flushing)
-                    })
-                })
+                .map(|&k| self.slot_ready(&g, k))
                 .collect();
             if let Some(slots) = slots {
                 let map: HashMap<Key, usize> = self.distinct.iter().copied().zip(slots).collect();
@@ -1232,9 +1587,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            let failed = self
-                .sh
-                .lock()
+            let sh = self.sh.clone();
+            let mut g = sh.lock();
+            let failed = g
                 .ticket_errors
                 .remove(&self.id)
                 .map(|e| e.1)
@@ -1245,7 +1600,8 @@ impl Drop for Ticket {
                 .copied()
                 .filter(|k| !failed.contains(k))
                 .collect();
-            let _ = self.sh.release(&keys);
+            sh.forget_ticket(&mut g, self.id, &keys);
+            let _ = sh.release_locked(&mut g, &keys);
         }
     }
 }
