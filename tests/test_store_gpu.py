@@ -22,7 +22,7 @@ def store(tmp_path):
     s = TieredExpertStore.open(tmp_path / "s", ram_bytes=8 << 20, gpu_bytes=0, device="cpu")
     rb, wb = s.record_bytes, s.weights_bytes
     s.close()
-    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=4 * rb, gpu_bytes=3 * wb, device="cuda")
+    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=4 * rb, gpu_bytes=4 * wb, device="cuda", gpu_grad_slots=1)
     yield s
     s.close()
 
@@ -77,11 +77,20 @@ def test_copy_stream_ordering(store):
         assert torch.allclose(got.cpu(), ref, rtol=2e-2, atol=1.0), key
 
 
-def test_adam_and_grads_to_host(store):
+def test_grads_staged_within_the_budget(store):
     key = (0, 1)
     store.acquire(key)
-    g = {"w1": torch.ones(256, 512, device="cuda"), "w2": torch.ones(512, 256, device="cuda")}
-    h = store.grads_to_host(key, g)
-    h.wait()
-    assert all(not t.is_cuda and t.is_pinned() for t in h.tensors.values())
+    assert store.gpu.arena.numel() == 4 * store.weights_bytes  # 3 weight slots + 1 gradient slot
+    hosts = []
+    for v in (1.0, 2.0):  # one staging slot: the second fill must wait for the first copy
+        i, dw = store.gpu.grad_buffer()
+        for t in dw.values():
+            t.fill_(v)
+        hosts.append(store.grads_to_host(key, staging=i))
+    for v, h in zip((1.0, 2.0), hosts):
+        h.wait()
+        assert set(h.tensors) == {"w1", "w2"}
+        assert all(not t.is_cuda and t.is_pinned() and bool((t == v).all()) for t in h.tensors.values())
+    with pytest.raises(ValueError, match="staging"):
+        store.grads_to_host(key, {"w1": torch.ones(256, 512, device="cuda")})
     store.release([key])

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def gpu_cfg(data_dir, run_dir, precision="bf16", **sections):
     sections.setdefault("train", {}).update(device="cuda", precision=precision)
     ex = sections.setdefault("experts", {})
-    ex.setdefault("gpu_budget", 3 * 32768)  # 3 GPU slots for 8 experts: every step copies
+    ex.setdefault("gpu_budget", 3 * 32768)  # 2 GPU slots + 1 gradient slot for 8 experts: every step copies
     ex.setdefault("ram_budget", 6 * 240_000)  # 6 records: 2 in use, 2 waiting for AdamW, 2 feeding H2D copies
     return tiny(data_dir, run_dir, **sections)
 
@@ -49,7 +49,7 @@ def test_gpu_tier_stays_within_budget_and_resumes(data_dir, tmp_path):
         t.fit(until=7)
         gpu = t.runtime.store.gpu
         assert gpu.arena.numel() <= 3 * 32768
-        assert gpu.num_slots == 3 * 32768 // t.runtime.store.weights_bytes
+        assert gpu.num_slots + gpu.grad_slots == 3 * 32768 // t.runtime.store.weights_bytes
     finally:
         t.close()
     ref = train(gpu_cfg(data_dir, tmp_path / "ref", train=dict(steps=10)), log=lambda s: None)

@@ -90,7 +90,7 @@ class ExpertsConfig:
     async_adam: bool = True  # run the expert AdamW in a worker thread while backward continues
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
-    adam_threads: int = 0
+    adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all
 
 
 @dataclass
@@ -250,7 +250,7 @@ def validate(cfg: Config) -> None:
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0")
     if e.adam_threads < 0:
-        raise ConfigError(f"experts.adam_threads = {e.adam_threads}: use 0 (all cores) or a positive count")
+        raise ConfigError(f"experts.adam_threads = {e.adam_threads}: use 0 (the default: all cores, less two on 8+ cores) or a positive count")
     if e.prefetch_depth < 0 or e.io_threads <= 0:
         raise ConfigError("experts.prefetch_depth must be >= 0 and experts.io_threads > 0")
     ram = parse_bytes(e.ram_budget, "experts.ram_budget")
@@ -261,7 +261,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"experts.ram_budget = {e.ram_budget!r} ({ram} B) holds fewer than 2 expert records of "
                 f"{record} B each; raise it to at least {2 * record} B ({math.ceil(2 * record / 2**20)}MiB)")
-        if cfg.device().startswith("cuda") and gpu < 2 * weights:
+        if cfg.device().startswith("cuda") and gpu < 3 * weights:
             raise ConfigError(
-                f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 2 experts of {weights} B; "
-                f"raise it to at least {2 * weights} B ({math.ceil(2 * weights / 2**20)}MiB)")
+                f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 3 experts of {weights} B (two "
+                f"being computed, one staging gradients); raise it to at least {3 * weights} B "
+                f"({math.ceil(3 * weights / 2**20)}MiB)")

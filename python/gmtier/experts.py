@@ -98,11 +98,12 @@ class ExpertRuntime:
         gpu_bytes = parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget") if self.device.type == "cuda" else 0
         self.store = TieredExpertStore.open(
             path, ram_bytes=parse_bytes(cfg.experts.ram_budget, "experts.ram_budget"), gpu_bytes=gpu_bytes,
-            device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct)
+            device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct,
+            gpu_grad_slots=gpu_grad_slots(gpu_bytes, cfg.expert_bytes()[0]))
         self._check_geometry(path, record_schema(m.d_model, m.d_ff, self.dtype))
         t = cfg.train
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
-                          threads=cfg.experts.adam_threads or None)
+                          threads=cfg.experts.adam_threads or default_adam_threads())
         self.lr, self.grad_scale = t.lr, 1.0
         self.step_skipped = 0
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
@@ -119,9 +120,14 @@ class ExpertRuntime:
         # RAM slots left for read-ahead once those pins are counted: prefetching more than fits
         # would only evict records before their use and read them twice.
         self.prefetch_room = max(0, self.store.ram_slots - in_copy - 2 - self.max_pending)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gmtier-adam") if self.max_pending else None
+        # Two workers: while one waits for its expert's dW to reach RAM (or does its bookkeeping),
+        # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
+        # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
+        workers = min(2, self.max_pending)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gmtier-adam") if self.max_pending else None
         self.pending: list[Future] = []
         self.model = None
+        self.write_behind = False
         self.predicted: dict[int, set[int]] = {}
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0, "wait_s": 0.0}
@@ -177,34 +183,40 @@ class ExpertRuntime:
         # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
         all_in_ram = self.store.ram_slots >= len(self.switch_layers) * self.n_experts + self.max_pending + 2
         model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and not all_in_ram else None
+        # Records that stay in RAM are written at the commit only; otherwise each is written as
+        # soon as its update is done, overlapping the reads that follow.
+        self.write_behind = not all_in_ram
 
     def committed_step(self) -> int | None:
         meta = self.store.user_meta()
         return json.loads(meta).get("step") if meta else None
 
     # ---- forward / backward of one layer ------------------------------------------------------
-    def _acquire(self, key):
-        t0 = time.perf_counter()
-        w = self.store.acquire(key, priority=10)
-        self.stats["wait_s"] += time.perf_counter() - t0
-        return w
+    def _prefetch(self, keys, priority: int, sections: str) -> None:
+        """Read-ahead into RAM. For forward ("weights"), experts whose current weights are on the
+        GPU need nothing from RAM and are skipped."""
+        if sections == "weights":
+            keys = [k for k in keys if not self.store.gpu.holds(k)]
+        if keys:
+            self.store.prefetch(keys, priority=priority, sections=sections)
 
-    def _each_expert(self, layer: int, counts: list[int], compute, done) -> None:
+    def _each_expert(self, layer: int, counts: list[int], compute, done, sections: str) -> None:
         """For every expert with tokens, in order: `compute(e, start, n, w1, w2)` (enqueues its
         kernels), then acquire the next expert (its read and H2D copy overlap that compute),
-        then `done(key)` (release, or hand over to the AdamW)."""
+        then `done(key)` (release, or hand over to the AdamW). `sections`: what of the record
+        the step needs in RAM ("weights" in forward, "all" in backward)."""
         keys = [(layer, e) for e, c in enumerate(counts) if c]
         if not keys:
             return
         starts = _offsets(counts)
         room = self.prefetch_room if self.cfg.experts.prefetch else 0
-        w = self._acquire(keys[0])
+        w = self.store.acquire(keys[0], priority=10, sections=sections)
         for i, key in enumerate(keys):
             if room:
-                self.store.prefetch(keys[i + 2: i + 2 + room], priority=5)
+                self._prefetch(keys[i + 2: i + 2 + room], 5, sections)
             e = key[1]
             compute(e, starts[e], counts[e], w["w1"], w["w2"])
-            w = self._acquire(keys[i + 1]) if i + 1 < len(keys) else None
+            w = self.store.acquire(keys[i + 1], priority=10, sections=sections) if i + 1 < len(keys) else None
             done(key)
 
     def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -215,7 +227,7 @@ class ExpertRuntime:
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
                 out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
 
-        self._each_expert(layer, counts, compute, lambda key: self.store.release([key]))
+        self._each_expert(layer, counts, compute, lambda key: self.store.release([key]), "weights")
         return out
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -225,14 +237,19 @@ class ExpertRuntime:
             # Backward walks the layers in reverse, and forward already told us which experts the
             # previous Switch layer used: read them ahead exactly.
             prev = self.used.get(layer - 1, [])[-self.prefetch_room:] if self.prefetch_room else []
-            self.store.prefetch([(layer - 1, e) for e in reversed(prev)], priority=1)
+            self._prefetch([(layer - 1, e) for e in reversed(prev)], 1, "all")
+
+        gpu = self.store.gpu if self.store.gpu.cuda else None
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
-                gx, grads[e] = expert_ffn_backward(x_sorted[s:s + n].to(w1.dtype), w1, w2, grad_out[s:s + n].to(w1.dtype))
+                staging, dw = gpu.grad_buffer() if gpu is not None else (None, None)
+                gx, dw = expert_ffn_backward(x_sorted[s:s + n].to(w1.dtype), w1, w2, grad_out[s:s + n].to(w1.dtype),
+                                             out=dw)
                 dx[s:s + n] = gx.to(dx.dtype)
+                grads[e] = self.store.grads_to_host((layer, e), dw, staging=staging)
 
-        self._each_expert(layer, counts, compute, lambda key: self._update(key, grads.pop(key[1])))
+        self._each_expert(layer, counts, compute, lambda key: self._update(key, grads.pop(key[1])), "all")
         return dx
 
     # ---- the expert update --------------------------------------------------------------------
@@ -240,17 +257,21 @@ class ExpertRuntime:
         self.lr, self.grad_scale = lr, grad_scale
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
 
-    def _update(self, key, grads: dict[str, torch.Tensor]) -> None:
-        """dW to pinned RAM (async D2H on CUDA), then AdamW on the record where it lives (in a
-        worker thread when async), then mark dirty (which drops the stale GPU copy) and release."""
-        host = self.store.grads_to_host(key, grads)
+    def _update(self, key, host) -> None:
+        """With dW on its way to pinned RAM (`host`, a GradsOnHost), AdamW on the record where it
+        lives (in a worker thread when async); then the record is dirty, its GPU copy gets the new
+        weights, its write-back starts at once when RAM cannot hold every record (so the slot is
+        clean by the time a read needs it), and it is released."""
         lr, scale = self.lr, self.grad_scale
 
         def run():
             t0 = time.perf_counter()
             host.wait()
             skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
-            self.store.mark_dirty([key])
+            if not skipped:  # a skipped update wrote nothing
+                self.store.mark_dirty([key], refresh_gpu=True)
+                if self.write_behind:
+                    self.store.write_back([key])
             self.store.release([key])
             return time.perf_counter() - t0, skipped
 
@@ -301,7 +322,7 @@ class ExpertRuntime:
             self.predicted[slot] = set(experts)
             room = self.prefetch_room if rank == 0 else self.prefetch_room // 2  # the nearest layer first
             if room:
-                self.store.prefetch([(slot, e) for e in experts[:room]], priority=2 - rank)
+                self._prefetch([(slot, e) for e in experts[:room]], 2 - rank, "weights")
 
     def observe(self, slot: int, counts: list[int]) -> None:
         """The real routing of layer `slot`: score the prediction made for it."""
@@ -323,7 +344,13 @@ class ExpertRuntime:
             out["prefetch_per_layer"] = [
                 {"precision": s["tp"] / max(1, s["tp"] + s["fp"]), "recall": s["tp"] / max(1, s["tp"] + s["fn"])}
                 for s in self.layer_stats]
-        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "wait_s")})
+        # Time the step waited for experts: the host blocked on reads into RAM, plus the GPU's
+        # compute stream stalled on H2D copies (timed on the GPU).
+        host_wait, self.store.host_wait_s = self.store.host_wait_s, 0.0
+        gpu_stall = self.store.gpu.gpu_stall_s()
+        self.stats.update(host_wait_s=host_wait, gpu_stall_s=gpu_stall, wait_s=host_wait + gpu_stall)
+        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "wait_s", "host_wait_s",
+                                              "gpu_stall_s")})
         out.update(self._tier_metrics())
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
@@ -357,6 +384,23 @@ class ExpertRuntime:
         self.store.close()
 
 
+def default_adam_threads() -> int:
+    """AdamW threads when experts.adam_threads = 0: all cores but two on a big machine, so the
+    thread that launches the GPU work and the I/O completions are not starved; all on a small one."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return n - 2 if n >= 8 else n
+
+
+def gpu_grad_slots(gpu_bytes: int, weights_bytes: int) -> int:
+    """GPU slots that stage expert gradients: two (one being filled while the other drains to
+    RAM) where the budget holds at least six experts, else one."""
+    if not gpu_bytes:
+        return 0
+    return 2 if gpu_bytes // weights_bytes >= 6 else 1
+
+
 def _offsets(counts: list[int]) -> list[int]:
     out, s = [], 0
     for c in counts:
@@ -365,11 +409,15 @@ def _offsets(counts: list[int]) -> list[int]:
     return out
 
 
-def expert_ffn_backward(x, w1, w2, dy):
+def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None):
     """Gradients of `expert_ffn` by hand (no autograd graph over the store's views):
-    returns (dx, {"w1": dW1, "w2": dW2})."""
+    returns (dx, {"w1": dW1, "w2": dW2}); dW is written into `out`'s tensors when given (a GPU
+    staging slot)."""
     a = torch.nn.functional.linear(x, w1)
     h = torch.nn.functional.gelu(a)
-    dw2 = dy.t().mm(h)
+    if out is None:
+        out = {"w1": torch.empty_like(w1), "w2": torch.empty_like(w2)}
+    torch.mm(dy.t(), h, out=out["w2"])
     da = torch.ops.aten.gelu_backward(dy.mm(w2), a)
-    return da.mm(w1), {"w1": da.t().mm(x), "w2": dw2}
+    torch.mm(da.t(), x, out=out["w1"])
+    return da.mm(w1), out

@@ -142,13 +142,16 @@ class TieredExpertStore:
 
     @classmethod
     def open(cls, path, ram_bytes: int, gpu_bytes: int = 0, device=None, io_threads: int = 8,
-             queue_depth: int = 32, direct: bool = True, pin_memory: bool = True) -> "TieredExpertStore":
-        """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`)."""
+             queue_depth: int = 32, direct: bool = True, pin_memory: bool = True,
+             gpu_grad_slots: int = 0) -> "TieredExpertStore":
+        """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`),
+        `gpu_grad_slots` of whose slots stage expert gradients."""
         core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
                                       queue_depth=queue_depth, direct=direct)
-        return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory)
+        return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory, gpu_grad_slots=gpu_grad_slots)
 
-    def __init__(self, core: "_core.ExpertStore", gpu_bytes: int = 0, device=None, pin_memory: bool = True):
+    def __init__(self, core: "_core.ExpertStore", gpu_bytes: int = 0, device=None, pin_memory: bool = True,
+                 gpu_grad_slots: int = 0):
         from gmtier.tiers import GpuTier
 
         self.core = core
@@ -173,10 +176,10 @@ class TieredExpertStore:
         self._slot_views: dict[int, dict] = {}
         self._lock = threading.RLock()
         self._ram_slot: dict[Key, int] = {}  # pinned by acquire(): key -> RAM slot
-        self._acquired: dict[Key, int] = {}  # acquire() count per key
+        self._acquired: dict[Key, list[bool]] = {}  # per acquire() of a key: whether it pinned the RAM record
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.gpu = GpuTier(self, gpu_bytes, self.device)
-        self._d2h_stream = None
+        self.gpu = GpuTier(self, gpu_bytes, self.device, grad_slots=gpu_grad_slots)
+        self.host_wait_s = 0.0  # time acquire() blocked for records to reach RAM
         self._closed = False
 
     # ---- layout and views ------------------------------------------------------------------------
@@ -236,23 +239,29 @@ class TieredExpertStore:
         plain = []
         with self._lock:
             for k in keys:
-                n = self._acquired.get(k, 0)
-                if n:
-                    self._acquired[k] = n - 1
-                    if n == 1:
-                        del self._acquired[k]
-                        self._ram_slot.pop(k, None)
-                    self.gpu.release([k])  # GPU pin; the RAM pin goes once the H2D copy is done
-                else:
+                ram_pinned = self._release_acquired(k)
+                if ram_pinned is None:
                     plain.append(k)
+                else:  # GPU pin; the RAM pin goes once the H2D copy that read it is done
+                    self.gpu.release([k], ram_pinned=ram_pinned)
         if plain:
             self.core.release(plain)
 
-    def mark_dirty(self, keys: Sequence[Key]) -> None:
-        """The RAM records changed (e.g. by Adam): write back before eviction; GPU copies are stale."""
+    def mark_dirty(self, keys: Sequence[Key], refresh_gpu: bool = False) -> None:
+        """The RAM records changed (e.g. by Adam): write back before eviction. Their GPU copies
+        are stale: dropped, or with `refresh_gpu` (acquired keys only) overwritten by the new
+        weights, which is what the next forward wants."""
         keys = [tuple(k) for k in keys]
         self.core.mark_dirty(keys)
-        self.gpu.invalidate(keys)
+        if not refresh_gpu:
+            self.gpu.invalidate(keys)
+            return
+        with self._lock:
+            for k in keys:
+                slot = self._ram_slot.get(k)
+                if slot is None:
+                    raise ValueError(f"mark_dirty(refresh_gpu=True) of expert {k}, which is not acquire()d")
+                self.gpu.refresh(k, slot)
 
     def write_back(self, keys: Sequence[Key]) -> None:
         """Start writing these experts' dirty RAM records back now (write-behind, asynchronous;
@@ -273,22 +282,44 @@ class TieredExpertStore:
         return self.core.user_meta()
 
     # ---- the compute device ----------------------------------------------------------------------
-    def acquire(self, key: Key, priority: int = 0, timeout: float | None = None) -> dict[str, torch.Tensor]:
+    def acquire(self, key: Key, priority: int = 0, timeout: float | None = None,
+                sections: str = "all") -> dict[str, torch.Tensor]:
         """The expert's weights on the compute device (GPU tier; RAM views on CPU), ready for the
-        current stream. Pins the RAM record too (so `adam_step` can update it); `release` once."""
+        current stream; `release` once. With `sections="all"` the whole RAM record is pinned too
+        (so `adam_step` can update it). With `sections="weights"` (forward) a current GPU copy is
+        used as it is, without the RAM record; else only the weights section is read into RAM."""
         key = tuple(key)
-        slot = self._wait_reaping(self.core.request([key], priority), timeout)[0]
+        if sections == "weights":
+            with self._lock:
+                views = self.gpu.acquire_resident(key)
+                if views is not None:
+                    self._acquired.setdefault(key, []).append(False)
+                    return views
+        t0 = time.perf_counter()
+        ticket = self.core.request([key], priority) if sections == "all" else self.request([key], priority, sections)
+        slot = self._wait_reaping(ticket, timeout)[0]
+        self.host_wait_s += time.perf_counter() - t0
         with self._lock:
             self._ram_slot[key] = slot
-            self._acquired[key] = self._acquired.get(key, 0) + 1
+            self._acquired.setdefault(key, []).append(True)
             try:
                 return self.gpu.acquire(key, slot)
             except BaseException:
-                self._acquired[key] -= 1
-                if not self._acquired[key]:
-                    del self._acquired[key]
+                self._release_acquired(key)
                 self.core.release([key])
                 raise
+
+    def _release_acquired(self, key: Key) -> bool | None:
+        """Pop one acquire() of `key`: whether it pinned the RAM record (None: not acquired)."""
+        stack = self._acquired.get(key)
+        if not stack:
+            return None
+        ram_pinned = stack.pop()
+        if not stack:
+            del self._acquired[key]
+        if not any(stack):
+            self._ram_slot.pop(key, None)
+        return ram_pinned
 
     def _wait_reaping(self, ticket, timeout: float | None) -> list[int]:
         """Wait for a ticket. On CUDA, RAM records feeding finished H2D copies stay pinned until
@@ -312,25 +343,17 @@ class TieredExpertStore:
             raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
         return self.slot_views(slot)
 
-    def grads_to_host(self, key: Key, grads: Mapping[str, torch.Tensor]) -> GradsOnHost:
-        """Copy gradients to pinned host memory on a side stream (async); `.wait()` before use."""
-        if not any(g.is_cuda for g in grads.values()):
-            return GradsOnHost({n: g.detach() for n, g in grads.items()})
-        cur = torch.cuda.current_stream()
-        if self._d2h_stream is None:
-            self._d2h_stream = torch.cuda.Stream(device=cur.device)
-        s = self._d2h_stream
-        s.wait_stream(cur)
-        out = {}
-        with torch.cuda.stream(s):
-            for n, g in grads.items():
-                host = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
-                host.copy_(g.detach(), non_blocking=True)
-                g.record_stream(s)
-                out[n] = host
-            ev = torch.cuda.Event()
-            ev.record(s)
-        return GradsOnHost(out, ev)
+    def grads_to_host(self, key: Key, grads: Mapping[str, torch.Tensor] | None = None,
+                      staging: int | None = None) -> GradsOnHost:
+        """An expert's gradients in host memory for `adam_step`: CPU tensors as they are, or GPU
+        staging slot `staging` (from `gpu.grad_buffer()`) copied to pinned RAM asynchronously;
+        `.wait()` before reading."""
+        if staging is not None:
+            return GradsOnHost(*self.gpu.grads_to_host(staging))
+        if any(g.is_cuda for g in grads.values()):
+            raise ValueError(f"grads_to_host({tuple(key)}): CUDA gradients must be computed into a GPU staging "
+                             "slot (gpu.grad_buffer()) so they stay within the GPU budget")
+        return GradsOnHost({n: g.detach() for n, g in grads.items()})
 
     def adam_step(self, key: Key, grads: Mapping[str, torch.Tensor], lr: float, grad_scale: float = 1.0,
                   beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,

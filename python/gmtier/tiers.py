@@ -9,6 +9,11 @@ Ordering, all on the device, never the host:
   without blocking at each call, or waited for by `drain`), so the DMA never reads a slot that
   is being refilled.
 
+Expert gradients live inside the same budget: `grad_slots` slots of the arena (the weights'
+size and layout) stage one expert's dW each until its D2H copy to pinned RAM has finished, so
+the experts never take more GPU memory than `gpu_bytes`, however far backward runs ahead of the
+copies.
+
 On a CPU-only machine (or gpu_bytes == 0 on CPU) the tier serves the RAM views of the weights.
 """
 
@@ -25,29 +30,38 @@ from gmtier._core import SlotPool
 class GpuTier:
     """Weights of experts on the compute device."""
 
-    def __init__(self, store, gpu_bytes: int, device: torch.device):
+    def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0):
         self.store = store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._lock = threading.RLock()
-        self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0}
+        self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0,
+                  "d2h_bytes": 0, "grad_wait_s": 0.0}
         self._weight_names = {t.name for t in store.layout if t.section == "weights"}
+        self._stalls: list[tuple] = []  # (before, after) timing events around waits for copies
         if not self.cuda:
             self.num_slots = 0
             return
         wb = store.weights_bytes
         if wb == 0:
             raise ValueError("the record schema has no 'weights' section: nothing to put on the GPU")
-        self.num_slots = int(gpu_bytes) // wb
-        if self.num_slots == 0:
-            raise ValueError(f"GPU budget of {int(gpu_bytes)} bytes is smaller than one expert's weights "
-                             f"({wb} bytes); raise gpu_bytes to at least {wb}")
-        self.arena = torch.empty(self.num_slots * wb, dtype=torch.uint8, device=self.device)
+        total = int(gpu_bytes) // wb
+        self.grad_slots = int(grad_slots)
+        self.num_slots = total - self.grad_slots
+        if self.num_slots < 1:
+            need = (1 + self.grad_slots) * wb
+            raise ValueError(f"GPU budget of {int(gpu_bytes)} bytes holds {total} expert weight slots of {wb} bytes, "
+                             f"fewer than 1 + {self.grad_slots} for gradients; raise gpu_bytes to at least {need}")
+        self.arena = torch.empty(total * wb, dtype=torch.uint8, device=self.device)
         self.pool = SlotPool(self.num_slots)
         self.copy_stream = torch.cuda.Stream(device=self.device)
         self.ready: list = [None] * self.num_slots
         self.free_after: list = [None] * self.num_slots
         self._views = [self._make_views(g) for g in range(self.num_slots)]
+        self._grad_views = [self._make_views(self.num_slots + i) for i in range(self.grad_slots)]
+        self._grad_busy: list = [None] * self.grad_slots  # D2H copy event of each staging slot
+        self._next_grad = 0
+        self.d2h_stream = torch.cuda.Stream(device=self.device)
         self._inflight: list[tuple] = []  # (event, key): RAM pins held until the copy is done
         self._stale: set = set()
 
@@ -86,35 +100,90 @@ class GpuTier:
                     if n in self._weight_names}
         with self._lock:
             self._reap()
-            stream = torch.cuda.current_stream(self.device)
             slot, hit, _evicted = self.pool.acquire(tuple(key), 0, True)
             if hit:
                 self.m["hits"] += 1
             else:
                 self.m["misses"] += 1
-                t0 = time.perf_counter()
-                src = self.store.weights_bytes_view(ram_slot)
-                cs = self.copy_stream
-                if self.free_after[slot] is not None:
-                    cs.wait_event(self.free_after[slot])
-                with torch.cuda.stream(cs):
-                    wb = self.store.weights_bytes
-                    self.arena[slot * wb:(slot + 1) * wb].copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(cs)
-                self.ready[slot] = ev
-                self.m["h2d_bytes"] += self.store.weights_bytes
-                self.m["h2d_copies"] += 1
-                self.m["copy_issue_s"] += time.perf_counter() - t0
-            if self.ready[slot] is not None:
-                stream.wait_event(self.ready[slot])
+                self._copy_in(slot, ram_slot)
+            self._wait_ready(slot)
             return self._views[slot]
 
-    def release(self, keys) -> None:
-        """Drop one GPU pin per key (the consumer's stream marks when the slot is free) and the
-        RAM pin the matching acquire() took (after the copy that read it has finished)."""
+    def acquire_resident(self, key) -> dict[str, torch.Tensor] | None:
+        """Weights of `key` if the tier holds a current copy (pinned, ready for the current
+        stream, no RAM record involved; `release(..., ram_pinned=False)`), else None."""
         if not self.cuda:
-            self.store.core.release([tuple(k) for k in keys])
+            return None
+        key = tuple(key)
+        with self._lock:
+            slot = self.pool.lookup(key)
+            if slot is None or key in self._stale:
+                return None
+            self._reap()
+            self.pool.acquire(key, 0, True)
+            self.m["hits"] += 1
+            self._wait_ready(slot)
+            return self._views[slot]
+
+    def holds(self, key) -> bool:
+        """Whether the tier holds a current copy of `key`'s weights."""
+        if not self.cuda:
+            return False
+        key = tuple(key)
+        with self._lock:
+            return self.pool.lookup(key) is not None and key not in self._stale
+
+    def refresh(self, key, ram_slot: int) -> None:
+        """The pinned RAM record of `key` (in `ram_slot`) was updated: copy its new weights over
+        the GPU copy rather than dropping it, so the next forward finds them on the GPU. Called
+        once the kernels that read the old weights have finished (AdamW ran on their dW)."""
+        if not self.cuda:
+            return
+        key = tuple(key)
+        with self._lock:
+            slot = self.pool.lookup(key)
+            if slot is None:
+                return
+            self._stale.discard(key)
+            self._copy_in(slot, ram_slot)
+
+    def _copy_in(self, slot: int, ram_slot: int) -> None:
+        """Copy RAM slot `ram_slot`'s weights into GPU slot `slot` on the copy stream, after the
+        last reader of the GPU slot; `ready[slot]` marks the end of the copy."""
+        t0 = time.perf_counter()
+        wb = self.store.weights_bytes
+        cs = self.copy_stream
+        if self.free_after[slot] is not None:
+            cs.wait_event(self.free_after[slot])
+        with torch.cuda.stream(cs):
+            self.arena[slot * wb:(slot + 1) * wb].copy_(self.store.weights_bytes_view(ram_slot), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(cs)
+        self.ready[slot] = ev
+        self.m["h2d_bytes"] += wb
+        self.m["h2d_copies"] += 1
+        self.m["copy_issue_s"] += time.perf_counter() - t0
+
+    def _wait_ready(self, slot: int) -> None:
+        """Make the current stream wait for GPU slot `slot`'s last copy; time the wait on the GPU
+        when the copy has not finished yet."""
+        ready = self.ready[slot]
+        if ready is None or ready.query():
+            return
+        stream = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        stream.wait_event(ready)
+        after.record(stream)
+        self._stalls.append((before, after))
+
+    def release(self, keys, ram_pinned: bool = True) -> None:
+        """Drop one GPU pin per key (the consumer's stream marks when the slot is free) and, with
+        `ram_pinned`, the RAM pin the matching acquire() took (after the copy that read it has
+        finished)."""
+        if not self.cuda:
+            if ram_pinned:
+                self.store.core.release([tuple(k) for k in keys])
             return
         with self._lock:
             stream = torch.cuda.current_stream(self.device)
@@ -130,8 +199,9 @@ class GpuTier:
                 if k in self._stale and self.pool.pins(slot) == 0:
                     self._stale.discard(k)
                     self.pool.invalidate(k)
-                # The last copy into this slot read the RAM record: keep the RAM pin until it is done.
-                self._inflight.append((self.ready[slot], k))
+                if ram_pinned:
+                    # The last copy into this slot read the RAM record: keep the RAM pin until it is done.
+                    self._inflight.append((self.ready[slot], k))
             self._reap()
 
     def invalidate(self, keys) -> None:
@@ -148,6 +218,50 @@ class GpuTier:
                     self._stale.add(k)  # dropped at its last release
                 else:
                     self.pool.invalidate(k)
+
+    # ---- expert gradients ------------------------------------------------------------------------
+    def grad_buffer(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """A staging slot for one expert's dW (tensors named and shaped like the weights), to be
+        filled on the current stream and then handed to `grads_to_host`. Waits for the D2H copy
+        that last read the slot, so the gradients in flight stay within the budget."""
+        i = self._next_grad
+        self._next_grad = (i + 1) % self.grad_slots
+        ev = self._grad_busy[i]
+        if ev is not None and not ev.query():
+            t0 = time.perf_counter()
+            ev.synchronize()
+            self.m["grad_wait_s"] += time.perf_counter() - t0
+        self._grad_busy[i] = None
+        return i, self._grad_views[i]
+
+    def grads_to_host(self, i: int):
+        """Copy staging slot `i` to a pinned host buffer on the D2H stream, after the current
+        stream's work; returns the host tensors (named like the weights) and the copy's event."""
+        wb = self.store.weights_bytes
+        host = torch.empty(wb, dtype=torch.uint8, pin_memory=True)
+        s = self.d2h_stream
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            base = (self.num_slots + i) * wb
+            host.copy_(self.arena[base: base + wb], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(s)
+        self._grad_busy[i] = ev
+        self.m["d2h_bytes"] += wb
+        from gmtier.store import _views
+
+        return _views(host, self.store.layout, 0, sections=("weights",)), ev
+
+    def gpu_stall_s(self) -> float:
+        """Seconds the compute stream waited for H2D copies since the last call (synchronizes
+        with those events; call between steps)."""
+        with self._lock:
+            stalls, self._stalls = self._stalls, []
+        total = 0.0
+        for before, after in stalls:
+            after.synchronize()
+            total += before.elapsed_time(after) / 1e3
+        return total
 
     def metrics(self) -> dict:
         m = dict(self.m)

@@ -63,27 +63,92 @@ def disk_read_rate(path: Path, max_bytes: int = 4 << 30, threads: int = 8) -> tu
     return nbytes / seconds / GB, direct
 
 
-def disk_write_rate(directory: Path, nbytes: int = 1 << 30, piece: int = 16 << 20) -> float:
-    """O_DIRECT write rate (GB/s) of a scratch file beside the store, fsync included."""
+def _write_probe(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4) -> float:
+    """Write `nbytes` to `path` with O_DIRECT pwrites of `piece` bytes on `threads` threads (the
+    store's own write pattern), fsync included; returns the seconds taken."""
     import mmap
+    import threading
 
-    path = directory / "write-probe.bin"
     buf = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(4096) * (piece // 4096))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(path, flags, 0o644)
     except OSError:  # a filesystem without O_DIRECT
         fd = os.open(path, flags & ~getattr(os, "O_DIRECT", 0), 0o644)
+    n_pieces = max(1, nbytes // piece)
+    next_piece = iter(range(n_pieces))
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = next(next_piece, None)
+            if i is None:
+                return
+            os.pwrite(fd, buf, i * piece)  # releases the GIL
+
     try:
         t0 = time.perf_counter()
-        for _ in range(nbytes // piece):
-            os.write(fd, buf)
+        workers = [threading.Thread(target=worker) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
         os.fsync(fd)
-        return nbytes / (time.perf_counter() - t0) / GB
+        return time.perf_counter() - t0
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
+
+
+def disk_write_rate(directory: Path, nbytes: int = 1 << 30) -> float:
+    """O_DIRECT write rate (GB/s) of a scratch file beside the store, fsync included."""
+    return nbytes / _write_probe(directory / "write-probe.bin", nbytes) / GB
+
+
+def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gbps: float,
+                    seconds: float = 2.0) -> dict:
+    """Reads of the store's file and writes of a scratch file at the same time, sized so that
+    each alone would take `seconds`: whether the disk moves both at once (full duplex) or shares
+    one budget. Returns the rates each achieved and `total_gbps` = all bytes / elapsed."""
+    import threading
+
+    from gmtier import _core
+
+    size = read_path.stat().st_size // 4096 * 4096
+    read_bytes = int(read_gbps * GB * seconds) // 4096 * 4096
+    ranges, left = [], read_bytes  # the file read over again where it is smaller
+    while left > 0:
+        ranges.append((0, min(size, left)))
+        left -= ranges[-1][1]
+    write_bytes = int(write_gbps * GB * seconds) // (4 << 20) * (4 << 20)
+    result: dict = {}
+
+    def reader():
+        t = time.perf_counter()
+        _core.raw_read(str(read_path), ranges, 4 << 20, 8, True)
+        result["read_s"] = time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=reader)
+    th.start()
+    write_s = _write_probe(directory / "mixed-probe.bin", write_bytes)
+    th.join()
+    elapsed = time.perf_counter() - t0
+    return {"read_gbps": read_bytes / result["read_s"] / GB, "write_gbps": write_bytes / write_s / GB,
+            "total_gbps": (read_bytes + write_bytes) / elapsed / GB}
+
+
+def disk_time(read_bytes: float, write_bytes: float, read_gbps: float, write_gbps: float, total_gbps: float) -> float:
+    """Least time to read and write these bytes: each direction at its own rate; and both
+    together either one after the other or at once at the combined rate measured while they
+    ran at the same time, whichever is faster."""
+    if not read_bytes and not write_bytes:
+        return 0.0
+    serial = read_bytes / (read_gbps * GB) + write_bytes / (write_gbps * GB)
+    together = (read_bytes + write_bytes) / (total_gbps * GB) if total_gbps else serial
+    return max(read_bytes / (read_gbps * GB), write_bytes / (write_gbps * GB), min(serial, together))
 
 
 def _adam_bytes_per_param(expert_dtype: str) -> int:
@@ -178,6 +243,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         log(f"[{name}] hardware ceilings ...")
         disk_gbps, direct = disk_read_rate(store_file)
         disk_write_gbps = disk_write_rate(store_file.parent)
+        mixed = disk_mixed_rate(store_file, store_file.parent, disk_gbps, disk_write_gbps)
         h2d_gbps = h2d_rate()
         dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
     finally:
@@ -227,8 +293,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     comp_s = compute["step_s"]
     parts = {"gpu_compute_s": comp_s,
              "pcie_s": pcie_bytes / (h2d_gbps * GB) if h2d_gbps else 0.0,
-             # Reads and writes may overlap on the device (full duplex): the lower bound takes the larger.
-             "disk_s": max(read_bytes / (disk_gbps * GB), write_bytes / (disk_write_gbps * GB)),
+             "disk_s": disk_time(read_bytes, write_bytes, disk_gbps, disk_write_gbps, mixed["total_gbps"]),
              "adam_s": adam_bytes / (dram_gbps * GB)}
     bound = max(parts.values())
     transfer_s = max(parts["pcie_s"], parts["disk_s"])
@@ -240,10 +305,13 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
+        "disk_mixed_total_gbps": mixed["total_gbps"], "disk_mixed_read_gbps": mixed["read_gbps"],
+        "disk_mixed_write_gbps": mixed["write_gbps"],
         "dram_copy_gbps": dram_gbps, "disk_read_bytes_per_step": read_bytes, "disk_write_bytes_per_step": write_bytes,
         "disk_serial_s": read_bytes / (disk_gbps * GB) + write_bytes / (disk_write_gbps * GB), "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
         "expert_updates_per_step": tiered.get("expert_updates", 0) / steps,
         "wait_for_experts_s": waited,
+        "host_wait_s": tiered.get("host_wait_s", 0.0) / steps, "gpu_stall_s": tiered.get("gpu_stall_s", 0.0) / steps,
         "transfer_hidden": None if transfer_s == 0 else max(0.0, 1 - waited / transfer_s),
         "prefetch_precision": tiered.get("prefetch_precision"), "prefetch_recall": tiered.get("prefetch_recall"),
         "prefetch_per_layer": tiered.get("prefetch_per_layer"),
@@ -267,9 +335,11 @@ def _table(results: list[dict]) -> str:
         ("bound (s)", "bound_s", "{:.3f}"), ("bound term", "bound_term", "{}"), ("step / bound", "step_over_bound", "{:.2f}"),
         ("  GPU compute (s)", "gpu_compute_s", "{:.3f}"), ("  PCIe (s)", "pcie_s", "{:.3f}"), ("  disk (s)", "disk_s", "{:.3f}"),
         ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s", "disk_read_gbps", "{:.2f}"),
-        ("disk write GB/s", "disk_write_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
+        ("disk write GB/s", "disk_write_gbps", "{:.2f}"),
+        ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
         ("DRAM copy GB/s", "dram_copy_gbps", "{:.1f}"), ("waited for experts (s)", "wait_for_experts_s", "{:.3f}"),
+        ("  host blocked on reads (s)", "host_wait_s", "{:.3f}"), ("  GPU stalled on copies (s)", "gpu_stall_s", "{:.3f}"),
         ("transfer hidden", "transfer_hidden", "{:.1%}"), ("prefetch precision", "prefetch_precision", "{:.2f}"),
         ("prefetch recall", "prefetch_recall", "{:.2f}"), ("RAM hit rate", "ram_hit_rate", "{:.2f}"),
         ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("RSS bytes", "rss_bytes", "{:.2e}"),
