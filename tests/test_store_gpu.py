@@ -69,12 +69,12 @@ def test_copy_stream_ordering(store):
     for i in range(24):
         key = (i % 2, i % 6)
         w = store.acquire(key)
-        outs.append((key, (x @ w["w1"]).float().sum()))  # queued, not synchronized
+        outs.append((key, (x.float() @ w["w1"].float()).sum()))  # queued, not synchronized
         store.release([key])
     torch.cuda.synchronize()
     for key, got in outs:
-        ref = (x.cpu().float() @ expert(*key)["w1"].float()).sum()
-        assert torch.allclose(got.cpu(), ref, rtol=2e-2, atol=1.0), key
+        ref = (x.cpu().float() @ expert(*key)["w1"].float()).sum()  # fp32 both: another expert's weights are far off
+        assert torch.allclose(got.cpu(), ref, rtol=1e-3, atol=0.1), key
 
 
 def test_grads_staged_within_the_budget(store):

@@ -193,10 +193,16 @@ class ExpertRuntime:
 
     # ---- forward / backward of one layer ------------------------------------------------------
     def _prefetch(self, keys, priority: int, sections: str) -> None:
-        """Read-ahead into RAM. For forward ("weights"), experts whose current weights are on the
-        GPU need nothing from RAM and are skipped."""
-        if sections == "weights":
-            keys = [k for k in keys if not self.store.gpu.holds(k)]
+        """Read-ahead into RAM of what `store.acquire(key, sections=...)` will read: in forward
+        ("weights") nothing for experts whose current weights are on the GPU; in backward
+        ("state") the weights too for experts the GPU lacks."""
+        if sections in ("weights", "state"):
+            on_gpu = [self.store.gpu.holds(k) for k in keys]
+            if sections == "state":
+                lacking = [k for k, g in zip(keys, on_gpu) if not g]
+                if lacking:
+                    self.store.prefetch(lacking, priority=priority, sections="all")
+            keys = [k for k, g in zip(keys, on_gpu) if g == (sections == "state")]
         if keys:
             self.store.prefetch(keys, priority=priority, sections=sections)
 
@@ -237,7 +243,7 @@ class ExpertRuntime:
             # Backward walks the layers in reverse, and forward already told us which experts the
             # previous Switch layer used: read them ahead exactly.
             prev = self.used.get(layer - 1, [])[-self.prefetch_room:] if self.prefetch_room else []
-            self._prefetch([(layer - 1, e) for e in reversed(prev)], 1, "all")
+            self._prefetch([(layer - 1, e) for e in reversed(prev)], 1, "state" if self.half else "all")
 
         gpu = self.store.gpu if self.store.gpu.cuda else None
 
@@ -249,7 +255,10 @@ class ExpertRuntime:
                 dx[s:s + n] = gx.to(dx.dtype)
                 grads[e] = self.store.grads_to_host((layer, e), dw, staging=staging)
 
-        self._each_expert(layer, counts, compute, lambda key: self._update(key, grads.pop(key[1])), "all")
+        # Half-precision experts: the AdamW writes the new weights from the fp32 master, so backward
+        # needs only the state in RAM when the GPU holds the weights (fp32: the weights are the master).
+        self._each_expert(layer, counts, compute, lambda key: self._update(key, grads.pop(key[1])),
+                          "state" if self.half else "all")
         return dx
 
     # ---- the expert update --------------------------------------------------------------------
@@ -269,7 +278,7 @@ class ExpertRuntime:
             host.wait()
             skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
             if not skipped:  # a skipped update wrote nothing
-                self.store.mark_dirty([key], refresh_gpu=True)
+                self.store.mark_dirty([key], refresh_gpu=True, filled="weights" if self.half else "none")
                 if self.write_behind:
                     self.store.write_back([key])
             self.store.release([key])

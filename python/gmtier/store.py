@@ -247,12 +247,13 @@ class TieredExpertStore:
         if plain:
             self.core.release(plain)
 
-    def mark_dirty(self, keys: Sequence[Key], refresh_gpu: bool = False) -> None:
+    def mark_dirty(self, keys: Sequence[Key], refresh_gpu: bool = False, filled: str = "none") -> None:
         """The RAM records changed (e.g. by Adam): write back before eviction. Their GPU copies
         are stale: dropped, or with `refresh_gpu` (acquired keys only) overwritten by the new
-        weights, which is what the next forward wants."""
+        weights, which is what the next forward wants. `filled`: sections the caller overwrote
+        whole ("weights" after an AdamW that writes them from the master), valid from now on."""
         keys = [tuple(k) for k in keys]
-        self.core.mark_dirty(keys)
+        self.core.mark_dirty(keys, filled)
         if not refresh_gpu:
             self.gpu.invalidate(keys)
             return
@@ -287,8 +288,12 @@ class TieredExpertStore:
         """The expert's weights on the compute device (GPU tier; RAM views on CPU), ready for the
         current stream; `release` once. With `sections="all"` the whole RAM record is pinned too
         (so `adam_step` can update it). With `sections="weights"` (forward) a current GPU copy is
-        used as it is, without the RAM record; else only the weights section is read into RAM."""
+        used as it is, without the RAM record; else only the weights section is read into RAM.
+        With `sections="state"` (backward of half-precision experts, whose AdamW rewrites the
+        weights from the master) only the state is read when the GPU holds the weights."""
         key = tuple(key)
+        if sections == "state" and not self.gpu.holds(key):
+            sections = "all"  # the weights must come through RAM
         if sections == "weights":
             with self._lock:
                 views = self.gpu.acquire_resident(key)
@@ -303,7 +308,7 @@ class TieredExpertStore:
             self._ram_slot[key] = slot
             self._acquired.setdefault(key, []).append(True)
             try:
-                return self.gpu.acquire(key, slot)
+                return self.gpu.acquire(key, slot, need_hit=sections == "state")
             except BaseException:
                 self._release_acquired(key)
                 self.core.release([key])

@@ -92,14 +92,17 @@ class GpuTier:
                 self._reap(block=True)
 
     # ---- the API the store uses ------------------------------------------------------------------
-    def acquire(self, key, ram_slot: int) -> dict[str, torch.Tensor]:
+    def acquire(self, key, ram_slot: int, need_hit: bool = False) -> dict[str, torch.Tensor]:
         """Weights of `key` (whose RAM record is pinned in `ram_slot`) on the device, ready for the
-        current stream. Takes one GPU pin; the RAM pin passes to the tier (released at release)."""
+        current stream. Takes one GPU pin; the RAM pin passes to the tier (released at release).
+        `need_hit`: the RAM slot lacks the weights, so the tier must already hold them."""
         if not self.cuda:
             return {n: t for n, t in self.store.slot_views(ram_slot).items()
                     if n in self._weight_names}
         with self._lock:
             self._reap()
+            if need_hit and not self.holds(key):
+                raise ValueError(f"expert {tuple(key)}: its weights are neither on the GPU tier nor in its RAM slot")
             slot, hit, _evicted = self.pool.acquire(tuple(key), 0, True)
             if hit:
                 self.m["hits"] += 1

@@ -382,3 +382,31 @@ fn concurrent_mixed_section_requests_see_verified_bytes() {
     assert_eq!(m.read_errors, 0);
     assert!(m.section_reads > 0);
 }
+
+#[test]
+fn filled_section_counts_as_valid_and_round_trips() {
+    // Backward reads only the state, the update rewrites the weights from the master copy:
+    // mark_dirty_filled(WEIGHTS) makes the whole record valid, and the new bytes persist.
+    let d = tempfile::tempdir().unwrap();
+    make(d.path(), 1, 2);
+    let k: Key = (0, 1);
+    let new = content(0, 1, 5, RB);
+    {
+        let s = ExpertStore::open(d.path(), opts(2)).unwrap();
+        let slot = get(&s, k, Sections::STATE);
+        assert!(matches!(
+            s.mark_dirty(&[k]),
+            Err(StoreError::InvalidArgument(_))
+        ));
+        unsafe { s.slot_bytes(slot) }.copy_from_slice(&new);
+        s.mark_dirty_filled(&[k], Sections::WEIGHTS).unwrap();
+        assert_eq!(s.slot_sections(slot).unwrap(), Sections::ALL);
+        assert_eq!(s.metrics().bytes_read as usize, RB - WB);
+        s.release(&[k]).unwrap();
+        s.commit("filled").unwrap();
+    }
+    let s = ExpertStore::open(d.path(), opts(2)).unwrap();
+    let slot = get(&s, k, Sections::ALL);
+    assert_eq!(bytes(&s, slot), new);
+    s.release(&[k]).unwrap();
+}

@@ -263,9 +263,16 @@ impl PyExpertStore {
         self.inner.release(&keys).map_err(to_py)
     }
 
-    /// The RAM records of these (pinned) experts changed.
-    fn mark_dirty(&self, keys: Vec<Key>) -> PyResult<()> {
-        self.inner.mark_dirty(&keys).map_err(to_py)
+    /// The RAM records of these (pinned) experts changed; `filled` ("weights", "state", "all")
+    /// names sections the caller overwrote completely, valid from now on even if never read.
+    #[pyo3(signature = (keys, filled="none"))]
+    fn mark_dirty(&self, keys: Vec<Key>, filled: &str) -> PyResult<()> {
+        let filled = if filled == "none" {
+            Sections::NONE
+        } else {
+            Sections::parse(filled).map_err(to_py)?
+        };
+        self.inner.mark_dirty_filled(&keys, filled).map_err(to_py)
     }
 
     /// Start writing these experts' dirty RAM records back now (write-behind); never waits for

@@ -758,6 +758,13 @@ impl ExpertStore {
 
     /// The RAM records of these experts were changed: write them back before eviction.
     pub fn mark_dirty(&self, keys: &[Key]) -> Result<()> {
+        self.mark_dirty_filled(keys, Sections::NONE)
+    }
+
+    /// [`Self::mark_dirty`] for a caller that has also overwritten the `filled` sections of the
+    /// records completely (e.g. an AdamW writing the new weights from the master copy), so they
+    /// count as valid even if they were never read: backward then reads only the state.
+    pub fn mark_dirty_filled(&self, keys: &[Key], filled: Sections) -> Result<()> {
         let mut g = self.sh.lock();
         for &k in keys {
             let s = g.pool.lookup(k).filter(|&s| g.pool.pins(s) > 0).ok_or_else(|| {
@@ -773,6 +780,18 @@ impl ExpertStore {
                     "mark_dirty of {} before its read finished; call ticket.wait() first",
                     key_str(k)
                 )));
+            }
+            if !filled.is_empty() {
+                if info.state == SlotState::Loading {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "mark_dirty of {} with the {} section filled while a read into its RAM slot \
+                         is running; wait for the requested sections first",
+                        key_str(k),
+                        filled.name()
+                    )));
+                }
+                info.valid = info.valid.union(filled);
+                info.want = info.want.minus(filled);
             }
             if !info.valid.contains(full) {
                 return Err(StoreError::InvalidArgument(format!(
