@@ -127,7 +127,7 @@ class ExpertRuntime:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gmtier-adam") if self.max_pending else None
         self.pending: list[Future] = []
         self.model = None
-        self.write_behind = False
+        self.write_behind = self.all_in_ram = False
         self.predicted: dict[int, set[int]] = {}
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0, "wait_s": 0.0}
@@ -181,11 +181,11 @@ class ExpertRuntime:
         # Prefetch fills the RAM tier; when the RAM budget holds every record, all experts stay
         # in RAM after their first read and predicting costs a host sync per block for nothing
         # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
-        all_in_ram = self.store.ram_slots >= len(self.switch_layers) * self.n_experts + self.max_pending + 2
-        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and not all_in_ram else None
+        self.all_in_ram = self.store.ram_slots >= len(self.switch_layers) * self.n_experts + self.max_pending + 2
+        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and not self.all_in_ram else None
         # Records that stay in RAM are written at the commit only; otherwise each is written as
         # soon as its update is done, overlapping the reads that follow.
-        self.write_behind = not all_in_ram
+        self.write_behind = not self.all_in_ram
 
     def committed_step(self) -> int | None:
         meta = self.store.user_meta()
@@ -215,7 +215,7 @@ class ExpertRuntime:
         if not keys:
             return
         starts = _offsets(counts)
-        room = self.prefetch_room if self.cfg.experts.prefetch else 0
+        room = self.prefetch_room if self.cfg.experts.prefetch and not self.all_in_ram else 0
         w = self.store.acquire(keys[0], priority=10, sections=sections)
         for i, key in enumerate(keys):
             if room:
@@ -239,7 +239,7 @@ class ExpertRuntime:
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
         dx = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
         grads = {}
-        if layer > 0 and self.cfg.experts.prefetch:
+        if layer > 0 and self.cfg.experts.prefetch and not self.all_in_ram:
             # Backward walks the layers in reverse, and forward already told us which experts the
             # previous Switch layer used: read them ahead exactly.
             prev = self.used.get(layer - 1, [])[-self.prefetch_room:] if self.prefetch_room else []

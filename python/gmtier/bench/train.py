@@ -103,13 +103,13 @@ def _write_probe(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4
         path.unlink(missing_ok=True)
 
 
-def disk_write_rate(directory: Path, nbytes: int = 1 << 30) -> float:
+def disk_write_rate(directory: Path, nbytes: int = 1 << 30, threads: int = 4) -> float:
     """O_DIRECT write rate (GB/s) of a scratch file beside the store, fsync included."""
-    return nbytes / _write_probe(directory / "write-probe.bin", nbytes) / GB
+    return nbytes / _write_probe(directory / "write-probe.bin", nbytes, threads=threads) / GB
 
 
 def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gbps: float,
-                    seconds: float = 2.0) -> dict:
+                    seconds: float = 2.0, threads: int = 8) -> dict:
     """Reads of the store's file and writes of a scratch file at the same time, sized so that
     each alone would take `seconds`: whether the disk moves both at once (full duplex) or shares
     one budget. Returns the rates each achieved and `total_gbps` = all bytes / elapsed."""
@@ -128,13 +128,13 @@ def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gb
 
     def reader():
         t = time.perf_counter()
-        _core.raw_read(str(read_path), ranges, 4 << 20, 8, True)
+        _core.raw_read(str(read_path), ranges, 4 << 20, threads, True)
         result["read_s"] = time.perf_counter() - t
 
     t0 = time.perf_counter()
     th = threading.Thread(target=reader)
     th.start()
-    write_s = _write_probe(directory / "mixed-probe.bin", write_bytes)
+    write_s = _write_probe(directory / "mixed-probe.bin", write_bytes, threads=threads)
     th.join()
     elapsed = time.perf_counter() - t0
     return {"read_gbps": read_bytes / result["read_s"] / GB, "write_gbps": write_bytes / write_s / GB,
@@ -242,9 +242,11 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     weights_bytes, record_bytes = cfg.expert_bytes()
     try:
         log(f"[{name}] hardware ceilings ...")
-        disk_gbps, direct = disk_read_rate(store_file)
-        disk_write_gbps = disk_write_rate(store_file.parent)
-        mixed = disk_mixed_rate(store_file, store_file.parent, disk_gbps, disk_write_gbps)
+        # As many requests in flight as the store's own I/O pool keeps (experts.io_threads).
+        io = cfg.experts.io_threads
+        disk_gbps, direct = disk_read_rate(store_file, threads=io)
+        disk_write_gbps = disk_write_rate(store_file.parent, threads=io)
+        mixed = disk_mixed_rate(store_file, store_file.parent, disk_gbps, disk_write_gbps, threads=io)
         h2d_gbps = h2d_rate()
         dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
     finally:
