@@ -130,7 +130,12 @@ class ExpertRuntime:
         self.write_behind = self.all_in_ram = False
         self.predicted: dict[int, set[int]] = {}
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
-        self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0, "wait_s": 0.0}
+        # adam_s: time in each update (adam_d2h_wait_s of it waiting for dW, adam_kernel_s in the
+        # AdamW); adam_backlog_s: time the step waited for updates to finish (queue full, or at
+        # its end); expert_fwd_s/expert_bwd_s: host time in the Switch layers' expert loops.
+        self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0,
+                      "adam_d2h_wait_s": 0.0, "adam_kernel_s": 0.0, "adam_backlog_s": 0.0, "wait_s": 0.0,
+                      "expert_fwd_s": 0.0, "expert_bwd_s": 0.0}
         self.layer_stats = [{"tp": 0, "fp": 0, "fn": 0} for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
 
@@ -208,22 +213,44 @@ class ExpertRuntime:
 
     def _each_expert(self, layer: int, counts: list[int], compute, done, sections: str) -> None:
         """For every expert with tokens, in order: `compute(e, start, n, w1, w2)` (enqueues its
-        kernels), then acquire the next expert (its read and H2D copy overlap that compute),
-        then `done(key)` (release, or hand over to the AdamW). `sections`: what of the record
-        the step needs in RAM ("weights" in forward, "all" in backward)."""
+        kernels), then `done([key])` (release, or hand over to the AdamW). `sections`: what of
+        the record the step needs in RAM ("weights" in forward, "state"/"all" in backward).
+
+        Experts that need no read are taken in one call up front: in forward those whose
+        current weights are on the GPU (released together at the end), in backward all of them
+        when the RAM tier holds every record. The others are paged one ahead: the next one is
+        acquired after the current one's kernels are enqueued, so its read and H2D copy overlap
+        that compute."""
         keys = [(layer, e) for e, c in enumerate(counts) if c]
         if not keys:
             return
         starts = _offsets(counts)
+        gpu_room = max(0, self.store.gpu.num_slots - 2) if self.store.gpu.cuda else len(keys)
+        if sections == "weights" and self.store.gpu.cuda:
+            ready = self.store.acquire_resident_many(keys, limit=gpu_room)
+        elif sections != "weights" and self.all_in_ram and len(keys) <= gpu_room:
+            ready = self.store.acquire_many(keys, priority=10, sections=sections)
+        else:
+            ready = {}
+        paged = [k for k in keys if k not in ready]
         room = self.prefetch_room if self.cfg.experts.prefetch and not self.all_in_ram else 0
-        w = self.store.acquire(keys[0], priority=10, sections=sections)
-        for i, key in enumerate(keys):
-            if room:
-                self._prefetch(keys[i + 2: i + 2 + room], 5, sections)
+        ahead = {paged[0]: self.store.acquire(paged[0], priority=10, sections=sections)} if paged else {}
+        j = 0  # position in `paged` of the expert acquired ahead
+        for key in keys:
+            w = ready.get(key) or ahead.pop(key)
+            if key not in ready and room:
+                self._prefetch(paged[j + 2: j + 2 + room], 5, sections)
             e = key[1]
             compute(e, starts[e], counts[e], w["w1"], w["w2"])
-            w = self.store.acquire(keys[i + 1], priority=10, sections=sections) if i + 1 < len(keys) else None
-            done(key)
+            if key not in ready:
+                j += 1
+                if j < len(paged):
+                    ahead[paged[j]] = self.store.acquire(paged[j], priority=10, sections=sections)
+                done([key])
+            elif sections != "weights":
+                done([key])  # backward: each update starts as soon as its dW is on its way
+        if sections == "weights" and ready:
+            done(list(ready))
 
     def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         self.used[layer] = [e for e, c in enumerate(counts) if c]
@@ -233,7 +260,9 @@ class ExpertRuntime:
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
                 out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
 
-        self._each_expert(layer, counts, compute, lambda key: self.store.release([key]), "weights")
+        t0 = time.perf_counter()
+        self._each_expert(layer, counts, compute, self.store.release, "weights")
+        self.stats["expert_fwd_s"] += time.perf_counter() - t0
         return out
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -257,8 +286,13 @@ class ExpertRuntime:
 
         # Half-precision experts: the AdamW writes the new weights from the fp32 master, so backward
         # needs only the state in RAM when the GPU holds the weights (fp32: the weights are the master).
-        self._each_expert(layer, counts, compute, lambda key: self._update(key, grads.pop(key[1])),
-                          "state" if self.half else "all")
+        def done(keys):
+            for key in keys:
+                self._update(key, grads.pop(key[1]))
+
+        t0 = time.perf_counter()
+        self._each_expert(layer, counts, compute, done, "state" if self.half else "all")
+        self.stats["expert_bwd_s"] += time.perf_counter() - t0
         return dx
 
     # ---- the expert update --------------------------------------------------------------------
@@ -276,32 +310,39 @@ class ExpertRuntime:
         def run():
             t0 = time.perf_counter()
             host.wait()
+            t1 = time.perf_counter()
             skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
+            t2 = time.perf_counter()
             if not skipped:  # a skipped update wrote nothing
                 self.store.mark_dirty([key], refresh_gpu=True, filled="weights" if self.half else "none")
                 if self.write_behind:
                     self.store.write_back([key])
             self.store.release([key])
-            return time.perf_counter() - t0, skipped
+            return {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}, skipped
 
         if self.pool is None:
             self._account(run())
             return
+        t0 = time.perf_counter()
         while len(self.pending) >= self.max_pending:
             self._account(self.pending.pop(0).result())
+        self.stats["adam_backlog_s"] += time.perf_counter() - t0
         self.pending.append(self.pool.submit(run))
 
     def _account(self, result) -> None:
-        dt, skipped = result
-        self.stats["adam_s"] += dt
+        times, skipped = result
+        for k, v in times.items():
+            self.stats[k] += v
         self.stats["expert_updates"] += 1
         self.stats["skipped_updates"] += int(bool(skipped))
         self.step_skipped += int(bool(skipped))
 
     def end_step(self) -> None:
         """Wait for the expert updates of this step."""
+        t0 = time.perf_counter()
         while self.pending:
             self._account(self.pending.pop(0).result())
+        self.stats["adam_backlog_s"] += time.perf_counter() - t0
         self.predicted.clear()
 
     # ---- prediction and prefetch --------------------------------------------------------------
@@ -358,8 +399,9 @@ class ExpertRuntime:
         host_wait, self.store.host_wait_s = self.store.host_wait_s, 0.0
         gpu_stall = self.store.gpu.gpu_stall_s()
         self.stats.update(host_wait_s=host_wait, gpu_stall_s=gpu_stall, wait_s=host_wait + gpu_stall)
-        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "wait_s", "host_wait_s",
-                                              "gpu_stall_s")})
+        out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "adam_d2h_wait_s",
+                                              "adam_kernel_s", "adam_backlog_s", "expert_fwd_s", "expert_bwd_s",
+                                              "wait_s", "host_wait_s", "gpu_stall_s")})
         out.update(self._tier_metrics())
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0

@@ -236,14 +236,17 @@ class TieredExpertStore:
     def release(self, keys: Sequence[Key]) -> None:
         """Unpin experts. Keys that were `acquire`d also leave the GPU tier's pin."""
         keys = [tuple(k) for k in keys]
-        plain = []
+        plain, gpu_only, gpu_and_ram = [], [], []
         with self._lock:
             for k in keys:
                 ram_pinned = self._release_acquired(k)
                 if ram_pinned is None:
                     plain.append(k)
                 else:  # GPU pin; the RAM pin goes once the H2D copy that read it is done
-                    self.gpu.release([k], ram_pinned=ram_pinned)
+                    (gpu_and_ram if ram_pinned else gpu_only).append(k)
+            for group, ram_pinned in ((gpu_only, False), (gpu_and_ram, True)):
+                if group:
+                    self.gpu.release(group, ram_pinned=ram_pinned)
         if plain:
             self.core.release(plain)
 
@@ -313,6 +316,53 @@ class TieredExpertStore:
                 self._release_acquired(key)
                 self.core.release([key])
                 raise
+
+    def acquire_many(self, keys: Sequence[Key], priority: int = 0,
+                     sections: str = "all") -> dict[Key, dict[str, torch.Tensor]]:
+        """`acquire` of several experts at once, one RAM request per kind of read and one lock:
+        for experts whose records fit the RAM tier (and weights the GPU tier) all together.
+        `release` each key once, or all in one call."""
+        keys = [tuple(k) for k in keys]
+        groups: dict[str, list] = {}
+        for k in keys:
+            need = "all" if sections == "state" and not self.gpu.holds(k) else sections
+            groups.setdefault(need, []).append(k)
+        out: dict = {}
+        try:
+            for need, ks in groups.items():
+                t0 = time.perf_counter()
+                ticket = self.core.request(ks, priority) if need == "all" else self.request(ks, priority, need)
+                slots = self._wait_reaping(ticket, None)
+                self.host_wait_s += time.perf_counter() - t0
+                with self._lock:
+                    for i, (k, slot) in enumerate(zip(ks, slots)):
+                        self._ram_slot[k] = slot
+                        self._acquired.setdefault(k, []).append(True)
+                        try:
+                            out[k] = self.gpu.acquire(k, slot, need_hit=need == "state")
+                        except BaseException:
+                            self._release_acquired(k)
+                            self.core.release(ks[i:])  # this key and the rest of its request
+                            raise
+        except BaseException:
+            self.release(list(out))
+            raise
+        return out
+
+    def acquire_resident_many(self, keys: Sequence[Key], limit: int) -> dict[Key, dict[str, torch.Tensor]]:
+        """The experts among `keys` (at most `limit`) whose current weights are on the GPU tier,
+        pinned there without their RAM records (forward); `release` each once."""
+        out: dict = {}
+        with self._lock:
+            for k in keys:
+                if len(out) >= limit:
+                    break
+                k = tuple(k)
+                views = self.gpu.acquire_resident(k)
+                if views is not None:
+                    self._acquired.setdefault(k, []).append(False)
+                    out[k] = views
+        return out
 
     def _release_acquired(self, key: Key) -> bool | None:
         """Pop one acquire() of `key`: whether it pinned the RAM record (None: not acquired)."""

@@ -195,14 +195,14 @@ class GpuTier:
                 self.store.core.release([tuple(k) for k in keys])
             return
         with self._lock:
-            stream = torch.cuda.current_stream(self.device)
+            # One event marks the end of the kernels enqueued so far: it frees every slot released here.
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
             for k in keys:
                 k = tuple(k)
                 slot = self.pool.lookup(k)
                 if slot is None:
                     raise ValueError(f"release of expert {k}, which is not on the GPU tier")
-                ev = torch.cuda.Event()
-                ev.record(stream)
                 self.free_after[slot] = ev
                 self.pool.release(k)
                 if k in self._stale and self.pool.pins(slot) == 0:
