@@ -32,6 +32,15 @@ from gmtier import config as config_mod
 GB = 1e9
 
 
+def rss_bytes() -> int:
+    """The process's resident set now (ru_maxrss, the lifetime peak, where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -170,7 +179,7 @@ def _load(path: str, overrides, work_dir: Path, name: str, extra: list[str]):
 def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False) -> dict:
     """Median step time over `steps` after `warmup`, plus the expert traffic of the timed steps."""
     cfg = trainer.cfg
-    times, traffic = [], {}
+    times, traffic, rss = [], {}, 0
     if trainer.runtime is not None:
         trainer.runtime.metrics()  # reset the counters
     for i in range(warmup + steps):
@@ -187,6 +196,7 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False) ->
             trainer.train_step(x, y)
         _sync()
         dt = time.perf_counter() - t0
+        rss = max(rss, rss_bytes())
         if i == warmup - 1 and trainer.runtime is not None:
             trainer.runtime.metrics()
         if i >= warmup:
@@ -196,7 +206,7 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False) ->
         traffic = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         traffic["prefetch_per_layer"] = m.get("prefetch_per_layer")
     times.sort()
-    return {"step_s": times[len(times) // 2], "step_s_all": times, **traffic}
+    return {"step_s": times[len(times) // 2], "step_s_all": times, "rss_bytes": rss, **traffic}
 
 
 def _resident_fits(cfg) -> bool:
@@ -223,12 +233,16 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     def run_tiered(prefetch: bool) -> tuple[dict, object]:
         cfg = _load(path, overrides, work_dir, f"{name}-tiered", [f"experts.prefetch={str(prefetch).lower()}"])
         if device == "cuda":
+            torch.cuda.init()
             torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        rss_before = rss_bytes()  # interpreter, torch, CUDA context: before the trainer exists
         tr = Trainer(cfg, fresh=True, log=quiet)
         try:
             res = _time_steps(tr, warmup, steps)
             res["max_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
+            res["rss_before_bytes"] = rss_before
             return res, tr
         except BaseException:
             tr.close()
@@ -251,7 +265,6 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
     finally:
         trainer.close()
-        rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del trainer
         gc.collect()
 
@@ -336,7 +349,10 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
         "dense_peak_bytes": dense_peak, "gpu_limit_bytes": gpu_budget + dense_peak if dense_peak else None,
         "dense_param_bytes": tiered["dense_param_bytes"],
-        "rss_bytes": rss_bytes, "ram_budget": ram_budget,
+        # Host memory: the peak RSS over the timed steps against the RAM budget plus what the
+        # process held before the trainer existed (interpreter, torch, CUDA context).
+        "rss_bytes": tiered["rss_bytes"], "ram_budget": ram_budget, "rss_before_trainer_bytes": tiered["rss_before_bytes"],
+        "rss_over_budget_and_runtime_bytes": tiered["rss_bytes"] - ram_budget - tiered["rss_before_bytes"],
         "resident_step_s": full_resident["step_s"] if full_resident else None,
         "tiered_again_step_s": again["step_s"] if again else None,
         "tiered_vs_resident": (full_resident["step_s"] / again["step_s"]) if again else None,
@@ -365,7 +381,9 @@ def _table(results: list[dict]) -> str:
         ("  updates waiting for dW D2H (s)", "adam_d2h_wait_s", "{:.3f}"),
         ("transfer hidden", "transfer_hidden", "{:.1%}"), ("prefetch precision", "prefetch_precision", "{:.2f}"),
         ("prefetch recall", "prefetch_recall", "{:.2f}"), ("RAM hit rate", "ram_hit_rate", "{:.2f}"),
-        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("RSS bytes", "rss_bytes", "{:.2e}"),
+        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("peak RSS in the steps", "rss_bytes", "{:.2e}"),
+        ("  RAM budget", "ram_budget", "{:.2e}"), ("  RSS before the trainer", "rss_before_trainer_bytes", "{:.2e}"),
+        ("  RSS beyond both", "rss_over_budget_and_runtime_bytes", "{:.2e}"),
         ("disk read+write in the step GB/s", "disk_achieved_gbps", "{:.2f}"),
         ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered step, run again (s)", "tiered_again_step_s", "{:.3f}"),
         ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
