@@ -1,32 +1,12 @@
 //! Store: bit-exact round trips, commit/reopen, clear errors, slot pool policy.
+mod common;
+use common::{content, schema};
 use gmtier_core::store::format::TensorSpec;
 use gmtier_core::store::{
     block_io, record_location, slot_status, ExpertStore, Key, Need, SlotPool, StoreError,
     StoreOptions,
 };
 use std::path::Path;
-
-fn schema() -> Vec<TensorSpec> {
-    vec![
-        TensorSpec::new("w1", "bf16", &[32, 64], "weights").unwrap(),
-        TensorSpec::new("w2", "bfloat16", &[64, 32], "weights").unwrap(),
-        TensorSpec::new("w1.master", "f32", &[32, 64], "state").unwrap(),
-        TensorSpec::new("step", "i64", &[1], "state").unwrap(),
-    ]
-}
-
-/// Deterministic pseudo-random record content for (layer, expert, version).
-fn content(l: usize, e: usize, v: u64, n: usize) -> Vec<u8> {
-    let mut x = (l as u64 * 1_000_003 + e as u64 * 7919 + v * 104_729) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn opts(ram_bytes: usize) -> StoreOptions {
     StoreOptions {

@@ -1,5 +1,6 @@
 //! Section reads: only the sections asked for are read and verified against their own crc32.
-use gmtier_core::store::format::TensorSpec;
+mod common;
+use common::{content, schema};
 use gmtier_core::store::{
     block_io, record_location, ExpertStore, Key, Sections, StoreError, StoreOptions,
 };
@@ -7,27 +8,6 @@ use std::path::Path;
 
 const WB: usize = 8192;
 const RB: usize = 8192 + 12288;
-
-fn schema() -> Vec<TensorSpec> {
-    vec![
-        TensorSpec::new("w1", "bf16", &[32, 64], "weights").unwrap(),
-        TensorSpec::new("w2", "bf16", &[64, 32], "weights").unwrap(),
-        TensorSpec::new("w1.master", "f32", &[32, 64], "state").unwrap(),
-        TensorSpec::new("step", "i64", &[1], "state").unwrap(),
-    ]
-}
-
-fn content(l: usize, e: usize, v: u64, n: usize) -> Vec<u8> {
-    let mut x = (l as u64 * 1_000_003 + e as u64 * 7919 + v * 104_729) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn opts(slots: usize) -> StoreOptions {
     StoreOptions {

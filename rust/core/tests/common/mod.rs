@@ -1,0 +1,26 @@
+//! Helpers shared by the store tests: the test record schema and deterministic record bytes.
+#![allow(dead_code)]
+use gmtier_core::store::format::TensorSpec;
+
+/// Two bf16 weight tensors (one spelled "bfloat16", to exercise the alias) and a state section.
+pub fn schema() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec::new("w1", "bf16", &[32, 64], "weights").unwrap(),
+        TensorSpec::new("w2", "bfloat16", &[64, 32], "weights").unwrap(),
+        TensorSpec::new("w1.master", "f32", &[32, 64], "state").unwrap(),
+        TensorSpec::new("step", "i64", &[1], "state").unwrap(),
+    ]
+}
+
+/// Deterministic pseudo-random record content for (layer, expert, version).
+pub fn content(l: usize, e: usize, v: u64, n: usize) -> Vec<u8> {
+    let mut x = (l as u64 * 1_000_003 + e as u64 * 7919 + v * 104_729) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
