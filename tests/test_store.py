@@ -359,3 +359,24 @@ def test_index_without_section_crcs(store_dir):
         assert s.metrics()["bytes_read"] == 4096
         assert torch.equal(v["w1.master"], rand_expert(1, 0, 4)["w1.master"])
         s.release([(1, 0)])
+
+
+def test_state_read_then_filled_weights_round_trip(store_dir):
+    """Backward of a half-precision expert: read only the state, rewrite the weights from the
+    master (as the AdamW does), mark_dirty(filled="weights"): the new record persists whole."""
+    rb = record_bytes(store_dir)
+    new = rand_expert(1, 1, version=7)
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        (slot,) = s.core.request([(1, 1)], 0, "state").wait()
+        assert s.slot_sections(slot) == ["state"]
+        for name, view in s.slot_views(slot).items():
+            view.copy_(new[name])
+        s.mark_dirty([(1, 1)], filled="weights")
+        assert s.slot_sections(slot) == ["weights", "state"]
+        assert s.metrics()["bytes_read"] == rb - 4096  # the weights section was never read
+        s.release([(1, 1)])
+        s.commit('{"step": 1}')
+    with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
+        assert same(s.read_expert(1, 1), new)
+        with pytest.raises(ValueError, match="sections must be"):
+            s.core.mark_dirty([(1, 1)], "bias")

@@ -233,6 +233,32 @@ def test_readme_main_command(tmp_path):
 
 
 @needs_store
+def test_paging_reads_sections_and_writes_behind(data_dir, tmp_path):
+    """RAM for 3 of 8 records: forward reads only the weights section, each updated record is
+    written back right after its update (before any commit), so a step reads far less than two
+    whole records per expert."""
+    # Prefetch off: with 3 slots a read-ahead may be evicted before its use and read again.
+    t = Trainer(tiny(data_dir, tmp_path / "run", experts=dict(prefetch=False)), log=lambda s: None)
+    try:
+        store, rt = t.runtime.store, t.runtime
+        assert rt.write_behind and not rt.all_in_ram
+        rt.metrics()
+        steps, used = 3, 0
+        for _ in range(steps):
+            t.train_step(*t.train_data.batch(t.cfg.train.batch_size, t.cfg.model.seq_len, t.rng))
+            used += sum(len(es) for es in rt.used.values())
+        m = rt.metrics()
+        deadline = time.monotonic() + 10  # the last write-behinds may still be running
+        while store.metrics()["writebacks"] < used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        core = store.metrics()
+        assert core["section_reads"] > 0 and core["writebacks"] >= used and core["commits"] == 0
+        assert m["disk_read_bytes"] <= used * (store.weights_bytes + store.record_bytes)
+        assert m["disk_read_bytes"] < 2 * used * store.record_bytes
+    finally:
+        t.close()
+
+
 def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp_path):
     t = Trainer(tiny(data_dir, tmp_path / "run", train=dict(batch_size=16)), log=lambda s: None)
     try:
