@@ -295,33 +295,17 @@ class TieredExpertStore:
         With `sections="state"` (backward of half-precision experts, whose AdamW rewrites the
         weights from the master) only the state is read when the GPU holds the weights."""
         key = tuple(key)
-        if sections == "state" and not self.gpu.holds(key):
-            sections = "all"  # the weights must come through RAM
         if sections == "weights":
-            with self._lock:
-                views = self.gpu.acquire_resident(key)
-                if views is not None:
-                    self._acquired.setdefault(key, []).append(False)
-                    return views
-        t0 = time.perf_counter()
-        ticket = self.core.request([key], priority) if sections == "all" else self.request([key], priority, sections)
-        slot = self._wait_reaping(ticket, timeout)[0]
-        self.host_wait_s += time.perf_counter() - t0
-        with self._lock:
-            self._ram_slot[key] = slot
-            self._acquired.setdefault(key, []).append(True)
-            try:
-                return self.gpu.acquire(key, slot, need_hit=sections == "state")
-            except BaseException:
-                self._release_acquired(key)
-                self.core.release([key])
-                raise
+            got = self.acquire_resident_many([key], limit=1)
+            if got:
+                return got[key]
+        return self.acquire_many([key], priority, sections, timeout)[key]
 
-    def acquire_many(self, keys: Sequence[Key], priority: int = 0,
-                     sections: str = "all") -> dict[Key, dict[str, torch.Tensor]]:
-        """`acquire` of several experts at once, one RAM request per kind of read and one lock:
-        for experts whose records fit the RAM tier (and weights the GPU tier) all together.
-        `release` each key once, or all in one call."""
+    def acquire_many(self, keys: Sequence[Key], priority: int = 0, sections: str = "all",
+                     timeout: float | None = None) -> dict[Key, dict[str, torch.Tensor]]:
+        """`acquire` of several experts at once through their RAM records, one RAM request per
+        kind of read and one lock: for experts whose records fit the RAM tier (and weights the
+        GPU tier) all together. `release` each key once, or all in one call."""
         keys = [tuple(k) for k in keys]
         groups: dict[str, list] = {}
         for k in keys:
@@ -331,8 +315,7 @@ class TieredExpertStore:
         try:
             for need, ks in groups.items():
                 t0 = time.perf_counter()
-                ticket = self.core.request(ks, priority) if need == "all" else self.request(ks, priority, need)
-                slots = self._wait_reaping(ticket, None)
+                slots = self._wait_reaping(self.request(ks, priority, need), timeout)
                 self.host_wait_s += time.perf_counter() - t0
                 with self._lock:
                     for i, (k, slot) in enumerate(zip(ks, slots)):
