@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: install the carried abi3 wheel, run the GPU tests and the benches,
 # logs under $OUT. Usage (from the repo root on the GPU machine): bash benches/gpu_session.sh [steps...]
-# steps: tests paging adam train (default: all). The wheel and the prepared data travel in .carry/.
+# steps: tests paging adam train seed (default: all but seed, which takes ~4 minutes). The wheel and the prepared data travel in .carry/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
@@ -17,7 +17,12 @@ for s in $steps; do
     paging) python3 -m gmtier.cli bench-paging --dir "$BENCH/paging" --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
               --record-mb 64 2>&1 | tee "$OUT/bench-paging.txt" | tail -30 ;;
     adam)   python3 -m gmtier.cli bench-adam --threads 16 --json 2>&1 | tee "$OUT/bench-adam.json" | tail -30 ;;
-    train)  python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/train" --json \
-              ${TRAIN_SET:-} 2>"$OUT/bench-train.err" | tee "$OUT/bench-train.json" | tail -60; tail -20 "$OUT/bench-train.err" ;;
+    train)  python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/train" \
+              --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' \
+              ${TRAIN_SET:-} 2>"$OUT/bench-train.err" | tee "$OUT/bench-train.txt" | tail -60; tail -5 "$OUT/bench-train.err" ;;
+    # seed-envelope scaled to the 64 GiB disk (15 GB of records; the full config needs ~180 GB).
+    seed)   python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed" --steps 3 --warmup 1 \
+              --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
+              --set 'train.precision="bf16"' ${SEED_SET:-} 2>"$OUT/bench-seed.err" | tee "$OUT/bench-seed.txt" | tail -60 ;;
   esac
 done
