@@ -1,0 +1,54 @@
+"""bench-train on CPU: the hardware probes, the disk term of the bound, and one whole tiny run."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from gmtier.bench import train as bench
+from gmtier.cli import main
+from test_train import _write_toml, data_dir, tiny  # noqa: F401  (data_dir is a fixture)
+
+GB = bench.GB
+
+
+def test_disk_time_takes_the_faster_of_serial_and_concurrent():
+    # 3 GB read at 1.5 GB/s (2 s) and 2 GB written at 2 GB/s (1 s).
+    serial = bench.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=1.0)
+    assert serial == pytest.approx(3.0)  # both at once would take 5 s: one after the other is faster
+    full_duplex = bench.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=3.5)
+    assert full_duplex == pytest.approx(2.0)  # never less than the reads alone
+    shared = bench.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=2.0)
+    assert shared == pytest.approx(2.5)
+    assert bench.disk_time(0, 0, 1.5, 2.0, 1.0) == 0.0
+
+
+def test_disk_probes_move_real_bytes(tmp_path):
+    f = tmp_path / "data.bin"
+    f.write_bytes(os.urandom(8 << 20))
+    read_gbps, _direct = bench.disk_read_rate(f, threads=2)
+    write_gbps = bench.disk_write_rate(tmp_path, nbytes=8 << 20, threads=2)
+    mixed = bench.disk_mixed_rate(f, tmp_path, read_gbps, write_gbps, seconds=0.01, threads=2)
+    assert read_gbps > 0 and write_gbps > 0
+    assert mixed["read_gbps"] > 0 and mixed["write_gbps"] > 0 and mixed["total_gbps"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]  # scratch files removed
+
+
+def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
+    # Small probes: the test checks how the figures are put together, not this disk.
+    write_rate = bench.disk_write_rate
+    monkeypatch.setattr(bench, "disk_write_rate", lambda d, threads=4: write_rate(d, nbytes=8 << 20, threads=threads))
+    monkeypatch.setattr(bench, "disk_mixed_rate", lambda *a, **k: {"read_gbps": 1.0, "write_gbps": 1.0, "total_gbps": 1.5})
+    toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "cfg"))
+    r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--steps", "1", "--warmup", "1",
+                                  "--dir", str(tmp_path / "work"), "--json"])
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(r.stdout)
+    assert res["device"] == "cpu" and res["step_s"] > 0 and res["bound_s"] > 0
+    assert res["bound_s"] == max(res[k] for k in ("gpu_compute_s", "pcie_s", "disk_s", "adam_s"))
+    assert res["step_over_bound"] == pytest.approx(res["step_s"] / res["bound_s"])
+    assert res["expert_updates_per_step"] > 0 and res["disk_read_bytes_per_step"] > 0  # the tiny budget pages
+    assert res["rss_bytes"] >= res["rss_before_trainer_bytes"] > 0
+    assert res["tiered_vs_resident"] > 0 and res["resident_step_s"] > 0
+    assert not (tmp_path / "work").exists()  # stores removed without --keep
