@@ -18,6 +18,7 @@ with distance; precision and recall of the predictions are kept per layer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -136,7 +137,7 @@ class ExpertRuntime:
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0,
                       "adam_d2h_wait_s": 0.0, "adam_kernel_s": 0.0, "adam_backlog_s": 0.0, "wait_s": 0.0,
                       "expert_fwd_s": 0.0, "expert_bwd_s": 0.0}
-        self.layer_stats = [{"tp": 0, "fp": 0, "fn": 0} for _ in self.switch_layers]
+        self.layer_stats = [dict.fromkeys(_LAYER_COUNTERS, 0) for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
 
     # ---- setup ------------------------------------------------------------------------------
@@ -261,7 +262,8 @@ class ExpertRuntime:
                 out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
 
         t0 = time.perf_counter()
-        self._each_expert(layer, counts, compute, self.store.release, "weights")
+        with self._per_layer(layer):
+            self._each_expert(layer, counts, compute, self.store.release, "weights")
         self.stats["expert_fwd_s"] += time.perf_counter() - t0
         return out
 
@@ -291,9 +293,28 @@ class ExpertRuntime:
                 self._update(key, grads.pop(key[1]))
 
         t0 = time.perf_counter()
-        self._each_expert(layer, counts, compute, done, "state" if self.half else "all")
+        with self._per_layer(layer):
+            self._each_expert(layer, counts, compute, done, "state" if self.half else "all")
         self.stats["expert_bwd_s"] += time.perf_counter() - t0
         return dx
+
+    @contextlib.contextmanager
+    def _per_layer(self, layer: int):
+        """Count the RAM and GPU tier hits and the host's wait for reads of one layer's expert
+        loop into its `layer_stats`, and tag its GPU stalls with the layer."""
+        def counters():
+            m, g = self.store.core.metrics(), self.store.gpu.m
+            return m["hits"], m["misses"], g["hits"], g["misses"], self.store.host_wait_s
+
+        before = counters()
+        self.store.gpu.stall_tag = layer
+        try:
+            yield
+        finally:
+            self.store.gpu.stall_tag = None
+            s = self.layer_stats[layer]
+            for name, a, b in zip(("ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "host_wait_s"), counters(), before):
+                s[name] += a - b
 
     # ---- the expert update --------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
@@ -391,13 +412,13 @@ class ExpertRuntime:
         if tp + fp + fn:
             out["prefetch_precision"] = tp / max(1, tp + fp)
             out["prefetch_recall"] = tp / max(1, tp + fn)
-            out["prefetch_per_layer"] = [
-                {"precision": s["tp"] / max(1, s["tp"] + s["fp"]), "recall": s["tp"] / max(1, s["tp"] + s["fn"])}
-                for s in self.layer_stats]
         # Time the step waited for experts: the host blocked on reads into RAM, plus the GPU's
         # compute stream stalled on H2D copies (timed on the GPU).
         host_wait, self.store.host_wait_s = self.store.host_wait_s, 0.0
-        gpu_stall = self.store.gpu.gpu_stall_s()
+        stalls = self.store.gpu.take_stalls()
+        gpu_stall = sum(stalls.values())
+        out["per_layer"] = [_layer_report(self.switch_layers[i], s, stalls.get(i, 0.0))
+                            for i, s in enumerate(self.layer_stats)]
         self.stats.update(host_wait_s=host_wait, gpu_stall_s=gpu_stall, wait_s=host_wait + gpu_stall)
         out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "adam_d2h_wait_s",
                                               "adam_kernel_s", "adam_backlog_s", "expert_fwd_s", "expert_bwd_s",
@@ -406,7 +427,7 @@ class ExpertRuntime:
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
         for s in self.layer_stats:
-            s.update(tp=0, fp=0, fn=0)
+            s.update(dict.fromkeys(_LAYER_COUNTERS, 0))
         return out
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -433,6 +454,24 @@ class ExpertRuntime:
         if self.pool is not None:
             self.pool.shutdown()
         self.store.close()
+
+
+_LAYER_COUNTERS = ("tp", "fp", "fn", "ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "host_wait_s")
+
+
+def _layer_report(block: int, s: dict, gpu_stall_s: float) -> dict:
+    """One Switch layer's figures since the last metrics(): prediction precision/recall (where
+    predicted), RAM and GPU tier hit rates of its expert loops, and the time they waited."""
+    def rate(hit, miss):
+        return s[hit] / (s[hit] + s[miss]) if s[hit] + s[miss] else None
+
+    out = {"block": block}
+    if s["tp"] + s["fp"] + s["fn"]:
+        out["precision"] = s["tp"] / max(1, s["tp"] + s["fp"])
+        out["recall"] = s["tp"] / max(1, s["tp"] + s["fn"])
+    out.update(ram_hit_rate=rate("ram_hits", "ram_misses"), gpu_hit_rate=rate("gpu_hits", "gpu_misses"),
+               host_wait_s=s["host_wait_s"], gpu_stall_s=gpu_stall_s)
+    return out
 
 
 def default_adam_threads() -> int:

@@ -40,7 +40,8 @@ class GpuTier:
         self._weight_names = {t.name for t in store.layout if t.section == "weights"}
         self._stalls: list[tuple] = []  # (before, after) timing events around waits for copies
         self._timing_events: list = []  # free timing events
-        self._stall_s = 0.0  # stall time already read from finished timing events
+        self._stall_s: dict = {}  # stall time already read from finished timing events, by tag
+        self.stall_tag = None  # set by the caller (e.g. the Switch layer) to attribute stalls
         if not self.cuda:
             self.num_slots = 0
             return
@@ -182,7 +183,7 @@ class GpuTier:
         before.record(stream)
         stream.wait_event(ready)
         after.record(stream)
-        self._stalls.append((before, after))
+        self._stalls.append((before, after, self.stall_tag))
         if len(self._stalls) > 64:  # nobody asked for the total lately: keep the list short
             self._fold_stalls(block=False)
 
@@ -262,28 +263,29 @@ class GpuTier:
         return _views(host, self.store.layout, 0, sections=("weights",)), ev
 
     def _fold_stalls(self, block: bool) -> None:
-        """Add the finished stall timings to `_stall_s` and recycle their events (all of them,
-        waiting, with `block`)."""
+        """Add the finished stall timings to `_stall_s` (by tag) and recycle their events (all of
+        them, waiting, with `block`)."""
         keep = []
-        for before, after in self._stalls:
+        for before, after, tag in self._stalls:
             if block:
                 after.synchronize()
             elif not after.query():
-                keep.append((before, after))
+                keep.append((before, after, tag))
                 continue
-            self._stall_s += before.elapsed_time(after) / 1e3
+            self._stall_s[tag] = self._stall_s.get(tag, 0.0) + before.elapsed_time(after) / 1e3
             self._timing_events += (before, after)
         self._stalls = keep
 
-    def gpu_stall_s(self) -> float:
-        """Seconds the compute stream waited for H2D copies since the last call (synchronizes
-        with those events; call between steps)."""
+    def take_stalls(self) -> dict:
+        """Seconds the compute stream waited for H2D copies since the last call, by the
+        `stall_tag` set when each wait was issued (synchronizes with those events; call between
+        steps)."""
         if not self.cuda:
-            return 0.0
+            return {}
         with self._lock:
             self._fold_stalls(block=True)
-            total, self._stall_s = self._stall_s, 0.0
-        return total
+            out, self._stall_s = self._stall_s, {}
+        return out
 
     def metrics(self) -> dict:
         m = dict(self.m)

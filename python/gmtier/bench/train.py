@@ -204,7 +204,7 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False) ->
     if trainer.runtime is not None:
         m = trainer.runtime.metrics()
         traffic = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        traffic["prefetch_per_layer"] = m.get("prefetch_per_layer")
+        traffic["per_layer"] = m.get("per_layer")
     times.sort()
     return {"step_s": times[len(times) // 2], "step_s_all": times, "rss_bytes": rss, **traffic}
 
@@ -329,7 +329,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     ram_budget = config_mod.parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
     gpu_budget = config_mod.parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
     out.update({
-        "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "timed_steps": steps, "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
         "disk_mixed_total_gbps": mixed["total_gbps"], "disk_mixed_read_gbps": mixed["read_gbps"],
@@ -343,7 +343,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
                                                    "adam_d2h_wait_s")},
         "transfer_hidden": None if transfer_s == 0 else max(0.0, 1 - waited / transfer_s),
         "prefetch_precision": tiered.get("prefetch_precision"), "prefetch_recall": tiered.get("prefetch_recall"),
-        "prefetch_per_layer": tiered.get("prefetch_per_layer"),
+        "per_layer": tiered.get("per_layer"),
         "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
         "compute_measured_with_experts": fit_experts,
         "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
@@ -390,6 +390,16 @@ def _table(results: list[dict]) -> str:
         ("  first tiered run / resident", "tiered_vs_resident_first_run", "{:.2f}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
     ]
+    # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step.
+    for i in range(max(len(r.get("per_layer") or []) for r in results)):
+        rows.append((f"  Switch layer {i}: recall, RAM/GPU hit, waited (s)", f"_layer{i}", "{}"))
+        for r in results:
+            layers = r.get("per_layer") or []
+            if i < len(layers):
+                L, f = layers[i], (lambda v, fmt: "—" if v is None else fmt.format(v))
+                wait = (L["host_wait_s"] + L["gpu_stall_s"]) / r.get("timed_steps", 1)
+                r[f"_layer{i}"] = (f"{f(L.get('recall'), '{:.2f}')} {f(L['ram_hit_rate'], '{:.2f}')}/"
+                                   f"{f(L['gpu_hit_rate'], '{:.2f}')} {wait:.3f}")
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  " + "  ".join(f"{r['config']:>16}" for r in results)]
     for label, key, fmt in rows:
