@@ -390,13 +390,16 @@ def _table(results: list[dict]) -> str:
         ("  first tiered run / resident", "tiered_vs_resident_first_run", "{:.2f}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
     ]
-    # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step.
+    # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step
+    # (cells in copies of the results, which stay as the JSON output has them).
+    results = [dict(r) for r in results]
+    f = lambda v, fmt: "—" if v is None else fmt.format(v)  # noqa: E731
     for i in range(max(len(r.get("per_layer") or []) for r in results)):
         rows.append((f"  Switch layer {i}: recall, RAM/GPU hit, waited (s)", f"_layer{i}", "{}"))
         for r in results:
             layers = r.get("per_layer") or []
             if i < len(layers):
-                L, f = layers[i], (lambda v, fmt: "—" if v is None else fmt.format(v))
+                L = layers[i]
                 wait = (L["host_wait_s"] + L["gpu_stall_s"]) / r.get("timed_steps", 1)
                 r[f"_layer{i}"] = (f"{f(L.get('recall'), '{:.2f}')} {f(L['ram_hit_rate'], '{:.2f}')}/"
                                    f"{f(L['gpu_hit_rate'], '{:.2f}')} {wait:.3f}")
