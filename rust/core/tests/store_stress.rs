@@ -50,7 +50,11 @@ fn concurrent_requests_complete_within_budget_and_pins_hold() {
     let d = tempfile::tempdir().unwrap();
     let (nl, ne) = (2, 8);
     let rb = make(d.path(), nl, ne);
-    let slots = 5;
+    // Pins a request takes are held while it waits for its other keys, so concurrent requests
+    // only always complete when their pins fit together: the pinned expert + 4 threads x 2 keys.
+    // With fewer slots, four threads each holding one key can wait on each other until timeout.
+    // 9 slots for 14 demanded keys (and prefetches) still forces constant eviction.
+    let slots = 1 + 4 * 2;
     let s = Arc::new(ExpertStore::open(d.path(), opts(slots * rb)).unwrap());
     // One expert stays pinned throughout: its slot must never be reused.
     let pinned_key: Key = (0, 0);

@@ -551,6 +551,10 @@ impl ExpertStore {
 
     /// Ask for experts' whole records; never blocks on I/O. Pins the experts for the caller
     /// (the pins pass to the caller at wait()). Duplicate keys count once.
+    ///
+    /// A resident key is pinned at once, the others as slots free up, so requests from several
+    /// threads must together pin at most the RAM slots; otherwise each can hold part of what
+    /// it asked for while waiting on the others (a timed wait then fails with Timeout).
     pub fn request(&self, keys: &[Key], priority: i64) -> Result<Ticket> {
         self.request_sections(keys, priority, Sections::ALL)
     }
