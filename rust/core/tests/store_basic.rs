@@ -197,6 +197,11 @@ fn slot_pool_policy() {
     // Demand evicts unprotected slots before prefetched ones.
     let v = p.victim(Need::Demand, |_| true).unwrap();
     assert!(!p.is_prefetched(v));
+    // A wrong guess, demoted: unprotected and the first victim, even of a prefetch.
+    assert!(p.demote(s5));
+    assert!(!p.demote(s5), "only an unused prefetch is demoted");
+    assert_eq!(p.victim(Need::Prefetch(0), |_| true), Some(s5));
+    assert_eq!(p.victim(Need::Demand, |_| true), Some(s5));
     assert!(p.invalidate(k(5)));
     assert_eq!(p.lookup(k(5)), None);
 }

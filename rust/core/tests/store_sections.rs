@@ -390,3 +390,86 @@ fn filled_section_counts_as_valid_and_round_trips() {
     assert_eq!(bytes(&s, slot), new);
     s.release(&[k]).unwrap();
 }
+
+/// Poll until `f` holds (prefetches finish asynchronously); fails after 10 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn pin_resident_pins_only_records_holding_the_sections_and_reads_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    make(d.path(), 1, 4);
+    let s = ExpertStore::open(d.path(), opts(3)).unwrap();
+    let slot = get(&s, (0, 0), Sections::WEIGHTS);
+    s.release(&[(0, 0)]).unwrap();
+    let before = s.metrics();
+    // Weights valid: pinned; not resident: None and no read queued; state not read: None.
+    let got = s
+        .pin_resident(&[(0, 0), (0, 1)], Sections::WEIGHTS)
+        .unwrap();
+    assert_eq!(got, vec![Some(slot), None]);
+    assert_eq!(
+        s.pin_resident(&[(0, 0)], Sections::ALL).unwrap(),
+        vec![None]
+    );
+    let m = s.metrics();
+    assert_eq!(
+        (m.reads, m.hits, m.misses),
+        (before.reads, before.hits, before.misses)
+    );
+    assert_eq!(s.pinned(), 1);
+    assert_eq!(bytes(&s, slot)[..WB], content(0, 0, 0, RB)[..WB]);
+    // The pin holds: two more experts through the other two slots never take it.
+    for k in [(0, 1), (0, 2), (0, 3)] {
+        assert_ne!(get(&s, k, Sections::ALL), slot);
+        s.release(&[k]).unwrap();
+    }
+    s.release(&[(0, 0)]).unwrap();
+    assert_eq!(s.pinned(), 0, "one release per pin given");
+    assert!(s.pin_resident(&[(1, 0)], Sections::WEIGHTS).is_err());
+}
+
+#[test]
+fn demote_prefetched_cancels_reads_not_started_and_evicts_wrong_guesses_first() {
+    let d = tempfile::tempdir().unwrap();
+    make(d.path(), 1, 5);
+    let s = ExpertStore::open(d.path(), opts(3)).unwrap();
+    // Every slot pinned: a prefetch stays queued, and the demotion cancels it.
+    let keys: [Key; 3] = [(0, 0), (0, 1), (0, 2)];
+    s.request(&keys, 0).unwrap().wait(None).unwrap();
+    s.prefetch(&[(0, 4)], 1).unwrap();
+    assert_eq!(s.demote_prefetched(&[(0, 4), (0, 3)]).unwrap(), 1);
+    s.release(&keys).unwrap();
+    let reads = s.metrics().reads;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let m = s.metrics();
+    assert_eq!(
+        (m.reads, m.prefetch_cancelled),
+        (reads, 1),
+        "the cancelled prefetch never read"
+    );
+    assert!(s.pin_resident(&[(0, 4)], Sections::ALL).unwrap()[0].is_none());
+    // A resident unused prefetch would outlive older records; demoted, it goes first.
+    s.prefetch(&[(0, 4)], 5).unwrap();
+    eventually("the prefetch", || s.metrics().reads > reads);
+    eventually("its slot", || {
+        let p = s.pin_resident(&[(0, 4)], Sections::ALL).unwrap();
+        p[0].is_some() && s.release(&[(0, 4)]).is_ok()
+    });
+    // It took (0, 0)'s slot; (0, 1) is the least recently used of the others now.
+    assert_eq!(s.demote_prefetched(&[(0, 4)]).unwrap(), 1);
+    assert_eq!(s.demote_prefetched(&[(0, 4)]).unwrap(), 0, "demoted once");
+    get(&s, (0, 3), Sections::ALL);
+    s.release(&[(0, 3)]).unwrap();
+    let resident = |k: Key| s.pin_resident(&[k], Sections::NONE).unwrap()[0].is_some();
+    assert!(!resident((0, 4)), "the demoted prefetch was evicted");
+    for k in [(0, 1), (0, 2)] {
+        assert!(resident(k), "instead of the least recently used record");
+        s.release(&[k]).unwrap();
+    }
+}

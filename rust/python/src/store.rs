@@ -252,6 +252,20 @@ impl PyExpertStore {
             .map_err(to_py)
     }
 
+    /// Pin, without any read, the experts whose RAM records hold valid `sections` already:
+    /// the slot of each, or None where a read would be needed. Release each slot given once.
+    #[pyo3(signature = (keys, sections="weights"))]
+    fn pin_resident(&self, keys: Vec<Key>, sections: &str) -> PyResult<Vec<Option<usize>>> {
+        let secs = Sections::parse(sections).map_err(to_py)?;
+        self.inner.pin_resident(&keys, secs).map_err(to_py)
+    }
+
+    /// The prediction of these experts was wrong: cancel their prefetch reads not yet started
+    /// and make their unused prefetched records the first evicted. Returns how many were.
+    fn demote_prefetched(&self, keys: Vec<Key>) -> PyResult<usize> {
+        self.inner.demote_prefetched(&keys).map_err(to_py)
+    }
+
     /// Names of the sections valid in RAM slot `slot` ("weights", "state"); only those may be
     /// used. They stay valid while the slot is pinned.
     fn slot_sections(&self, slot: usize) -> PyResult<Vec<&'static str>> {
@@ -312,6 +326,7 @@ impl PyExpertStore {
         d.set_item("prefetch_hits", m.prefetch_hits)?;
         d.set_item("prefetches", m.prefetches)?;
         d.set_item("prefetch_wasted", m.prefetch_wasted)?;
+        d.set_item("prefetch_cancelled", m.prefetch_cancelled)?;
         d.set_item("bytes_read", m.bytes_read)?;
         d.set_item("bytes_written", m.bytes_written)?;
         d.set_item("reads", m.reads)?;
@@ -482,6 +497,12 @@ impl PySlotPool {
     /// Forget key (its data is stale); returns whether it was resident.
     fn invalidate(&self, key: Key) -> bool {
         self.inner.lock().unwrap().invalidate(key)
+    }
+    /// A prefetch of key turned out wrong: unprotect it and make it the first LRU victim.
+    /// Returns whether key held an unused prefetch.
+    fn demote(&self, key: Key) -> bool {
+        let mut g = self.inner.lock().unwrap();
+        g.lookup(key).is_some_and(|s| g.demote(s))
     }
     /// Pins on slot.
     fn pins(&self, slot: usize) -> PyResult<u32> {

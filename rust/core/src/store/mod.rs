@@ -133,6 +133,8 @@ pub struct Metrics {
     pub prefetches: u64,
     /// Prefetched experts evicted before anyone used them.
     pub prefetch_wasted: u64,
+    /// Prefetch reads cancelled before they started (the prediction was wrong).
+    pub prefetch_cancelled: u64,
     /// Bytes read from disk (only the sections read).
     pub bytes_read: u64,
     /// Bytes written to disk (write-back and init).
@@ -732,6 +734,61 @@ impl ExpertStore {
         }
         sh.schedule(&mut g);
         Ok(())
+    }
+
+    /// Pin, without reading anything, those of `keys` whose RAM records already hold valid
+    /// `sections` (and are not being written back to make room): the slot of each, or `None`
+    /// where a read would be needed. For moving records on to the next tier ahead of use (a
+    /// GPU prefetch): no read is queued and nothing counts as a hit or miss. Release each
+    /// `Some` once.
+    pub fn pin_resident(&self, keys: &[Key], sections: Sections) -> Result<Vec<Option<usize>>> {
+        let sh = &self.sh;
+        let secs = sh.norm(sections);
+        for &k in keys {
+            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
+        }
+        let mut g = sh.lock();
+        if g.closed {
+            return Err(StoreError::Closed);
+        }
+        Ok(keys
+            .iter()
+            .map(|&k| {
+                let s = g.pool.lookup(k)?;
+                let info = &g.slots[s];
+                let usable = info.state != SlotState::Flushing && secs.minus(info.valid).is_empty();
+                usable.then(|| {
+                    g.pool.pin(s);
+                    s
+                })
+            })
+            .collect())
+    }
+
+    /// The router predicted these experts but the real routing did not use them: cancel their
+    /// prefetch reads that have not started, and make their unused prefetched RAM records the
+    /// first to be evicted. Returns how many of the keys were demoted or cancelled.
+    pub fn demote_prefetched(&self, keys: &[Key]) -> Result<usize> {
+        let mut g = self.sh.lock();
+        let mut n = 0;
+        for &k in keys {
+            self.sh.geom.check_key(k.0 as usize, k.1 as usize)?;
+            if let Some(s) = g.pool.lookup(k) {
+                if g.pool.pins(s) == 0 && g.pool.demote(s) {
+                    n += 1;
+                }
+            } else if g
+                .pending
+                .get(&k)
+                .is_some_and(|p| !p.demand && p.pins == 0 && p.flushing_into.is_none())
+            {
+                // Its heap entry goes stale and is skipped by schedule().
+                g.pending.remove(&k);
+                g.m.prefetch_cancelled += 1;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// The sections valid in RAM slot `slot` (sections without bytes count as valid; an empty

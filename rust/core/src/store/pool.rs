@@ -97,6 +97,17 @@ impl SlotPool {
         self.slots[slot].last_use = self.clock;
         self.slots[slot].prefetch_priority = None;
     }
+    /// A prefetched guess turned out wrong: drop its protection and make it the first slot
+    /// LRU evicts. Returns whether `slot` held an unused prefetch.
+    pub fn demote(&mut self, slot: usize) -> bool {
+        let s = &mut self.slots[slot];
+        if s.key.is_none() || s.prefetch_priority.is_none() {
+            return false;
+        }
+        s.prefetch_priority = None;
+        s.last_use = 0;
+        true
+    }
     /// Choose the slot to (re)use for `need`, among slots `ok` accepts: an empty slot first, then
     /// the least recently used unprotected slot, then (demand only) prefetched slots by lowest
     /// priority, then LRU. Pinned slots are never chosen. `None` when nothing qualifies.
