@@ -84,6 +84,7 @@ class ExpertsConfig:
     gpu_budget: int | str = "1GB"
     dtype: str = "auto"  # expert weights: "auto" (= training precision), "fp32", "bf16", "fp16"
     prefetch: bool = True  # router-predicted read-ahead into RAM (skipped when RAM holds every record)
+    gpu_prefetch: bool = True  # with prefetch: also copy the nearest layer's predicted experts to the GPU early
     prefetch_depth: int = 2  # how many following Switch layers the router predicts for
     io_threads: int = 4
     direct: bool = True  # O_DIRECT reads/writes (falls back where the filesystem refuses)

@@ -12,8 +12,11 @@ written in the same pass, the record marked dirty and released). Experts without
 touched at all (lazy Adam, per-expert step counts).
 
 While block l computes, the routers of the next Switch layers are applied to block l's input
-(the residual stream) to predict their experts, which are prefetched with a priority that falls
-with distance; precision and recall of the predictions are kept per layer.
+(the residual stream) to predict their experts, which are prefetched into RAM with a priority
+that falls with distance, and those of the nearest layer on into the GPU tier as their records
+reach RAM (one copy at a time, between the current layer's experts). When the real routing
+differs, the wrong guesses are corrected: their reads not yet started are cancelled and their
+unused copies are the first evicted on both tiers. Precision and recall are kept per layer.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn as nn
 
 from gmtier.config import Config, parse_bytes
 from gmtier.model import expert_ffn, init_expert
+from gmtier.tiers import emulated as gpu_tier_emulated
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _STORE_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -96,7 +100,8 @@ class ExpertRuntime:
         path = cfg.store_dir()
         if create or not (path / "index.json").exists():
             self._create(path)
-        gpu_bytes = parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget") if self.device.type == "cuda" else 0
+        gpu_bytes = (parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
+                     if self.device.type == "cuda" or gpu_tier_emulated() else 0)
         self.store = TieredExpertStore.open(
             path, ram_bytes=parse_bytes(cfg.experts.ram_budget, "experts.ram_budget"), gpu_bytes=gpu_bytes,
             device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct,
@@ -110,8 +115,9 @@ class ExpertRuntime:
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
         # paging loop (current + next), so the budgets bound how many updates may be in flight.
         # On CUDA the GPU tier keeps a RAM record pinned until the H2D copy that read it has
-        # finished; count two such copies in flight.
-        in_copy = 2 if gpu_bytes else 0
+        # finished; count two such copies in flight, and one GPU prefetch copy.
+        self.gpu_prefetch = bool(gpu_bytes) and cfg.experts.prefetch and cfg.experts.gpu_prefetch
+        in_copy = (2 + self.gpu_prefetch) if gpu_bytes else 0
         slots = self.store.ram_slots - in_copy
         if gpu_bytes:
             slots = min(slots, self.store.gpu.num_slots)
@@ -130,13 +136,14 @@ class ExpertRuntime:
         self.model = None
         self.write_behind = self.all_in_ram = False
         self.predicted: dict[int, set[int]] = {}
+        self.gpu_wanted: list[tuple[tuple[int, int], int]] = []  # (key, priority) to copy to the GPU early
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
         # adam_s: time in each update (adam_d2h_wait_s of it waiting for dW, adam_kernel_s in the
         # AdamW); adam_backlog_s: time the step waited for updates to finish (queue full, or at
         # its end); expert_fwd_s/expert_bwd_s: host time in the Switch layers' expert loops.
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0,
                       "adam_d2h_wait_s": 0.0, "adam_kernel_s": 0.0, "adam_backlog_s": 0.0, "wait_s": 0.0,
-                      "expert_fwd_s": 0.0, "expert_bwd_s": 0.0}
+                      "expert_fwd_s": 0.0, "expert_bwd_s": 0.0, "ram_prefetch_demoted": 0}
         self.layer_stats = [dict.fromkeys(_LAYER_COUNTERS, 0) for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
 
@@ -187,8 +194,13 @@ class ExpertRuntime:
         # Prefetch fills the RAM tier; when the RAM budget holds every record, all experts stay
         # in RAM after their first read and predicting costs a host sync per block for nothing
         # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
-        self.all_in_ram = self.store.ram_slots >= len(self.switch_layers) * self.n_experts + self.max_pending + 2
-        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and not self.all_in_ram else None
+        n_records = len(self.switch_layers) * self.n_experts
+        self.all_in_ram = self.store.ram_slots >= n_records + self.max_pending + 2
+        # Likewise the GPU tier keeps every expert it has room for (copies refreshed after AdamW).
+        gpu = self.store.gpu
+        self.gpu_prefetch = self.gpu_prefetch and gpu.num_slots - 2 < n_records
+        needed = not self.all_in_ram or self.gpu_prefetch
+        model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and needed else None
         # Records that stay in RAM are written at the commit only; otherwise each is written as
         # soon as its update is done, overlapping the reads that follow.
         self.write_behind = not self.all_in_ram
@@ -223,11 +235,13 @@ class ExpertRuntime:
         acquired after the current one's kernels are enqueued, so its read and H2D copy overlap
         that compute."""
         keys = [(layer, e) for e, c in enumerate(counts) if c]
+        # This layer's experts are demanded now; copies still wanted are for layers ahead.
+        self.gpu_wanted = [w for w in self.gpu_wanted if w[0][0] != layer]
         if not keys:
             return
         starts = _offsets(counts)
-        gpu_room = max(0, self.store.gpu.num_slots - 2) if self.store.gpu.cuda else len(keys)
-        if sections == "weights" and self.store.gpu.cuda:
+        gpu_room = max(0, self.store.gpu.num_slots - 2) if self.store.gpu.active else len(keys)
+        if sections == "weights" and self.store.gpu.active:
             ready = self.store.acquire_resident_many(keys, limit=gpu_room)
         elif sections != "weights" and self.all_in_ram and len(keys) <= gpu_room:
             ready = self.store.acquire_many(keys, priority=10, sections=sections)
@@ -250,6 +264,7 @@ class ExpertRuntime:
                 done([key])
             elif sections != "weights":
                 done([key])  # backward: each update starts as soon as its dW is on its way
+            self._pump_gpu_prefetch(reserve=max(0, len(paged) - j - 1))
         if sections == "weights" and ready:
             done(list(ready))
 
@@ -275,8 +290,10 @@ class ExpertRuntime:
             # previous Switch layer used: read them ahead exactly.
             prev = self.used.get(layer - 1, [])[-self.prefetch_room:] if self.prefetch_room else []
             self._prefetch([(layer - 1, e) for e in reversed(prev)], 1, "state" if self.half else "all")
+        if layer > 0 and self.gpu_prefetch:
+            self._want_on_gpu([(layer - 1, e) for e in reversed(self.used.get(layer - 1, []))], 1)
 
-        gpu = self.store.gpu if self.store.gpu.cuda else None
+        gpu = self.store.gpu if self.store.gpu.active else None
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
@@ -365,6 +382,7 @@ class ExpertRuntime:
             self._account(self.pending.pop(0).result())
         self.stats["adam_backlog_s"] += time.perf_counter() - t0
         self.predicted.clear()
+        self.gpu_wanted.clear()
 
     # ---- prediction and prefetch --------------------------------------------------------------
     @torch.no_grad()
@@ -390,16 +408,71 @@ class ExpertRuntime:
             votes.append(torch.bincount(blk.ffn.router_logits(blk.ln_2(h)).argmax(-1), minlength=self.n_experts))
         for rank, (slot, counts) in enumerate(zip(ahead, torch.stack(votes).tolist())):
             experts = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+            dropped = self.predicted.get(slot, set()) - set(experts)
+            if dropped:  # an earlier prediction for this layer said otherwise
+                self._demote(slot, dropped)
             self.predicted[slot] = set(experts)
             room = self.prefetch_room if rank == 0 else self.prefetch_room // 2  # the nearest layer first
-            if room:
+            if room and not self.all_in_ram:
                 self._prefetch([(slot, e) for e in experts[:room]], 2 - rank, "weights")
+            if rank == 0 and self.gpu_prefetch:
+                self._want_on_gpu([(slot, e) for e in experts], 2)
+        if block not in self.switch_layers:
+            # No experts of this block compete for GPU slots: start the copies whose records are
+            # in RAM now (a Switch block starts them between its own experts instead).
+            self._pump_gpu_prefetch(max_in_flight=len(self.gpu_wanted))
+
+    def _want_on_gpu(self, keys, priority: int) -> None:
+        """Copy these experts (most wanted first) into the GPU tier early, as their RAM records
+        become ready; replaces what was wanted before. At most half the tier's free slots, so
+        the guesses do not push out what the current layer still needs."""
+        gpu = self.store.gpu
+        room = max(0, gpu.num_slots - 2) // 2
+        self.gpu_wanted = [(k, priority) for k in keys if not gpu.holds(k)][:room]
+
+    def _pump_gpu_prefetch(self, reserve: int = 0, max_in_flight: int = 1) -> None:
+        """Start GPU copies of the wanted experts whose RAM records hold their weights, while
+        fewer than `max_in_flight` prefetch copies run and `reserve` GPU slots stay free for the
+        current layer's experts still to come. Called between the experts of a layer with one
+        copy at a time, so a demand copy queued behind a prefetch waits for one expert at most
+        and the copies are paced with compute."""
+        if not self.gpu_wanted:
+            return
+        keys = [k for k, _ in self.gpu_wanted]
+        slots = self.store.core.pin_resident(keys, "weights")
+        keep, unpin, busy = [], [], False
+        for (key, priority), slot in zip(self.gpu_wanted, slots):
+            if slot is None:
+                keep.append((key, priority))  # not in RAM yet
+            elif busy:
+                unpin.append(key)
+                keep.append((key, priority))
+            else:
+                outcome = self.store.gpu.prefetch(key, slot, priority, max_in_flight, reserve)  # takes or drops the pin
+                busy = outcome != "held"
+                if outcome == "busy":
+                    keep.append((key, priority))
+        if unpin:
+            self.store.core.release(unpin)
+        self.gpu_wanted = keep
+
+    def _demote(self, slot: int, experts) -> None:
+        """Experts of layer `slot` predicted wrongly: cancel their pending reads and make their
+        unused prefetched copies the first evicted, in RAM and on the GPU."""
+        keys = [(slot, e) for e in experts]
+        if not self.all_in_ram:
+            self.stats["ram_prefetch_demoted"] += self.store.core.demote_prefetched(keys)
+        self.store.gpu.demote(keys)
+        self.gpu_wanted = [w for w in self.gpu_wanted if w[0] not in keys]
 
     def observe(self, slot: int, counts: list[int]) -> None:
-        """The real routing of layer `slot`: score the prediction made for it."""
+        """The real routing of layer `slot`: score the prediction made for it, and correct the
+        prefetches of the experts it got wrong."""
         if slot not in self.predicted:
             return
         pred, real = self.predicted.pop(slot), {e for e, c in enumerate(counts) if c}
+        if pred - real:
+            self._demote(slot, pred - real)
         s = self.layer_stats[slot]
         for d in (s, self.stats):
             d["tp"] += len(pred & real)
@@ -422,7 +495,7 @@ class ExpertRuntime:
         self.stats.update(host_wait_s=host_wait, gpu_stall_s=gpu_stall, wait_s=host_wait + gpu_stall)
         out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "adam_d2h_wait_s",
                                               "adam_kernel_s", "adam_backlog_s", "expert_fwd_s", "expert_bwd_s",
-                                              "wait_s", "host_wait_s", "gpu_stall_s")})
+                                              "wait_s", "host_wait_s", "gpu_stall_s", "ram_prefetch_demoted")})
         out.update(self._tier_metrics())
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
@@ -443,10 +516,14 @@ class ExpertRuntime:
         self._base = now
         out = {"ram_hit_rate": d["ram_hits"] / max(1, d["ram_hits"] + d["ram_misses"]),
                "disk_read_bytes": d["ram_bytes_read"], "disk_write_bytes": d["ram_bytes_written"],
-               "ram_stall_s": d["ram_stall_s"], "ram_evictions": d["ram_evictions"]}
-        if self.device.type == "cuda":
+               "ram_stall_s": d["ram_stall_s"], "ram_evictions": d["ram_evictions"],
+               "ram_prefetch_cancelled": d["ram_prefetch_cancelled"]}
+        if self.store.gpu.active:
             out["gpu_hit_rate"] = d["gpu_hits"] / max(1, d["gpu_hits"] + d["gpu_misses"])
             out["h2d_bytes"] = d["gpu_h2d_bytes"]
+            # GPU prefetch: copies made early, how many were then used, evicted unused, demoted.
+            out.update({k: d[k] for k in ("gpu_prefetch_copies", "gpu_prefetch_hits", "gpu_prefetch_wasted",
+                                          "gpu_prefetch_demoted")})
         return out
 
     def close(self) -> None:

@@ -363,7 +363,7 @@ class TieredExpertStore:
         """Wait for a ticket. On CUDA, RAM records feeding finished H2D copies stay pinned until
         the GPU tier reaps them, so a full RAM tier may only free up by reaping: wait in short
         slices and reap between them, never forever on a pin nothing will drop."""
-        if not self.gpu.cuda:
+        if not self.gpu.active:
             return ticket.wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -448,8 +448,8 @@ class TieredExpertStore:
         """Metrics for the training log (prefixed `ram_`/`gpu_`)."""
         m = self.core.metrics()
         n = m["hits"] + m["misses"]
-        out = {f"ram_{k}": m[k] for k in ("hits", "misses", "prefetch_hits", "bytes_read", "bytes_written",
-                                          "stall_s", "evictions", "writebacks", "queue_depth_max")}
+        out = {f"ram_{k}": m[k] for k in ("hits", "misses", "prefetch_hits", "prefetch_cancelled", "bytes_read",
+                                          "bytes_written", "stall_s", "evictions", "writebacks", "queue_depth_max")}
         out["ram_hit_rate"] = m["hits"] / n if n else None
         out.update({f"gpu_{k}": v for k, v in self.gpu.metrics().items()})
         return out

@@ -14,11 +14,20 @@ size and layout) stage one expert's dW each until its D2H copy to pinned RAM has
 the experts never take more GPU memory than `gpu_bytes`, however far backward runs ahead of the
 copies.
 
+Prefetch: `prefetch` copies the weights of an expert the router predicted (whose RAM record
+already holds them) into a free or evictable slot ahead of use, unpinned and protected from
+lower-priority prefetches; `demote` makes a wrong guess the first slot evicted.
+
 On a CPU-only machine (or gpu_bytes == 0 on CPU) the tier serves the RAM views of the weights.
+With GMTIER_EMULATE_GPU_TIER=1 and gpu_bytes > 0 on CPU, the tier runs as on a GPU but in host
+memory, with synchronous stand-ins for streams and events: its bookkeeping, prefetch and
+gradient staging are then tested (and compared with resident training) without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 
@@ -27,22 +36,72 @@ import torch
 from gmtier._core import SlotPool
 
 
+def emulated() -> bool:
+    """Whether a CPU run emulates the GPU tier in host memory (GMTIER_EMULATE_GPU_TIER=1)."""
+    return os.environ.get("GMTIER_EMULATE_GPU_TIER") == "1"
+
+
+class _HostStreams:
+    """Stand-ins for torch.cuda's streams and events where the tier's arena is host memory:
+    every copy is finished when it is issued, so every event has completed."""
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            pass
+
+        def record(self, stream=None) -> None:
+            pass
+
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return 0.0
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event) -> None:
+            pass
+
+        def wait_stream(self, stream) -> None:
+            pass
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream(device=None):
+        return _HostStreams.Stream()
+
+
 class GpuTier:
     """Weights of experts on the compute device."""
 
     def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0):
         self.store = store
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        real = self.device.type == "cuda" and torch.cuda.is_available()
+        # active: the tier keeps its own copies (on the GPU, or in host memory when emulated).
+        self.active = real or (self.device.type == "cpu" and int(gpu_bytes) > 0 and emulated())
+        self._cuda = torch.cuda if real else _HostStreams
+        self._pin_host = real
         self._lock = threading.RLock()
         self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0,
-                  "d2h_bytes": 0, "grad_wait_s": 0.0}
+                  "d2h_bytes": 0, "grad_wait_s": 0.0, "prefetch_copies": 0, "prefetch_hits": 0,
+                  "prefetch_wasted": 0, "prefetch_demoted": 0}
+        self._prefetched: set = set()  # keys copied by prefetch() and not used since
         self._weight_names = {t.name for t in store.layout if t.section == "weights"}
         self._stalls: list[tuple] = []  # (before, after) timing events around waits for copies
         self._timing_events: list = []  # free timing events
         self._stall_s: dict = {}  # stall time already read from finished timing events, by tag
         self.stall_tag = None  # set by the caller (e.g. the Switch layer) to attribute stalls
-        if not self.cuda:
+        if not self.active:
             self.num_slots = 0
             return
         wb = store.weights_bytes
@@ -57,14 +116,14 @@ class GpuTier:
                              f"fewer than 1 + {self.grad_slots} for gradients; raise gpu_bytes to at least {need}")
         self.arena = torch.empty(total * wb, dtype=torch.uint8, device=self.device)
         self.pool = SlotPool(self.num_slots)
-        self.copy_stream = torch.cuda.Stream(device=self.device)
+        self.copy_stream = self._cuda.Stream(device=self.device)
         self.ready: list = [None] * self.num_slots
         self.free_after: list = [None] * self.num_slots
         self._views = [self._make_views(g) for g in range(self.num_slots)]
         self._grad_views = [self._make_views(self.num_slots + i) for i in range(self.grad_slots)]
         self._grad_busy: list = [None] * self.grad_slots  # D2H copy event of each staging slot
         self._next_grad = 0
-        self.d2h_stream = torch.cuda.Stream(device=self.device)
+        self.d2h_stream = self._cuda.Stream(device=self.device)
         self._inflight: list[tuple] = []  # (event, key): RAM pins held until the copy is done
         self._stale: set = set()
 
@@ -90,7 +149,7 @@ class GpuTier:
 
     def drain(self) -> None:
         """Wait for every copy in flight and drop the RAM pins they held."""
-        if self.cuda:
+        if self.active:
             with self._lock:
                 self._reap(block=True)
 
@@ -99,26 +158,35 @@ class GpuTier:
         """Weights of `key` (whose RAM record is pinned in `ram_slot`) on the device, ready for the
         current stream. Takes one GPU pin; the RAM pin passes to the tier (released at release).
         `need_hit`: the RAM slot lacks the weights, so the tier must already hold them."""
-        if not self.cuda:
+        if not self.active:
             return {n: t for n, t in self.store.slot_views(ram_slot).items()
                     if n in self._weight_names}
+        key = tuple(key)
         with self._lock:
             self._reap()
             if need_hit and not self.holds(key):
-                raise ValueError(f"expert {tuple(key)}: its weights are neither on the GPU tier nor in its RAM slot")
-            slot, hit, _evicted = self.pool.acquire(tuple(key), 0, True)
-            if hit:
-                self.m["hits"] += 1
-            else:
-                self.m["misses"] += 1
+                raise ValueError(f"expert {key}: its weights are neither on the GPU tier nor in its RAM slot")
+            slot, hit, evicted = self.pool.acquire(key, 0, True)
+            self._count_use(key, hit, evicted)
+            if not hit:
                 self._copy_in(slot, ram_slot)
             self._wait_ready(slot)
             return self._views[slot]
 
+    def _count_use(self, key, hit: bool, evicted) -> None:
+        """Hit/miss of a use of `key`, and what became of prefetched copies (used, or evicted unused)."""
+        self.m["hits" if hit else "misses"] += 1
+        if hit and key in self._prefetched:
+            self.m["prefetch_hits"] += 1
+        self._prefetched.discard(key)
+        if evicted is not None and tuple(evicted) in self._prefetched:
+            self._prefetched.discard(tuple(evicted))
+            self.m["prefetch_wasted"] += 1
+
     def acquire_resident(self, key) -> dict[str, torch.Tensor] | None:
         """Weights of `key` if the tier holds a current copy (pinned, ready for the current
         stream, no RAM record involved; `release(..., ram_pinned=False)`), else None."""
-        if not self.cuda:
+        if not self.active:
             return None
         key = tuple(key)
         with self._lock:
@@ -127,13 +195,58 @@ class GpuTier:
                 return None
             self._reap()
             self.pool.acquire(key, 0, True)
-            self.m["hits"] += 1
+            self._count_use(key, True, None)
             self._wait_ready(slot)
             return self._views[slot]
 
+    def prefetch(self, key, ram_slot: int, priority: int, max_in_flight: int = 1, reserve: int = 0) -> str:
+        """Copy `key`'s weights from its RAM record (pinned in `ram_slot` by the caller; the pin
+        passes to the tier, dropped once the copy is done) into a free or evictable slot ahead of
+        use: unpinned, protected from prefetches of lower priority. Returns "copied"; "held"
+        when the tier has a current copy already; "busy" when `max_in_flight` prefetch copies
+        are still running, or when fewer than `reserve` slots (what the current layer will still
+        page in) would stay neither pinned nor prefetched, so the guess would only be evicted
+        again (try later). Only "copied" keeps the pin."""
+        key = tuple(key)
+        with self._lock:
+            self._reap()
+            if not self.active or self.pool.lookup(key) is not None:
+                outcome = "held" if self.active else "busy"
+            elif (sum(k in self._prefetched for _, k in self._inflight) >= max_in_flight
+                  or self.num_slots - self.pool.pinned() - len(self._prefetched) - 1 < reserve):
+                outcome = "busy"
+            else:
+                try:
+                    slot, _hit, evicted = self.pool.acquire(key, int(priority), False)
+                except Exception:  # every slot pinned or holding a prefetch of higher priority
+                    outcome = "busy"
+                else:
+                    if evicted is not None and tuple(evicted) in self._prefetched:
+                        self._prefetched.discard(tuple(evicted))
+                        self.m["prefetch_wasted"] += 1
+                    self._copy_in(slot, ram_slot)
+                    self._inflight.append((self.ready[slot], key))
+                    self._prefetched.add(key)
+                    self.m["prefetch_copies"] += 1
+                    return "copied"
+        self.store.core.release([key])
+        return outcome
+
+    def demote(self, keys) -> None:
+        """The router predicted these experts wrongly: their unused prefetched copies become
+        the first slots evicted."""
+        if not self.active:
+            return
+        with self._lock:
+            for k in keys:
+                k = tuple(k)
+                if k in self._prefetched and self.pool.demote(k):
+                    self._prefetched.discard(k)
+                    self.m["prefetch_demoted"] += 1
+
     def holds(self, key) -> bool:
         """Whether the tier holds a current copy of `key`'s weights."""
-        if not self.cuda:
+        if not self.active:
             return False
         key = tuple(key)
         with self._lock:
@@ -143,7 +256,7 @@ class GpuTier:
         """The pinned RAM record of `key` (in `ram_slot`) was updated: copy its new weights over
         the GPU copy rather than dropping it, so the next forward finds them on the GPU. Called
         once the kernels that read the old weights have finished (AdamW ran on their dW)."""
-        if not self.cuda:
+        if not self.active:
             return
         key = tuple(key)
         with self._lock:
@@ -161,9 +274,9 @@ class GpuTier:
         cs = self.copy_stream
         if self.free_after[slot] is not None:
             cs.wait_event(self.free_after[slot])
-        with torch.cuda.stream(cs):
+        with self._cuda.stream(cs):
             self.arena[slot * wb:(slot + 1) * wb].copy_(self.store.weights_bytes_view(ram_slot), non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = self._cuda.Event()
             ev.record(cs)
         self.ready[slot] = ev
         self.m["h2d_bytes"] += wb
@@ -176,10 +289,10 @@ class GpuTier:
         ready = self.ready[slot]
         if ready is None or ready.query():
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._cuda.current_stream(self.device)
         # Timing events are reused (creating two per wait cost ~30 us per expert in bench-paging).
-        before = self._timing_events.pop() if self._timing_events else torch.cuda.Event(enable_timing=True)
-        after = self._timing_events.pop() if self._timing_events else torch.cuda.Event(enable_timing=True)
+        before = self._timing_events.pop() if self._timing_events else self._cuda.Event(enable_timing=True)
+        after = self._timing_events.pop() if self._timing_events else self._cuda.Event(enable_timing=True)
         before.record(stream)
         stream.wait_event(ready)
         after.record(stream)
@@ -191,14 +304,14 @@ class GpuTier:
         """Drop one GPU pin per key (the consumer's stream marks when the slot is free) and, with
         `ram_pinned`, the RAM pin the matching acquire() took (after the copy that read it has
         finished)."""
-        if not self.cuda:
+        if not self.active:
             if ram_pinned:
                 self.store.core.release([tuple(k) for k in keys])
             return
         with self._lock:
             # One event marks the end of the kernels enqueued so far: it frees every slot released here.
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
+            ev = self._cuda.Event()
+            ev.record(self._cuda.current_stream(self.device))
             for k in keys:
                 k = tuple(k)
                 slot = self.pool.lookup(k)
@@ -216,11 +329,12 @@ class GpuTier:
 
     def invalidate(self, keys) -> None:
         """The RAM records of these experts changed: their GPU copies are stale."""
-        if not self.cuda:
+        if not self.active:
             return
         with self._lock:
             for k in keys:
                 k = tuple(k)
+                self._prefetched.discard(k)
                 slot = self.pool.lookup(k)
                 if slot is None:
                     continue
@@ -248,13 +362,13 @@ class GpuTier:
         """Copy staging slot `i` to a pinned host buffer on the D2H stream, after the current
         stream's work; returns the host tensors (named like the weights) and the copy's event."""
         wb = self.store.weights_bytes
-        host = torch.empty(wb, dtype=torch.uint8, pin_memory=True)
+        host = torch.empty(wb, dtype=torch.uint8, pin_memory=self._pin_host)
         s = self.d2h_stream
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
+        s.wait_stream(self._cuda.current_stream(self.device))
+        with self._cuda.stream(s):
             base = (self.num_slots + i) * wb
             host.copy_(self.arena[base: base + wb], non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = self._cuda.Event()
             ev.record(s)
         self._grad_busy[i] = ev
         self.m["d2h_bytes"] += wb
@@ -280,7 +394,7 @@ class GpuTier:
         """Seconds the compute stream waited for H2D copies since the last call, by the
         `stall_tag` set when each wait was issued (synchronizes with those events; call between
         steps)."""
-        if not self.cuda:
+        if not self.active:
             return {}
         with self._lock:
             self._fold_stalls(block=True)
@@ -295,6 +409,7 @@ class GpuTier:
         return m
 
     def __repr__(self) -> str:
-        if not self.cuda:
+        if not self.active:
             return "GpuTier(cpu: serves RAM views)"
-        return f"GpuTier({self.device}, {self.num_slots} slots x {self.store.weights_bytes} B)"
+        where = "" if self._pin_host else " emulated in host memory"
+        return f"GpuTier({self.device}{where}, {self.num_slots} slots x {self.store.weights_bytes} B)"

@@ -1,0 +1,115 @@
+"""The GPU tier's logic on any machine: GMTIER_EMULATE_GPU_TIER=1 runs the tier in host memory
+(synchronous stand-ins for streams and events), so its slot bookkeeping, prefetch, corrections
+and gradient staging are checked here, and tiered training through it against resident
+training. The real copies and their overlap are tested on a GPU (test_store_gpu.py)."""
+
+import json
+
+import pytest
+import torch
+
+from gmtier.store import TieredExpertStore
+from test_train import data_dir, tiny  # noqa: F401  (data_dir is a fixture)
+
+SCHEMA = [("w1", "f32", [16, 32], "weights"), ("w2", "f32", [32, 16], "weights"),
+          ("w1.exp_avg", "f32", [16, 32], "state"), ("step", "i64", [1], "state")]
+
+
+def expert(layer, e):
+    g = torch.Generator().manual_seed(layer * 100 + e)
+    return {"w1": torch.randn(16, 32, generator=g), "w2": torch.randn(32, 16, generator=g)}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    TieredExpertStore.create(tmp_path / "s", 1, 8, SCHEMA, init=expert)
+    probe = TieredExpertStore.open(tmp_path / "s", ram_bytes=1 << 20)
+    rb, wb = probe.record_bytes, probe.weights_bytes
+    probe.close()
+    # 3 weight slots + 1 gradient slot on the "GPU"; RAM for 6 records.
+    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=6 * rb, gpu_bytes=4 * wb, device="cpu", gpu_grad_slots=1)
+    yield s
+    s.close()
+
+
+def in_ram(store, key):
+    """Pin `key`'s RAM record (reading it first): its slot, as a GPU prefetch is given it."""
+    store.get([key])
+    store.release([key])
+    return store.core.pin_resident([key], "weights")[0]
+
+
+def test_prefetched_copy_is_used_without_a_copy(store):
+    gpu = store.gpu
+    assert gpu.active and gpu.num_slots == 3 and "emulated" in repr(gpu)
+    assert store.core.pin_resident([(0, 0)], "weights") == [None], "not in RAM: nothing pinned, nothing read"
+    assert store.metrics()["reads"] == 0
+    assert gpu.prefetch((0, 0), in_ram(store, (0, 0)), priority=2) == "copied"
+    gpu.drain()
+    assert store.metrics()["pinned"] == 0, "the RAM pin went with the finished copy"
+    # Already there: nothing copied, the pin given is dropped.
+    assert gpu.prefetch((0, 0), in_ram(store, (0, 0)), priority=2) == "held"
+    assert store.metrics()["pinned"] == 0
+    copies = gpu.m["h2d_copies"]
+    w = store.acquire((0, 0), sections="weights")
+    assert torch.equal(w["w1"], expert(0, 0)["w1"]) and torch.equal(w["w2"], expert(0, 0)["w2"])
+    store.release([(0, 0)])
+    m = gpu.metrics()
+    assert (m["h2d_copies"], m["prefetch_copies"], m["prefetch_hits"]) == (copies, 1, 1)
+
+
+def test_wrong_guesses_are_evicted_first_and_budgets_hold(store):
+    gpu = store.gpu
+    # A guess evicted before any use counts as wasted.
+    assert gpu.prefetch((0, 1), in_ram(store, (0, 1)), priority=2) == "copied"
+    for e in (2, 3, 4):
+        store.acquire((0, e))  # three pinned experts need all three slots
+    assert not gpu.holds((0, 1)) and gpu.metrics()["prefetch_wasted"] == 1
+    # With every slot pinned (or `reserve` slots needed by the layer) a prefetch waits.
+    assert gpu.prefetch((0, 5), in_ram(store, (0, 5)), priority=2) == "busy"
+    store.release([(0, 2), (0, 3), (0, 4)])
+    assert gpu.prefetch((0, 5), in_ram(store, (0, 5)), priority=2, reserve=3) == "busy"
+    gpu.drain()
+    assert store.metrics()["pinned"] == 0, "a refused prefetch drops its RAM pin"
+    # Protected from demand while the guess stands; demoted, it is the first slot evicted.
+    assert gpu.prefetch((0, 5), in_ram(store, (0, 5)), priority=2) == "copied"
+    store.acquire((0, 6))
+    assert gpu.holds((0, 5)), "demand evicts older unprotected copies before a prefetch"
+    gpu.demote([(0, 5)])
+    store.acquire((0, 7))
+    assert not gpu.holds((0, 5)) and gpu.holds((0, 6))
+    store.release([(0, 6), (0, 7)])
+    assert gpu.metrics()["prefetch_demoted"] == 1
+
+
+def train_losses(cfg):
+    from gmtier.train import train
+
+    return train(cfg, log=lambda s: None)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("gpu_slots,async_adam", [(6, False), (6, True), (12, True)])
+def test_training_through_the_emulated_gpu_tier_matches_resident(data_dir, tmp_path, monkeypatch, gpu_slots,
+                                                                  async_adam):
+    # 8 expert records of 64 KiB weights. 6 GPU slots (4 for weights, 2 staging dW) with RAM for 7
+    # records: experts are copied every step and the router's guesses for the next layer are
+    # copied early. 12 slots: every expert stays on the "GPU", refreshed after its AdamW.
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    weights = 2 * 64 * 128 * 4
+    res = train_losses(tiny(data_dir, tmp_path / "res", experts=dict(mode="resident")))
+    run = tmp_path / "tiered"
+    cfg = tiny(data_dir, run, experts=dict(gpu_budget=gpu_slots * weights, ram_budget=7 * (3 * weights + 4096),
+                                           async_adam=async_adam))
+    assert train_losses(cfg) == pytest.approx(res, abs=2e-4)
+    rows = _rows(run)
+    copies = sum(r["gpu_prefetch_copies"] for r in rows)
+    assert all(r["h2d_bytes"] > 0 for r in rows)
+    if gpu_slots == 6:
+        assert copies > 0 and sum(r["gpu_prefetch_hits"] for r in rows) > copies / 2
+    else:
+        assert copies == 0 and rows[-1]["gpu_hit_rate"] == 1.0
