@@ -51,6 +51,7 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     assert res["expert_updates_per_step"] > 0 and res["disk_read_bytes_per_step"] > 0  # the tiny budget pages
     assert res["rss_bytes"] >= res["rss_before_trainer_bytes"] > 0
     assert res["tiered_vs_resident"] > 0 and res["resident_step_s"] > 0
+    assert res["gpu_prefetch_copies_per_step"] is None and res["ram_prefetch_cancelled_per_step"] >= 0  # no GPU tier
     layers = res["per_layer"]  # one entry per Switch layer: hit rates and waits of its loops
     assert [L["block"] for L in layers] == [0, 1] and all(0 <= L["ram_hit_rate"] <= 1 for L in layers)
     assert sum(L["host_wait_s"] for L in layers) == pytest.approx(res["host_wait_s"] * res["timed_steps"], rel=1e-6)

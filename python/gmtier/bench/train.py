@@ -345,6 +345,13 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "prefetch_precision": tiered.get("prefetch_precision"), "prefetch_recall": tiered.get("prefetch_recall"),
         "per_layer": tiered.get("per_layer"),
         "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
+        # GPU-tier prefetch: copies started early per step, the share of them used, wrong guesses
+        # demoted; RAM reads of wrong guesses cancelled before they started.
+        "gpu_prefetch_copies_per_step": tiered.get("gpu_prefetch_copies", 0) / steps if "gpu_prefetch_copies" in tiered else None,
+        "gpu_prefetch_used": (tiered["gpu_prefetch_hits"] / tiered["gpu_prefetch_copies"]
+                              if tiered.get("gpu_prefetch_copies") else None),
+        "gpu_prefetch_demoted_per_step": tiered.get("gpu_prefetch_demoted", 0) / steps if "gpu_prefetch_demoted" in tiered else None,
+        "ram_prefetch_cancelled_per_step": tiered.get("ram_prefetch_cancelled", 0) / steps,
         "compute_measured_with_experts": fit_experts,
         "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
         "dense_peak_bytes": dense_peak, "gpu_limit_bytes": gpu_budget + dense_peak if dense_peak else None,
@@ -360,6 +367,8 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "disk_achieved_gbps": (read_bytes + write_bytes) / step_s / GB,
         "prefetch_off_step_s": prefetch_off_res["step_s"] if prefetch_off_res else None,
         "prefetch_off_wait_s": prefetch_off_res.get("wait_s", 0.0) / steps if prefetch_off_res else None,
+        "prefetch_off_gpu_stall_s": prefetch_off_res.get("gpu_stall_s", 0.0) / steps if prefetch_off_res else None,
+        "prefetch_off_gpu_hit_rate": prefetch_off_res.get("gpu_hit_rate") if prefetch_off_res else None,
     })
     return out
 
@@ -381,7 +390,11 @@ def _table(results: list[dict]) -> str:
         ("  updates waiting for dW D2H (s)", "adam_d2h_wait_s", "{:.3f}"),
         ("transfer hidden", "transfer_hidden", "{:.1%}"), ("prefetch precision", "prefetch_precision", "{:.2f}"),
         ("prefetch recall", "prefetch_recall", "{:.2f}"), ("RAM hit rate", "ram_hit_rate", "{:.2f}"),
-        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"), ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("peak RSS in the steps", "rss_bytes", "{:.2e}"),
+        ("GPU hit rate", "gpu_hit_rate", "{:.2f}"),
+        ("GPU prefetch copies/step", "gpu_prefetch_copies_per_step", "{:.1f}"), ("  of them used", "gpu_prefetch_used", "{:.2f}"),
+        ("  wrong guesses demoted/step", "gpu_prefetch_demoted_per_step", "{:.1f}"),
+        ("RAM prefetch reads cancelled/step", "ram_prefetch_cancelled_per_step", "{:.1f}"),
+        ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("peak RSS in the steps", "rss_bytes", "{:.2e}"),
         ("  RAM budget", "ram_budget", "{:.2e}"), ("  RSS before the trainer", "rss_before_trainer_bytes", "{:.2e}"),
         ("  RSS beyond both", "rss_over_budget_and_runtime_bytes", "{:.2e}"),
         ("disk read+write in the step GB/s", "disk_achieved_gbps", "{:.2f}"),
@@ -389,6 +402,7 @@ def _table(results: list[dict]) -> str:
         ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
         ("  first tiered run / resident", "tiered_vs_resident_first_run", "{:.2f}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
+        ("  GPU stalled on copies (s)", "prefetch_off_gpu_stall_s", "{:.3f}"), ("  GPU hit rate", "prefetch_off_gpu_hit_rate", "{:.2f}"),
     ]
     # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step
     # (cells in copies of the results, which stay as the JSON output has them).
