@@ -20,15 +20,21 @@ def expert(layer, e):
     return {"w1": torch.randn(16, 32, generator=g), "w2": torch.randn(32, 16, generator=g)}
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
+on_cuda = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+
+
+@pytest.fixture(params=["cpu", on_cuda])
+def store(tmp_path, monkeypatch, request):
+    """A store of 8 experts whose GPU tier (emulated on "cpu") has 3 weight slots."""
     monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
     TieredExpertStore.create(tmp_path / "s", 1, 8, SCHEMA, init=expert)
     probe = TieredExpertStore.open(tmp_path / "s", ram_bytes=1 << 20)
     rb, wb = probe.record_bytes, probe.weights_bytes
     probe.close()
     # 3 weight slots + 1 gradient slot on the "GPU"; RAM for 6 records.
-    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=6 * rb, gpu_bytes=4 * wb, device="cpu", gpu_grad_slots=1)
+    s = TieredExpertStore.open(tmp_path / "s", ram_bytes=6 * rb, gpu_bytes=4 * wb, device=request.param,
+                               gpu_grad_slots=1)
     yield s
     s.close()
 
@@ -42,7 +48,7 @@ def in_ram(store, key):
 
 def test_prefetched_copy_is_used_without_a_copy(store):
     gpu = store.gpu
-    assert gpu.active and gpu.num_slots == 3 and "emulated" in repr(gpu)
+    assert gpu.active and gpu.num_slots == 3 and ("emulated" in repr(gpu)) == (store.device.type == "cpu")
     assert store.core.pin_resident([(0, 0)], "weights") == [None], "not in RAM: nothing pinned, nothing read"
     assert store.metrics()["reads"] == 0
     assert gpu.prefetch((0, 0), in_ram(store, (0, 0)), priority=2) == "copied"
@@ -53,7 +59,8 @@ def test_prefetched_copy_is_used_without_a_copy(store):
     assert store.metrics()["pinned"] == 0
     copies = gpu.m["h2d_copies"]
     w = store.acquire((0, 0), sections="weights")
-    assert torch.equal(w["w1"], expert(0, 0)["w1"]) and torch.equal(w["w2"], expert(0, 0)["w2"])
+    assert w["w1"].device.type == store.device.type
+    assert torch.equal(w["w1"].cpu(), expert(0, 0)["w1"]) and torch.equal(w["w2"].cpu(), expert(0, 0)["w2"])
     store.release([(0, 0)])
     m = gpu.metrics()
     assert (m["h2d_copies"], m["prefetch_copies"], m["prefetch_hits"]) == (copies, 1, 1)
@@ -93,19 +100,25 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("gpu_slots,async_adam", [(6, False), (6, True), (12, True)])
+@pytest.mark.parametrize("gpu_slots,async_adam,precision", [(6, False, "fp32"), (6, True, "fp32"),
+                                                             (12, True, "fp32"), (6, True, "bf16")])
 def test_training_through_the_emulated_gpu_tier_matches_resident(data_dir, tmp_path, monkeypatch, gpu_slots,
-                                                                  async_adam):
-    # 8 expert records of 64 KiB weights. 6 GPU slots (4 for weights, 2 staging dW) with RAM for 7
-    # records: experts are copied every step and the router's guesses for the next layer are
-    # copied early. 12 slots: every expert stays on the "GPU", refreshed after its AdamW.
+                                                                  async_adam, precision):
+    # 8 expert records. 6 GPU slots (4 for weights, 2 staging dW) with RAM for 7 records: experts
+    # are copied every step and the router's guesses for the next layer are copied early. 12
+    # slots: every expert stays on the "GPU", refreshed after its AdamW. bf16: backward reads
+    # only the state section of experts whose weights the tier holds (the AdamW rewrites them
+    # from the fp32 master).
     monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
-    weights = 2 * 64 * 128 * 4
-    res = train_losses(tiny(data_dir, tmp_path / "res", experts=dict(mode="resident")))
+    weights = 2 * 64 * 128 * (4 if precision == "fp32" else 2)
+    record = 2 * 64 * 128 * 4 * (3 if precision == "fp32" else 3.5) + 4096
+    train = dict(precision=precision)
+    res = train_losses(tiny(data_dir, tmp_path / "res", train=train, experts=dict(mode="resident")))
     run = tmp_path / "tiered"
-    cfg = tiny(data_dir, run, experts=dict(gpu_budget=gpu_slots * weights, ram_budget=7 * (3 * weights + 4096),
-                                           async_adam=async_adam))
-    assert train_losses(cfg) == pytest.approx(res, abs=2e-4)
+    cfg = tiny(data_dir, run, train=train, experts=dict(gpu_budget=gpu_slots * weights, ram_budget=int(7 * record),
+                                                        async_adam=async_adam))
+    # bf16: weights rounded from the fp32 master (tiered) or cast by autocast (resident).
+    assert train_losses(cfg) == pytest.approx(res, abs=2e-4 if precision == "fp32" else 5e-3)
     rows = _rows(run)
     copies = sum(r["gpu_prefetch_copies"] for r in rows)
     assert all(r["h2d_bytes"] > 0 for r in rows)

@@ -38,6 +38,18 @@ def test_tiered_matches_resident_bf16(data_dir, tmp_path, gpu_slots):
     assert last["expert_updates"] > 0 and "gpu_hit_rate" in last and last["h2d_bytes"] > 0
 
 
+def test_gpu_prefetch_copies_the_guesses_early_and_matches_resident(data_dir, tmp_path):
+    # 6 slots (4 weights + 2 dW staging) for 8 experts, RAM for 7 records: the router's guesses
+    # for the next layer are copied to the GPU between the current layer's experts.
+    res = train(gpu_cfg(data_dir, tmp_path / "res", experts=dict(mode="resident")), log=lambda s: None)
+    run = tmp_path / "tiered"
+    cfg = gpu_cfg(data_dir, run, experts=dict(async_adam=True, gpu_budget=6 * 32768, ram_budget=7 * 240_000))
+    assert train(cfg, log=lambda s: None) == pytest.approx(res, abs=0.05)
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    copies = sum(r["gpu_prefetch_copies"] for r in rows)
+    assert copies > 0 and sum(r["gpu_prefetch_hits"] for r in rows) > copies / 2
+
+
 def test_fp16_with_loss_scaling_trains(data_dir, tmp_path):
     cfg = gpu_cfg(data_dir, tmp_path / "run", precision="fp16", train=dict(steps=30))
     losses = train(cfg, log=lambda s: None)

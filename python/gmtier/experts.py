@@ -115,8 +115,12 @@ class ExpertRuntime:
         # Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
         # paging loop (current + next), so the budgets bound how many updates may be in flight.
         # On CUDA the GPU tier keeps a RAM record pinned until the H2D copy that read it has
-        # finished; count two such copies in flight, and one GPU prefetch copy.
-        self.gpu_prefetch = bool(gpu_bytes) and cfg.experts.prefetch and cfg.experts.gpu_prefetch
+        # finished; count two such copies in flight, and one GPU prefetch copy. GPU prefetch runs
+        # where the tier cannot keep every expert (it keeps those it has room for, refreshed
+        # after each AdamW).
+        n_records = len(self.switch_layers) * self.n_experts
+        self.gpu_prefetch = (bool(gpu_bytes) and cfg.experts.prefetch and cfg.experts.gpu_prefetch
+                             and self.store.gpu.num_slots - 2 < n_records)
         in_copy = (2 + self.gpu_prefetch) if gpu_bytes else 0
         slots = self.store.ram_slots - in_copy
         if gpu_bytes:
@@ -196,9 +200,6 @@ class ExpertRuntime:
         # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
         n_records = len(self.switch_layers) * self.n_experts
         self.all_in_ram = self.store.ram_slots >= n_records + self.max_pending + 2
-        # Likewise the GPU tier keeps every expert it has room for (copies refreshed after AdamW).
-        gpu = self.store.gpu
-        self.gpu_prefetch = self.gpu_prefetch and gpu.num_slots - 2 < n_records
         needed = not self.all_in_ram or self.gpu_prefetch
         model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and needed else None
         # Records that stay in RAM are written at the commit only; otherwise each is written as
