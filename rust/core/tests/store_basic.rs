@@ -1,6 +1,6 @@
 //! Store: bit-exact round trips, commit/reopen, clear errors, slot pool policy.
 mod common;
-use common::{content, schema};
+use common::{content, eventually, schema};
 use gmtier_core::store::format::TensorSpec;
 use gmtier_core::store::{
     block_io, record_location, slot_status, ExpertStore, Key, Need, SlotPool, StoreError,
@@ -204,15 +204,6 @@ fn slot_pool_policy() {
     assert_eq!(p.victim(Need::Demand, |_| true), Some(s5));
     assert!(p.invalidate(k(5)));
     assert_eq!(p.lookup(k(5)), None);
-}
-
-/// Poll until `f` holds (write-behind finishes asynchronously); fails after 10 s.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !f() {
-        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
 }
 
 #[test]

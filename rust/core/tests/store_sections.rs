@@ -1,6 +1,6 @@
 //! Section reads: only the sections asked for are read and verified against their own crc32.
 mod common;
-use common::{content, schema};
+use common::{content, eventually, schema};
 use gmtier_core::store::{
     block_io, record_location, ExpertStore, Key, Sections, StoreError, StoreOptions,
 };
@@ -389,15 +389,6 @@ fn filled_section_counts_as_valid_and_round_trips() {
     let slot = get(&s, k, Sections::ALL);
     assert_eq!(bytes(&s, slot), new);
     s.release(&[k]).unwrap();
-}
-
-/// Poll until `f` holds (prefetches finish asynchronously); fails after 10 s.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !f() {
-        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
 }
 
 #[test]

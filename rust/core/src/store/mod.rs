@@ -689,13 +689,7 @@ impl ExpertStore {
     pub fn prefetch_sections(&self, keys: &[Key], priority: i64, sections: Sections) -> Result<()> {
         let sh = &self.sh;
         let secs = sh.norm(sections);
-        for &k in keys {
-            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
-        }
-        let mut g = sh.lock();
-        if g.closed {
-            return Err(StoreError::Closed);
-        }
+        let mut g = sh.lock_open(keys)?;
         for &k in keys {
             let inner = &mut *g;
             if let Some(s) = inner.pool.lookup(k) {
@@ -744,13 +738,7 @@ impl ExpertStore {
     pub fn pin_resident(&self, keys: &[Key], sections: Sections) -> Result<Vec<Option<usize>>> {
         let sh = &self.sh;
         let secs = sh.norm(sections);
-        for &k in keys {
-            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
-        }
-        let mut g = sh.lock();
-        if g.closed {
-            return Err(StoreError::Closed);
-        }
+        let mut g = sh.lock_open(keys)?;
         Ok(keys
             .iter()
             .map(|&k| {
@@ -769,10 +757,9 @@ impl ExpertStore {
     /// prefetch reads that have not started, and make their unused prefetched RAM records the
     /// first to be evicted. Returns how many of the keys were demoted or cancelled.
     pub fn demote_prefetched(&self, keys: &[Key]) -> Result<usize> {
-        let mut g = self.sh.lock();
+        let mut g = self.sh.lock_open(keys)?;
         let mut n = 0;
         for &k in keys {
-            self.sh.geom.check_key(k.0 as usize, k.1 as usize)?;
             if let Some(s) = g.pool.lookup(k) {
                 if g.pool.pins(s) == 0 && g.pool.demote(s) {
                     n += 1;
@@ -878,13 +865,7 @@ impl ExpertStore {
     /// marked dirty again during its write stays dirty and is written again later.
     pub fn write_back(&self, keys: &[Key]) -> Result<()> {
         let sh = &self.sh;
-        for &k in keys {
-            sh.geom.check_key(k.0 as usize, k.1 as usize)?;
-        }
-        let mut g = sh.lock();
-        if g.closed {
-            return Err(StoreError::Closed);
-        }
+        let mut g = sh.lock_open(keys)?;
         if g.committing || g.write_error.is_some() {
             return Ok(());
         }
@@ -1028,6 +1009,18 @@ impl Drop for ExpertStore {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock, after checking that every key is in range and the store is open.
+    fn lock_open(&self, keys: &[Key]) -> Result<MutexGuard<'_, Inner>> {
+        for &k in keys {
+            self.geom.check_key(k.0 as usize, k.1 as usize)?;
+        }
+        let g = self.lock();
+        if g.closed {
+            return Err(StoreError::Closed);
+        }
+        Ok(g)
     }
 
     /// Where the newest version of an expert lives on disk.

@@ -24,3 +24,12 @@ pub fn content(l: usize, e: usize, v: u64, n: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Poll until `f` holds (write-behind and prefetches finish asynchronously); fails after 10 s.
+pub fn eventually(what: &str, f: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed().as_secs() < 10, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
