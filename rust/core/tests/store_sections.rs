@@ -129,11 +129,7 @@ fn a_section_asked_for_during_a_read_is_read_next() {
     s.release(&[(0, 1)]).unwrap();
     // The prefetched weights of (0, 0): a weights request is a hit; the whole record reads
     // only the state.
-    let t0 = std::time::Instant::now();
-    while s.metrics().reads < 3 {
-        assert!(t0.elapsed().as_secs() < 10);
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    eventually("the prefetch", || s.metrics().reads >= 3);
     assert_eq!(s.metrics().bytes_read, (RB + WB) as u64);
     let hits = s.metrics().hits;
     get(&s, (0, 0), Sections::WEIGHTS);
@@ -190,11 +186,7 @@ fn a_corrupt_state_section_fails_state_and_whole_reads_not_weights_reads() {
         let _hold = block_io(&s);
         drop(s.request_sections(&[(0, 2)], 0, Sections::STATE).unwrap());
     }
-    let t0 = std::time::Instant::now();
-    while s.metrics().read_errors < 3 {
-        assert!(t0.elapsed().as_secs() < 10, "the state read did not fail");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    eventually("the state read to fail", || s.metrics().read_errors >= 3);
     assert_eq!(s.pinned(), 1);
     s.release(&[(0, 2)]).unwrap();
     assert_eq!(s.pinned(), 0);
@@ -352,11 +344,7 @@ fn concurrent_mixed_section_requests_see_verified_bytes() {
         t.join().unwrap();
     }
     // Let the last prefetches land, then nothing stays pinned.
-    let t0 = std::time::Instant::now();
-    while s.pinned() > 0 {
-        assert!(t0.elapsed().as_secs() < 10, "pins left: {}", s.pinned());
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    eventually("every pin released", || s.pinned() == 0);
     assert!(s.resident() <= 4);
     let m = s.metrics();
     assert_eq!(m.read_errors, 0);
