@@ -55,4 +55,7 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     layers = res["per_layer"]  # one entry per Switch layer: hit rates and waits of its loops
     assert [L["block"] for L in layers] == [0, 1] and all(0 <= L["ram_hit_rate"] <= 1 for L in layers)
     assert sum(L["host_wait_s"] for L in layers) == pytest.approx(res["host_wait_s"] * res["timed_steps"], rel=1e-6)
+    assert [L["block"] for L in res["prefetch_off_per_layer"]] == [0, 1]
+    table = bench._table([res])
+    assert "Switch layer 1, prefetch off: recall, RAM/GPU hit, waited (s)" in table and "tiered / resident" in table
     assert not (tmp_path / "work").exists()  # stores removed without --keep

@@ -344,6 +344,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "transfer_hidden": None if transfer_s == 0 else max(0.0, 1 - waited / transfer_s),
         "prefetch_precision": tiered.get("prefetch_precision"), "prefetch_recall": tiered.get("prefetch_recall"),
         "per_layer": tiered.get("per_layer"),
+        "prefetch_off_per_layer": prefetch_off_res.get("per_layer") if prefetch_off_res else None,
         "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
         # GPU-tier prefetch: copies started early per step, the share of them used, wrong guesses
         # demoted; RAM reads of wrong guesses cancelled before they started.
@@ -404,19 +405,21 @@ def _table(results: list[dict]) -> str:
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
         ("  GPU stalled on copies (s)", "prefetch_off_gpu_stall_s", "{:.3f}"), ("  GPU hit rate", "prefetch_off_gpu_hit_rate", "{:.2f}"),
     ]
-    # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step
-    # (cells in copies of the results, which stay as the JSON output has them).
+    # One row per Switch layer: prediction recall, RAM / GPU hit rates, time waited per step,
+    # with prefetch on and then off (cells in copies of the results, which stay as the JSON
+    # output has them).
     results = [dict(r) for r in results]
     f = lambda v, fmt: "—" if v is None else fmt.format(v)  # noqa: E731
-    for i in range(max(len(r.get("per_layer") or []) for r in results)):
-        rows.append((f"  Switch layer {i}: recall, RAM/GPU hit, waited (s)", f"_layer{i}", "{}"))
-        for r in results:
-            layers = r.get("per_layer") or []
-            if i < len(layers):
-                L = layers[i]
-                wait = (L["host_wait_s"] + L["gpu_stall_s"]) / r.get("timed_steps", 1)
-                r[f"_layer{i}"] = (f"{f(L.get('recall'), '{:.2f}')} {f(L['ram_hit_rate'], '{:.2f}')}/"
-                                   f"{f(L['gpu_hit_rate'], '{:.2f}')} {wait:.3f}")
+    for key, label in (("per_layer", ""), ("prefetch_off_per_layer", ", prefetch off")):
+        for i in range(max(len(r.get(key) or []) for r in results)):
+            rows.append((f"  Switch layer {i}{label}: recall, RAM/GPU hit, waited (s)", f"_{key}{i}", "{}"))
+            for r in results:
+                layers = r.get(key) or []
+                if i < len(layers):
+                    L = layers[i]
+                    wait = (L["host_wait_s"] + L["gpu_stall_s"]) / r.get("timed_steps", 1)
+                    r[f"_{key}{i}"] = (f"{f(L.get('recall'), '{:.2f}')} {f(L['ram_hit_rate'], '{:.2f}')}/"
+                                       f"{f(L['gpu_hit_rate'], '{:.2f}')} {wait:.3f}")
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  " + "  ".join(f"{r['config']:>16}" for r in results)]
     for label, key, fmt in rows:
