@@ -90,6 +90,55 @@ def test_wrong_guesses_are_evicted_first_and_budgets_hold(store):
     assert gpu.metrics()["prefetch_demoted"] == 1
 
 
+def test_dw_lands_in_a_fixed_ring_of_host_buffers(store):
+    import threading
+
+    gpu = store.gpu
+    gpu.reserve_host_grads(2)
+    store.acquire((0, 0))
+    hosts = []
+    for v in (1.0, 2.0):
+        i, dw = gpu.grad_buffer()
+        for t in dw.values():
+            t.fill_(v)
+        hosts.append(store.grads_to_host((0, 0), staging=i))
+    # Both buffers in use: the next copy waits until an update gives one back.
+    threading.Timer(0.1, hosts[0].release).start()
+    i, dw = gpu.grad_buffer()
+    for t in dw.values():
+        t.fill_(3.0)
+    third = store.grads_to_host((0, 0), staging=i)
+    third.wait()
+    hosts[1].wait()
+    assert all(bool((t == 3.0).all()) for t in third.tensors.values())
+    assert all(bool((t == 2.0).all()) for t in hosts[1].tensors.values()), "a buffer in use was not reused"
+    assert gpu.metrics()["grad_wait_s"] > 0.05 and len(gpu._host_bufs) == 2
+    assert gpu.host_grad_bytes == 2 * store.weights_bytes
+    for h in (hosts[1], third):
+        h.release()
+        h.release()  # once only
+    assert len(gpu._free_host) == 2
+    store.release([(0, 0)])
+
+
+def test_training_gives_every_dw_buffer_back(data_dir, tmp_path, monkeypatch):
+    from gmtier.train import Trainer
+
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    weights = 2 * 64 * 128 * 4
+    cfg = tiny(data_dir, tmp_path / "run", train=dict(steps=3),
+               experts=dict(gpu_budget=6 * weights, ram_budget="4MiB", async_adam=True))
+    t = Trainer(cfg, log=lambda s: None)
+    try:
+        t.fit()
+        gpu, rt = t.runtime.store.gpu, t.runtime
+        assert rt.max_pending > 0 and gpu.host_grad_buffers == rt.max_pending + 2
+        assert 0 < len(gpu._host_bufs) <= gpu.host_grad_buffers
+        assert len(gpu._free_host) == len(gpu._host_bufs), "every update gave its dW buffer back"
+    finally:
+        t.close()
+
+
 def train_losses(cfg):
     from gmtier.train import train
 

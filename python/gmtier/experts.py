@@ -135,6 +135,8 @@ class ExpertRuntime:
         # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
         # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
         workers = min(2, self.max_pending)
+        # dW host buffers: one per update that may be queued or running, plus the one being copied.
+        self.store.gpu.reserve_host_grads(self.max_pending + 2)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gmtier-adam") if self.max_pending else None
         self.pending: list[Future] = []
         self.model = None
@@ -348,10 +350,13 @@ class ExpertRuntime:
 
         def run():
             t0 = time.perf_counter()
-            host.wait()
-            t1 = time.perf_counter()
-            skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
-            t2 = time.perf_counter()
+            try:
+                host.wait()
+                t1 = time.perf_counter()
+                skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
+                t2 = time.perf_counter()
+            finally:
+                host.release()
             if not skipped:  # a skipped update wrote nothing
                 self.store.mark_dirty([key], refresh_gpu=True, filled="weights" if self.half else "none")
                 if self.write_behind:

@@ -102,14 +102,21 @@ def _record_from_tensors(layout: Sequence[TensorInfo], record_bytes: int, tensor
 
 
 class GradsOnHost:
-    """Gradients copied to pinned host memory on a side stream; `wait()` before reading `tensors`."""
+    """Gradients copied to pinned host memory on a side stream; `wait()` before reading `tensors`,
+    `release()` once done with them (their buffer goes back to the GPU tier's ring)."""
 
-    def __init__(self, tensors: dict, event=None):
-        self.tensors, self.event = tensors, event
+    def __init__(self, tensors: dict, event=None, give_back=None):
+        self.tensors, self.event, self._give_back = tensors, event, give_back
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def release(self) -> None:
+        if self._give_back is not None:
+            self.wait()  # the copy into the buffer must be over before anyone refills it
+            give_back, self._give_back, self.tensors = self._give_back, None, {}
+            give_back()
 
 
 class TieredExpertStore:

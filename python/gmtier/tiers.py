@@ -12,7 +12,10 @@ Ordering, all on the device, never the host:
 Expert gradients live inside the same budget: `grad_slots` slots of the arena (the weights'
 size and layout) stage one expert's dW each until its D2H copy to pinned RAM has finished, so
 the experts never take more GPU memory than `gpu_bytes`, however far backward runs ahead of the
-copies.
+copies. On the host, dW lands in a fixed ring of pinned buffers (`host_grad_buffers`, allocated
+as first needed, each given back once its AdamW is done): a stated amount of host memory rather
+than whatever CUDA's caching host allocator keeps (it rounds each request up to a power of two
+and never gives memory back).
 
 Prefetch: `prefetch` copies the weights of an expert the router predicted (whose RAM record
 already holds them) into a free or evictable slot ahead of use, unpinned and protected from
@@ -101,6 +104,11 @@ class GpuTier:
         self._timing_events: list = []  # free timing events
         self._stall_s: dict = {}  # stall time already read from finished timing events, by tag
         self.stall_tag = None  # set by the caller (e.g. the Switch layer) to attribute stalls
+        # The pinned host ring for dW: at most `host_grad_buffers` buffers, free ones in `_free_host`.
+        self.host_grad_buffers = 1
+        self._host_bufs: list[torch.Tensor] = []
+        self._free_host: list[torch.Tensor] = []
+        self._host_cv = threading.Condition()
         if not self.active:
             self.num_slots = 0
             return
@@ -123,6 +131,7 @@ class GpuTier:
         self._grad_views = [self._make_views(self.num_slots + i) for i in range(self.grad_slots)]
         self._grad_busy: list = [None] * self.grad_slots  # D2H copy event of each staging slot
         self._next_grad = 0
+        self.host_grad_buffers = self.grad_slots + 1
         self.d2h_stream = self._cuda.Stream(device=self.device)
         self._inflight: list[tuple] = []  # (event, key): RAM pins held until the copy is done
         self._stale: set = set()
@@ -358,11 +367,44 @@ class GpuTier:
         self._grad_busy[i] = None
         return i, self._grad_views[i]
 
+    def reserve_host_grads(self, n: int) -> None:
+        """Let the pinned dW ring hold `n` buffers: one per expert update that may be in flight
+        (queued or running AdamW) plus the one being copied. Set before training."""
+        with self._host_cv:
+            self.host_grad_buffers = max(int(n), len(self._host_bufs), 1)
+
+    @property
+    def host_grad_bytes(self) -> int:
+        """Pinned host memory the dW ring may hold (what it holds once every buffer was needed)."""
+        return self.host_grad_buffers * self.store.weights_bytes if self.active else 0
+
+    def _take_host_buffer(self) -> torch.Tensor:
+        """A free pinned buffer of the ring (allocated while under its size), waiting for an
+        update to give one back when all are in use."""
+        with self._host_cv:
+            if not self._free_host and len(self._host_bufs) < self.host_grad_buffers:
+                buf = torch.empty(self.store.weights_bytes, dtype=torch.uint8, pin_memory=self._pin_host)
+                self._host_bufs.append(buf)
+                return buf
+            t0 = time.perf_counter()
+            if not self._host_cv.wait_for(lambda: self._free_host, timeout=60):
+                raise RuntimeError(f"all {len(self._host_bufs)} pinned dW buffers stayed in use for 60 s: an update "
+                                   "did not give its buffer back (GradsOnHost.release), or reserve_host_grads() "
+                                   "was set below the updates in flight")
+            self.m["grad_wait_s"] += time.perf_counter() - t0
+            return self._free_host.pop()
+
+    def _give_host_buffer(self, buf: torch.Tensor) -> None:
+        with self._host_cv:
+            self._free_host.append(buf)
+            self._host_cv.notify()
+
     def grads_to_host(self, i: int):
-        """Copy staging slot `i` to a pinned host buffer on the D2H stream, after the current
-        stream's work; returns the host tensors (named like the weights) and the copy's event."""
+        """Copy staging slot `i` to a pinned host buffer of the ring on the D2H stream, after
+        the current stream's work; returns the host tensors (named like the weights), the copy's
+        event, and the function that gives the buffer back (once the tensors are no longer read)."""
         wb = self.store.weights_bytes
-        host = torch.empty(wb, dtype=torch.uint8, pin_memory=self._pin_host)
+        host = self._take_host_buffer()
         s = self.d2h_stream
         s.wait_stream(self._cuda.current_stream(self.device))
         with self._cuda.stream(s):
@@ -374,7 +416,7 @@ class GpuTier:
         self.m["d2h_bytes"] += wb
         from gmtier.store import _views
 
-        return _views(host, self.store.layout, 0, sections=("weights",)), ev
+        return _views(host, self.store.layout, 0, sections=("weights",)), ev, lambda: self._give_host_buffer(host)
 
     def _fold_stalls(self, block: bool) -> None:
         """Add the finished stall timings to `_stall_s` (by tag) and recycle their events (all of

@@ -243,6 +243,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
             res["max_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
             res["rss_before_bytes"] = rss_before
+            res["host_grad_ring_bytes"] = tr.runtime.store.gpu.host_grad_bytes if tr.runtime else 0
             return res, tr
         except BaseException:
             tr.close()
@@ -361,6 +362,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         # process held before the trainer existed (interpreter, torch, CUDA context).
         "rss_bytes": tiered["rss_bytes"], "ram_budget": ram_budget, "rss_before_trainer_bytes": tiered["rss_before_bytes"],
         "rss_over_budget_and_runtime_bytes": tiered["rss_bytes"] - ram_budget - tiered["rss_before_bytes"],
+        "host_grad_ring_bytes": tiered["host_grad_ring_bytes"],  # pinned dW buffers, part of that
         "resident_step_s": full_resident["step_s"] if full_resident else None,
         "tiered_again_step_s": again["step_s"] if again else None,
         "tiered_vs_resident": (full_resident["step_s"] / again["step_s"]) if again else None,
@@ -398,6 +400,7 @@ def _table(results: list[dict]) -> str:
         ("peak GPU bytes", "max_gpu_bytes", "{:.2e}"), ("  budget + dense peak", "gpu_limit_bytes", "{:.2e}"), ("peak RSS in the steps", "rss_bytes", "{:.2e}"),
         ("  RAM budget", "ram_budget", "{:.2e}"), ("  RSS before the trainer", "rss_before_trainer_bytes", "{:.2e}"),
         ("  RSS beyond both", "rss_over_budget_and_runtime_bytes", "{:.2e}"),
+        ("    of it the pinned dW ring (at most)", "host_grad_ring_bytes", "{:.2e}"),
         ("disk read+write in the step GB/s", "disk_achieved_gbps", "{:.2f}"),
         ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered step, run again (s)", "tiered_again_step_s", "{:.3f}"),
         ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
