@@ -175,3 +175,20 @@ def test_training_through_the_emulated_gpu_tier_matches_resident(data_dir, tmp_p
         assert copies > 0 and sum(r["gpu_prefetch_hits"] for r in rows) > copies / 2
     else:
         assert copies == 0 and rows[-1]["gpu_hit_rate"] == 1.0
+
+
+def test_guesses_are_copied_at_dense_blocks_and_wrong_ones_demoted(data_dir, tmp_path, monkeypatch):
+    # Switch layers at every 2nd block: at the dense block before a Switch layer, the copies of
+    # its guessed experts already in RAM start at once; wrong guesses are demoted, not wasted.
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    model = dict(n_layer=4, switch_every=2, n_experts=8)
+    res = train_losses(tiny(data_dir, tmp_path / "res", model=model, experts=dict(mode="resident")))
+    run = tmp_path / "tiered"
+    cfg = tiny(data_dir, run, model=model, experts=dict(gpu_budget=10 * 2 * 64 * 128 * 4, ram_budget="16MiB",
+                                                        async_adam=True))
+    assert train_losses(cfg) == pytest.approx(res, abs=2e-4)
+    rows = _rows(run)
+    copies, used = (sum(r[k] for r in rows) for k in ("gpu_prefetch_copies", "gpu_prefetch_hits"))
+    assert copies > len(rows) and used > copies / 2
+    assert sum(r["gpu_prefetch_wasted"] for r in rows) <= sum(r["gpu_prefetch_demoted"] for r in rows)
+

@@ -146,7 +146,8 @@ class ExpertRuntime:
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
         # adam_s: time in each update (adam_d2h_wait_s of it waiting for dW, adam_kernel_s in the
         # AdamW); adam_backlog_s: time the step waited for updates to finish (queue full, or at
-        # its end); expert_fwd_s/expert_bwd_s: host time in the Switch layers' expert loops.
+        # its end); expert_fwd_s/expert_bwd_s: host time in the Switch layers' expert loops;
+        # ram_prefetch_demoted: wrong guesses demoted or cancelled in the RAM tier.
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0,
                       "adam_d2h_wait_s": 0.0, "adam_kernel_s": 0.0, "adam_backlog_s": 0.0, "wait_s": 0.0,
                       "expert_fwd_s": 0.0, "expert_bwd_s": 0.0, "ram_prefetch_demoted": 0}
@@ -446,7 +447,7 @@ class ExpertRuntime:
             return
         keys = [k for k, _ in self.gpu_wanted]
         slots = self.store.core.pin_resident(keys, "weights")
-        keep, unpin, busy = [], [], False
+        keep, unpin, issued, busy = [], [], 0, False
         for (key, priority), slot in zip(self.gpu_wanted, slots):
             if slot is None:
                 keep.append((key, priority))  # not in RAM yet
@@ -455,7 +456,8 @@ class ExpertRuntime:
                 keep.append((key, priority))
             else:
                 outcome = self.store.gpu.prefetch(key, slot, priority, max_in_flight, reserve)  # takes or drops the pin
-                busy = outcome != "held"
+                issued += outcome == "copied"
+                busy = outcome == "busy" or issued >= max_in_flight
                 if outcome == "busy":
                     keep.append((key, priority))
         if unpin:
