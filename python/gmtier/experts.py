@@ -532,6 +532,8 @@ class ExpertRuntime:
             # GPU prefetch: copies made early, how many were then used, evicted unused, demoted.
             out.update({k: d[k] for k in ("gpu_prefetch_copies", "gpu_prefetch_hits", "gpu_prefetch_wasted",
                                           "gpu_prefetch_demoted")})
+            # Host blocked for a dW staging slot (its previous D2H copy) or a free pinned dW buffer.
+            out["grad_wait_s"] = d["gpu_grad_wait_s"]
         return out
 
     def close(self) -> None:
