@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from gmtier._core import SlotPool
+from gmtier._core import SlotPool, StoreError
 
 
 def emulated() -> bool:
@@ -107,7 +107,7 @@ class GpuTier:
         # The pinned host ring for dW: at most `host_grad_buffers` buffers, free ones in `_free_host`.
         self.host_grad_buffers = 1
         self._host_bufs: list[torch.Tensor] = []
-        self._free_host: list[torch.Tensor] = []
+        self._free_host: list[tuple[torch.Tensor, dict]] = []  # (buffer, its views)
         self._host_cv = threading.Condition()
         if not self.active:
             self.num_slots = 0
@@ -227,7 +227,7 @@ class GpuTier:
             else:
                 try:
                     slot, _hit, evicted = self.pool.acquire(key, int(priority), False)
-                except Exception:  # every slot pinned or holding a prefetch of higher priority
+                except StoreError:  # every slot pinned or holding a prefetch of higher priority
                     outcome = "busy"
                 else:
                     if evicted is not None and tuple(evicted) in self._prefetched:
@@ -378,14 +378,16 @@ class GpuTier:
         """Pinned host memory the dW ring may hold (what it holds once every buffer was needed)."""
         return self.host_grad_buffers * self.store.weights_bytes if self.active else 0
 
-    def _take_host_buffer(self) -> torch.Tensor:
-        """A free pinned buffer of the ring (allocated while under its size), waiting for an
-        update to give one back when all are in use."""
+    def _take_host_buffer(self) -> tuple[torch.Tensor, dict]:
+        """A free pinned buffer of the ring and its views named like the weights (allocated
+        while under the ring's size), waiting for an update to give one back when all are in use."""
+        from gmtier.store import _views
+
         with self._host_cv:
             if not self._free_host and len(self._host_bufs) < self.host_grad_buffers:
                 buf = torch.empty(self.store.weights_bytes, dtype=torch.uint8, pin_memory=self._pin_host)
                 self._host_bufs.append(buf)
-                return buf
+                return buf, _views(buf, self.store.layout, 0, sections=("weights",))
             t0 = time.perf_counter()
             if not self._host_cv.wait_for(lambda: self._free_host, timeout=60):
                 raise RuntimeError(f"all {len(self._host_bufs)} pinned dW buffers stayed in use for 60 s: an update "
@@ -394,7 +396,7 @@ class GpuTier:
             self.m["grad_wait_s"] += time.perf_counter() - t0
             return self._free_host.pop()
 
-    def _give_host_buffer(self, buf: torch.Tensor) -> None:
+    def _give_host_buffer(self, buf: tuple[torch.Tensor, dict]) -> None:
         with self._host_cv:
             self._free_host.append(buf)
             self._host_cv.notify()
@@ -404,7 +406,8 @@ class GpuTier:
         the current stream's work; returns the host tensors (named like the weights), the copy's
         event, and the function that gives the buffer back (once the tensors are no longer read)."""
         wb = self.store.weights_bytes
-        host = self._take_host_buffer()
+        taken = self._take_host_buffer()
+        host, views = taken
         s = self.d2h_stream
         s.wait_stream(self._cuda.current_stream(self.device))
         with self._cuda.stream(s):
@@ -414,9 +417,7 @@ class GpuTier:
             ev.record(s)
         self._grad_busy[i] = ev
         self.m["d2h_bytes"] += wb
-        from gmtier.store import _views
-
-        return _views(host, self.store.layout, 0, sections=("weights",)), ev, lambda: self._give_host_buffer(host)
+        return views, ev, lambda: self._give_host_buffer(taken)
 
     def _fold_stalls(self, block: bool) -> None:
         """Add the finished stall timings to `_stall_s` (by tag) and recycle their events (all of
