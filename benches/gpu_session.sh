@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session: install the carried abi3 wheel, run the GPU tests and the benches,
 # logs under $OUT. Usage (from the repo root on the GPU machine): bash benches/gpu_session.sh [steps...]
-# steps: tests paging adam train seed (default: all but seed, which takes ~4 minutes). The wheel and the prepared data travel in .carry/.
+# steps: tests paging adam train gpuprefetch seed (default: all but seed, which takes ~4 minutes).
+# The wheel and the prepared data travel in .carry/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
@@ -9,7 +10,7 @@ python3 -m pip install --no-deps --force-reinstall -q .carry/*.whl 2>&1 | grep -
 mkdir -p data && cp -rn .carry/data/* data/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 BENCH=${BENCH_DIR:-/root/gmtier-bench}
-steps=${*:-tests paging adam train}
+steps=${*:-tests paging adam train gpuprefetch}
 for s in $steps; do
   echo "=== $s"
   case $s in
@@ -20,6 +21,11 @@ for s in $steps; do
     train)  python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/train" \
               --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' \
               ${TRAIN_SET:-} 2>"$OUT/bench-train.err" | tee "$OUT/bench-train.txt" | tail -60; tail -5 "$OUT/bench-train.err" ;;
+    # small with a GPU budget for 30 of its 64 experts (the RAM budget holds all): the GPU tier
+    # pages every step and the router's guesses are copied to it early (prefetch on vs off).
+    gpuprefetch) python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/gpuprefetch" \
+              --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' \
+              2>"$OUT/bench-gpuprefetch.err" | tee "$OUT/bench-gpuprefetch.txt" | tail -60 ;;
     # seed-envelope scaled to the 64 GiB disk (15 GB of records; the full config needs ~180 GB).
     seed)   python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed" --steps 3 --warmup 1 \
               --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
