@@ -90,6 +90,23 @@ def test_wrong_guesses_are_evicted_first_and_budgets_hold(store):
     assert gpu.metrics()["prefetch_demoted"] == 1
 
 
+def test_acquire_many_pins_the_copies_it_relies_on_before_evicting(store):
+    # (0, 0) is on the tier and least recently used, (0, 3) is not: taking (0, 3) first would
+    # evict (0, 0), whose "state" acquire reads no weights into RAM and relies on the GPU copy.
+    for e in (0, 1, 2):
+        store.acquire((0, e))
+        store.release([(0, e)])
+    store.acquire((0, 1))
+    store.acquire((0, 2))
+    store.release([(0, 1), (0, 2)])
+    got = store.acquire_many([(0, 3), (0, 0)], sections="state")
+    assert set(got) == {(0, 3), (0, 0)}
+    assert torch.equal(got[(0, 0)]["w1"].cpu(), expert(0, 0)["w1"])
+    store.release([(0, 3), (0, 0)])
+    store.gpu.drain()
+    assert store.metrics()["pinned"] == 0
+
+
 def test_dw_lands_in_a_fixed_ring_of_host_buffers(store):
     import threading
 

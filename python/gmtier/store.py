@@ -314,13 +314,17 @@ class TieredExpertStore:
         kind of read and one lock: for experts whose records fit the RAM tier (and weights the
         GPU tier) all together. `release` each key once, or all in one call."""
         keys = [tuple(k) for k in keys]
-        groups: dict[str, list] = {}
+        groups: dict[str, list] = {sections: []}
         for k in keys:
             need = "all" if sections == "state" and not self.gpu.holds(k) else sections
             groups.setdefault(need, []).append(k)
+        # The "state" group (whose weights the GPU tier must already hold) goes first: its GPU
+        # copies are pinned before the other group's copies can evict them.
         out: dict = {}
         try:
             for need, ks in groups.items():
+                if not ks:
+                    continue
                 t0 = time.perf_counter()
                 slots = self._wait_reaping(self.request(ks, priority, need), timeout)
                 self.host_wait_s += time.perf_counter() - t0
