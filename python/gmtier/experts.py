@@ -443,7 +443,7 @@ class ExpertRuntime:
         current layer's experts still to come. Called between the experts of a layer with one
         copy at a time, so a demand copy queued behind a prefetch waits for one expert at most
         and the copies are paced with compute."""
-        if not self.gpu_wanted:
+        if not self.gpu_wanted or not self.store.gpu.can_prefetch(max_in_flight, reserve):
             return
         keys = [k for k, _ in self.gpu_wanted]
         slots = self.store.core.pin_resident(keys, "weights")

@@ -208,6 +208,17 @@ class GpuTier:
             self._wait_ready(slot)
             return self._views[slot]
 
+    def can_prefetch(self, max_in_flight: int = 1, reserve: int = 0) -> bool:
+        """Whether a prefetch copy may start now: fewer than `max_in_flight` of them running, and
+        more slots neither pinned nor holding unused prefetches than the `reserve` the current
+        layer still needs."""
+        if not self.active:
+            return False
+        with self._lock:
+            self._reap()
+            running = sum(k in self._prefetched for _, k in self._inflight)
+            return running < max_in_flight and self.num_slots - self.pool.pinned() - len(self._prefetched) > reserve
+
     def prefetch(self, key, ram_slot: int, priority: int, max_in_flight: int = 1, reserve: int = 0) -> str:
         """Copy `key`'s weights from its RAM record (pinned in `ram_slot` by the caller; the pin
         passes to the tier, dropped once the copy is done) into a free or evictable slot ahead of
@@ -218,11 +229,9 @@ class GpuTier:
         again (try later). Only "copied" keeps the pin."""
         key = tuple(key)
         with self._lock:
-            self._reap()
             if not self.active or self.pool.lookup(key) is not None:
                 outcome = "held" if self.active else "busy"
-            elif (sum(k in self._prefetched for _, k in self._inflight) >= max_in_flight
-                  or self.num_slots - self.pool.pinned() - len(self._prefetched) - 1 < reserve):
+            elif not self.can_prefetch(max_in_flight, reserve):
                 outcome = "busy"
             else:
                 try:
