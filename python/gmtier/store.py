@@ -314,12 +314,12 @@ class TieredExpertStore:
         kind of read and one lock: for experts whose records fit the RAM tier (and weights the
         GPU tier) all together. `release` each key once, or all in one call."""
         keys = [tuple(k) for k in keys]
+        # The group asked for goes first: with "state", its GPU copies (which it relies on) are
+        # pinned before the copies of the experts read whole ("all") can evict them.
         groups: dict[str, list] = {sections: []}
         for k in keys:
             need = "all" if sections == "state" and not self.gpu.holds(k) else sections
             groups.setdefault(need, []).append(k)
-        # The "state" group (whose weights the GPU tier must already hold) goes first: its GPU
-        # copies are pinned before the other group's copies can evict them.
         out: dict = {}
         try:
             for need, ks in groups.items():

@@ -188,6 +188,10 @@ class GpuTier:
         if hit and key in self._prefetched:
             self.m["prefetch_hits"] += 1
         self._prefetched.discard(key)
+        self._count_eviction(evicted)
+
+    def _count_eviction(self, evicted) -> None:
+        """A slot was taken from `evicted` (or None): a prefetched copy nobody used was wasted."""
         if evicted is not None and tuple(evicted) in self._prefetched:
             self._prefetched.discard(tuple(evicted))
             self.m["prefetch_wasted"] += 1
@@ -239,9 +243,7 @@ class GpuTier:
                 except StoreError:  # every slot pinned or holding a prefetch of higher priority
                     outcome = "busy"
                 else:
-                    if evicted is not None and tuple(evicted) in self._prefetched:
-                        self._prefetched.discard(tuple(evicted))
-                        self.m["prefetch_wasted"] += 1
+                    self._count_eviction(evicted)
                     self._copy_in(slot, ram_slot)
                     self._inflight.append((self.ready[slot], key))
                     self._prefetched.add(key)
