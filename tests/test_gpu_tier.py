@@ -209,3 +209,28 @@ def test_guesses_are_copied_at_dense_blocks_and_wrong_ones_demoted(data_dir, tmp
     assert copies > len(rows) and used > copies / 2
     assert sum(r["gpu_prefetch_wasted"] for r in rows) <= sum(r["gpu_prefetch_demoted"] for r in rows)
 
+
+# Budget corners (weight slots on the GPU, records in RAM) the paging loops must all get right:
+# all records in RAM with part of a layer on the GPU (bf16: backward reads only the state of
+# experts the GPU holds), tiny budgets on both tiers, prefetch or GPU prefetch off.
+CORNERS = [
+    ("bf16", dict(n_layer=2, switch_every=1, n_experts=16), 20, 64, dict()),
+    ("bf16", dict(n_layer=3, switch_every=1, n_experts=8), 7, 3, dict(prefetch=False)),
+    ("fp32", dict(n_layer=2, switch_every=1, n_experts=4), 4, 3, dict(async_adam=False)),
+    ("fp32", dict(n_layer=4, switch_every=2, n_experts=8), 3, 10, dict(prefetch_depth=1)),
+    ("bf16", dict(n_layer=4, switch_every=2, n_experts=8), 10, 3, dict(gpu_prefetch=False)),
+]
+
+
+@pytest.mark.parametrize("precision,model,gpu_slots,ram_records,extra", CORNERS)
+def test_budget_corners_match_resident(data_dir, tmp_path, monkeypatch, precision, model, gpu_slots, ram_records,
+                                       extra):
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    weights = 2 * 64 * 128 * (4 if precision == "fp32" else 2)
+    record = 2 * 64 * 128 * 4 * (3 if precision == "fp32" else 3.5) + 4096
+    train = dict(precision=precision, steps=5)
+    res = train_losses(tiny(data_dir, tmp_path / "res", model=model, train=train, experts=dict(mode="resident")))
+    experts = dict(gpu_budget=gpu_slots * weights, ram_budget=int(ram_records * record), **{"async_adam": True, **extra})
+    got = train_losses(tiny(data_dir, tmp_path / "tiered", model=model, train=train, experts=experts))
+    assert got == pytest.approx(res, abs=2e-4 if precision == "fp32" else 5e-3)
+
