@@ -23,8 +23,9 @@ lower-priority prefetches; `demote` makes a wrong guess the first slot evicted.
 
 On a CPU-only machine (or gpu_bytes == 0 on CPU) the tier serves the RAM views of the weights.
 With GMTIER_EMULATE_GPU_TIER=1 and gpu_bytes > 0 on CPU, the tier runs as on a GPU but in host
-memory, with synchronous stand-ins for streams and events: its bookkeeping, prefetch and
-gradient staging are then tested (and compared with resident training) without a GPU.
+memory, with stand-ins for streams and events that defer copies as a GPU does (`_HostStreams`):
+its bookkeeping, ordering, prefetch and gradient staging are then tested (and compared with
+resident training) without a GPU.
 """
 
 from __future__ import annotations
@@ -45,34 +46,68 @@ def emulated() -> bool:
 
 
 class _HostStreams:
-    """Stand-ins for torch.cuda's streams and events where the tier's arena is host memory:
-    every copy is finished when it is issued, so every event has completed."""
+    """Stand-ins for torch.cuda's streams and events where the tier's arena is host memory.
+
+    Copies are deferred as on a GPU: a copy enqueued on a side stream runs only when something
+    waits for an event recorded after it (the compute stream waiting on it, `synchronize`), or
+    when its event is queried a second time (the copy engine got to it meanwhile). So a kernel
+    that reads a slot before waiting for its copy, a RAM record unpinned before the copy that
+    reads it ran, or a staging slot refilled before its dW left, all compute with the wrong
+    bytes, and the emulated runs' comparisons with resident training catch them. Compute is
+    immediate (torch on the CPU): the compute stream never has work pending."""
+
+    class Stream:
+        def __init__(self, device=None, compute: bool = False):
+            self.ops: list = []  # deferred copies, in order
+            self.done = 0  # how many of them ran
+            self.compute = compute
+            self.lock = threading.Lock()
+
+        def enqueue(self, op) -> None:
+            with self.lock:
+                self.ops.append(op)
+
+        def run_to(self, upto: int) -> None:
+            with self.lock:
+                while self.done < upto:
+                    self.ops[self.done]()
+                    self.ops[self.done] = None
+                    self.done += 1
+
+        def wait_event(self, event) -> None:
+            # The compute stream runs its next kernel now: what it waits for must run first.
+            # A side stream waiting on compute (always finished) needs nothing.
+            event.synchronize()
+
+        def wait_stream(self, stream) -> None:
+            stream.run_to(len(stream.ops))
 
     class Event:
         def __init__(self, enable_timing: bool = False):
-            pass
+            self.stream, self.upto, self.queried = None, 0, False
 
         def record(self, stream=None) -> None:
-            pass
+            self.stream = stream
+            self.upto = len(stream.ops) if stream is not None else 0
+            self.queried = False
 
         def query(self) -> bool:
+            if self.stream is None or self.stream.done >= self.upto:
+                return True
+            if not self.queried:  # not yet: the copy engine is still busy
+                self.queried = True
+                return False
+            self.synchronize()
             return True
 
         def synchronize(self) -> None:
-            pass
+            if self.stream is not None:
+                self.stream.run_to(self.upto)
 
         def elapsed_time(self, end) -> float:
             return 0.0
 
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_event(self, event) -> None:
-            pass
-
-        def wait_stream(self, stream) -> None:
-            pass
+    _compute = Stream(compute=True)
 
     @staticmethod
     def stream(stream):
@@ -80,7 +115,7 @@ class _HostStreams:
 
     @staticmethod
     def current_stream(device=None):
-        return _HostStreams.Stream()
+        return _HostStreams._compute
 
 
 class GpuTier:
@@ -92,8 +127,8 @@ class GpuTier:
         real = self.device.type == "cuda" and torch.cuda.is_available()
         # active: the tier keeps its own copies (on the GPU, or in host memory when emulated).
         self.active = real or (self.device.type == "cpu" and int(gpu_bytes) > 0 and emulated())
+        self._emulated = not real
         self._cuda = torch.cuda if real else _HostStreams
-        self._pin_host = real
         self._lock = threading.RLock()
         self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0,
                   "d2h_bytes": 0, "grad_wait_s": 0.0, "prefetch_copies": 0, "prefetch_hits": 0,
@@ -294,14 +329,21 @@ class GpuTier:
         cs = self.copy_stream
         if self.free_after[slot] is not None:
             cs.wait_event(self.free_after[slot])
-        with self._cuda.stream(cs):
-            self.arena[slot * wb:(slot + 1) * wb].copy_(self.store.weights_bytes_view(ram_slot), non_blocking=True)
-            ev = self._cuda.Event()
-            ev.record(cs)
-        self.ready[slot] = ev
+        self.ready[slot] = self._copy_on(cs, self.arena[slot * wb:(slot + 1) * wb], self.store.weights_bytes_view(ram_slot))
         self.m["h2d_bytes"] += wb
         self.m["h2d_copies"] += 1
         self.m["copy_issue_s"] += time.perf_counter() - t0
+
+    def _copy_on(self, stream, dst: torch.Tensor, src: torch.Tensor):
+        """Enqueue dst <- src on `stream` without waiting; returns the event marking its end."""
+        with self._cuda.stream(stream):
+            if self._emulated:
+                stream.enqueue(lambda: dst.copy_(src))
+            else:
+                dst.copy_(src, non_blocking=True)
+            ev = self._cuda.Event()
+            ev.record(stream)
+        return ev
 
     def _wait_ready(self, slot: int) -> None:
         """Make the current stream wait for GPU slot `slot`'s last copy; time the wait on the GPU
@@ -396,7 +438,7 @@ class GpuTier:
 
         with self._host_cv:
             if not self._free_host and len(self._host_bufs) < self.host_grad_buffers:
-                buf = torch.empty(self.store.weights_bytes, dtype=torch.uint8, pin_memory=self._pin_host)
+                buf = torch.empty(self.store.weights_bytes, dtype=torch.uint8, pin_memory=not self._emulated)
                 self._host_bufs.append(buf)
                 return buf, _views(buf, self.store.layout, 0, sections=("weights",))
             t0 = time.perf_counter()
@@ -421,11 +463,8 @@ class GpuTier:
         host, views = taken
         s = self.d2h_stream
         s.wait_stream(self._cuda.current_stream(self.device))
-        with self._cuda.stream(s):
-            base = (self.num_slots + i) * wb
-            host.copy_(self.arena[base: base + wb], non_blocking=True)
-            ev = self._cuda.Event()
-            ev.record(s)
+        base = (self.num_slots + i) * wb
+        ev = self._copy_on(s, host, self.arena[base: base + wb])
         self._grad_busy[i] = ev
         self.m["d2h_bytes"] += wb
         return views, ev, lambda: self._give_host_buffer(taken)
@@ -465,5 +504,5 @@ class GpuTier:
     def __repr__(self) -> str:
         if not self.active:
             return "GpuTier(cpu: serves RAM views)"
-        where = "" if self._pin_host else " emulated in host memory"
+        where = " emulated in host memory" if self._emulated else ""
         return f"GpuTier({self.device}{where}, {self.num_slots} slots x {self.store.weights_bytes} B)"
