@@ -4,6 +4,7 @@ and gradient staging are checked here, and tiered training through it against re
 training. The real copies and their overlap are tested on a GPU (test_store_gpu.py)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -233,4 +234,25 @@ def test_budget_corners_match_resident(data_dir, tmp_path, monkeypatch, precisio
     experts = dict(gpu_budget=gpu_slots * weights, ram_budget=int(ram_records * record), **{"async_adam": True, **extra})
     got = train_losses(tiny(data_dir, tmp_path / "tiered", model=model, train=train, experts=experts))
     assert got == pytest.approx(res, abs=2e-4 if precision == "fp32" else 5e-3)
+
+
+def test_backward_leaves_gpu_slots_to_updates_in_flight(data_dir, tmp_path, monkeypatch):
+    # A layer's 16 experts taken at once in backward while the previous layer's updates (slowed
+    # down here) still hold their GPU pins: the up-front acquire must count those pins.
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    from gmtier.store import TieredExpertStore
+
+    adam_step = TieredExpertStore.adam_step
+
+    def slow_adam_step(self, *args, **kwargs):
+        time.sleep(0.01)
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TieredExpertStore, "adam_step", slow_adam_step)
+    model = dict(n_layer=2, switch_every=1, n_experts=16)
+    weights = 2 * 64 * 128 * 2
+    cfg = tiny(data_dir, tmp_path / "run", model=model, train=dict(precision="bf16", steps=3, batch_size=16),
+               experts=dict(gpu_budget=20 * weights, ram_budget="64MiB", async_adam=True))
+    losses = train_losses(cfg)
+    assert len(losses) == 3
 

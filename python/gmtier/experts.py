@@ -244,10 +244,13 @@ class ExpertRuntime:
         if not keys:
             return
         starts = _offsets(counts)
-        gpu_room = max(0, self.store.gpu.num_slots - 2) if self.store.gpu.active else len(keys)
-        if sections == "weights" and self.store.gpu.active:
-            ready = self.store.acquire_resident_many(keys, limit=gpu_room)
-        elif sections != "weights" and self.all_in_ram and len(keys) <= gpu_room:
+        gpu = self.store.gpu
+        if sections == "weights" and gpu.active:
+            # Forward: no update is in flight; two slots stay for the experts paged one ahead.
+            ready = self.store.acquire_resident_many(keys, limit=max(0, gpu.num_slots - 2))
+        elif (sections != "weights" and self.all_in_ram
+              and (not gpu.active or len(keys) + self.max_pending <= gpu.num_slots)):
+            # Backward, all at once: the earlier updates still in flight keep their GPU pins.
             ready = self.store.acquire_many(keys, priority=10, sections=sections)
         else:
             ready = {}
