@@ -57,10 +57,9 @@ class _HostStreams:
     immediate (torch on the CPU): the compute stream never has work pending."""
 
     class Stream:
-        def __init__(self, device=None, compute: bool = False):
+        def __init__(self, device=None):
             self.ops: list = []  # deferred copies, in order
             self.done = 0  # how many of them ran
-            self.compute = compute
             self.lock = threading.Lock()
 
         def enqueue(self, op) -> None:
@@ -107,7 +106,7 @@ class _HostStreams:
         def elapsed_time(self, end) -> float:
             return 0.0
 
-    _compute = Stream(compute=True)
+    _compute = Stream()  # never holds work: compute runs at once
 
     @staticmethod
     def stream(stream):

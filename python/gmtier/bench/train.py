@@ -349,11 +349,10 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "ram_hit_rate": tiered.get("ram_hit_rate"), "gpu_hit_rate": tiered.get("gpu_hit_rate"),
         # GPU-tier prefetch: copies started early per step, the share of them used, wrong guesses
         # demoted; RAM reads of wrong guesses cancelled before they started.
-        "gpu_prefetch_copies_per_step": tiered.get("gpu_prefetch_copies", 0) / steps if "gpu_prefetch_copies" in tiered else None,
+        **{f"{k}_per_step": tiered[k] / steps if k in tiered else None
+           for k in ("gpu_prefetch_copies", "gpu_prefetch_demoted", "ram_prefetch_cancelled")},
         "gpu_prefetch_used": (tiered["gpu_prefetch_hits"] / tiered["gpu_prefetch_copies"]
                               if tiered.get("gpu_prefetch_copies") else None),
-        "gpu_prefetch_demoted_per_step": tiered.get("gpu_prefetch_demoted", 0) / steps if "gpu_prefetch_demoted" in tiered else None,
-        "ram_prefetch_cancelled_per_step": tiered.get("ram_prefetch_cancelled", 0) / steps,
         "compute_measured_with_experts": fit_experts,
         "max_gpu_bytes": tiered["max_gpu_bytes"], "gpu_budget": gpu_budget if device == "cuda" else None,
         "dense_peak_bytes": dense_peak, "gpu_limit_bytes": gpu_budget + dense_peak if dense_peak else None,
