@@ -277,6 +277,40 @@ def test_adamw_record_matches_store_reference():
     assert A.adamw_record(rec, bad, lr=1e-2) is True and rec["step"].item() == 5
 
 
+def test_record_spec_cache_matches_uncached_and_revalidates_reused_memory():
+    # Fixed gradient buffers (the store's dW ring): cached specs give the uncached update's bytes;
+    # the same address seen with another dtype or size is validated again, not trusted.
+    torch.manual_seed(4)
+    shapes = {"w1": (64, 32), "w2": (32, 64)}
+
+    def record():
+        rec = {"step": torch.zeros(1, dtype=torch.int64)}
+        for n, s in shapes.items():
+            rec[f"{n}.master"] = torch.randn(s, generator=torch.Generator().manual_seed(len(n) + s[0]))
+            rec[n] = rec[f"{n}.master"].bfloat16()
+            rec[f"{n}.exp_avg"] = torch.zeros(s)
+            rec[f"{n}.exp_avg_sq"] = torch.zeros(s)
+        return rec
+
+    cached_rec, plain_rec = record(), record()
+    buf = torch.empty(2 * 64 * 32, dtype=torch.bfloat16)  # one buffer, two views, as the ring has
+    grads = {"w1": buf[:2048].view(64, 32), "w2": buf[2048:].view(32, 64)}
+    cache = A.RecordSpecCache()
+    for _ in range(4):
+        buf.copy_(torch.randn(buf.numel()).bfloat16())
+        specs = cache.specs(0, cached_rec, grads)
+        assert A.adamw_raw(specs, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, check_finite=True) is False
+        assert A.adamw_record(plain_rec, grads, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1) is False
+    assert len(cache._specs) == 1 and cached_rec["step"].item() == 4
+    for n in cached_rec:
+        assert torch.equal(cached_rec[n], plain_rec[n]), n
+    as_fp16 = {"w1": buf[:2048].view(torch.float16).view(64, 32), "w2": grads["w2"]}
+    assert len(cache.specs(0, cached_rec, as_fp16)) == 2 and len(cache._specs) == 2  # new dtype: its own entry
+    wrong_size = {"w1": buf[:1024], "w2": grads["w2"]}
+    with pytest.raises(ValueError, match="elements"):
+        cache.specs(0, cached_rec, wrong_size)
+
+
 def test_store_adam_step_uses_fused_kernel(tmp_path):
     # TieredExpertStore.adam_step finds gmtier.adam.adamw_record and updates the RAM record in place.
     store_mod = pytest.importorskip("gmtier.store")

@@ -24,6 +24,7 @@ norm knows that (``math.isfinite(norm)``) and can leave it off.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -221,11 +222,50 @@ def adamw_step(
     :class:`AdamHandle` whose ``wait()`` returns that flag.
     """
     specs, items = _specs(tensors)
-    beta1, beta2 = (float(b) for b in betas)
-    args = (specs, float(lr), beta1, beta2, float(eps), float(weight_decay), float(grad_scale),
-            float(clip_coef), bool(check_finite), _simd(simd), _threads(threads))
+    args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
     if async_:
         return AdamHandle([_core.adamw_step_raw_async(*args)], items)
+    return bool(_core.adamw_step_raw(*args))
+
+
+def _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads) -> tuple:
+    beta1, beta2 = (float(b) for b in betas)
+    return (specs, float(lr), beta1, beta2, float(eps), float(weight_decay), float(grad_scale),
+            float(clip_coef), bool(check_finite), _simd(simd), _threads(threads))
+
+
+class RecordSpecCache:
+    """Validated raw specs of `record_tensors(rec, grads)`, kept per (RAM slot, gradient
+    buffers): the store's slots and its dW buffers are fixed memory, so the checks of
+    :func:`_specs` (dtypes, sizes, contiguity, overlap; ~100 µs of Python under the GIL that
+    the update threads would otherwise pay per update) run once per pair. A gradient buffer is
+    known by address, dtype, size and contiguity, so freed and reused memory of another shape
+    gets its own entry; the cache is cleared when it grows past `max_entries`."""
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self.max_entries = max_entries
+        self._specs: dict = {}
+        self._lock = threading.Lock()
+
+    def specs(self, slot: int, rec: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> list[tuple]:
+        key = (slot, tuple((n, g.data_ptr(), g.dtype, g.numel(), g.device.type, g.is_contiguous())
+                           for n, g in grads.items()))
+        specs = self._specs.get(key)
+        if specs is None:
+            specs = _specs(record_tensors(rec, grads))[0]
+            with self._lock:
+                if len(self._specs) >= self.max_entries:
+                    self._specs.clear()
+                self._specs[key] = specs
+        return specs
+
+
+def adamw_raw(specs: list[tuple], *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              weight_decay: float = 1e-2, grad_scale: float = 1.0, clip_coef: float = 1.0,
+              check_finite: bool = False, simd: str = "auto", threads: int | None = None) -> bool:
+    """:func:`adamw_step` on specs already validated (`RecordSpecCache.specs`); the caller keeps
+    the tensors alive and untouched until it returns. Returns True when skipped."""
+    args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
     return bool(_core.adamw_step_raw(*args))
 
 

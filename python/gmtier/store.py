@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gmtier import _core
+from gmtier.adam import RecordSpecCache, adamw_raw
 from gmtier._core import SlotPool, StoreError, Ticket  # noqa: F401  (re-exported)
 
 Key = tuple[int, int]
@@ -181,6 +182,7 @@ class TieredExpertStore:
             if int(err) == 0:
                 self.pinned, self._registered = True, ptr
         self._slot_views: dict[int, dict] = {}
+        self._adam_specs = RecordSpecCache()
         self._lock = threading.RLock()
         self._ram_slot: dict[Key, int] = {}  # pinned by acquire(): key -> RAM slot
         self._acquired: dict[Key, list[bool]] = {}  # per acquire() of a key: whether it pinned the RAM record
@@ -409,10 +411,12 @@ class TieredExpertStore:
                   threads: int | None = None) -> bool:
         """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
         written in the same pass). Returns True when skipped (non-finite gradients)."""
-        from gmtier.adam import adamw_record
-
-        return bool(adamw_record(self.record(key), grads, lr=lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2,
-                                 eps=eps, weight_decay=weight_decay, threads=threads))
+        slot = self._ram_slot.get(tuple(key))
+        if slot is None:
+            raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
+        specs = self._adam_specs.specs(slot, self.slot_views(slot), grads)
+        return adamw_raw(specs, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                         grad_scale=grad_scale, check_finite=True, threads=threads)
 
     # ---- convenience ----------------------------------------------------------------------------
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
