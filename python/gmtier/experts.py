@@ -281,7 +281,10 @@ class ExpertRuntime:
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
-                out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
+                if out.dtype == w1.dtype:  # straight into the output: no copy kernel
+                    expert_ffn(x_sorted[s:s + n], w1, w2, out=out[s:s + n])
+                else:
+                    out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
 
         t0 = time.perf_counter()
         with self._per_layer(layer):
@@ -305,9 +308,11 @@ class ExpertRuntime:
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
                 staging, dw = gpu.grad_buffer() if gpu is not None else (None, None)
+                same = dx.dtype == w1.dtype  # then dx is written in place: no copy kernel
                 gx, dw = expert_ffn_backward(x_sorted[s:s + n].to(w1.dtype), w1, w2, grad_out[s:s + n].to(w1.dtype),
-                                             out=dw)
-                dx[s:s + n] = gx.to(dx.dtype)
+                                             out=dw, dx=dx[s:s + n] if same else None)
+                if not same:
+                    dx[s:s + n] = gx.to(dx.dtype)
                 grads[e] = self.store.grads_to_host((layer, e), dw, staging=staging)
 
         # Half-precision experts: the AdamW writes the new weights from the fp32 master, so backward
@@ -589,10 +594,10 @@ def _offsets(counts: list[int]) -> list[int]:
     return out
 
 
-def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None):
+def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None):
     """Gradients of `expert_ffn` by hand (no autograd graph over the store's views):
     returns (dx, {"w1": dW1, "w2": dW2}); dW is written into `out`'s tensors when given (a GPU
-    staging slot)."""
+    staging slot), dx into `dx` when given."""
     a = torch.nn.functional.linear(x, w1)
     h = torch.nn.functional.gelu(a)
     if out is None:
@@ -600,4 +605,4 @@ def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None):
     torch.mm(dy.t(), h, out=out["w2"])
     da = torch.ops.aten.gelu_backward(dy.mm(w2), a)
     torch.mm(da.t(), x, out=out["w1"])
-    return da.mm(w1), out
+    return (da.mm(w1) if dx is None else torch.mm(da, w1, out=dx)), out

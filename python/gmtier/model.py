@@ -24,9 +24,11 @@ from gmtier.config import ModelConfig
 
 # ---- experts ------------------------------------------------------------------------------
 
-def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert: x [n, d] -> gelu(x w1^T) w2^T, with w1 [d_ff, d] and w2 [d, d_ff] (bias-free)."""
-    return F.linear(F.gelu(F.linear(x, w1)), w2)
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert: x [n, d] -> gelu(x w1^T) w2^T, with w1 [d_ff, d] and w2 [d, d_ff] (bias-free);
+    written into `out` (a slice of the layer's output, same dtype) when given."""
+    h = F.gelu(F.linear(x, w1))
+    return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
 
 
 def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std: float, n_layer: int):
