@@ -16,6 +16,7 @@ where the whole model fits on the GPU, the same model fully resident for compari
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -64,18 +65,26 @@ def h2d_rate(nbytes: int = 1 << 28, repeats: int = 5) -> float | None:
     return nbytes / sorted(times)[len(times) // 2] / GB
 
 
-def disk_read_rate(path: Path, max_bytes: int = 4 << 30, threads: int = 8) -> tuple[float, bool]:
-    """O_DIRECT read rate (GB/s) of the store's own file: the disk ceiling."""
+def disk_read_rate(path: Path, max_bytes: int = 4 << 30, threads: int = 8, passes: int = 2) -> tuple[float, bool]:
+    """O_DIRECT read rate (GB/s) of the store's own file, the best of `passes`: the disk ceiling
+    (a virtual disk's rate drifts between passes; a ceiling takes the best it showed)."""
     from gmtier import _core
 
     size = min(path.stat().st_size, max_bytes) // 4096 * 4096
-    nbytes, seconds, direct = _core.raw_read(str(path), [(0, size)], 4 << 20, threads, True)
-    return nbytes / seconds / GB, direct
+    best, direct = 0.0, True
+    for _ in range(passes):
+        nbytes, seconds, direct = _core.raw_read(str(path), [(0, size)], 4 << 20, threads, True)
+        best = max(best, nbytes / seconds / GB)
+    return best, direct
 
 
-def _write_probe(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4) -> float:
-    """Write `nbytes` to `path` with O_DIRECT pwrites of `piece` bytes on `threads` threads (the
-    store's own write pattern), fsync included; returns the seconds taken."""
+@contextlib.contextmanager
+def _scratch_writer(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4):
+    """A scratch file of `nbytes` written once (untimed), then a function that overwrites it with
+    O_DIRECT pwrites of `piece` bytes on `threads` threads, fsync included, and returns the
+    seconds taken. Overwriting is the store's own pattern (its slots are allocated when it is
+    made); the first writes of a new file also allocate blocks (on a thin-provisioned virtual
+    disk, host storage too): 0.40 GB/s against the 1.78 GB/s a step moved, on one box."""
     import mmap
     import threading
 
@@ -87,18 +96,19 @@ def _write_probe(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4
     except OSError:  # a filesystem without O_DIRECT
         fd = os.open(path, flags & ~getattr(os, "O_DIRECT", 0), 0o644)
     n_pieces = max(1, nbytes // piece)
-    next_piece = iter(range(n_pieces))
-    lock = threading.Lock()
 
-    def worker():
-        while True:
-            with lock:
-                i = next(next_piece, None)
-            if i is None:
-                return
-            os.pwrite(fd, buf, i * piece)  # releases the GIL
+    def write_all() -> float:
+        next_piece = iter(range(n_pieces))
+        lock = threading.Lock()
 
-    try:
+        def worker():
+            while True:
+                with lock:
+                    i = next(next_piece, None)
+                if i is None:
+                    return
+                os.pwrite(fd, buf, i * piece)  # releases the GIL
+
         t0 = time.perf_counter()
         workers = [threading.Thread(target=worker) for _ in range(threads)]
         for w in workers:
@@ -107,21 +117,27 @@ def _write_probe(path: Path, nbytes: int, piece: int = 4 << 20, threads: int = 4
             w.join()
         os.fsync(fd)
         return time.perf_counter() - t0
+
+    try:
+        write_all()
+        yield write_all
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
 
 
-def disk_write_rate(directory: Path, nbytes: int = 1 << 30, threads: int = 4) -> float:
-    """O_DIRECT write rate (GB/s) of a scratch file beside the store, fsync included."""
-    return nbytes / _write_probe(directory / "write-probe.bin", nbytes, threads=threads) / GB
+def disk_write_rate(directory: Path, nbytes: int = 1 << 30, threads: int = 4, passes: int = 2) -> float:
+    """O_DIRECT overwrite rate (GB/s) of a scratch file beside the store, fsync included; the
+    best of `passes`."""
+    with _scratch_writer(directory / "write-probe.bin", nbytes, threads=threads) as overwrite:
+        return max(nbytes / overwrite() / GB for _ in range(passes))
 
 
 def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gbps: float,
                     seconds: float = 2.0, threads: int = 8) -> dict:
-    """Reads of the store's file and writes of a scratch file at the same time, sized so that
-    each alone would take `seconds`: whether the disk moves both at once (full duplex) or shares
-    one budget. Returns the rates each achieved and `total_gbps` = all bytes / elapsed."""
+    """Reads of the store's file and overwrites of a scratch file at the same time, sized so
+    that each alone would take `seconds`: whether the disk moves both at once (full duplex) or
+    shares one budget. Returns the rates each achieved and `total_gbps` = all bytes / elapsed."""
     import threading
 
     from gmtier import _core
@@ -140,12 +156,13 @@ def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gb
         _core.raw_read(str(read_path), ranges, 4 << 20, threads, True)
         result["read_s"] = time.perf_counter() - t
 
-    t0 = time.perf_counter()
-    th = threading.Thread(target=reader)
-    th.start()
-    write_s = _write_probe(directory / "mixed-probe.bin", write_bytes, threads=threads)
-    th.join()
-    elapsed = time.perf_counter() - t0
+    with _scratch_writer(directory / "mixed-probe.bin", write_bytes, threads=threads) as overwrite:
+        t0 = time.perf_counter()
+        th = threading.Thread(target=reader)
+        th.start()
+        write_s = overwrite()
+        th.join()
+        elapsed = time.perf_counter() - t0
     return {"read_gbps": read_bytes / result["read_s"] / GB, "write_gbps": write_bytes / write_s / GB,
             "total_gbps": (read_bytes + write_bytes) / elapsed / GB}
 
