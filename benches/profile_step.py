@@ -18,6 +18,8 @@ parser.add_argument("--set", dest="overrides", action="append", default=[])
 parser.add_argument("--steps", type=int, default=2)
 parser.add_argument("--run-dir", default="/tmp/gmtier-profile")
 parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+parser.add_argument("--cprofile", action="store_true",
+                    help="profile the host's Python with cProfile instead (torch.profiler inflates launch costs)")
 args = parser.parse_args()
 
 cfg = config.load(args.config, args.overrides)
@@ -28,6 +30,22 @@ t = cfg.train
 for _ in range(3):
     trainer.train_step(*trainer.train_data.batch(t.batch_size, cfg.model.seq_len, trainer.rng))
 cuda = torch.cuda.is_available()
+if args.cprofile:
+    import cProfile
+    import pstats
+
+    with cProfile.Profile() as host_prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step(*trainer.train_data.batch(t.batch_size, cfg.model.seq_len, trainer.rng))
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"{args.steps} steps {time.perf_counter() - t0:.3f}s under cProfile")
+    stats = pstats.Stats(host_prof).sort_stats("tottime")
+    stats.print_stats(40)
+    stats.sort_stats("cumulative").print_stats(60)
+    trainer.close()
+    raise SystemExit
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 with profile(activities=activities) as prof:
     for _ in range(args.steps):
