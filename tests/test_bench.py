@@ -63,6 +63,13 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     assert res["expert_updates_per_step"] > 0 and res["disk_read_bytes_per_step"] > 0  # the tiny budget pages
     assert res["rss_bytes"] >= res["rss_before_trainer_bytes"] > 0
     assert res["tiered_vs_resident"] > 0 and res["resident_step_s"] > 0
+    # The phases tile the timed steps, so they split the step's disk bytes exactly; backward
+    # reads the state of the experts the tiny RAM budget could not keep.
+    phases = ("fwd", "bwd", "rest")
+    assert all(res[f"{ph}_phase_s"] > 0 for ph in phases)
+    for what in ("read", "write"):
+        assert sum(res[f"{ph}_{what}_bytes_per_step"] for ph in phases) == pytest.approx(res[f"disk_{what}_bytes_per_step"], rel=1e-12)
+    assert res["bwd_read_bytes_per_step"] > 0 and res["bwd_disk_gbps"] > 0
     assert res["gpu_prefetch_copies_per_step"] is None and res["ram_prefetch_cancelled_per_step"] >= 0  # no GPU tier
     layers = res["per_layer"]  # one entry per Switch layer: hit rates and waits of its loops
     assert [L["block"] for L in layers] == [0, 1] and all(0 <= L["ram_hit_rate"] <= 1 for L in layers)

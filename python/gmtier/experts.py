@@ -148,9 +148,15 @@ class ExpertRuntime:
         # AdamW); adam_backlog_s: time the step waited for updates to finish (queue full, or at
         # its end); expert_fwd_s/expert_bwd_s: host time in the Switch layers' expert loops;
         # ram_prefetch_demoted: wrong guesses demoted or cancelled in the RAM tier.
+        # Phases of a step, for where the disk idles: "fwd" from begin_step to the first expert
+        # backward, "bwd" from there to the end of the step's updates, "rest" until the next
+        # begin_step (the dense optimizer, logging); wall time and disk bytes of each. They
+        # tile the time since training began, so their bytes add up to the disk traffic.
         self.stats = {"tp": 0, "fp": 0, "fn": 0, "expert_updates": 0, "skipped_updates": 0, "adam_s": 0.0,
                       "adam_d2h_wait_s": 0.0, "adam_kernel_s": 0.0, "adam_backlog_s": 0.0, "wait_s": 0.0,
-                      "expert_fwd_s": 0.0, "expert_bwd_s": 0.0, "ram_prefetch_demoted": 0}
+                      "expert_fwd_s": 0.0, "expert_bwd_s": 0.0, "ram_prefetch_demoted": 0,
+                      **dict.fromkeys(_PHASE_STATS, 0.0)}
+        self._phase: tuple | None = None  # (name, time, bytes read, bytes written) at its start
         self.layer_stats = [dict.fromkeys(_LAYER_COUNTERS, 0) for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
 
@@ -293,6 +299,8 @@ class ExpertRuntime:
         return out
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if self._phase is not None and self._phase[0] == "fwd":
+            self._enter_phase("bwd")
         dx = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
         grads = {}
         if layer > 0 and self.cfg.experts.prefetch and not self.all_in_ram:
@@ -349,6 +357,21 @@ class ExpertRuntime:
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
         self.lr, self.grad_scale = lr, grad_scale
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
+        self._enter_phase("fwd")
+
+    def _enter_phase(self, name: str, disk: tuple[int, int] | None = None) -> None:
+        """Close the current phase (its wall time and disk bytes into `stats`), open `name`.
+        `disk`: (bytes read, bytes written) now, where the caller has them."""
+        if disk is None:
+            m = self.store.core.metrics()
+            disk = (m["bytes_read"], m["bytes_written"])
+        now = (name, time.perf_counter(), *disk)
+        if self._phase is not None:
+            prev, t, r, w = self._phase
+            self.stats[f"{prev}_phase_s"] += now[1] - t
+            self.stats[f"{prev}_read_bytes"] += now[2] - r
+            self.stats[f"{prev}_write_bytes"] += now[3] - w
+        self._phase = now
 
     def _update(self, key, host) -> None:
         """With dW on its way to pinned RAM (`host`, a GradsOnHost), AdamW on the record where it
@@ -396,6 +419,8 @@ class ExpertRuntime:
         while self.pending:
             self._account(self.pending.pop(0).result())
         self.stats["adam_backlog_s"] += time.perf_counter() - t0
+        if self._phase is not None and self._phase[0] != "rest":
+            self._enter_phase("rest")
         self.predicted.clear()
         self.gpu_wanted.clear()
 
@@ -512,7 +537,11 @@ class ExpertRuntime:
         out.update({k: self.stats[k] for k in ("expert_updates", "skipped_updates", "adam_s", "adam_d2h_wait_s",
                                               "adam_kernel_s", "adam_backlog_s", "expert_fwd_s", "expert_bwd_s",
                                               "wait_s", "host_wait_s", "gpu_stall_s", "ram_prefetch_demoted")})
-        out.update(self._tier_metrics())
+        now = self.store.tier_metrics()
+        if self._phase is not None:  # split the open phase where this window ends
+            self._enter_phase(self._phase[0], (now["ram_bytes_read"], now["ram_bytes_written"]))
+        out.update({k: self.stats[k] for k in _PHASE_STATS})
+        out.update(self._tier_metrics(now))
         for k in self.stats:
             self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
         for s in self.layer_stats:
@@ -524,9 +553,8 @@ class ExpertRuntime:
         self.end_step()
         self.store.commit(json.dumps(meta))
 
-    def _tier_metrics(self) -> dict:
-        """RAM and GPU hit rates and traffic since the last call."""
-        now = self.store.tier_metrics()
+    def _tier_metrics(self, now: dict) -> dict:
+        """RAM and GPU hit rates and traffic since the last call (`now`: store.tier_metrics())."""
         d = {k: now[k] - self._base[k] for k in now if isinstance(now[k], (int, float)) and not isinstance(now[k], bool)
              and isinstance(self._base.get(k), (int, float))}
         self._base = now
@@ -551,6 +579,8 @@ class ExpertRuntime:
         self.store.close()
 
 
+PHASES = ("fwd", "bwd", "rest")
+_PHASE_STATS = tuple(f"{ph}_{k}" for ph in PHASES for k in ("phase_s", "read_bytes", "write_bytes"))
 _LAYER_COUNTERS = ("tp", "fp", "fn", "ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "host_wait_s")
 
 

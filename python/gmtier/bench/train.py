@@ -29,6 +29,7 @@ import click
 import torch
 
 from gmtier import config as config_mod
+from gmtier.experts import PHASES
 
 GB = 1e9
 
@@ -384,6 +385,15 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "tiered_vs_resident": (full_resident["step_s"] / again["step_s"]) if again else None,
         "tiered_vs_resident_first_run": (full_resident["step_s"] / step_s) if full_resident else None,
         "disk_achieved_gbps": (read_bytes + write_bytes) / step_s / GB,
+        # Per phase of the step (forward up to the first expert backward; backward to the end
+        # of the updates; the rest, to the next step): its time, and the rate the disk moved
+        # reads + writes in it.
+        **{f"{ph}_phase_s": tiered.get(f"{ph}_phase_s", 0.0) / steps for ph in PHASES},
+        **{f"{ph}_disk_gbps": ((tiered.get(f"{ph}_read_bytes", 0) + tiered.get(f"{ph}_write_bytes", 0))
+                               / tiered[f"{ph}_phase_s"] / GB if tiered.get(f"{ph}_phase_s") else None)
+           for ph in PHASES},
+        **{f"{ph}_{k}_per_step": tiered.get(f"{ph}_{k}", 0) / steps for ph in PHASES
+           for k in ("read_bytes", "write_bytes")},
         "prefetch_off_step_s": prefetch_off_res["step_s"] if prefetch_off_res else None,
         "prefetch_off_wait_s": prefetch_off_res.get("wait_s", 0.0) / steps if prefetch_off_res else None,
         "prefetch_off_gpu_stall_s": prefetch_off_res.get("gpu_stall_s", 0.0) / steps if prefetch_off_res else None,
@@ -419,6 +429,12 @@ def _table(results: list[dict]) -> str:
         ("  RSS beyond both", "rss_over_budget_and_runtime_bytes", "{:.2e}"),
         ("    of it the pinned dW ring (at most)", "host_grad_ring_bytes", "{:.2e}"),
         ("disk read+write in the step GB/s", "disk_achieved_gbps", "{:.2f}"),
+        ("  forward phase (s), to the 1st expert backward", "fwd_phase_s", "{:.3f}"),
+        ("    its disk read+write GB/s", "fwd_disk_gbps", "{:.2f}"),
+        ("  backward phase (s), to the last update", "bwd_phase_s", "{:.3f}"),
+        ("    its disk read+write GB/s", "bwd_disk_gbps", "{:.2f}"),
+        ("  the rest (s): dense update, to the next step", "rest_phase_s", "{:.3f}"),
+        ("    its disk read+write GB/s", "rest_disk_gbps", "{:.2f}"),
         ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered step, run again (s)", "tiered_again_step_s", "{:.3f}"),
         ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
         ("  first tiered run / resident", "tiered_vs_resident_first_run", "{:.2f}"),
