@@ -279,3 +279,55 @@ fn write_back_of_a_record_redirtied_during_its_write_writes_it_again() {
     assert_eq!(s.read_record(0, 2).unwrap(), content(0, 2, 2, rb));
     assert_eq!(s.read_record(0, 0).unwrap(), content(0, 0, 0, rb));
 }
+
+#[test]
+fn a_write_back_in_flight_does_not_hold_back_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let rb = make(d.path(), 1, 4);
+    // A record is 5 chunks of 4 KiB, more than the queue depth of 2: when write chunks counted
+    // against the depth, no load started until the write-back had finished.
+    let s = ExpertStore::open(
+        d.path(),
+        StoreOptions {
+            ram_bytes: 3 * rb,
+            io_threads: 2,
+            queue_depth: 2,
+            direct: true,
+            chunk_bytes: 4096,
+        },
+    )
+    .unwrap();
+    let k: Key = (0, 1);
+    let slot = s.request(&[k], 0).unwrap().wait(None).unwrap()[0];
+    unsafe { s.slot_bytes(slot) }.copy_from_slice(&content(0, 1, 1, rb));
+    s.mark_dirty(&[k]).unwrap();
+    let mut ticket = {
+        let _hold = block_io(&s);
+        s.write_back(&[k]).unwrap();
+        assert_eq!(
+            slot_status(&s, k),
+            Some((true, true)),
+            "write-back in flight"
+        );
+        let ticket = s.request(&[(0, 2)], 0).unwrap();
+        assert!(
+            slot_status(&s, (0, 2)).is_some(),
+            "the load started beside the write-back"
+        );
+        ticket
+    };
+    let got = ticket.wait(None).unwrap()[0];
+    assert_eq!(unsafe { s.slot_bytes(got) }, &content(0, 2, 0, rb)[..]);
+    eventually("the write-back", || s.metrics().writebacks == 1);
+    s.release(&[k, (0, 2)]).unwrap();
+    // The depth is raised to two records' chunks: the next record's read starts beside the
+    // one before, so the I/O threads the first one's last chunks leave idle have work.
+    let mut ticket = {
+        let _hold = block_io(&s);
+        let ticket = s.request(&[(0, 0), (0, 3)], 0).unwrap();
+        assert!(slot_status(&s, (0, 0)).is_some() && slot_status(&s, (0, 3)).is_some());
+        ticket
+    };
+    ticket.wait(None).unwrap();
+    s.release(&[(0, 0), (0, 3)]).unwrap();
+}

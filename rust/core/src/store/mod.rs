@@ -100,7 +100,11 @@ pub struct StoreOptions {
     pub ram_bytes: usize,
     /// I/O worker threads.
     pub io_threads: usize,
-    /// Most I/O chunks in flight at once.
+    /// Read chunks in flight before a new load waits. A load's chunks count until all of them
+    /// are done, so the store raises this to two whole records' worth where records are large:
+    /// the next record's first chunks then fill the I/O threads the last chunks of the one
+    /// before leave idle. Write-backs are not counted (the dirty slots bound them), so a large
+    /// record's write never holds back the reads a full-duplex disk can run beside it.
     pub queue_depth: usize,
     /// Try O_DIRECT (falls back to buffered I/O where the filesystem refuses it).
     pub direct: bool,
@@ -151,7 +155,7 @@ pub struct Metrics {
     pub writebacks: u64,
     /// Seconds callers spent blocked in wait().
     pub stall_s: f64,
-    /// Largest number of I/O chunks in flight.
+    /// Largest number of read chunks in flight (what `queue_depth` bounds).
     pub queue_depth_max: u64,
     /// Commits.
     pub commits: u64,
@@ -243,6 +247,8 @@ struct Inner {
     heap: BinaryHeap<HeapItem>,
     seq: u64,
     inflight_chunks: usize,
+    /// Of `inflight_chunks`, those that read: what `queue_depth` bounds.
+    inflight_read_chunks: usize,
     inflight_writes: usize,
     committing: bool,
     closed: bool,
@@ -297,6 +303,8 @@ struct Shared {
     arena: Arena,
     ram_slots: usize,
     opts: StoreOptions,
+    /// `opts.queue_depth`, raised to two whole records' chunks (see [`StoreOptions::queue_depth`]).
+    read_depth: usize,
     io: IoPool,
     inner: Mutex<Inner>,
     cv: Condvar,
@@ -492,6 +500,7 @@ impl ExpertStore {
             heap: BinaryHeap::new(),
             seq: 0,
             inflight_chunks: 0,
+            inflight_read_chunks: 0,
             inflight_writes: 0,
             committing: false,
             closed: false,
@@ -501,6 +510,14 @@ impl ExpertStore {
             m,
         };
         let io = IoPool::new(opts.io_threads);
+        let sections: Vec<usize> = [Section::Weights, Section::State]
+            .map(|s| geom.layout.section_range(s).1)
+            .into_iter()
+            .filter(|&n| n > 0)
+            .collect();
+        let read_depth = opts
+            .queue_depth
+            .max(2 * record_chunks(&sections, opts.chunk_bytes));
         Ok(ExpertStore {
             sh: Arc::new(Shared {
                 dir: dir.to_path_buf(),
@@ -510,6 +527,7 @@ impl ExpertStore {
                 arena,
                 ram_slots,
                 opts,
+                read_depth,
                 io,
                 inner: Mutex::new(inner),
                 cv: Condvar::new(),
@@ -1069,7 +1087,7 @@ impl Shared {
     /// Start as many pending loads as the queue depth and the free/evictable slots allow.
     fn schedule(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>) {
         loop {
-            if g.closed || g.inflight_chunks >= self.opts.queue_depth {
+            if g.closed || g.inflight_read_chunks >= self.read_depth {
                 return;
             }
             let Some(top) = g.heap.peek() else { return };
@@ -1241,13 +1259,19 @@ impl Shared {
             done,
         );
         g.inflight_chunks += n;
-        g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_chunks as u64);
+        if dir == Dir::Read {
+            g.inflight_read_chunks += n;
+            g.m.queue_depth_max = g.m.queue_depth_max.max(g.inflight_read_chunks as u64);
+        }
     }
 
     /// Lock, and take a finished [`Self::submit_record`] I/O's `n` chunks out of flight.
-    fn lock_finished(&self, n: usize) -> MutexGuard<'_, Inner> {
+    fn lock_finished(&self, dir: Dir, n: usize) -> MutexGuard<'_, Inner> {
         let mut g = self.lock();
         g.inflight_chunks -= n;
+        if dir == Dir::Read {
+            g.inflight_read_chunks -= n;
+        }
         g
     }
 
@@ -1299,7 +1323,7 @@ impl Shared {
     }
 
     fn finish_load(self: &Arc<Self>, v: usize, r: Read, n: usize, res: std::io::Result<Vec<u32>>) {
-        let mut g = self.lock_finished(n);
+        let mut g = self.lock_finished(Dir::Read, n);
         let key = r.key;
         let err = match res {
             Ok(crcs) => match self.verify(&r, &crcs) {
@@ -1443,7 +1467,7 @@ impl Shared {
     ) {
         let layout = &self.geom.layout;
         let rb = layout.record_bytes;
-        let mut g = self.lock_finished(n);
+        let mut g = self.lock_finished(Dir::Write, n);
         g.inflight_writes -= 1;
         let _ = g.pool.unpin(v);
         let evict_for = g.slots[v].evict_for.take();
