@@ -54,10 +54,19 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "disk_write_rate", lambda d, threads=4: write_rate(d, nbytes=8 << 20, threads=threads))
     monkeypatch.setattr(bench, "disk_mixed_rate", lambda *a, **k: {"read_gbps": 1.0, "write_gbps": 1.0, "total_gbps": 1.5})
     toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "cfg"))
+    timeline = tmp_path / "timeline.jsonl"
     r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--steps", "1", "--warmup", "1",
-                                  "--dir", str(tmp_path / "work"), "--json"])
+                                  "--dir", str(tmp_path / "work"), "--json", "--timeline", str(timeline)])
     assert r.exit_code == 0, r.output
     (res,) = json.loads(r.stdout)
+    # The disk counters of the timed step, sampled from its start to its end.
+    samples = [json.loads(line) for line in timeline.read_text().splitlines()]
+    assert len(samples) >= 2 and {s["config"] for s in samples} == {"tiny"} and {s["step"] for s in samples} == {0}
+    assert all(s["phase"] in ("fwd", "bwd", "rest") and s["layer"] in (None, 0, 1) for s in samples)
+    assert [s["t"] for s in samples] == sorted(s["t"] for s in samples)
+    moved = [(b["read"] - a["read"], b["written"] - a["written"]) for a, b in zip(samples, samples[1:])]
+    assert all(r >= 0 and w >= 0 for r, w in moved)
+    assert sum(r for r, _ in moved) <= res["disk_read_bytes_per_step"]
     assert res["device"] == "cpu" and res["step_s"] > 0 and res["bound_s"] > 0
     assert res["bound_s"] == max(res[k] for k in ("gpu_compute_s", "pcie_s", "disk_s", "adam_s"))
     assert res["step_over_bound"] == pytest.approx(res["step_s"] / res["bound_s"])

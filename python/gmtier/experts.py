@@ -157,6 +157,7 @@ class ExpertRuntime:
                       "expert_fwd_s": 0.0, "expert_bwd_s": 0.0, "ram_prefetch_demoted": 0,
                       **dict.fromkeys(_PHASE_STATS, 0.0)}
         self._phase: tuple | None = None  # (name, time, bytes read, bytes written) at its start
+        self.active_layer: int | None = None  # the Switch layer whose expert loop runs now
         self.layer_stats = [dict.fromkeys(_LAYER_COUNTERS, 0) for _ in self.switch_layers]
         self._base = self.store.tier_metrics()
 
@@ -344,11 +345,11 @@ class ExpertRuntime:
             return m["hits"], m["misses"], g["hits"], g["misses"], self.store.host_wait_s
 
         before = counters()
-        self.store.gpu.stall_tag = layer
+        self.store.gpu.stall_tag = self.active_layer = layer
         try:
             yield
         finally:
-            self.store.gpu.stall_tag = None
+            self.store.gpu.stall_tag = self.active_layer = None
             s = self.layer_stats[layer]
             for name, a, b in zip(("ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "host_wait_s"), counters(), before):
                 s[name] += a - b
@@ -358,6 +359,11 @@ class ExpertRuntime:
         self.lr, self.grad_scale = lr, grad_scale
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
         self._enter_phase("fwd")
+
+    @property
+    def phase(self) -> str | None:
+        """The phase of the step now: "fwd", "bwd" or "rest" (None before the first step)."""
+        return self._phase[0] if self._phase is not None else None
 
     def _enter_phase(self, name: str, disk: tuple[int, int] | None = None) -> None:
         """Close the current phase (its wall time and disk bytes into `stats`), open `name`.
