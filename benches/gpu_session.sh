@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session: install the carried abi3 wheel, run the GPU tests and the benches,
 # logs under $OUT. Usage (from the repo root on the GPU machine): bash benches/gpu_session.sh [steps...]
-# steps: tests paging adam train gpuprefetch seed seedfull (default: all but the seed ones: seed
-# takes ~4 minutes; seedfull needs the 235 GB disk of the 4-GPU box and ~8 minutes).
+# steps: tests paging adam train gpuprefetch seed seed12 seedfull (default: all but the seed ones:
+# seed and seed12 take ~2-4 minutes each; seedfull needs the 235 GB disk of the 4-GPU box and
+# ~8 minutes). The seed steps write the disk timeline too (benches/disk_timeline.py prints it).
 # The wheel and the prepared data travel in .carry/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -32,12 +33,19 @@ for s in $steps; do
     # seed-envelope scaled to the 64 GiB disk (15 GB of records; the full config needs ~180 GB).
     seed)   python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed" --steps 3 --warmup 1 \
               --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
-              --set 'train.precision="bf16"' ${SEED_SET:-} 2>"$OUT/bench-seed.err" | tee "$OUT/bench-seed.txt" | tail -60 ;;
+              --set 'train.precision="bf16"' --timeline "$OUT/timeline-seed.jsonl" ${SEED_SET:-} \
+              2>"$OUT/bench-seed.err" | tee "$OUT/bench-seed.txt" | tail -60 ;;
+    # seed-envelope at 12 experts a layer (22.6 GB of records, 45 GB of store file), the budgets in
+    # the full config's proportions: RAM 35 % of the records, GPU ~85 % of the weights.
+    seed12) python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed12" --steps 2 \
+              --warmup 1 --no-prefetch-off --no-resident --set model.n_experts=12 --set 'experts.ram_budget="8GB"' \
+              --set 'experts.gpu_budget="2.9GB"' --set 'train.precision="bf16"' --timeline "$OUT/timeline-seed12.jsonl" \
+              ${SEED_SET:-} 2>"$OUT/bench-seed12.err" | tee "$OUT/bench-seed12.txt" | tail -60 ;;
     # The full seed-envelope: ~180 GB of store, ~3 minutes to make, 80-85 s a step on the 4xH200 box.
     seedfull) avail=$(df -BG --output=avail "$(dirname "$BENCH")" | tail -1 | tr -dc 0-9)
               if [ "$avail" -lt 200 ]; then echo "seedfull needs ~200 GB free, $BENCH has ${avail} GB"; continue; fi
               python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seedfull" --steps 1 \
-              --warmup 1 --no-prefetch-off --no-resident --set 'train.precision="bf16"' ${SEED_SET:-} \
-              2>"$OUT/bench-seedfull.err" | tee "$OUT/bench-seedfull.txt" | tail -80 ;;
+              --warmup 1 --no-prefetch-off --no-resident --set 'train.precision="bf16"' \
+              --timeline "$OUT/timeline-seedfull.jsonl" ${SEED_SET:-} 2>"$OUT/bench-seedfull.err" | tee "$OUT/bench-seedfull.txt" | tail -80 ;;
   esac
 done
