@@ -147,6 +147,23 @@ def test_bad_inputs(tmp_path, store_dir):
         TieredExpertStore.create(store_dir, 1, 1, SCHEMA)
     with pytest.raises(ValueError, match="shape"):
         TieredExpertStore.create(tmp_path / "y", 1, 1, SCHEMA, init=lambda l, e: {"w1": torch.zeros(3, dtype=torch.bfloat16)})
+    with pytest.raises(ValueError, match=f"init\\(0, 0\\) failed: .*returned 3 bytes; a record is {rb} bytes"):
+        TieredExpertStore.create(tmp_path / "y", 1, 1, SCHEMA, init=lambda l, e: b"abc")
+
+    def fails_at_the_third(layer, expert):
+        if (layer, expert) == (0, 2):
+            raise RuntimeError("no more randomness")
+        return bytes(rb)
+
+    with pytest.raises(ValueError, match="init\\(0, 2\\) failed: .*no more randomness"):
+        TieredExpertStore.create(tmp_path / "y", 1, 4, SCHEMA, init=fails_at_the_third)
+    assert not (tmp_path / "y" / "experts.safetensors").exists()  # nothing half-made is left
+    with pytest.raises(ValueError, match="not both"):
+        _core.ExpertStore.create(str(tmp_path / "y"), 1, 1, SCHEMA, init=bytes, init_into=bytes)
+    # A bytes-like record is taken as it is.
+    TieredExpertStore.create(tmp_path / "z", 1, 2, SCHEMA, init=lambda l, e: bytes([e + 1]) * rb)
+    with TieredExpertStore.open(tmp_path / "z", ram_bytes=2 * rb) as z:
+        assert z.core.read_record(0, 1) == bytes([2]) * rb
     with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
         with pytest.raises(ValueError, match="dtype"):
             s.write_expert(0, 0, {"w1": torch.zeros(16, 32)})

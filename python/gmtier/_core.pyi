@@ -28,6 +28,7 @@ class ExpertStore:
         num_experts: int,
         schema: Sequence[tuple],
         init: Optional[Callable[[int, int], object]] = None,
+        init_into: Optional[Callable[[int, int, bytearray], None]] = None,
     ) -> None: ...
     @staticmethod
     def open(

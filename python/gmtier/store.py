@@ -84,9 +84,9 @@ def _views(buf: torch.Tensor, infos: Sequence[TensorInfo], base: int, sections=(
     return out
 
 
-def _record_from_tensors(layout: Sequence[TensorInfo], record_bytes: int, tensors: Mapping, where: str) -> np.ndarray:
-    """Pack named tensors into one record (missing names stay zero); checks names, dtypes, shapes."""
-    rec = np.zeros(record_bytes, dtype=np.uint8)
+def _pack_record(layout: Sequence[TensorInfo], out: np.ndarray, tensors: Mapping, where: str) -> None:
+    """Write named tensors into `out`, one zeroed record (missing names stay zero); checks names,
+    dtypes, shapes."""
     known = {t.name: t for t in layout}
     for name, value in tensors.items():
         if name not in known:
@@ -97,9 +97,7 @@ def _record_from_tensors(layout: Sequence[TensorInfo], record_bytes: int, tensor
             raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, the schema says {t.dtype}")
         if tuple(value.shape) != t.shape:
             raise ValueError(f"{where}: tensor {name!r} has shape {list(value.shape)}, the schema says {list(t.shape)}")
-        raw = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        rec[t.offset: t.offset + t.nbytes] = raw
-    return rec
+        out[t.offset: t.offset + t.nbytes] = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 class GradsOnHost:
@@ -130,19 +128,24 @@ class TieredExpertStore:
         """Create a store directory. `init(layer, expert)` returns a dict name -> tensor (missing
         names are zero) or a bytes-like record; records are written one at a time (streamed)."""
         schema = normalize_schema(schema)
-        core_init = None
+        fill = None
         if init is not None:
-            holder: dict = {}
+            layout: list = []  # known once the core has accepted the schema
 
-            def core_init(layer: int, expert: int):
-                rec = init(layer, expert)
+            def fill(layer: int, expert: int, out: bytearray) -> None:
+                rec, dst = init(layer, expert), np.frombuffer(out, dtype=np.uint8)
                 if isinstance(rec, Mapping):
-                    if "layout" not in holder:
-                        holder["layout"], holder["rb"] = _layout_of_schema(schema)
-                    return _record_from_tensors(holder["layout"], holder["rb"], rec, f"init({layer}, {expert})")
-                return rec
+                    if not layout:
+                        layout.extend(_layout_of_schema(schema)[0])
+                    _pack_record(layout, dst, rec, f"init({layer}, {expert})")
+                    return
+                src = np.frombuffer(rec, dtype=np.uint8)
+                if src.size != dst.size:
+                    raise ValueError(f"init({layer}, {expert}) returned {src.size} bytes; a record is {dst.size} "
+                                     f"bytes (see the store's layout)")
+                dst[:] = src
 
-        _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init=core_init)
+        _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init_into=fill)
         if user_meta:
             s = _core.ExpertStore.open(str(path), _layout_of_schema(schema)[1])
             s.commit(user_meta)

@@ -331,3 +331,45 @@ fn a_write_back_in_flight_does_not_hold_back_loads() {
     ticket.wait(None).unwrap();
     s.release(&[(0, 0), (0, 3)]).unwrap();
 }
+
+#[test]
+fn create_fills_while_writing_and_a_failed_init_leaves_no_store() {
+    // Records are filled into one buffer while the other is written: every record lands where
+    // it belongs with its own checksum, whatever order the writes finish in.
+    let d = tempfile::tempdir().unwrap();
+    let rb = make(d.path(), 3, 5);
+    let s = ExpertStore::open(d.path(), opts(rb)).unwrap();
+    for l in 0..3 {
+        for e in 0..5 {
+            assert_eq!(
+                s.read_record(l, e).unwrap(),
+                content(l, e, 0, rb),
+                "({l},{e})"
+            );
+        }
+    }
+    drop(s);
+
+    // An init that fails part-way, with writes of earlier records still in flight: the error
+    // is init's, and the half-made data file is removed.
+    let d = tempfile::tempdir().unwrap();
+    let mut calls = 0;
+    let mut init = |l: usize, e: usize, b: &mut [u8]| {
+        calls += 1;
+        if (l, e) == (1, 2) {
+            return Err(StoreError::InvalidArgument(
+                "init(1, 2) failed: boom".into(),
+            ));
+        }
+        b.copy_from_slice(&content(l, e, 0, b.len()));
+        Ok(())
+    };
+    let e = ExpertStore::create(d.path(), 2, 4, &schema(), Some(&mut init))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("init(1, 2) failed: boom"), "{e}");
+    assert_eq!(calls, 7, "filling stopped at the failure");
+    assert!(!d.path().join("experts.safetensors").exists());
+    assert!(!d.path().join("index.json").exists());
+}

@@ -7,7 +7,7 @@ use pyo3::exceptions::{
     PyFileNotFoundError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -84,6 +84,30 @@ fn copy_buffer(obj: &Bound<'_, PyAny>, dst: &mut [u8], what: &str) -> PyResult<(
     buf.copy_to_slice(obj.py(), dst)
 }
 
+/// Call `f(l, e, out)` with `out` a zeroed bytearray of the record's size (one per `create`,
+/// reused), then copy it into `buf`. Python owns `out`, so a reference kept past the call is
+/// harmless; the copy costs a memcpy, far less than building a new record object each time.
+fn fill_via(
+    py: Python<'_>,
+    f: &Py<PyAny>,
+    l: usize,
+    e: usize,
+    out: &mut Option<Py<PyByteArray>>,
+    buf: &mut [u8],
+) -> PyResult<()> {
+    let out = out
+        .get_or_insert_with(|| PyByteArray::new(py, &vec![0u8; buf.len()]).unbind())
+        .bind(py);
+    // SAFETY: no Python code runs while the slice is alive.
+    unsafe { out.as_bytes_mut() }.fill(0);
+    f.call1(py, (l, e, out))?;
+    copy_buffer(
+        out.as_any(),
+        buf,
+        &format!("init_into({l}, {e}) left `out` so that it"),
+    )
+}
+
 /// An expert store: NVMe data file + RAM slot arena. See docs/design.md.
 #[pyclass(module = "gmtier._core", name = "ExpertStore", frozen)]
 pub struct PyExpertStore {
@@ -92,10 +116,13 @@ pub struct PyExpertStore {
 
 #[pymethods]
 impl PyExpertStore {
-    /// Create a store directory. `init(layer, expert) -> bytes-like of record_bytes` fills
-    /// records one at a time (streamed); without it every record is zero.
+    /// Create a store directory, filling each record as it is written (streamed; the next
+    /// record's fill overlaps the writes). `init(layer, expert) -> bytes-like of record_bytes`,
+    /// or `init_into(layer, expert, out)`, which fills `out`, a zeroed bytearray of
+    /// record_bytes reused for every record (no new record object each time). Neither: every
+    /// record is zero.
     #[staticmethod]
-    #[pyo3(signature = (path, num_layers, num_experts, schema, init=None))]
+    #[pyo3(signature = (path, num_layers, num_experts, schema, init=None, init_into=None))]
     fn create(
         py: Python<'_>,
         path: PathBuf,
@@ -103,20 +130,33 @@ impl PyExpertStore {
         num_experts: usize,
         schema: &Bound<'_, PyAny>,
         init: Option<Py<PyAny>>,
+        init_into: Option<Py<PyAny>>,
     ) -> PyResult<()> {
         let schema = parse_schema(schema)?;
-        let res = py.detach(|| match init {
+        let (f, into) = match (init, init_into) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err("pass init or init_into, not both"))
+            }
+            (Some(f), None) => (Some(f), false),
+            (None, f) => (f, true),
+        };
+        let res = py.detach(|| match f {
             None => core::ExpertStore::create(&path, num_layers, num_experts, &schema, None),
             Some(f) => {
+                let mut scratch = None;
                 let mut cb = |l: usize, e: usize, buf: &mut [u8]| -> core::Result<()> {
                     Python::attach(|py| {
-                        let r = f.call1(py, (l, e)).and_then(|obj| {
-                            copy_buffer(
-                                obj.bind(py),
-                                buf,
-                                &format!("init({l}, {e}) returned a record that"),
-                            )
-                        });
+                        let r = if into {
+                            fill_via(py, &f, l, e, &mut scratch, buf)
+                        } else {
+                            f.call1(py, (l, e)).and_then(|obj| {
+                                copy_buffer(
+                                    obj.bind(py),
+                                    buf,
+                                    &format!("init({l}, {e}) returned a record that"),
+                                )
+                            })
+                        };
                         r.map_err(|err| {
                             core::StoreError::InvalidArgument(format!(
                                 "init({l}, {e}) failed: {err}"

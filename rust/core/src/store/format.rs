@@ -332,6 +332,43 @@ impl RecordLayout {
         out
     }
 
+    /// (start in the record, lengths of the non-empty sections of `secs`, in record order): the
+    /// consecutive segments one I/O of those sections moves.
+    pub fn span(&self, secs: Sections) -> (usize, Vec<usize>) {
+        let mut start = None;
+        let mut lens = vec![];
+        for sec in [Section::Weights, Section::State] {
+            let (off, len) = self.section_range(sec);
+            if secs.contains(Sections::of(sec)) && len > 0 {
+                start.get_or_insert(off);
+                lens.push(len);
+            }
+        }
+        (start.unwrap_or(0), lens)
+    }
+
+    /// The (weights, state) crc32s of a whole record from the crc32 of each segment of its
+    /// [`Self::span`] (an empty section's crc32 is that of no bytes, 0).
+    pub fn section_crcs_of_segments(&self, crcs: &[u32]) -> (u32, u32) {
+        match (
+            self.weights_bytes > 0,
+            self.record_bytes > self.weights_bytes,
+        ) {
+            (true, true) => (crcs[0], crcs[1]),
+            (true, false) => (crcs[0], 0),
+            _ => (0, crcs[0]),
+        }
+    }
+
+    /// The whole record's crc32 from its (weights, state) crc32s.
+    pub fn record_crc(&self, (weights, state): (u32, u32)) -> u32 {
+        crc_combine(
+            weights,
+            state,
+            (self.record_bytes - self.weights_bytes) as u64,
+        )
+    }
+
     /// crc32s of a record's (weights, state) sections.
     pub fn section_crcs(&self, record: &[u8]) -> (u32, u32) {
         let wb = self.weights_bytes;

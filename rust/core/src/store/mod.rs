@@ -335,6 +335,94 @@ fn key_str(k: Key) -> String {
 /// Initializer for [`ExpertStore::create`]: fills a zeroed record of `(layer, expert)`.
 pub type InitFn<'a> = &'a mut dyn FnMut(usize, usize, &mut [u8]) -> Result<()>;
 
+/// I/O threads and record buffers of [`ExpertStore::create`]: `init` fills one buffer while the
+/// record in the other is written, in chunks on the threads, which compute its crc32s as they go.
+const CREATE_IO_THREADS: usize = 8;
+const CREATE_BUFFERS: usize = 2;
+
+/// Fill slot 0 of every record with `init` and write it, the next record's `init` overlapping
+/// the writes; returns each record's (weights, state) crc32s, by flat index. A failed `init` or
+/// write stops the filling; the writes already in flight finish first (they read the buffers).
+fn write_initial_records(
+    geom: &Geometry,
+    data_path: &Path,
+    init: InitFn<'_>,
+) -> Result<Vec<(u32, u32)>> {
+    let rb = geom.layout.record_bytes;
+    let file = Arc::new(
+        DataFile::open(data_path, true, true).map_err(|e| StoreError::io(data_path, "open", e))?,
+    );
+    let buffers = Arena::new(CREATE_BUFFERS * rb)
+        .map_err(|e| StoreError::io(data_path, "allocate record buffers for", e))?;
+    let pool = IoPool::new(CREATE_IO_THREADS);
+    let (start, lens) = geom.layout.span(Sections::ALL);
+    let chunk = StoreOptions::default().chunk_bytes;
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, usize, std::io::Result<Vec<u32>>)>();
+    let mut crcs = vec![(0u32, 0u32); geom.num_records()];
+    let mut writing: [Option<usize>; CREATE_BUFFERS] = [None; CREATE_BUFFERS]; // record per buffer
+    let mut error: Option<StoreError> = None;
+    let ne = geom.num_experts;
+    // Take one finished write (they finish in any order): its crc32s or its error.
+    let take_one =
+        |writing: &mut [Option<usize>], crcs: &mut [(u32, u32)], error: &mut Option<StoreError>| {
+            let (buffer, flat, res) = rx.recv().expect("every write in flight reports");
+            writing[buffer] = None;
+            match res {
+                Ok(c) => crcs[flat] = geom.layout.section_crcs_of_segments(&c),
+                Err(err) => {
+                    let what = format!("write (layer {}, expert {}) of", flat / ne, flat % ne);
+                    error.get_or_insert(StoreError::io(data_path, &what, err));
+                }
+            }
+        };
+    for flat in 0..geom.num_records() {
+        let buffer = flat % CREATE_BUFFERS;
+        while writing[buffer].is_some() {
+            take_one(&mut writing, &mut crcs, &mut error);
+        }
+        if error.is_some() {
+            break;
+        }
+        let (l, e) = (flat / ne, flat % ne);
+        let b = unsafe { buffers.slice_mut(buffer * rb, rb) };
+        b.fill(0);
+        if let Err(err) = init(l, e, b) {
+            error = Some(err);
+            break;
+        }
+        writing[buffer] = Some(flat);
+        let tx = tx.clone();
+        record_io(
+            &pool,
+            &file,
+            Dir::Write,
+            geom.record_offset(l, e, 0) + start as u64,
+            SendPtr(b[start..].as_mut_ptr()),
+            &lens,
+            chunk,
+            JobPriority {
+                class: JobPriority::WRITE,
+                priority: 0,
+                seq: flat as u64,
+            },
+            Box::new(move |res| {
+                let _ = tx.send((buffer, flat, res));
+            }),
+        );
+    }
+    while writing.iter().any(Option::is_some) {
+        take_one(&mut writing, &mut crcs, &mut error);
+    }
+    match error {
+        Some(e) => Err(e),
+        None => {
+            file.sync_data()
+                .map_err(|e| StoreError::io(data_path, "fsync", e))?;
+            Ok(crcs)
+        }
+    }
+}
+
 impl ExpertStore {
     /// Create a store directory: the data file (header, space reserved with fallocate so a full
     /// disk shows up now, not during training), every expert's slot 0 zero-filled or filled by
@@ -401,32 +489,11 @@ impl ExpertStore {
             let mut entries = vec![(0u8, zero_crc, 0u64); geom.num_records()];
             let mut sections = vec![Some(geom.layout.section_crcs(&zeros)); geom.num_records()];
             if let Some(init) = init {
-                let file = DataFile::open(&data_path, true, true)
-                    .map_err(|e| StoreError::io(&data_path, "open", e))?;
-                let buf = Arena::new(rb)
-                    .map_err(|e| StoreError::io(&data_path, "allocate a record buffer for", e))?;
-                for l in 0..num_layers {
-                    for e in 0..num_experts {
-                        let b = unsafe { buf.slice_mut(0, rb) };
-                        b.fill(0);
-                        init(l, e, b)?;
-                        let (wc, sc) = geom.layout.section_crcs(b);
-                        let flat = geom.flat(l, e);
-                        entries[flat].1 =
-                            crc_combine(wc, sc, (rb - geom.layout.weights_bytes) as u64);
-                        sections[flat] = Some((wc, sc));
-                        file.write_all_at(b, geom.record_offset(l, e, 0))
-                            .map_err(|err| {
-                                StoreError::io(
-                                    &data_path,
-                                    &format!("write (layer {l}, expert {e}) of"),
-                                    err,
-                                )
-                            })?;
-                    }
+                let crcs = write_initial_records(&geom, &data_path, init)?;
+                for (flat, c) in crcs.into_iter().enumerate() {
+                    entries[flat].1 = geom.layout.record_crc(c);
+                    sections[flat] = Some(c);
                 }
-                file.sync_data()
-                    .map_err(|e| StoreError::io(&data_path, "fsync", e))?;
             }
             Ok((entries, sections))
         })();
@@ -510,14 +577,9 @@ impl ExpertStore {
             m,
         };
         let io = IoPool::new(opts.io_threads);
-        let sections: Vec<usize> = [Section::Weights, Section::State]
-            .map(|s| geom.layout.section_range(s).1)
-            .into_iter()
-            .filter(|&n| n > 0)
-            .collect();
         let read_depth = opts
             .queue_depth
-            .max(2 * record_chunks(&sections, opts.chunk_bytes));
+            .max(2 * record_chunks(&geom.layout.span(Sections::ALL).1, opts.chunk_bytes));
         Ok(ExpertStore {
             sh: Arc::new(Shared {
                 dir: dir.to_path_buf(),
@@ -1070,20 +1132,6 @@ impl Shared {
         }
     }
 
-    /// (start in the record, lengths of the non-empty sections in `secs`, in record order).
-    fn region(&self, secs: Sections) -> (usize, Vec<usize>) {
-        let mut start = None;
-        let mut lens = vec![];
-        for sec in [Section::Weights, Section::State] {
-            let (off, len) = self.geom.layout.section_range(sec);
-            if secs.contains(Sections::of(sec)) && len > 0 {
-                start.get_or_insert(off);
-                lens.push(len);
-            }
-        }
-        (start.unwrap_or(0), lens)
-    }
-
     /// Start as many pending loads as the queue depth and the free/evictable slots allow.
     fn schedule(self: &Arc<Self>, g: &mut MutexGuard<'_, Inner>) {
         loop {
@@ -1195,7 +1243,7 @@ impl Shared {
         } else {
             secs
         };
-        let (start, lens) = self.region(secs);
+        let (start, lens) = self.geom.layout.span(secs);
         let off = self
             .geom
             .record_offset(key.0 as usize, key.1 as usize, src.slot)
@@ -1432,7 +1480,7 @@ impl Shared {
         let seq = g.next_seq();
         let sh = self.clone();
         // Only whole records are ever dirty; each section's crc32 comes out of the same pass.
-        let (_, lens) = self.region(Sections::ALL);
+        let (_, lens) = self.geom.layout.span(Sections::ALL);
         let n = record_chunks(&lens, self.opts.chunk_bytes);
         self.submit_record(
             g,
@@ -1474,12 +1522,8 @@ impl Shared {
         g.slots[v].state = SlotState::Ready;
         match res {
             Ok(crcs) => {
-                let (w, st) = match (layout.weights_bytes > 0, rb > layout.weights_bytes) {
-                    (true, true) => (crcs[0], crcs[1]),
-                    (true, false) => (crcs[0], 0),
-                    _ => (0, crcs[0]),
-                };
-                let crc = crc_combine(w, st, (rb - layout.weights_bytes) as u64);
+                let (w, st) = layout.section_crcs_of_segments(&crcs);
+                let crc = layout.record_crc((w, st));
                 let flat = self.geom.flat(key.0 as usize, key.1 as usize);
                 g.latest.insert(flat, (target, crc, (w, st)));
                 g.m.bytes_written += rb as u64;
