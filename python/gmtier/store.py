@@ -126,7 +126,8 @@ class TieredExpertStore:
     def create(path, num_layers: int, num_experts: int, schema, init: Callable | None = None,
                user_meta: str | None = None) -> None:
         """Create a store directory. `init(layer, expert)` returns a dict name -> tensor (missing
-        names are zero) or a bytes-like record; records are written one at a time (streamed)."""
+        names are zero) or a bytes-like record; streamed: the next record is filled while the last
+        is written."""
         schema = normalize_schema(schema)
         fill = None
         if init is not None:
