@@ -121,6 +121,42 @@ def test_tiered_matches_resident_with_every_step_paging(data_dir, tmp_path):
     assert all(0 <= e < 4 and layer in (0, 1) for step in plan for keys in step for layer, e in keys)
 
 
+def test_padded_expert_gemms_match_unpadded(data_dir, tmp_path, monkeypatch):
+    """experts.pad_rows rounds each expert's rows up with zero rows: same losses, padded GEMMs."""
+    import gmtier.experts
+    import gmtier.model
+
+    plain = train(tiny(data_dir, tmp_path / "plain", train=dict(steps=6)), log=lambda s: None)
+    rows, real = [], gmtier.model.expert_ffn
+    for module in (gmtier.experts, gmtier.model):
+        monkeypatch.setattr(module, "expert_ffn", lambda x, w1, w2, out=None: (rows.append(x.shape[0]), real(x, w1, w2, out=out))[1])
+    padded = train(tiny(data_dir, tmp_path / "padded", train=dict(steps=6), experts=dict(pad_rows=8)), log=lambda s: None)
+    assert padded == pytest.approx(plain, abs=1e-6)
+    assert rows and all(n % 8 == 0 for n in rows) and any(n > 0 for n in rows)
+    rows.clear()  # the resident bank pads the same way
+    resident = train(tiny(data_dir, tmp_path / "resident", train=dict(steps=6), experts=dict(mode="resident", pad_rows=8)),
+                     log=lambda s: None)
+    assert resident == pytest.approx(plain, abs=2e-4)
+    assert rows and all(n % 8 == 0 for n in rows)
+
+
+def test_gemm_row_layout():
+    from gmtier.model import from_gemm_rows, gemm_row_layout, to_gemm_rows
+
+    padded, rows = gemm_row_layout([3, 0, 5], 4, "cpu")
+    assert padded == [4, 0, 8] and rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8]
+    assert gemm_row_layout([3, 0, 5], 1, "cpu") == ([3, 0, 5], None)
+    x = torch.arange(8.0).repeat(2, 1).t()
+    xp = to_gemm_rows(x, rows, 12)
+    assert xp[3].tolist() == [0, 0] and xp[9:].abs().sum() == 0 and xp[4].tolist() == [3, 3]
+    assert torch.equal(from_gemm_rows(xp, rows), x)
+    cfg = tiny(Path("."), Path("."))
+    assert cfg.experts.pad_rows == "auto" and cfg.expert_pad_rows() == 0  # CPU: nothing to gain
+    for bad in (-1, "big"):
+        with pytest.raises(config.ConfigError, match="pad_rows"):
+            tiny(Path("."), Path("."), experts=dict(pad_rows=bad))
+
+
 def _spawn_train(cfg_path: Path, *extra: str) -> subprocess.Popen:
     code = "import sys; from gmtier.commands import train; train(sys.argv[1:])"
     return subprocess.Popen([sys.executable, "-c", code, "--config", str(cfg_path), *extra],

@@ -38,6 +38,15 @@ def test_tiered_matches_resident_bf16(data_dir, tmp_path, gpu_slots):
     assert last["expert_updates"] > 0 and "gpu_hit_rate" in last and last["h2d_bytes"] > 0
 
 
+def test_padded_gemm_rows_on_gpu_match_unpadded(data_dir, tmp_path):
+    # pad_rows "auto" pads to 128 rows on CUDA: the same model as without padding, to bf16 noise.
+    ex = dict(async_adam=True, gpu_budget=20 * 32768)
+    auto = gpu_cfg(data_dir, tmp_path / "auto", experts=dict(ex))
+    assert auto.expert_pad_rows() == 128
+    plain = train(gpu_cfg(data_dir, tmp_path / "plain", experts=dict(ex, pad_rows=0)), log=lambda s: None)
+    assert train(auto, log=lambda s: None) == pytest.approx(plain, abs=0.02)
+
+
 def test_gpu_prefetch_copies_the_guesses_early_and_matches_resident(data_dir, tmp_path):
     # 6 slots (4 weights + 2 dW staging) for 8 experts, RAM for 7 records: the router's guesses
     # for the next layer are copied to the GPU between the current layer's experts.

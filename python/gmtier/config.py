@@ -92,6 +92,10 @@ class ExpertsConfig:
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
     adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all
+    # Each expert's token count rounded up to a multiple of this (zero rows fill the gap), so the
+    # GEMM shapes repeat from step to step and cuBLAS finds them in its cache. "auto": 128 on CUDA,
+    # none on CPU (no such cache there: padding would only add work); 0 or 1: no padding.
+    pad_rows: int | str = "auto"
 
 
 @dataclass
@@ -122,6 +126,11 @@ class Config:
 
     def expert_dtype(self) -> str:
         return self.precision() if self.experts.dtype == "auto" else self.experts.dtype
+
+    def expert_pad_rows(self) -> int:
+        if self.experts.pad_rows == "auto":
+            return 128 if self.device().startswith("cuda") else 0
+        return self.experts.pad_rows
 
     def store_dir(self) -> Path:
         return Path(self.experts.store_dir) if self.experts.store_dir else Path(self.train.run_dir) / "store"
@@ -252,6 +261,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 0")
     if e.adam_threads < 0:
         raise ConfigError(f"experts.adam_threads = {e.adam_threads}: use 0 (the default: all cores, less two on 8+ cores) or a positive count")
+    if e.pad_rows != "auto" and (isinstance(e.pad_rows, str) or e.pad_rows < 0):
+        raise ConfigError(f"experts.pad_rows = {e.pad_rows!r}: use \"auto\", 0 (no padding) or a row multiple such as 128")
     if e.prefetch_depth < 0 or e.io_threads <= 0:
         raise ConfigError("experts.prefetch_depth must be >= 0 and experts.io_threads > 0")
     ram = parse_bytes(e.ram_budget, "experts.ram_budget")

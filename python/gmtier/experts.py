@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from gmtier.config import Config, parse_bytes
-from gmtier.model import expert_ffn, init_expert
+from gmtier.model import expert_ffn, from_gemm_rows, gemm_row_layout, init_expert, to_gemm_rows
 from gmtier.tiers import emulated as gpu_tier_emulated
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +97,7 @@ class ExpertRuntime:
         self.n_experts = m.n_experts
         self.dtype = _TORCH_DTYPE[cfg.expert_dtype()]
         self.half = self.dtype != torch.float32
+        self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
         path = cfg.store_dir()
         if create or not (path / "index.json").exists():
             self._create(path)
@@ -284,25 +285,29 @@ class ExpertRuntime:
 
     def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         self.used[layer] = [e for e, c in enumerate(counts) if c]
-        out = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
+        # One dtype conversion (and row padding) per layer, not per expert: the loop is host-bound
+        # at small experts, and each conversion is another kernel launch.
+        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
+        xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
+        out = torch.empty_like(xs)
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
-                if out.dtype == w1.dtype:  # straight into the output: no copy kernel
-                    expert_ffn(x_sorted[s:s + n], w1, w2, out=out[s:s + n])
-                else:
-                    out[s:s + n] = expert_ffn(x_sorted[s:s + n].to(w1.dtype), w1, w2).to(out.dtype)
+                expert_ffn(xs[s:s + n], w1, w2, out=out[s:s + n])
 
         t0 = time.perf_counter()
         with self._per_layer(layer):
-            self._each_expert(layer, counts, compute, self.store.release, "weights")
+            self._each_expert(layer, counts_p, compute, self.store.release, "weights")
         self.stats["expert_fwd_s"] += time.perf_counter() - t0
-        return out
+        return from_gemm_rows(out, rows).to(x_sorted.dtype)
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if self._phase is not None and self._phase[0] == "fwd":
             self._enter_phase("bwd")
-        dx = torch.empty(x_sorted.shape, dtype=x_sorted.dtype, device=x_sorted.device)
+        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)  # the layout forward used
+        xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
+        dys = to_gemm_rows(grad_out.to(self.dtype), rows, sum(counts_p))  # zero rows: no dW from padding
+        dx = torch.empty_like(xs)
         grads = {}
         if layer > 0 and self.cfg.experts.prefetch and not self.all_in_ram:
             # Backward walks the layers in reverse, and forward already told us which experts the
@@ -317,11 +322,7 @@ class ExpertRuntime:
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
                 staging, dw = gpu.grad_buffer() if gpu is not None else (None, None)
-                same = dx.dtype == w1.dtype  # then dx is written in place: no copy kernel
-                gx, dw = expert_ffn_backward(x_sorted[s:s + n].to(w1.dtype), w1, w2, grad_out[s:s + n].to(w1.dtype),
-                                             out=dw, dx=dx[s:s + n] if same else None)
-                if not same:
-                    dx[s:s + n] = gx.to(dx.dtype)
+                _, dw = expert_ffn_backward(xs[s:s + n], w1, w2, dys[s:s + n], out=dw, dx=dx[s:s + n])
                 grads[e] = self.store.grads_to_host((layer, e), dw, staging=staging)
 
         # Half-precision experts: the AdamW writes the new weights from the fp32 master, so backward
@@ -332,9 +333,9 @@ class ExpertRuntime:
 
         t0 = time.perf_counter()
         with self._per_layer(layer):
-            self._each_expert(layer, counts, compute, done, "state" if self.half else "all")
+            self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all")
         self.stats["expert_bwd_s"] += time.perf_counter() - t0
-        return dx
+        return from_gemm_rows(dx, rows).to(x_sorted.dtype)
 
     @contextlib.contextmanager
     def _per_layer(self, layer: int):

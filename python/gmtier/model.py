@@ -31,6 +31,35 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.T
     return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
 
 
+def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int], torch.Tensor | None]:
+    """Rows of the per-expert GEMMs: each expert's count rounded up to `multiple`, zero rows
+    filling the gap, so the GEMM shapes repeat from step to step and cuBLAS finds them in its
+    heuristics cache (on an H200 a bf16 GEMM of a new shape took ~600 us of host time, one it had
+    seen ~30 us). Returns the padded counts and the padded row of every sorted token, or
+    (counts, None) when `multiple` <= 1."""
+    if multiple <= 1:
+        return counts, None
+    padded = [-(-c // multiple) * multiple for c in counts]
+    starts, padded_starts = [0], [0]
+    for c, p in zip(counts, padded):
+        starts.append(starts[-1] + c)
+        padded_starts.append(padded_starts[-1] + p)
+    shift = torch.tensor(padded_starts[:-1]) - torch.tensor(starts[:-1])
+    rows = torch.arange(starts[-1]) + shift.repeat_interleave(torch.tensor(counts), output_size=starts[-1])
+    if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    return padded, rows
+
+
+def to_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """The sorted rows `t` moved to `rows` of a zeroed [n_rows, d] (as is without padding)."""
+    return t if rows is None else t.new_zeros((n_rows, t.shape[1])).index_copy(0, rows, t)
+
+
+def from_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
 def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std: float, n_layer: int):
     """The initial (w1, w2) of one expert in fp32, a pure function of (seed, layer, expert), so a
     store can be filled one record at a time and a resident bank gets the same numbers."""
@@ -43,8 +72,9 @@ def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std
 class ResidentExperts(nn.Module):
     """The reference expert bank: every expert is a pair of nn.Parameters on the model's device."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, seed: int):
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0):
         super().__init__()
+        self.pad_rows = pad_rows  # see gemm_row_layout
         self.w1 = nn.ParameterList()
         self.w2 = nn.ParameterList()
         for e in range(cfg.n_experts):
@@ -54,11 +84,12 @@ class ResidentExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
+        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
         outs = []
-        for e, part in enumerate(torch.split(x_sorted, counts)):
-            if counts[e]:
+        for e, part in enumerate(torch.split(to_gemm_rows(x_sorted, rows, sum(counts_p)), counts_p)):
+            if counts_p[e]:
                 outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
-        return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
+        return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
 
 
 # ---- routing ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gmtier.config import Config, ConfigError, parse_bytes
-from gmtier.model import GPT, SwitchFFN
+from gmtier.model import GPT, ResidentExperts, SwitchFFN
 
 
 class CheckpointError(RuntimeError):
@@ -95,7 +95,8 @@ def build_model(cfg: Config, device: str, store_create: bool = False, log=print)
         runtime = ExpertRuntime(cfg, device, create=store_create, log=log)
         model = GPT(cfg.model, cfg.train.seed, expert_bank=runtime.bank)
     else:
-        model = GPT(cfg.model, cfg.train.seed)
+        seed, pad_rows = cfg.train.seed, cfg.expert_pad_rows()
+        model = GPT(cfg.model, seed, expert_bank=lambda layer: ResidentExperts(cfg.model, layer, seed, pad_rows))
     model.to(device)
     if runtime is not None:
         runtime.attach(model)
