@@ -11,6 +11,7 @@ floating point.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -40,11 +41,8 @@ def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int]
     if multiple <= 1:
         return counts, None
     padded = [-(-c // multiple) * multiple for c in counts]
-    starts, padded_starts = [0], [0]
-    for c, p in zip(counts, padded):
-        starts.append(starts[-1] + c)
-        padded_starts.append(padded_starts[-1] + p)
-    shift = torch.tensor(padded_starts[:-1]) - torch.tensor(starts[:-1])
+    starts = list(itertools.accumulate(counts, initial=0))
+    shift = torch.tensor(list(itertools.accumulate(padded, initial=0))[:-1]) - torch.tensor(starts[:-1])
     rows = torch.arange(starts[-1]) + shift.repeat_interleave(torch.tensor(counts), output_size=starts[-1])
     if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
         rows = rows.pin_memory().to(device, non_blocking=True)
