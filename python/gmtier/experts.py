@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from gmtier.config import Config, parse_bytes
-from gmtier.model import expert_ffn, from_gemm_rows, gemm_row_layout, init_expert, to_gemm_rows
+from gmtier.model import expert_ffn, expert_starts, from_gemm_rows, gemm_row_layout, init_expert, to_gemm_rows
 from gmtier.tiers import emulated as gpu_tier_emulated
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,9 +119,9 @@ class ExpertRuntime:
         # finished; count two such copies in flight, and one GPU prefetch copy. GPU prefetch runs
         # where the tier cannot keep every expert (it keeps those it has room for, refreshed
         # after each AdamW).
-        n_records = len(self.switch_layers) * self.n_experts
+        self.n_records = len(self.switch_layers) * self.n_experts
         self.gpu_prefetch = (bool(gpu_bytes) and cfg.experts.prefetch and cfg.experts.gpu_prefetch
-                             and self.store.gpu.num_slots - 2 < n_records)
+                             and self.store.gpu.num_slots - 2 < self.n_records)
         in_copy = (2 + self.gpu_prefetch) if gpu_bytes else 0
         slots = self.store.ram_slots - in_copy
         if gpu_bytes:
@@ -209,8 +209,7 @@ class ExpertRuntime:
         # Prefetch fills the RAM tier; when the RAM budget holds every record, all experts stay
         # in RAM after their first read and predicting costs a host sync per block for nothing
         # (measured on an H200: `small` ran 0.128 s a step with it, 0.103 s without).
-        n_records = len(self.switch_layers) * self.n_experts
-        self.all_in_ram = self.store.ram_slots >= n_records + self.max_pending + 2
+        self.all_in_ram = self.store.ram_slots >= self.n_records + self.max_pending + 2
         needed = not self.all_in_ram or self.gpu_prefetch
         model.prefetcher = self.predict_and_prefetch if self.cfg.experts.prefetch and needed else None
         # Records that stay in RAM are written at the commit only; otherwise each is written as
@@ -251,7 +250,7 @@ class ExpertRuntime:
         self.gpu_wanted = [w for w in self.gpu_wanted if w[0][0] != layer]
         if not keys:
             return
-        starts = _offsets(counts)
+        starts = expert_starts(counts)
         gpu = self.store.gpu
         if sections == "weights" and gpu.active:
             # Forward: no update is in flight; two slots stay for the experts paged one ahead.
@@ -621,14 +620,6 @@ def gpu_grad_slots(gpu_bytes: int, weights_bytes: int) -> int:
     if not gpu_bytes:
         return 0
     return 2 if gpu_bytes // weights_bytes >= 6 else 1
-
-
-def _offsets(counts: list[int]) -> list[int]:
-    out, s = [], 0
-    for c in counts:
-        out.append(s)
-        s += c
-    return out
 
 
 def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None):

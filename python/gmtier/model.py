@@ -32,6 +32,11 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.T
     return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
 
 
+def expert_starts(counts: list[int]) -> list[int]:
+    """The first row of each expert's tokens in the sorted order (counts[e] rows each)."""
+    return list(itertools.accumulate(counts, initial=0))[:-1]
+
+
 def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int], torch.Tensor | None]:
     """Rows of the per-expert GEMMs: each expert's count rounded up to `multiple`, zero rows
     filling the gap, so the GEMM shapes repeat from step to step and cuBLAS finds them in its
@@ -41,9 +46,9 @@ def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int]
     if multiple <= 1:
         return counts, None
     padded = [-(-c // multiple) * multiple for c in counts]
-    starts = list(itertools.accumulate(counts, initial=0))
-    shift = torch.tensor(list(itertools.accumulate(padded, initial=0))[:-1]) - torch.tensor(starts[:-1])
-    rows = torch.arange(starts[-1]) + shift.repeat_interleave(torch.tensor(counts), output_size=starts[-1])
+    n = sum(counts)
+    shift = torch.tensor(expert_starts(padded)) - torch.tensor(expert_starts(counts))
+    rows = torch.arange(n) + shift.repeat_interleave(torch.tensor(counts), output_size=n)
     if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
         rows = rows.pin_memory().to(device, non_blocking=True)
     return padded, rows
