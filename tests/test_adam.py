@@ -335,12 +335,30 @@ def test_store_adam_step_uses_fused_kernel(tmp_path):
         opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         ref.grad = grad.float()
         opt.step()
-        assert s.adam_step((0, 1), {"w1": grad}, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1) is False
+        assert s.adam_step([(0, 1)], [{"w1": grad}], lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1) == [False]
         rec = s.record((0, 1))
         assert rec["step"].item() == 1
         assert _rel(rec["w1.master"], ref.detach(), 0.1) < 1e-6
         assert torch.equal(rec["w1"], rec["w1.master"].bfloat16())
         s.release([(0, 1)])
+        # Several experts in one call: each skipped on its own; the others match torch.
+        keys = [(0, 0), (0, 1)]
+        s.acquire_many(keys)
+        before = {k: {n: t.clone() for n, t in s.record(k).items()} for k in keys}
+        good = torch.randn(16, 32).bfloat16()
+        bad = good.clone()
+        bad[3, 4] = float("nan")
+        ref = torch.nn.Parameter(masters[(0, 0)].clone())
+        opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        ref.grad = good.float()
+        opt.step()
+        assert s.adam_step(keys, [{"w1": good}, {"w1": bad}], lr=1e-2, beta1=0.9, beta2=0.95,
+                           weight_decay=0.1) == [False, True]
+        assert _rel(s.record((0, 0))["w1.master"], ref.detach(), 0.1) < 1e-6
+        assert s.record((0, 0))["step"].item() == 1
+        for n, t in s.record((0, 1)).items():
+            assert torch.equal(t, before[(0, 1)][n]), f"skipped expert's {n} was written"
+        s.release(keys)
 
 
 def test_dropped_handle_finishes_before_freeing():

@@ -116,27 +116,70 @@ def test_dw_lands_in_a_fixed_ring_of_host_buffers(store):
     store.acquire((0, 0))
     hosts = []
     for v in (1.0, 2.0):
-        i, dw = gpu.grad_buffer()
+        i, (dw,) = gpu.grad_buffers(1)
         for t in dw.values():
             t.fill_(v)
-        hosts.append(store.grads_to_host((0, 0), staging=i))
+        hosts.append(store.grads_to_host([(0, 0)], staging=i))
     # Both buffers in use: the next copy waits until an update gives one back.
     threading.Timer(0.1, hosts[0].release).start()
-    i, dw = gpu.grad_buffer()
+    i, (dw,) = gpu.grad_buffers(1)
     for t in dw.values():
         t.fill_(3.0)
-    third = store.grads_to_host((0, 0), staging=i)
+    third = store.grads_to_host([(0, 0)], staging=i)
     third.wait()
     hosts[1].wait()
-    assert all(bool((t == 3.0).all()) for t in third.tensors.values())
-    assert all(bool((t == 2.0).all()) for t in hosts[1].tensors.values()), "a buffer in use was not reused"
+    assert all(bool((t == 3.0).all()) for t in third.tensors[0].values())
+    assert all(bool((t == 2.0).all()) for t in hosts[1].tensors[0].values()), "a buffer in use was not reused"
     assert gpu.metrics()["grad_wait_s"] > 0.05 and len(gpu._host_bufs) == 2
     assert gpu.host_grad_bytes == 2 * store.weights_bytes
     for h in (hosts[1], third):
         h.release()
         h.release()  # once only
     assert len(gpu._free_host) == 2
+    with pytest.raises(ValueError, match="1 to 1 experts"):
+        gpu.grad_buffers(2)
     store.release([(0, 0)])
+
+
+@pytest.mark.parametrize("device", ["cpu", on_cuda])
+def test_grouped_dw_leaves_in_one_copy_per_group(tmp_path, monkeypatch, device):
+    """Staging slots in groups of 3: each group's dW reach the host together, each expert's in
+    its own views; a group's slots are refilled only after its copy has read them."""
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    TieredExpertStore.create(tmp_path / "s", 1, 8, SCHEMA, init=expert)
+    probe = TieredExpertStore.open(tmp_path / "s", ram_bytes=1 << 20)
+    rb, wb = probe.record_bytes, probe.weights_bytes
+    probe.close()
+    with pytest.raises(ValueError, match="whole groups"):
+        TieredExpertStore.open(tmp_path / "s", ram_bytes=8 * rb, gpu_bytes=12 * wb, device=device,
+                               gpu_grad_slots=4, gpu_grad_group=3)
+    store = TieredExpertStore.open(tmp_path / "s", ram_bytes=8 * rb, gpu_bytes=12 * wb, device=device,
+                                   gpu_grad_slots=6, gpu_grad_group=3)
+    try:
+        gpu = store.gpu
+        assert gpu.num_slots == 6 and gpu.host_grad_bytes == 3 * 3 * wb  # 2 groups + 1 being copied
+        gpu.reserve_host_grads(4)
+        hosts, firsts = [], []
+        for g in range(4):  # two rounds over both groups
+            n = 3 if g < 3 else 2
+            first, views = gpu.grad_buffers(n)
+            firsts.append(first)
+            assert len(views) == n
+            for j, dw in enumerate(views):
+                for t in dw.values():
+                    t.fill_(10 * g + j)
+            hosts.append(store.grads_to_host([(0, j) for j in range(n)], staging=first))
+        assert firsts == [0, 3, 0, 3]
+        for g, h in enumerate(hosts):
+            h.wait()
+            assert len(h.tensors) == (3 if g < 3 else 2)
+            for j, dw in enumerate(h.tensors):
+                assert set(dw) == {"w1", "w2"}
+                assert all(bool((t == 10 * g + j).all()) for t in dw.values()), (g, j)
+            h.release()
+        assert gpu.metrics()["d2h_bytes"] == 11 * wb
+    finally:
+        store.close()
 
 
 def test_training_gives_every_dw_buffer_back(data_dir, tmp_path, monkeypatch):
@@ -150,7 +193,7 @@ def test_training_gives_every_dw_buffer_back(data_dir, tmp_path, monkeypatch):
     try:
         t.fit()
         gpu, rt = t.runtime.store.gpu, t.runtime
-        assert rt.max_pending > 0 and gpu.host_grad_buffers == rt.max_pending + 2
+        assert rt.max_pending > 0 and gpu.host_grad_buffers == -(-rt.max_pending // rt.grad_group) + 2
         assert 0 < len(gpu._host_bufs) <= gpu.host_grad_buffers
         assert len(gpu._free_host) == len(gpu._host_bufs), "every update gave its dW buffer back"
     finally:
@@ -234,6 +277,28 @@ def test_budget_corners_match_resident(data_dir, tmp_path, monkeypatch, precisio
     experts = dict(gpu_budget=gpu_slots * weights, ram_budget=int(ram_records * record), **{"async_adam": True, **extra})
     got = train_losses(tiny(data_dir, tmp_path / "tiered", model=model, train=train, experts=experts))
     assert got == pytest.approx(res, abs=2e-4 if precision == "fp32" else 5e-3)
+
+
+@pytest.mark.parametrize("precision,n_experts,async_adam,emulate", [("bf16", 16, True, "1"), ("fp32", 4, False, "1"),
+                                                                   ("fp32", 16, True, "0")])
+def test_grouped_updates_match_resident(data_dir, tmp_path, monkeypatch, precision, n_experts, async_adam, emulate):
+    # Budgets that hold every record on both tiers: the dW of up to 8 experts go to RAM in one
+    # copy (GPU tier emulated) or as they are (CPU), and one AdamW call updates them.
+    from gmtier.config import parse_bytes
+    from gmtier.experts import grad_staging
+
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", emulate)
+    model = dict(n_layer=2, switch_every=1, n_experts=n_experts)
+    train = dict(precision=precision, steps=5)
+    res = train_losses(tiny(data_dir, tmp_path / "res", model=model, train=train, experts=dict(mode="resident")))
+    experts = dict(gpu_budget="8MiB", ram_budget="16MiB", async_adam=async_adam)
+    cfg = tiny(data_dir, tmp_path / "tiered", model=model, train=train, experts=experts)
+    group, slots = grad_staging(cfg, parse_bytes("16MiB", ""), parse_bytes("8MiB", "") if emulate == "1" else 0,
+                                2 * n_experts)
+    assert group == min(8, n_experts) and slots == (2 * group if emulate == "1" else 0)
+    assert train_losses(cfg) == pytest.approx(res, abs=2e-4 if precision == "fp32" else 5e-3)
+    rows = _rows(tmp_path / "tiered")
+    assert sum(r["expert_updates"] for r in rows if "expert_updates" in r) > 0
 
 
 def test_backward_leaves_gpu_slots_to_updates_in_flight(data_dir, tmp_path, monkeypatch):

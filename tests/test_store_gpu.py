@@ -83,14 +83,14 @@ def test_grads_staged_within_the_budget(store):
     assert store.gpu.arena.numel() == 4 * store.weights_bytes  # 3 weight slots + 1 gradient slot
     hosts = []
     for v in (1.0, 2.0):  # one staging slot: the second fill must wait for the first copy
-        i, dw = store.gpu.grad_buffer()
+        i, (dw,) = store.gpu.grad_buffers(1)
         for t in dw.values():
             t.fill_(v)
-        hosts.append(store.grads_to_host(key, staging=i))
+        hosts.append(store.grads_to_host([key], staging=i))
     for v, h in zip((1.0, 2.0), hosts):
         h.wait()
-        assert set(h.tensors) == {"w1", "w2"}
-        assert all(not t.is_cuda and t.is_pinned() and bool((t == v).all()) for t in h.tensors.values())
+        assert set(h.tensors[0]) == {"w1", "w2"}
+        assert all(not t.is_cuda and t.is_pinned() and bool((t == v).all()) for t in h.tensors[0].values())
     with pytest.raises(ValueError, match="staging"):
-        store.grads_to_host(key, {"w1": torch.ones(256, 512, device="cuda")})
+        store.grads_to_host([key], [{"w1": torch.ones(256, 512, device="cuda")}])
     store.release([key])

@@ -130,6 +130,20 @@ def adamw_step_raw_async(
     simd: str = "auto",
     threads: int = 0,
 ) -> AdamJob: ...
+def adamw_step_groups_raw(
+    specs: Sequence[AdamSpec],
+    group_ends: Sequence[int],  # group i is specs[group_ends[i - 1]:group_ends[i]]
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = False,
+    simd: str = "auto",
+    threads: int = 0,
+) -> list[bool]: ...  # per group: skipped (non-finite gradient)
 def grad_sumsq_raw(grads: Sequence[tuple[int, str, int]], simd: str = "auto", threads: int = 0) -> tuple[float, bool]: ...
 def memory_bandwidth(nbytes: int = 1073741824, threads: int = 0, repeats: int = 5) -> dict:
     """GB/s (bytes read + written), best of `repeats`: copy_gbps (best of memcpy_gbps and

@@ -23,6 +23,7 @@ norm knows that (``math.isfinite(norm)``) and can leave it off.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -267,6 +268,17 @@ def adamw_raw(specs: list[tuple], *, lr: float, betas: tuple[float, float] = (0.
     the tensors alive and untouched until it returns. Returns True when skipped."""
     args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
     return bool(_core.adamw_step_raw(*args))
+
+
+def adamw_raw_groups(groups: list[list[tuple]], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                     eps: float = 1e-8, weight_decay: float = 1e-2, grad_scale: float = 1.0,
+                     check_finite: bool = False, simd: str = "auto", threads: int | None = None) -> list[bool]:
+    """:func:`adamw_raw` of several groups of specs (one per expert) in one call, each group
+    skipped on its own for an inf/NaN gradient; returns whether each was skipped."""
+    ends = list(itertools.accumulate(len(g) for g in groups))
+    specs, *rest = _raw_args([s for g in groups for s in g], lr, betas, eps, weight_decay, grad_scale, 1.0,
+                             check_finite, simd, threads)
+    return list(_core.adamw_step_groups_raw(specs, ends, *rest))
 
 
 def record_tensors(rec: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> list[AdamTensors]:

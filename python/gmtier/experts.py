@@ -8,7 +8,9 @@ A training step is expert-major: the whole batch reaches a Switch layer together
 `ExpertLayerFn` runs every expert that got tokens once in forward (paged in, computed, released;
 only the layer's input is saved) and once in backward (paged in again, dx and dW computed, dW
 copied to pinned RAM, the CPU AdamW applied to the record where it lives, the new weights
-written in the same pass, the record marked dirty and released). Experts without tokens are not
+written in the same pass, the record marked dirty and released). Where both tiers hold every
+record, the dW of up to `GRAD_GROUP` experts in a row go to RAM in one copy and are updated by
+one AdamW job (`grad_staging`). Experts without tokens are not
 touched at all (lazy Adam, per-expert step counts).
 
 While block l computes, the routers of the next Switch layers are applied to block l's input
@@ -98,15 +100,17 @@ class ExpertRuntime:
         self.dtype = _TORCH_DTYPE[cfg.expert_dtype()]
         self.half = self.dtype != torch.float32
         self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
+        self.n_records = len(self.switch_layers) * self.n_experts
         path = cfg.store_dir()
         if create or not (path / "index.json").exists():
             self._create(path)
         gpu_bytes = (parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
                      if self.device.type == "cuda" or gpu_tier_emulated() else 0)
+        ram_bytes = parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
+        self.grad_group, grad_slots = grad_staging(cfg, ram_bytes, gpu_bytes, self.n_records)
         self.store = TieredExpertStore.open(
-            path, ram_bytes=parse_bytes(cfg.experts.ram_budget, "experts.ram_budget"), gpu_bytes=gpu_bytes,
-            device=self.device, io_threads=cfg.experts.io_threads, direct=cfg.experts.direct,
-            gpu_grad_slots=gpu_grad_slots(gpu_bytes, cfg.expert_bytes()[0]))
+            path, ram_bytes=ram_bytes, gpu_bytes=gpu_bytes, device=self.device, io_threads=cfg.experts.io_threads,
+            direct=cfg.experts.direct, gpu_grad_slots=grad_slots, gpu_grad_group=self.grad_group)
         self._check_geometry(path, record_schema(m.d_model, m.d_ff, self.dtype))
         t = cfg.train
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
@@ -119,16 +123,17 @@ class ExpertRuntime:
         # finished; count two such copies in flight, and one GPU prefetch copy. GPU prefetch runs
         # where the tier cannot keep every expert (it keeps those it has room for, refreshed
         # after each AdamW).
-        self.n_records = len(self.switch_layers) * self.n_experts
         self.gpu_prefetch = (bool(gpu_bytes) and cfg.experts.prefetch and cfg.experts.gpu_prefetch
                              and self.store.gpu.num_slots - 2 < self.n_records)
         in_copy = (2 + self.gpu_prefetch) if gpu_bytes else 0
         slots = self.store.ram_slots - in_copy
         if gpu_bytes:
             slots = min(slots, self.store.gpu.num_slots)
-        # Up to 8 updates queued lets backward run ahead of the CPU AdamW (2 put the AdamW on the
-        # critical path of the `small` step on an H200); small budgets keep fewer.
-        self.max_pending = max(0, min(min(8, max(2, (slots - 2) // 2)), slots - 2)) if cfg.experts.async_adam else 0
+        # Up to 8 updates queued (three groups where dW goes in groups) lets backward run ahead of
+        # the CPU AdamW (2 put the AdamW on the critical path of the `small` step on an H200);
+        # small budgets keep fewer.
+        cap = max(8, 3 * self.grad_group)
+        self.max_pending = max(0, min(min(cap, max(2, (slots - 2) // 2)), slots - 2)) if cfg.experts.async_adam else 0
         # RAM slots left for read-ahead once those pins are counted: prefetching more than fits
         # would only evict records before their use and read them twice.
         self.prefetch_room = max(0, self.store.ram_slots - in_copy - 2 - self.max_pending)
@@ -136,10 +141,11 @@ class ExpertRuntime:
         # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
         # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
         workers = min(2, self.max_pending)
-        # dW host buffers: one per update that may be queued or running, plus the one being copied.
-        self.store.gpu.reserve_host_grads(self.max_pending + 2)
+        # dW host buffers (a group each): one per group of updates that may be queued or running,
+        # plus the one being copied.
+        self.store.gpu.reserve_host_grads(-(-self.max_pending // self.grad_group) + 2)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gmtier-adam") if self.max_pending else None
-        self.pending: list[Future] = []
+        self.pending: list[tuple[Future, int]] = []  # (update job, its number of experts)
         self.model = None
         self.write_behind = self.all_in_ram = False
         self.predicted: dict[int, set[int]] = {}
@@ -307,7 +313,6 @@ class ExpertRuntime:
         xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
         dys = to_gemm_rows(grad_out.to(self.dtype), rows, sum(counts_p))  # zero rows: no dW from padding
         dx = torch.empty_like(xs)
-        grads = {}
         if layer > 0 and self.cfg.experts.prefetch and not self.all_in_ram:
             # Backward walks the layers in reverse, and forward already told us which experts the
             # previous Switch layer used: read them ahead exactly.
@@ -317,18 +322,36 @@ class ExpertRuntime:
             self._want_on_gpu([(layer - 1, e) for e in reversed(self.used.get(layer - 1, []))], 1)
 
         gpu = self.store.gpu if self.store.gpu.active else None
+        # The experts whose dW go to RAM together and get one AdamW job (in the loop's order).
+        used, size = [e for e, c in enumerate(counts) if c], self.grad_group
+        group_of = {e: used[i - i % size: i - i % size + size] for i, e in enumerate(used)}
+        staged: dict[int, dict] = {}  # expert -> its GPU staging views, for the group being computed
+        first_slot: dict[int, int] = {}  # group's first expert -> its first staging slot
+        grads: dict[int, dict] = {}  # expert -> its dW on the CPU (no GPU tier)
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
-                staging, dw = gpu.grad_buffer() if gpu is not None else (None, None)
-                _, dw = expert_ffn_backward(xs[s:s + n], w1, w2, dys[s:s + n], out=dw, dx=dx[s:s + n])
-                grads[e] = self.store.grads_to_host((layer, e), dw, staging=staging)
+                group = group_of[e]
+                if gpu is not None and e == group[0]:
+                    first_slot[e], views = gpu.grad_buffers(len(group))
+                    staged.update(zip(group, views))
+                _, dw = expert_ffn_backward(xs[s:s + n], w1, w2, dys[s:s + n], out=staged.pop(e, None), dx=dx[s:s + n])
+                if gpu is None:
+                    grads[e] = dw
 
         # Half-precision experts: the AdamW writes the new weights from the fp32 master, so backward
         # needs only the state in RAM when the GPU holds the weights (fp32: the weights are the master).
         def done(keys):
             for key in keys:
-                self._update(key, grads.pop(key[1]))
+                group = group_of[key[1]]
+                if key[1] != group[-1]:
+                    continue  # its update leaves with the group's last expert
+                group_keys = [(layer, e) for e in group]
+                if gpu is not None:
+                    host = self.store.grads_to_host(group_keys, staging=first_slot.pop(group[0]))
+                else:
+                    host = self.store.grads_to_host(group_keys, [grads.pop(e) for e in group])
+                self._update(group_keys, host)
 
         t0 = time.perf_counter()
         with self._per_layer(layer):
@@ -379,11 +402,12 @@ class ExpertRuntime:
             self.stats[f"{prev}_write_bytes"] += now[3] - w
         self._phase = now
 
-    def _update(self, key, host) -> None:
-        """With dW on its way to pinned RAM (`host`, a GradsOnHost), AdamW on the record where it
-        lives (in a worker thread when async); then the record is dirty, its GPU copy gets the new
-        weights, its write-back starts at once when RAM cannot hold every record (so the slot is
-        clean by the time a read needs it), and it is released."""
+    def _update(self, keys, host) -> None:
+        """With the dW of experts `keys` on their way to pinned RAM (`host`, a GradsOnHost),
+        AdamW on their records where they live, in one call (in a worker thread when async);
+        then the records are dirty, their GPU copies get the new weights, their write-back starts
+        at once when RAM cannot hold every record (so the slots are clean by the time a read needs
+        them), and they are released."""
         lr, scale = self.lr, self.grad_scale
 
         def run():
@@ -391,39 +415,40 @@ class ExpertRuntime:
             try:
                 host.wait()
                 t1 = time.perf_counter()
-                skipped = self.store.adam_step(key, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
+                skipped = self.store.adam_step(keys, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
                 t2 = time.perf_counter()
             finally:
                 host.release()
-            if not skipped:  # a skipped update wrote nothing
-                self.store.mark_dirty([key], refresh_gpu=True, filled="weights" if self.half else "none")
+            updated = [k for k, skip in zip(keys, skipped) if not skip]  # a skipped update wrote nothing
+            if updated:
+                self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
                 if self.write_behind:
-                    self.store.write_back([key])
-            self.store.release([key])
+                    self.store.write_back(updated)
+            self.store.release(keys)
             return {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}, skipped
 
         if self.pool is None:
             self._account(run())
             return
         t0 = time.perf_counter()
-        while len(self.pending) >= self.max_pending:
-            self._account(self.pending.pop(0).result())
+        while self.pending and sum(n for _, n in self.pending) + len(keys) > self.max_pending:
+            self._account(self.pending.pop(0)[0].result())
         self.stats["adam_backlog_s"] += time.perf_counter() - t0
-        self.pending.append(self.pool.submit(run))
+        self.pending.append((self.pool.submit(run), len(keys)))
 
     def _account(self, result) -> None:
         times, skipped = result
         for k, v in times.items():
             self.stats[k] += v
-        self.stats["expert_updates"] += 1
-        self.stats["skipped_updates"] += int(bool(skipped))
-        self.step_skipped += int(bool(skipped))
+        self.stats["expert_updates"] += len(skipped)
+        self.stats["skipped_updates"] += sum(skipped)
+        self.step_skipped += sum(skipped)
 
     def end_step(self) -> None:
         """Wait for the expert updates of this step."""
         t0 = time.perf_counter()
         while self.pending:
-            self._account(self.pending.pop(0).result())
+            self._account(self.pending.pop(0)[0].result())
         self.stats["adam_backlog_s"] += time.perf_counter() - t0
         if self._phase is not None and self._phase[0] != "rest":
             self._enter_phase("rest")
@@ -614,12 +639,26 @@ def default_adam_threads() -> int:
     return n - 2 if n >= 8 else n
 
 
-def gpu_grad_slots(gpu_bytes: int, weights_bytes: int) -> int:
-    """GPU slots that stage expert gradients: two (one being filled while the other drains to
-    RAM) where the budget holds at least six experts, else one."""
+GRAD_GROUP = 8  # experts whose dW leave together where both tiers hold every record
+
+
+def grad_staging(cfg: Config, ram_bytes: int, gpu_bytes: int, n_records: int) -> tuple[int, int]:
+    """(experts per dW group, GPU slots that stage dW). Where both tiers hold every record with
+    room to spare, the dW of up to `GRAD_GROUP` experts leave in one D2H copy and get one AdamW
+    job: backward at small experts is bound by its host work per expert (events, copies, the
+    hand-off to the AdamW thread), and this does that work once per group; two groups of slots
+    (one being filled while the other drains to RAM). Else one expert at a time: two staging
+    slots where the GPU budget holds at least six experts, else one."""
+    weights, record = cfg.expert_bytes()
+    group = min(GRAD_GROUP, cfg.model.n_experts)
+    # Room in RAM for the updates in flight (3 groups) and the records in copies and paging.
+    ram_holds_all = ram_bytes // record >= n_records + 3 * group + 5
+    gpu_holds_all = not gpu_bytes or gpu_bytes // weights - 2 * group >= n_records + 2
+    if group > 1 and ram_holds_all and gpu_holds_all:
+        return group, (2 * group if gpu_bytes else 0)
     if not gpu_bytes:
-        return 0
-    return 2 if gpu_bytes // weights_bytes >= 6 else 1
+        return 1, 0
+    return 1, (2 if gpu_bytes // weights >= 6 else 1)
 
 
 def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None):

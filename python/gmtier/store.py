@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gmtier import _core
-from gmtier.adam import RecordSpecCache, adamw_raw
+from gmtier.adam import RecordSpecCache, adamw_raw_groups
 from gmtier._core import SlotPool, StoreError, Ticket  # noqa: F401  (re-exported)
 
 Key = tuple[int, int]
@@ -101,10 +101,11 @@ def _pack_record(layout: Sequence[TensorInfo], out: np.ndarray, tensors: Mapping
 
 
 class GradsOnHost:
-    """Gradients copied to pinned host memory on a side stream; `wait()` before reading `tensors`,
-    `release()` once done with them (their buffer goes back to the GPU tier's ring)."""
+    """Gradients of one or more experts copied to pinned host memory on a side stream (one dict
+    of tensors per expert in `tensors`); `wait()` before reading them, `release()` once done with
+    them (their buffer goes back to the GPU tier's ring)."""
 
-    def __init__(self, tensors: dict, event=None, give_back=None):
+    def __init__(self, tensors: list[dict], event=None, give_back=None):
         self.tensors, self.event, self._give_back = tensors, event, give_back
 
     def wait(self) -> None:
@@ -114,7 +115,7 @@ class GradsOnHost:
     def release(self) -> None:
         if self._give_back is not None:
             self.wait()  # the copy into the buffer must be over before anyone refills it
-            give_back, self._give_back, self.tensors = self._give_back, None, {}
+            give_back, self._give_back, self.tensors = self._give_back, None, []
             give_back()
 
 
@@ -155,15 +156,17 @@ class TieredExpertStore:
     @classmethod
     def open(cls, path, ram_bytes: int, gpu_bytes: int = 0, device=None, io_threads: int = 8,
              queue_depth: int = 32, direct: bool = True, pin_memory: bool = True,
-             gpu_grad_slots: int = 0) -> "TieredExpertStore":
+             gpu_grad_slots: int = 0, gpu_grad_group: int = 1) -> "TieredExpertStore":
         """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`),
-        `gpu_grad_slots` of whose slots stage expert gradients."""
+        `gpu_grad_slots` of whose slots stage expert gradients, in groups of `gpu_grad_group`
+        copied to RAM together."""
         core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
                                       queue_depth=queue_depth, direct=direct)
-        return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory, gpu_grad_slots=gpu_grad_slots)
+        return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory, gpu_grad_slots=gpu_grad_slots,
+                   gpu_grad_group=gpu_grad_group)
 
     def __init__(self, core: "_core.ExpertStore", gpu_bytes: int = 0, device=None, pin_memory: bool = True,
-                 gpu_grad_slots: int = 0):
+                 gpu_grad_slots: int = 0, gpu_grad_group: int = 1):
         from gmtier.tiers import GpuTier
 
         self.core = core
@@ -191,7 +194,12 @@ class TieredExpertStore:
         self._ram_slot: dict[Key, int] = {}  # pinned by acquire(): key -> RAM slot
         self._acquired: dict[Key, list[bool]] = {}  # per acquire() of a key: whether it pinned the RAM record
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.gpu = GpuTier(self, gpu_bytes, self.device, grad_slots=gpu_grad_slots)
+        try:
+            self.gpu = GpuTier(self, gpu_bytes, self.device, grad_slots=gpu_grad_slots, grad_group=gpu_grad_group)
+        except BaseException:  # a bad GPU budget: give the arena back (and its page-locking) before saying so
+            self._unregister()
+            core.close()
+            raise
         self.host_wait_s = 0.0  # time acquire() blocked for records to reach RAM
         self._closed = False
 
@@ -398,29 +406,34 @@ class TieredExpertStore:
             raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
         return self.slot_views(slot)
 
-    def grads_to_host(self, key: Key, grads: Mapping[str, torch.Tensor] | None = None,
+    def grads_to_host(self, keys: Sequence[Key], grads: Sequence[Mapping[str, torch.Tensor]] | None = None,
                       staging: int | None = None) -> GradsOnHost:
-        """An expert's gradients in host memory for `adam_step`: CPU tensors as they are, or GPU
-        staging slot `staging` (from `gpu.grad_buffer()`) copied to pinned RAM asynchronously;
-        `.wait()` before reading."""
+        """The gradients of experts `keys` in host memory for `adam_step`: CPU tensors as they
+        are (a dict per key in `grads`), or the GPU staging slots from `staging` on (from
+        `gpu.grad_buffers(len(keys))`) copied to pinned RAM asynchronously; `.wait()` before
+        reading."""
         if staging is not None:
-            return GradsOnHost(*self.gpu.grads_to_host(staging))
-        if any(g.is_cuda for g in grads.values()):
-            raise ValueError(f"grads_to_host({tuple(key)}): CUDA gradients must be computed into a GPU staging "
-                             "slot (gpu.grad_buffer()) so they stay within the GPU budget")
-        return GradsOnHost({n: g.detach() for n, g in grads.items()})
+            return GradsOnHost(*self.gpu.grads_to_host(staging, len(keys)))
+        for key, g in zip(keys, grads, strict=True):
+            if any(t.is_cuda for t in g.values()):
+                raise ValueError(f"grads_to_host({tuple(key)}): CUDA gradients must be computed into a GPU "
+                                 "staging slot (gpu.grad_buffers()) so they stay within the GPU budget")
+        return GradsOnHost([{n: t.detach() for n, t in g.items()} for g in grads])
 
-    def adam_step(self, key: Key, grads: Mapping[str, torch.Tensor], lr: float, grad_scale: float = 1.0,
-                  beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-                  threads: int | None = None) -> bool:
-        """AdamW on the acquired expert's record in place (fp32 master + moments, new weights
-        written in the same pass). Returns True when skipped (non-finite gradients)."""
-        slot = self._ram_slot.get(tuple(key))
-        if slot is None:
-            raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
-        specs = self._adam_specs.specs(slot, self.slot_views(slot), grads)
-        return adamw_raw(specs, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                         grad_scale=grad_scale, check_finite=True, threads=threads)
+    def adam_step(self, keys: Sequence[Key], grads: Sequence[Mapping[str, torch.Tensor]], lr: float,
+                  grad_scale: float = 1.0, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+                  weight_decay: float = 0.0, threads: int | None = None) -> list[bool]:
+        """AdamW on the acquired experts' records in place (fp32 master + moments, new weights
+        written in the same pass), all in one call; `grads` holds a dict per key. Returns
+        whether each expert's update was skipped (non-finite gradients; the others go on)."""
+        groups = []
+        for key, g in zip(keys, grads, strict=True):
+            slot = self._ram_slot.get(tuple(key))
+            if slot is None:
+                raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
+            groups.append(self._adam_specs.specs(slot, self.slot_views(slot), g))
+        return adamw_raw_groups(groups, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                                grad_scale=grad_scale, check_finite=True, threads=threads)
 
     # ---- convenience ----------------------------------------------------------------------------
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -480,6 +493,10 @@ class TieredExpertStore:
         self._closed = True
         self.gpu.drain()
         self.core.close()
+        self._unregister()
+
+    def _unregister(self) -> None:
+        """Undo the page-locking of the RAM arena (after every copy that reads it)."""
         if self._registered is not None:
             torch.cuda.synchronize()
             torch.cuda.cudart().cudaHostUnregister(self._registered)

@@ -12,8 +12,11 @@ Ordering, all on the device, never the host:
 Expert gradients live inside the same budget: `grad_slots` slots of the arena (the weights'
 size and layout) stage one expert's dW each until its D2H copy to pinned RAM has finished, so
 the experts never take more GPU memory than `gpu_bytes`, however far backward runs ahead of the
-copies. On the host, dW lands in a fixed ring of pinned buffers (`host_grad_buffers`, allocated
-as first needed, each given back once its AdamW is done): a stated amount of host memory rather
+copies. The staging slots are used in groups of `grad_group` consecutive slots: the dW of a
+group's experts leaves in one D2H copy (one event, one AdamW job), which is what keeps the
+per-expert host work of backward small where the budget has room for several. On the host, dW
+lands in a fixed ring of pinned buffers of a group each (`host_grad_buffers`, allocated as
+first needed, each given back once its AdamW is done): a stated amount of host memory rather
 than whatever CUDA's caching host allocator keeps (it rounds each request up to a power of two
 and never gives memory back).
 
@@ -120,7 +123,7 @@ class _HostStreams:
 class GpuTier:
     """Weights of experts on the compute device."""
 
-    def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0):
+    def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0, grad_group: int = 1):
         self.store = store
         self.device = torch.device(device)
         real = self.device.type == "cuda" and torch.cuda.is_available()
@@ -138,10 +141,12 @@ class GpuTier:
         self._timing_events: list = []  # free timing events
         self._stall_s: dict = {}  # stall time already read from finished timing events, by tag
         self.stall_tag = None  # set by the caller (e.g. the Switch layer) to attribute stalls
-        # The pinned host ring for dW: at most `host_grad_buffers` buffers, free ones in `_free_host`.
+        # The pinned host ring for dW: at most `host_grad_buffers` buffers of a group each, free
+        # ones in `_free_host`.
+        self.grad_group = max(1, int(grad_group))
         self.host_grad_buffers = 1
         self._host_bufs: list[torch.Tensor] = []
-        self._free_host: list[tuple[torch.Tensor, dict]] = []  # (buffer, its views)
+        self._free_host: list[tuple[torch.Tensor, list[dict]]] = []  # (buffer, each expert's views)
         self._host_cv = threading.Condition()
         if not self.active:
             self.num_slots = 0
@@ -151,6 +156,8 @@ class GpuTier:
             raise ValueError("the record schema has no 'weights' section: nothing to put on the GPU")
         total = int(gpu_bytes) // wb
         self.grad_slots = int(grad_slots)
+        if self.grad_slots % self.grad_group:
+            raise ValueError(f"{self.grad_slots} gradient staging slots do not make whole groups of {self.grad_group}")
         self.num_slots = total - self.grad_slots
         if self.num_slots < 1:
             need = (1 + self.grad_slots) * wb
@@ -163,9 +170,9 @@ class GpuTier:
         self.free_after: list = [None] * self.num_slots
         self._views = [self._make_views(g) for g in range(self.num_slots)]
         self._grad_views = [self._make_views(self.num_slots + i) for i in range(self.grad_slots)]
-        self._grad_busy: list = [None] * self.grad_slots  # D2H copy event of each staging slot
-        self._next_grad = 0
-        self.host_grad_buffers = self.grad_slots + 1
+        self._grad_busy: list = [None] * (self.grad_slots // self.grad_group)  # D2H copy event of each group
+        self._next_grad = 0  # the group grad_buffers() hands out next
+        self.host_grad_buffers = self.grad_slots // self.grad_group + 1
         self.d2h_stream = self._cuda.Stream(device=self.device)
         self._inflight: list[tuple] = []  # (event, key): RAM pins held until the copy is done
         self._stale: set = set()
@@ -340,6 +347,8 @@ class GpuTier:
                 stream.enqueue(lambda: dst.copy_(src))
             else:
                 dst.copy_(src, non_blocking=True)
+            # Default (spinning) events: blocking ones, which sleep in synchronize(), measured no
+            # faster on the `small` step (docs/performance.md).
             ev = self._cuda.Event()
             ev.record(stream)
         return ev
@@ -405,41 +414,50 @@ class GpuTier:
                     self.pool.invalidate(k)
 
     # ---- expert gradients ------------------------------------------------------------------------
-    def grad_buffer(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """A staging slot for one expert's dW (tensors named and shaped like the weights), to be
-        filled on the current stream and then handed to `grads_to_host`. Waits for the D2H copy
-        that last read the slot, so the gradients in flight stay within the budget."""
-        i = self._next_grad
-        self._next_grad = (i + 1) % self.grad_slots
-        ev = self._grad_busy[i]
+    def grad_buffers(self, n: int = 1) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """Staging slots for `n` experts' dW (at most `grad_group`; tensors named and shaped like
+        the weights), consecutive slots of the next group, to be filled on the current stream and
+        then handed to `grads_to_host(first, n)` together; returns (first slot, their views).
+        Waits for the D2H copy that last read the group, so the gradients in flight stay within
+        the budget."""
+        if not 1 <= n <= self.grad_group:
+            raise ValueError(f"grad_buffers({n}): a group holds 1 to {self.grad_group} experts")
+        g = self._next_grad
+        self._next_grad = (g + 1) % len(self._grad_busy)
+        ev = self._grad_busy[g]
         if ev is not None and not ev.query():
             t0 = time.perf_counter()
             ev.synchronize()
             self.m["grad_wait_s"] += time.perf_counter() - t0
-        self._grad_busy[i] = None
-        return i, self._grad_views[i]
+        self._grad_busy[g] = None
+        first = g * self.grad_group
+        return first, self._grad_views[first:first + n]
 
     def reserve_host_grads(self, n: int) -> None:
-        """Let the pinned dW ring hold `n` buffers: one per expert update that may be in flight
-        (queued or running AdamW) plus the one being copied. Set before training."""
+        """Let the pinned dW ring hold `n` buffers (of a group each): one per group of updates
+        that may be in flight (queued or running AdamW) plus the one being copied. Set before
+        training."""
         with self._host_cv:
             self.host_grad_buffers = max(int(n), len(self._host_bufs), 1)
 
     @property
     def host_grad_bytes(self) -> int:
         """Pinned host memory the dW ring may hold (what it holds once every buffer was needed)."""
-        return self.host_grad_buffers * self.store.weights_bytes if self.active else 0
+        return self.host_grad_buffers * self.grad_group * self.store.weights_bytes if self.active else 0
 
-    def _take_host_buffer(self) -> tuple[torch.Tensor, dict]:
-        """A free pinned buffer of the ring and its views named like the weights (allocated
-        while under the ring's size), waiting for an update to give one back when all are in use."""
+    def _take_host_buffer(self) -> tuple[torch.Tensor, list[dict]]:
+        """A free pinned buffer of the ring and each expert's views in it, named like the weights
+        (allocated while under the ring's size), waiting for an update to give one back when all
+        are in use."""
         from gmtier.store import _views
 
         with self._host_cv:
             if not self._free_host and len(self._host_bufs) < self.host_grad_buffers:
-                buf = torch.empty(self.store.weights_bytes, dtype=torch.uint8, pin_memory=not self._emulated)
+                wb = self.store.weights_bytes
+                buf = torch.empty(self.grad_group * wb, dtype=torch.uint8, pin_memory=not self._emulated)
                 self._host_bufs.append(buf)
-                return buf, _views(buf, self.store.layout, 0, sections=("weights",))
+                return buf, [_views(buf, self.store.layout, j * wb, sections=("weights",))
+                             for j in range(self.grad_group)]
             t0 = time.perf_counter()
             if not self._host_cv.wait_for(lambda: self._free_host, timeout=60):
                 raise RuntimeError(f"all {len(self._host_bufs)} pinned dW buffers stayed in use for 60 s: an update "
@@ -448,25 +466,26 @@ class GpuTier:
             self.m["grad_wait_s"] += time.perf_counter() - t0
             return self._free_host.pop()
 
-    def _give_host_buffer(self, buf: tuple[torch.Tensor, dict]) -> None:
+    def _give_host_buffer(self, buf: tuple[torch.Tensor, list[dict]]) -> None:
         with self._host_cv:
             self._free_host.append(buf)
             self._host_cv.notify()
 
-    def grads_to_host(self, i: int):
-        """Copy staging slot `i` to a pinned host buffer of the ring on the D2H stream, after
-        the current stream's work; returns the host tensors (named like the weights), the copy's
-        event, and the function that gives the buffer back (once the tensors are no longer read)."""
+    def grads_to_host(self, first: int, n: int = 1):
+        """Copy staging slots `first`..`first + n - 1` (from `grad_buffers(n)`) to a pinned host
+        buffer of the ring in one copy on the D2H stream, after the current stream's work;
+        returns each expert's host tensors (named like the weights), the copy's event, and the
+        function that gives the buffer back (once the tensors are no longer read)."""
         wb = self.store.weights_bytes
         taken = self._take_host_buffer()
         host, views = taken
         s = self.d2h_stream
         s.wait_stream(self._cuda.current_stream(self.device))
-        base = (self.num_slots + i) * wb
-        ev = self._copy_on(s, host, self.arena[base: base + wb])
-        self._grad_busy[i] = ev
-        self.m["d2h_bytes"] += wb
-        return views, ev, lambda: self._give_host_buffer(taken)
+        base = (self.num_slots + first) * wb
+        ev = self._copy_on(s, host[:n * wb], self.arena[base: base + n * wb])
+        self._grad_busy[first // self.grad_group] = ev
+        self.m["d2h_bytes"] += n * wb
+        return views[:n], ev, lambda: self._give_host_buffer(taken)
 
     def _fold_stalls(self, block: bool) -> None:
         """Add the finished stall timings to `_stall_s` (by tag) and recycle their events (all of

@@ -2,8 +2,9 @@
 //! this CPU has.
 
 use gmtier_core::adam::{
-    adamw_step, adamw_step_raw, adamw_step_raw_async, bf16_to_f32, f16_to_f32, f32_to_bf16,
-    f32_to_f16, grad_stats, AdamConfig, Grad, GradDtype, Half, HalfDtype, Param, RawParam, Simd,
+    adamw_step, adamw_step_groups_raw, adamw_step_raw, adamw_step_raw_async, bf16_to_f32,
+    f16_to_f32, f32_to_bf16, f32_to_f16, grad_stats, AdamConfig, Grad, GradDtype, Half, HalfDtype,
+    Param, RawParam, Simd,
 };
 
 /// splitmix64 seeded from the clock: fresh inputs every run; the seed is printed on failure.
@@ -408,6 +409,115 @@ fn adam_shared_step_counter_increments_once() {
     let out = job.wait().unwrap();
     assert!(job.is_done() && !out.skipped);
     assert_eq!(step, 43);
+}
+
+type ExpertState = (
+    Vec<Vec<f32>>,
+    Vec<Vec<f32>>,
+    Vec<Vec<f32>>,
+    Vec<Vec<u16>>,
+    i64,
+);
+
+/// One expert's record for the grouped step: two tensors (bf16 grads, bf16 half copies) sharing
+/// the expert's step counter.
+#[derive(Clone)]
+struct Expert {
+    p: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    g: Vec<Vec<u16>>,
+    h: Vec<Vec<u16>>,
+    step: Box<i64>,
+}
+
+impl Expert {
+    fn new(rng: &mut Rng, sizes: &[usize], step: i64) -> Expert {
+        let bf = |x: Vec<f32>| x.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
+        Expert {
+            p: sizes.iter().map(|&n| rng.normals(n, 1.0)).collect(),
+            m: sizes.iter().map(|&n| rng.normals(n, 0.01)).collect(),
+            v: sizes.iter().map(|&n| vec![1e-4f32; n]).collect(),
+            g: sizes.iter().map(|&n| bf(rng.normals(n, 0.1))).collect(),
+            h: sizes.iter().map(|&n| vec![0u16; n]).collect(),
+            step: Box::new(step),
+        }
+    }
+
+    fn raw(&mut self) -> Vec<RawParam> {
+        let step: *mut i64 = &mut *self.step;
+        (0..self.p.len())
+            .map(|i| RawParam {
+                master: self.p[i].as_mut_ptr(),
+                exp_avg: self.m[i].as_mut_ptr(),
+                exp_avg_sq: self.v[i].as_mut_ptr(),
+                grad: self.g[i].as_ptr() as *const u8,
+                grad_dtype: GradDtype::Bf16,
+                half: self.h[i].as_mut_ptr(),
+                half_dtype: HalfDtype::Bf16,
+                numel: self.p[i].len(),
+                step,
+            })
+            .collect()
+    }
+
+    /// Everything a step writes (master, moments, half copies, step), to compare.
+    fn state(&self) -> ExpertState {
+        (
+            self.p.clone(),
+            self.m.clone(),
+            self.v.clone(),
+            self.h.clone(),
+            *self.step,
+        )
+    }
+}
+
+#[test]
+fn adam_groups_skip_each_group_alone_and_match_one_call_per_group() {
+    let mut rng = Rng::fresh();
+    // Small groups run inline; the large ones on the pool (more than one chunk in all).
+    for sizes in [vec![300usize, 77], vec![40_000, 70_001]] {
+        let cfg = AdamConfig {
+            check_finite: true,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut grouped: Vec<Expert> = (0..4).map(|e| Expert::new(&mut rng, &sizes, e)).collect();
+        let bad = sizes[1] / 2;
+        grouped[1].g[1][bad] = f32_to_bf16(f32::NAN);
+        grouped[3].g[0][0] = f32_to_bf16(f32::INFINITY);
+        let mut one_by_one = grouped.clone();
+        let before: Vec<_> = grouped.iter().map(Expert::state).collect();
+        let mut raw = vec![];
+        let mut ends = vec![];
+        for e in grouped.iter_mut() {
+            raw.extend(e.raw());
+            ends.push(raw.len());
+        }
+        let skipped = unsafe { adamw_step_groups_raw(&raw, &ends, &cfg, None, 3).unwrap() };
+        assert_eq!(skipped, vec![false, true, false, true], "sizes {sizes:?}");
+        for (i, e) in one_by_one.iter_mut().enumerate() {
+            let out = unsafe { adamw_step_raw(&e.raw(), &cfg, None, 3).unwrap() };
+            assert_eq!(out.skipped, skipped[i]);
+            assert!(
+                e.state() == grouped[i].state(),
+                "expert {i}, sizes {sizes:?}"
+            );
+            if skipped[i] {
+                assert!(
+                    grouped[i].state() == before[i],
+                    "skipped expert {i} was written"
+                );
+            } else {
+                assert_eq!(*grouped[i].step, i as i64 + 1);
+            }
+        }
+    }
+    let mut e = Expert::new(&mut rng, &[10], 0);
+    let bad_ends =
+        unsafe { adamw_step_groups_raw(&e.raw(), &[2], &AdamConfig::default(), None, 1) };
+    assert!(bad_ends.is_err());
 }
 
 #[test]

@@ -143,6 +143,46 @@ fn adamw_step_raw(
     out.map(|o| o.skipped).map_err(err)
 }
 
+/// As `adamw_step_raw` over groups of tensors (`group_ends[i]`: the end of group i in `specs`),
+/// each group skipped on its own for a non-finite gradient. Returns a skipped flag per group.
+#[pyfunction]
+#[pyo3(signature = (specs, group_ends, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
+                    clip_coef=1.0, check_finite=false, simd="auto", threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn adamw_step_groups_raw(
+    py: Python<'_>,
+    specs: Vec<Spec>,
+    group_ends: Vec<usize>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    grad_scale: f64,
+    clip_coef: f64,
+    check_finite: bool,
+    simd: &str,
+    threads: usize,
+) -> PyResult<Vec<bool>> {
+    let (params, s, cfg) = step_args(
+        specs,
+        simd,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        grad_scale,
+        clip_coef,
+        check_finite,
+    )?;
+    py.detach(move || {
+        // SAFETY: as in adamw_step_raw.
+        unsafe { adam::adamw_step_groups_raw(&params, &group_ends, &cfg, s, threads) }
+    })
+    .map_err(err)
+}
+
 /// A step running on the Adam thread pool.
 #[pyclass(module = "gmtier._core", name = "AdamJob")]
 struct PyAdamJob {
@@ -272,6 +312,7 @@ fn adam_chunk_elements() -> usize {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adamw_step_raw, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step_raw_async, m)?)?;
+    m.add_function(wrap_pyfunction!(adamw_step_groups_raw, m)?)?;
     m.add_function(wrap_pyfunction!(grad_sumsq_raw, m)?)?;
     m.add_function(wrap_pyfunction!(memory_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(adam_simd_available, m)?)?;

@@ -304,6 +304,16 @@ pub enum Grad<'a> {
     F16(&'a [u16]),
 }
 
+impl RawParam {
+    fn grad(&self) -> RawGrad {
+        RawGrad {
+            ptr: self.grad,
+            dtype: self.grad_dtype,
+            numel: self.numel,
+        }
+    }
+}
+
 impl Grad<'_> {
     fn len(&self) -> usize {
         match self {
@@ -724,6 +734,21 @@ pub struct RawGrad {
 unsafe impl Send for RawGrad {}
 unsafe impl Sync for RawGrad {}
 
+impl RawGrad {
+    /// Sum of squares and "holds an inf/NaN" of the [`STATS_CHUNK`] elements from `off`.
+    ///
+    /// # Safety
+    /// The pointer must be valid for `numel` elements; `off < numel`; `simd` available.
+    unsafe fn chunk_stats(&self, simd: Simd, off: usize) -> (f64, bool) {
+        let n = STATS_CHUNK.min(self.numel - off);
+        let size = match self.dtype {
+            GradDtype::F32 => 4,
+            _ => 2,
+        };
+        stats_chunk(simd, self.ptr.add(off * size), self.dtype, n)
+    }
+}
+
 /// Work list of (tensor index, element offset, length) chunks over tensors of sizes `sizes`.
 fn chunk_starts(sizes: impl Iterator<Item = usize>, chunk: usize) -> Vec<usize> {
     // prefix[i] = index of the first chunk of tensor i; prefix[last] = total chunks
@@ -764,14 +789,8 @@ fn grad_stats_in_pool(grads: &[RawGrad], simd: Simd, parallel: bool) -> (f64, bo
     let total = *prefix.last().unwrap();
     let one = |ci: usize| {
         let (t, off) = locate(&prefix, ci, STATS_CHUNK);
-        let g = &grads[t];
-        let n = STATS_CHUNK.min(g.numel - off);
-        let size = match g.dtype {
-            GradDtype::F32 => 4,
-            _ => 2,
-        };
-        // SAFETY: the caller vouches for the pointers; off + n <= numel.
-        unsafe { stats_chunk(simd, g.ptr.add(off * size), g.dtype, n) }
+        // SAFETY: the caller vouches for the pointers; the chunk lies within the tensor.
+        unsafe { grads[t].chunk_stats(simd, off) }
     };
     let add = |a: (f64, bool), b: (f64, bool)| (a.0 + b.0, a.1 || b.1);
     if parallel {
@@ -829,12 +848,70 @@ pub unsafe fn adamw_step_raw(
     pool.install(|| step_in_pool(params, cfg, simd, true))
 }
 
-unsafe fn step_in_pool(
+/// One AdamW step over groups of tensors (one group per expert, say), where each group is
+/// skipped on its own when its gradients hold an inf/NaN (with `check_finite`): one scan and one
+/// parallel pass for all groups, rather than a call (and a wake-up of the pool) per group.
+/// Group `i` is `params[group_ends[i - 1]..group_ends[i]]`. Returns whether each group was skipped.
+///
+/// # Safety
+/// As [`adamw_step_raw`].
+pub unsafe fn adamw_step_groups_raw(
     params: &[RawParam],
+    group_ends: &[usize],
     cfg: &AdamConfig,
-    simd: Simd,
-    parallel: bool,
-) -> Result<StepOutcome, AdamError> {
+    simd: Option<Simd>,
+    threads: usize,
+) -> Result<Vec<bool>, AdamError> {
+    cfg.validate()?;
+    let simd = Simd::resolve(simd)?;
+    if group_ends.windows(2).any(|w| w[0] > w[1])
+        || group_ends.last().copied().unwrap_or(0) != params.len()
+    {
+        return Err(AdamError::Invalid(format!(
+            "group ends {group_ends:?} must rise to the number of tensors ({})",
+            params.len()
+        )));
+    }
+    check_pointers(params)?;
+    let pool = thread_pool(threads)?;
+    let parallel = params.iter().map(|p| p.numel).sum::<usize>() > INLINE_MAX;
+    let run = || {
+        let mut group_of = Vec::with_capacity(params.len());
+        let mut start = 0;
+        for (g, &end) in group_ends.iter().enumerate() {
+            group_of.extend(std::iter::repeat_n(g, end - start));
+            start = end;
+        }
+        let mut skipped = vec![false; group_ends.len()];
+        if cfg.check_finite {
+            let grads: Vec<RawGrad> = params.iter().map(RawParam::grad).collect();
+            for (t, bad) in nonfinite_per_tensor(&grads, simd, parallel)
+                .into_iter()
+                .enumerate()
+            {
+                skipped[group_of[t]] |= bad;
+            }
+        }
+        let live: Vec<RawParam> = params
+            .iter()
+            .zip(&group_of)
+            .filter(|(_, &g)| !skipped[g])
+            .map(|(p, _)| *p)
+            .collect();
+        let unchecked = AdamConfig {
+            check_finite: false,
+            ..*cfg
+        };
+        step_in_pool(&live, &unchecked, simd, parallel).map(|_| skipped)
+    };
+    if parallel {
+        pool.install(run)
+    } else {
+        run()
+    }
+}
+
+fn check_pointers(params: &[RawParam]) -> Result<(), AdamError> {
     for (i, p) in params.iter().enumerate() {
         if p.numel > 0
             && (p.master.is_null()
@@ -848,15 +925,18 @@ unsafe fn step_in_pool(
             return Err(AdamError::Invalid(format!("tensor {i}: null step pointer")));
         }
     }
+    Ok(())
+}
+
+unsafe fn step_in_pool(
+    params: &[RawParam],
+    cfg: &AdamConfig,
+    simd: Simd,
+    parallel: bool,
+) -> Result<StepOutcome, AdamError> {
+    check_pointers(params)?;
     if cfg.check_finite {
-        let grads: Vec<RawGrad> = params
-            .iter()
-            .map(|p| RawGrad {
-                ptr: p.grad,
-                dtype: p.grad_dtype,
-                numel: p.numel,
-            })
-            .collect();
+        let grads: Vec<RawGrad> = params.iter().map(RawParam::grad).collect();
         if !nonfinite_in_pool(&grads, simd, parallel) {
             // all finite: fall through
         } else {
@@ -918,6 +998,27 @@ unsafe fn step_in_pool(
 /// Whether any gradient element is inf/NaN (the skip check: a read of the gradients only).
 fn nonfinite_in_pool(grads: &[RawGrad], simd: Simd, parallel: bool) -> bool {
     grad_stats_in_pool(grads, simd, parallel).1
+}
+
+/// Whether each gradient holds an inf/NaN element, in one scan over all of them.
+fn nonfinite_per_tensor(grads: &[RawGrad], simd: Simd, parallel: bool) -> Vec<bool> {
+    let prefix = chunk_starts(grads.iter().map(|g| g.numel), STATS_CHUNK);
+    let total = *prefix.last().unwrap();
+    let one = |ci: usize| {
+        let (t, off) = locate(&prefix, ci, STATS_CHUNK);
+        // SAFETY: the caller vouches for the pointers; the chunk lies within the tensor.
+        (t, unsafe { grads[t].chunk_stats(simd, off) }.1)
+    };
+    let found: Vec<(usize, bool)> = if parallel {
+        (0..total).into_par_iter().map(one).collect()
+    } else {
+        (0..total).map(one).collect()
+    };
+    let mut bad = vec![false; grads.len()];
+    for (t, b) in found {
+        bad[t] |= b;
+    }
+    bad
 }
 
 /// One AdamW step over many tensors (safe wrapper of [`adamw_step_raw`]).
