@@ -104,19 +104,6 @@ class AdamJob:
     def wait(self) -> bool: ...  # True when the step was skipped; GIL released
     def done(self) -> bool: ...
 
-def adamw_step_raw(
-    specs: Sequence[AdamSpec],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: float = 1.0,
-    clip_coef: float = 1.0,
-    check_finite: bool = False,
-    simd: str = "auto",
-    threads: int = 0,
-) -> bool: ...
 def adamw_step_raw_async(
     specs: Sequence[AdamSpec],
     lr: float,

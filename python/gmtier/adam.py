@@ -223,10 +223,11 @@ def adamw_step(
     :class:`AdamHandle` whose ``wait()`` returns that flag.
     """
     specs, items = _specs(tensors)
-    args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
     if async_:
+        args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
         return AdamHandle([_core.adamw_step_raw_async(*args)], items)
-    return bool(_core.adamw_step_raw(*args))
+    return adamw_raw(specs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                     clip_coef=clip_coef, check_finite=check_finite, simd=simd, threads=threads)
 
 
 def _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads) -> tuple:
@@ -266,17 +267,18 @@ def adamw_raw(specs: list[tuple], *, lr: float, betas: tuple[float, float] = (0.
               check_finite: bool = False, simd: str = "auto", threads: int | None = None) -> bool:
     """:func:`adamw_step` on specs already validated (`RecordSpecCache.specs`); the caller keeps
     the tensors alive and untouched until it returns. Returns True when skipped."""
-    args = _raw_args(specs, lr, betas, eps, weight_decay, grad_scale, clip_coef, check_finite, simd, threads)
-    return bool(_core.adamw_step_raw(*args))
+    return adamw_raw_groups([specs], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=grad_scale,
+                            clip_coef=clip_coef, check_finite=check_finite, simd=simd, threads=threads)[0]
 
 
 def adamw_raw_groups(groups: list[list[tuple]], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                     eps: float = 1e-8, weight_decay: float = 1e-2, grad_scale: float = 1.0,
+                     eps: float = 1e-8, weight_decay: float = 1e-2, grad_scale: float = 1.0, clip_coef: float = 1.0,
                      check_finite: bool = False, simd: str = "auto", threads: int | None = None) -> list[bool]:
-    """:func:`adamw_raw` of several groups of specs (one per expert) in one call, each group
-    skipped on its own for an inf/NaN gradient; returns whether each was skipped."""
+    """:func:`adamw_raw` of several groups of specs (one per expert) in one call and one
+    parallel pass, each group skipped on its own for an inf/NaN gradient; returns whether each
+    was skipped."""
     ends = list(itertools.accumulate(len(g) for g in groups))
-    specs, *rest = _raw_args([s for g in groups for s in g], lr, betas, eps, weight_decay, grad_scale, 1.0,
+    specs, *rest = _raw_args([s for g in groups for s in g], lr, betas, eps, weight_decay, grad_scale, clip_coef,
                              check_finite, simd, threads)
     return list(_core.adamw_step_groups_raw(specs, ends, *rest))
 

@@ -75,7 +75,7 @@ fn raw_params(specs: Vec<Spec>) -> PyResult<Vec<RawParam>> {
         .collect()
 }
 
-/// The converted arguments of `adamw_step_raw` and `adamw_step_raw_async`: parameters, SIMD
+/// The converted arguments of `adamw_step_groups_raw` and `adamw_step_raw_async`: parameters, SIMD
 /// choice and step configuration.
 #[allow(clippy::too_many_arguments)]
 fn step_args(
@@ -103,48 +103,9 @@ fn step_args(
     Ok((raw_params(specs)?, self::simd(simd)?, cfg))
 }
 
-/// Raw fused AdamW step over tensors given by address (use `gmtier.adam`, which validates).
-/// Returns True when the step was skipped (non-finite gradient with check_finite).
-#[pyfunction]
-#[pyo3(signature = (specs, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, clip_coef=1.0,
-                    check_finite=false, simd="auto", threads=0))]
-#[allow(clippy::too_many_arguments)]
-fn adamw_step_raw(
-    py: Python<'_>,
-    specs: Vec<Spec>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    grad_scale: f64,
-    clip_coef: f64,
-    check_finite: bool,
-    simd: &str,
-    threads: usize,
-) -> PyResult<bool> {
-    let (params, s, cfg) = step_args(
-        specs,
-        simd,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        grad_scale,
-        clip_coef,
-        check_finite,
-    )?;
-    let out = py.detach(move || {
-        // SAFETY: gmtier.adam checked dtypes, sizes, devices and contiguity and keeps the tensors
-        // alive for the call.
-        unsafe { adam::adamw_step_raw(&params, &cfg, s, threads) }
-    });
-    out.map(|o| o.skipped).map_err(err)
-}
-
-/// As `adamw_step_raw` over groups of tensors (`group_ends[i]`: the end of group i in `specs`),
-/// each group skipped on its own for a non-finite gradient. Returns a skipped flag per group.
+/// Raw fused AdamW step over groups of tensors given by address (use `gmtier.adam`, which
+/// validates; `group_ends[i]`: the end of group i in `specs`), each group skipped on its own for
+/// a non-finite gradient with `check_finite`. Returns a skipped flag per group. GIL released.
 #[pyfunction]
 #[pyo3(signature = (specs, group_ends, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
                     clip_coef=1.0, check_finite=false, simd="auto", threads=0))]
@@ -177,7 +138,8 @@ fn adamw_step_groups_raw(
         check_finite,
     )?;
     py.detach(move || {
-        // SAFETY: as in adamw_step_raw.
+        // SAFETY: gmtier.adam checked dtypes, sizes, devices and contiguity and keeps the tensors
+        // alive for the call.
         unsafe { adam::adamw_step_groups_raw(&params, &group_ends, &cfg, s, threads) }
     })
     .map_err(err)
@@ -204,7 +166,7 @@ impl PyAdamJob {
     }
 }
 
-/// As `adamw_step_raw`, but returns at once with a job; the caller keeps the tensors alive
+/// As `adamw_step_groups_raw` with one group, but returns at once with a job; the caller keeps the tensors alive
 /// and untouched until `job.wait()` returned.
 #[pyfunction]
 #[pyo3(signature = (specs, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, clip_coef=1.0,
@@ -310,7 +272,6 @@ fn adam_chunk_elements() -> usize {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(adamw_step_raw, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step_raw_async, m)?)?;
     m.add_function(wrap_pyfunction!(adamw_step_groups_raw, m)?)?;
     m.add_function(wrap_pyfunction!(grad_sumsq_raw, m)?)?;
