@@ -24,6 +24,11 @@ impl Rig {
         self.0 .0.lock().unwrap().open[gate] = true;
         self.0 .1.notify_all();
     }
+    /// Opens every gate when dropped: declared after the pool, it is dropped before it, so a
+    /// failed assertion ends the test instead of the pool's drop waiting for blocked jobs.
+    fn open_all_on_drop(&self) -> OpenAllOnDrop {
+        OpenAllOnDrop(self.clone())
+    }
     /// Submit a job named `name` that waits for `gate` once started.
     fn submit(&self, pool: &IoPool, class: u8, priority: i64, seq: u64, name: &str, gate: usize) {
         let (rig, name) = (self.clone(), name.to_string());
@@ -64,6 +69,18 @@ impl Rig {
     }
 }
 
+struct OpenAllOnDrop(Rig);
+
+impl Drop for OpenAllOnDrop {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.0 .0;
+        // A panicking job may have poisoned the lock; the gates must open all the same.
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        g.open.iter_mut().for_each(|o| *o = true);
+        cv.notify_all();
+    }
+}
+
 /// Occupy every worker of `pool` (threads) with jobs waiting on a gate; returns the gate.
 fn hold(rig: &Rig, pool: &IoPool, threads: usize) -> usize {
     let g = rig.gate();
@@ -88,6 +105,7 @@ fn reads_run_while_writes_are_queued_and_the_other_way() {
     let n = 4;
     for writes_first in [true, false] {
         let (rig, pool) = (Rig::default(), IoPool::new(n));
+        let _gates = rig.open_all_on_drop();
         let h = hold(&rig, &pool, n);
         let jobs = rig.gate();
         let mut seq = 0;
@@ -128,6 +146,7 @@ fn one_kind_alone_keeps_heap_order_and_urgent_writes_go_first() {
     // the pick order.
     for kind in [W, JobPriority::PREFETCH] {
         let (rig, pool) = (Rig::default(), IoPool::new(1));
+        let _gates = rig.open_all_on_drop();
         let h = hold(&rig, &pool, 1);
         let go = rig.gate();
         rig.open(go);
@@ -152,6 +171,7 @@ fn one_kind_alone_keeps_heap_order_and_urgent_writes_go_first() {
     }
     // Both kinds on one worker: they alternate; an urgent write-back still runs first.
     let (rig, pool) = (Rig::default(), IoPool::new(1));
+    let _gates = rig.open_all_on_drop();
     let h = hold(&rig, &pool, 1);
     let go = rig.gate();
     rig.open(go);
@@ -172,6 +192,7 @@ fn one_kind_alone_keeps_heap_order_and_urgent_writes_go_first() {
 fn urgent_writes_take_any_free_worker() {
     let n = 4;
     let (rig, pool) = (Rig::default(), IoPool::new(n));
+    let _gates = rig.open_all_on_drop();
     let h = hold(&rig, &pool, n);
     let jobs = rig.gate();
     for i in 0..4 {
@@ -186,8 +207,10 @@ fn urgent_writes_take_any_free_worker() {
         rig.submit(&pool, R, 0, 10 + i, &format!("r{i}"), jobs);
     }
     rig.open(h);
-    let started = rig.wait_started(2 * n);
-    assert_eq!(started[n..], ["u0", "u1", "u2", "u3"].map(String::from));
+    // Four workers take the four urgent writes (in whichever order their threads log them).
+    let mut started = rig.wait_started(2 * n)[n..].to_vec();
+    started.sort();
+    assert_eq!(started, ["u0", "u1", "u2", "u3"].map(String::from));
     rig.open(jobs);
     rig.wait_finished(3 * n);
 }
