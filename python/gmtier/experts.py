@@ -76,13 +76,15 @@ class ExpertLayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_sorted, runtime, layer, counts):
         ctx.save_for_backward(x_sorted)
-        ctx.runtime, ctx.layer, ctx.counts = runtime, layer, counts
-        return runtime.forward(layer, x_sorted, counts)
+        # The GEMM row layout forward uses is the one backward needs: made once.
+        layout = gemm_row_layout(counts, runtime.pad_rows, x_sorted.device)
+        ctx.runtime, ctx.layer, ctx.counts, ctx.layout = runtime, layer, counts, layout
+        return runtime.forward(layer, x_sorted, counts, layout)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x_sorted,) = ctx.saved_tensors
-        dx = ctx.runtime.backward(ctx.layer, x_sorted, grad_out, ctx.counts)
+        dx = ctx.runtime.backward(ctx.layer, x_sorted, grad_out, ctx.counts, ctx.layout)
         return dx, None, None, None
 
 
@@ -288,11 +290,12 @@ class ExpertRuntime:
         if sections == "weights" and ready:
             done(list(ready))
 
-    def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int], layout=None) -> torch.Tensor:
+        """`layout`: `gemm_row_layout(counts, self.pad_rows, ...)` where the caller has it."""
         self.used[layer] = [e for e, c in enumerate(counts) if c]
         # One dtype conversion (and row padding) per layer, not per expert: the loop is host-bound
         # at small experts, and each conversion is another kernel launch.
-        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
+        counts_p, rows = layout or gemm_row_layout(counts, self.pad_rows, x_sorted.device)
         xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
         out = torch.empty_like(xs)
 
@@ -306,10 +309,12 @@ class ExpertRuntime:
         self.stats["expert_fwd_s"] += time.perf_counter() - t0
         return from_gemm_rows(out, rows).to(x_sorted.dtype)
 
-    def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int],
+                 layout) -> torch.Tensor:
+        """`layout`: the `gemm_row_layout` forward used."""
         if self._phase is not None and self._phase[0] == "fwd":
             self._enter_phase("bwd")
-        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)  # the layout forward used
+        counts_p, rows = layout
         xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
         dys = to_gemm_rows(grad_out.to(self.dtype), rows, sum(counts_p))  # zero rows: no dW from padding
         dx = torch.empty_like(xs)
