@@ -1,7 +1,11 @@
 //! Bindings of the tiered expert store: `ExpertStore`, `Ticket`, `SlotPool`, `StoreError`,
 //! `raw_read`, `drop_cache`. Every call that may block releases the GIL.
 
-use gmtier_core::store::{self as core, format::TensorSpec, Key, Sections, StoreOptions};
+use gmtier_core::store::{
+    self as core,
+    format::{RecordLayout, TensorSpec},
+    Key, Sections, StoreOptions,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{
     PyFileNotFoundError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError,
@@ -233,23 +237,7 @@ impl PyExpertStore {
 
     /// List of (name, dtype, shape, offset_in_record, nbytes, section).
     fn tensor_layout<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let items: Vec<_> = self
-            .inner
-            .layout()
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.spec.name.clone(),
-                    t.spec.dtype.name(),
-                    t.spec.shape.clone(),
-                    t.offset,
-                    t.nbytes,
-                    t.spec.section.name(),
-                )
-            })
-            .collect();
-        PyList::new(py, items)
+        layout_list(py, self.inner.layout())
     }
 
     /// (address, nbytes) of the RAM arena; slot s starts at s * record_bytes.
@@ -599,6 +587,40 @@ fn raw_read(
     Ok((r.bytes, r.seconds, r.direct))
 }
 
+/// (name, dtype, shape, offset_in_record, nbytes, section) for each tensor of a layout.
+fn layout_list<'py>(py: Python<'py>, layout: &RecordLayout) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<_> = layout
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.spec.name.clone(),
+                t.spec.dtype.name(),
+                t.spec.shape.clone(),
+                t.offset,
+                t.nbytes,
+                t.spec.section.name(),
+            )
+        })
+        .collect();
+    PyList::new(py, items)
+}
+
+/// The record layout of a schema, without a store: (tensor layout as `tensor_layout()` lists it,
+/// record_bytes, weights_bytes). The one place record sizes are computed; Python asks this.
+#[pyfunction]
+fn record_layout<'py>(
+    py: Python<'py>,
+    schema: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyList>, usize, usize)> {
+    let layout = RecordLayout::new(&parse_schema(schema)?).map_err(to_py)?;
+    Ok((
+        layout_list(py, &layout)?,
+        layout.record_bytes,
+        layout.weights_bytes,
+    ))
+}
+
 /// fdatasync + drop a file's clean pages from the page cache (no root needed).
 #[pyfunction]
 fn drop_cache(py: Python<'_>, path: PathBuf) -> PyResult<()> {
@@ -614,6 +636,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StoreError", m.py().get_type::<StoreError>())?;
     m.add_function(wrap_pyfunction!(raw_read, m)?)?;
     m.add_function(wrap_pyfunction!(drop_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(record_layout, m)?)?;
     let _ = PyTuple::empty(m.py());
     Ok(())
 }
