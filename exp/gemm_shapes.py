@@ -1,7 +1,7 @@
 """Host time of a bf16 GEMM call for shapes cuBLAS has seen against shapes it has not: why the
 expert GEMMs pad each expert's rows (`experts.pad_rows`). Needs a CUDA GPU.
 
-    python benches/gemm_shapes.py [--d-model 512] [--d-ff 2048]
+    python exp/gemm_shapes.py [--d-model 512] [--d-ff 2048]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: install the carried abi3 wheel, run the GPU tests and the benches,
-# logs under $OUT. Usage (from the repo root on the GPU machine): bash benches/gpu_session.sh [steps...]
+# logs under $OUT. Usage (from the repo root on the GPU machine): bash exp/gpu_session.sh [steps...]
 # steps: tests paging adam train gpuprefetch seed seed12 seedfull (default: all but the seed ones:
 # seed and seed12 take ~2-4 minutes each; seedfull needs the 235 GB disk of the 4-GPU box and
 # ~8 minutes). The seed steps write the disk timeline too (benches/disk_timeline.py prints it).

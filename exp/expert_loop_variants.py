@@ -6,7 +6,7 @@ of CPU 0 (every other thread off it and its SMT siblings); and the same model fu
 Variants combine (`pin-main adam-threads-7`). One process per run, median of 10 steps after 6.
 Needs a CUDA GPU and the prepared corpus (data/ruslit).
 
-    python benches/expert_loop_variants.py {as-is,no-adam,adam-threads-N,...,resident} [...] [--dir D]
+    python exp/expert_loop_variants.py {as-is,no-adam,adam-threads-N,...,resident} [...] [--dir D]
 """
 
 import argparse

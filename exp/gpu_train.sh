@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On the GPU machine, after benches/gpu_session.sh installed the wheel and the data: a short
+# On the GPU machine, after exp/gpu_session.sh installed the wheel and the data: a short
 # `small` run fully resident and the same run tiered (experts paged through the store), same
 # seed; metrics.jsonl of each run and a summary JSON (loss curves, tokens/s, tier hit rates,
 # prefetch precision/recall, peak GPU memory) under $OUT.
-# Usage: bash benches/gpu_train.sh [steps] [config]     (defaults: 150, configs/small.toml)
+# Usage: bash exp/gpu_train.sh [steps] [config]     (defaults: 150, configs/small.toml)
 # Extra overrides for both runs: GPU_TRAIN_SET='--set experts.ram_budget="4GiB"'
 set -euo pipefail
 export PYTHONUNBUFFERED=1

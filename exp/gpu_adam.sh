@@ -7,7 +7,7 @@
 #     (deepspeed is an sdist on PyPI: `pip wheel` builds its py3-none-any wheel; torch, numpy,
 #      pydantic, tqdm, packaging are already in the image)
 # Run there:
-#   run(command="bash benches/gpu_adam.sh", carry=["wheels"])      (or the wheels in .carry/: WHEELS=.carry)
+#   run(command="bash exp/gpu_adam.sh", carry=["wheels"])      (or the wheels in .carry/: WHEELS=.carry)
 # Knobs: PARAMS (default 256M: ~4-5 GB per workload), THREADS (16), REPEATS (7), SWEEP=0 to skip the
 # sweep of gmtier's own knobs (threads x GMTIER_ADAM_STREAM x GMTIER_ADAM_CHUNK x GMTIER_ADAM_PREFETCH).
 #
@@ -25,7 +25,7 @@ set -x
 nproc; lscpu > "$OUT/lscpu.txt"; grep -m1 "model name" /proc/cpuinfo; free -g; uptime
 python -c "import torch; print(torch.__version__, torch.get_num_threads())"
 
-# the wheels: $WHEELS, else wheels/, else .carry/ (where benches/gpu_session.sh keeps its wheel)
+# the wheels: $WHEELS, else wheels/, else .carry/ (where exp/gpu_session.sh keeps its wheel)
 WHEELS=${WHEELS:-$(ls -d wheels .carry 2>/dev/null | while read d; do ls "$d"/gmtier-*.whl >/dev/null 2>&1 && echo "$d" && break; done)}
 pip install --no-index --no-deps --force-reinstall "$WHEELS"/gmtier-*.whl || { echo "no gmtier wheel in ${WHEELS:-wheels/ or .carry/}"; exit 1; }
 if ls "$WHEELS"/deepspeed-*.whl >/dev/null 2>&1; then
@@ -45,7 +45,7 @@ gmtier bench-adam --threads "$THREADS" --params "$PARAMS" --repeats "$REPEATS" |
 if [ "${SWEEP:-1}" = 1 ]; then
   # gmtier alone: threads x store policy x chunk size
   T=$THREADS
-  python benches/adam_sweep.py --params $((PARAMS / 2)) --repeats 5 --settings \
+  python exp/adam_sweep.py --params $((PARAMS / 2)) --repeats 5 --settings \
     $T:none:16384:0 $T:half:16384:0 $T:all:16384:0 $T:half:65536:0 $T:half:4096:0 \
     $T:half:16384:256 $T:all:16384:256 $T:half:16384:1024 \
     8:none:16384:0 8:half:16384:0 4:none:16384:0 4:half:16384:0 1:none:16384:0 1:half:16384:0 1:half:16384:256 \

@@ -1,6 +1,6 @@
 """Profile tiered training steps with torch.profiler: where the step time goes beyond GPU compute.
 
-    python benches/profile_step.py --config configs/small.toml --set 'experts.ram_budget="4GiB"'
+    python exp/profile_step.py --config configs/small.toml --set 'experts.ram_budget="4GiB"'
 """
 
 import argparse

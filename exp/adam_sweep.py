@@ -2,7 +2,7 @@
 GMTIER_ADAM_PREFETCH) and the thread count, timing gmtier alone (bf16 pipeline and plain fp32). One JSON line
 per setting; each setting is `threads:stream:chunk:prefetch`.
 
-    python benches/adam_sweep.py --params 128000000 --settings 16:half:16384:0 16:none:16384:0 16:half:16384:256
+    python exp/adam_sweep.py --params 128000000 --settings 16:half:16384:0 16:none:16384:0 16:half:16384:256
 """
 
 import argparse
