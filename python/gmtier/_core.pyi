@@ -9,7 +9,9 @@ __version__: str
 Key = tuple[int, int]
 
 class StoreError(RuntimeError):
-    """Damaged/truncated/mismatched store (checksum errors included), all slots pinned, or closed."""
+    """Damaged/truncated/mismatched store (checksum errors, unknown index version, tensor table
+    checksum included), all slots pinned, closed, or already open (the store directory's `lock`
+    is held by this or another process)."""
 
 class Ticket:
     def wait(self, timeout: Optional[float] = None) -> list[int]: ...
@@ -38,7 +40,7 @@ class ExpertStore:
         queue_depth: int = 32,
         direct: bool = True,
         chunk_bytes: int = 4194304,
-    ) -> "ExpertStore": ...
+    ) -> "ExpertStore": ...  # locks the store: a second open (any process) raises StoreError until close()
     @property
     def record_bytes(self) -> int: ...
     @property
@@ -118,6 +120,7 @@ def adamw_step_raw_async(
     check_finite: bool = False,
     simd: str = "auto",
     threads: int = 0,
+    stores: str = "auto",  # streaming stores: "auto" | "none" | "half" | "all"
 ) -> AdamJob: ...
 def adamw_step_groups_raw(
     specs: Sequence[AdamSpec],
@@ -132,6 +135,7 @@ def adamw_step_groups_raw(
     check_finite: bool = False,
     simd: str = "auto",
     threads: int = 0,
+    stores: str = "auto",  # streaming stores: "auto" | "none" | "half" | "all"
 ) -> list[bool]: ...  # per group: skipped (non-finite gradient)
 def grad_sumsq_raw(grads: Sequence[tuple[int, str, int]], simd: str = "auto", threads: int = 0) -> tuple[float, bool]: ...
 def memory_bandwidth(nbytes: int = 1073741824, threads: int = 0, repeats: int = 5) -> dict:

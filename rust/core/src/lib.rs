@@ -2,4 +2,5 @@
 //! fused CPU AdamW. Pure Rust, testable with `cargo test`; Python bindings live in `rust/python`.
 
 pub mod adam;
+pub mod error;
 pub mod store;

@@ -268,6 +268,7 @@ fn adam_grad_scale_and_clip() {
         grad_scale: 1024.0,
         clip_coef: 0.5,
         check_finite: true,
+        ..Default::default()
     };
     for simd in Simd::available() {
         run_case(

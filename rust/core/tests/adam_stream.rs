@@ -1,7 +1,6 @@
-//! Streaming (non-temporal) stores give the same bits as regular ones. A separate test binary:
-//! the policy comes from `GMTIER_ADAM_STREAM`, read once per process.
+//! Streaming (non-temporal) stores give the same bits as regular ones.
 
-use gmtier_core::adam::{adamw_step, AdamConfig, Grad, Half, Param, Simd};
+use gmtier_core::adam::{adamw_step, AdamConfig, Grad, Half, Param, Simd, StorePolicy};
 
 /// A 64-byte aligned slice of `n` elements inside `buf`.
 fn aligned<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
@@ -12,7 +11,10 @@ fn aligned<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
 
 #[test]
 fn adam_streaming_stores_match_regular_stores() {
-    std::env::set_var("GMTIER_ADAM_STREAM", "all");
+    let cfg = AdamConfig {
+        stores: StorePolicy::StreamAll,
+        ..Default::default()
+    };
     // sizes: a ragged tail; and more than the auto threshold
     for n in [16384 * 3 + 40, 5_000_003] {
         let mut seed = 12345u64;
@@ -44,7 +46,7 @@ fn adam_streaming_stores_match_regular_stores() {
                     half: Some(Half::Bf16(&mut *h)),
                     step: &mut step,
                 }];
-                adamw_step(&mut params, &AdamConfig::default(), Some(simd), 2).unwrap();
+                adamw_step(&mut params, &cfg, Some(simd), 2).unwrap();
             }
             results.push((simd, p.to_vec(), m.to_vec(), v.to_vec(), h.to_vec()));
         }

@@ -2,10 +2,8 @@
 mod common;
 use common::{content, eventually, schema};
 use gmtier_core::store::format::TensorSpec;
-use gmtier_core::store::{
-    block_io, record_location, slot_status, ExpertStore, Key, Need, SlotPool, StoreError,
-    StoreOptions,
-};
+use gmtier_core::store::test_hooks::{block_io, record_location, slot_status};
+use gmtier_core::store::{ExpertStore, Key, Need, SlotPool, StoreError, StoreOptions};
 use std::path::Path;
 
 fn opts(ram_bytes: usize) -> StoreOptions {

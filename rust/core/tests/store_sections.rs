@@ -1,9 +1,8 @@
 //! Section reads: only the sections asked for are read and verified against their own crc32.
 mod common;
 use common::{content, eventually, schema};
-use gmtier_core::store::{
-    block_io, record_location, ExpertStore, Key, Sections, StoreError, StoreOptions,
-};
+use gmtier_core::store::test_hooks::{block_io, record_location};
+use gmtier_core::store::{ExpertStore, Key, Sections, StoreError, StoreOptions};
 use std::path::Path;
 
 const WB: usize = 8192;

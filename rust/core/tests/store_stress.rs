@@ -1,6 +1,7 @@
 //! Store under concurrency and crashes: budgets, pins, coalescing, no deadlock, no torn records.
 use gmtier_core::store::format::TensorSpec;
-use gmtier_core::store::{record_location, ExpertStore, Key, StoreOptions};
+use gmtier_core::store::test_hooks::record_location;
+use gmtier_core::store::{ExpertStore, Key, StoreOptions};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

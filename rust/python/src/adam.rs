@@ -1,18 +1,12 @@
 //! Bindings of `gmtier_core::adam`. Python (`gmtier.adam`) validates the torch tensors and passes
 //! raw addresses; these functions only convert and release the GIL.
+use crate::error;
 use gmtier_core::adam::{
-    self, AdamConfig, AdamError, AdamJob, GradDtype, HalfDtype, RawGrad, RawParam, Simd,
+    self, AdamConfig, AdamJob, GradDtype, HalfDtype, RawGrad, RawParam, Simd, StorePolicy,
 };
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-
-fn err(e: AdamError) -> PyErr {
-    match e {
-        AdamError::Invalid(_) => PyValueError::new_err(e.to_string()),
-        _ => PyRuntimeError::new_err(e.to_string()),
-    }
-}
 
 fn grad_dtype(s: &str) -> PyResult<GradDtype> {
     match s {
@@ -36,7 +30,7 @@ fn half_dtype(s: &str) -> PyResult<HalfDtype> {
 }
 
 fn simd(s: &str) -> PyResult<Option<Simd>> {
-    Simd::parse(s).map_err(err)
+    Simd::parse(s).map_err(error::adam)
 }
 
 /// (master, exp_avg, exp_avg_sq, grad, grad_dtype, half (0 = none), half_dtype, numel, step)
@@ -76,7 +70,8 @@ fn raw_params(specs: Vec<Spec>) -> PyResult<Vec<RawParam>> {
 }
 
 /// The converted arguments of `adamw_step_groups_raw` and `adamw_step_raw_async`: parameters, SIMD
-/// choice and step configuration.
+/// choice and step configuration (`stores`: "auto" | "none" | "half" | "all", see
+/// `gmtier_core::adam::StorePolicy`).
 #[allow(clippy::too_many_arguments)]
 fn step_args(
     specs: Vec<Spec>,
@@ -89,6 +84,7 @@ fn step_args(
     grad_scale: f64,
     clip_coef: f64,
     check_finite: bool,
+    stores: &str,
 ) -> PyResult<(Vec<RawParam>, Option<Simd>, AdamConfig)> {
     let cfg = AdamConfig {
         lr,
@@ -99,6 +95,7 @@ fn step_args(
         grad_scale,
         clip_coef,
         check_finite,
+        stores: StorePolicy::parse(stores).map_err(error::adam)?,
     };
     Ok((raw_params(specs)?, self::simd(simd)?, cfg))
 }
@@ -108,7 +105,7 @@ fn step_args(
 /// a non-finite gradient with `check_finite`. Returns a skipped flag per group. GIL released.
 #[pyfunction]
 #[pyo3(signature = (specs, group_ends, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
-                    clip_coef=1.0, check_finite=false, simd="auto", threads=0))]
+                    clip_coef=1.0, check_finite=false, simd="auto", threads=0, stores="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn adamw_step_groups_raw(
     py: Python<'_>,
@@ -124,6 +121,7 @@ fn adamw_step_groups_raw(
     check_finite: bool,
     simd: &str,
     threads: usize,
+    stores: &str,
 ) -> PyResult<Vec<bool>> {
     let (params, s, cfg) = step_args(
         specs,
@@ -136,13 +134,14 @@ fn adamw_step_groups_raw(
         grad_scale,
         clip_coef,
         check_finite,
+        stores,
     )?;
     py.detach(move || {
         // SAFETY: gmtier.adam checked dtypes, sizes, devices and contiguity and keeps the tensors
         // alive for the call.
         unsafe { adam::adamw_step_groups_raw(&params, &group_ends, &cfg, s, threads) }
     })
-    .map_err(err)
+    .map_err(error::adam)
 }
 
 /// A step running on the Adam thread pool.
@@ -157,7 +156,7 @@ impl PyAdamJob {
     fn wait(&self, py: Python<'_>) -> PyResult<bool> {
         py.detach(|| self.job.wait())
             .map(|o| o.skipped)
-            .map_err(err)
+            .map_err(error::adam)
     }
 
     /// Whether the step finished.
@@ -170,7 +169,7 @@ impl PyAdamJob {
 /// and untouched until `job.wait()` returned.
 #[pyfunction]
 #[pyo3(signature = (specs, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, clip_coef=1.0,
-                    check_finite=false, simd="auto", threads=0))]
+                    check_finite=false, simd="auto", threads=0, stores="auto"))]
 #[allow(clippy::too_many_arguments)]
 fn adamw_step_raw_async(
     specs: Vec<Spec>,
@@ -184,6 +183,7 @@ fn adamw_step_raw_async(
     check_finite: bool,
     simd: &str,
     threads: usize,
+    stores: &str,
 ) -> PyResult<PyAdamJob> {
     let (params, s, cfg) = step_args(
         specs,
@@ -196,6 +196,7 @@ fn adamw_step_raw_async(
         grad_scale,
         clip_coef,
         check_finite,
+        stores,
     )?;
     // SAFETY: gmtier.adam validated the tensors and holds them until the job is waited on.
     let job = unsafe { adam::adamw_step_raw_async(params, cfg, s, threads) };
@@ -225,7 +226,7 @@ fn grad_sumsq_raw(
         .collect::<PyResult<Vec<_>>>()?;
     // SAFETY: gmtier.adam validated the tensors and keeps them alive for the call.
     py.detach(move || unsafe { adam::grad_stats_raw(&grads, s, threads) })
-        .map_err(err)
+        .map_err(error::adam)
 }
 
 /// Multi-threaded memory bandwidth over arrays of `nbytes` each: dict with copy_gbps,
@@ -240,7 +241,7 @@ fn memory_bandwidth<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let bw = py
         .detach(move || adam::memory_bandwidth(nbytes, threads, repeats))
-        .map_err(err)?;
+        .map_err(error::adam)?;
     let d = PyDict::new(py);
     d.set_item("copy_gbps", bw.copy_gbps)?;
     d.set_item("memcpy_gbps", bw.memcpy_gbps)?;

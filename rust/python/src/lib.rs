@@ -1,14 +1,25 @@
 //! `gmtier._core`: thin PyO3 layer over gmtier-core. It converts types and releases the GIL;
-//! all logic lives in the core crate.
+//! all logic lives in the core crate. One file per concern: the store (`store`, `ticket`,
+//! `slot_pool`, `layout`, `raw_io`), the AdamW (`adam`) and the exceptions (`error`).
 use pyo3::prelude::*;
 
 mod adam;
+mod error;
+mod layout;
+mod raw_io;
+mod slot_pool;
 mod store;
+mod ticket;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    error::register(m)?;
     store::register(m)?;
+    ticket::register(m)?;
+    slot_pool::register(m)?;
+    raw_io::register(m)?;
+    layout::register(m)?;
     adam::register(m)?;
     Ok(())
 }

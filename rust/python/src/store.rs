@@ -1,75 +1,15 @@
-//! Bindings of the tiered expert store: `ExpertStore`, `Ticket`, `SlotPool`, `StoreError`,
-//! `raw_read`, `drop_cache`. Every call that may block releases the GIL.
+//! Bindings of the tiered expert store: `ExpertStore`. Every call that may block releases the GIL.
 
-use gmtier_core::store::{
-    self as core,
-    format::{RecordLayout, TensorSpec},
-    Key, Sections, StoreOptions,
-};
+use crate::error;
+use crate::layout::{layout_list, parse_schema};
+use crate::ticket::PyTicket;
+use gmtier_core::store::{self as core, Key, Sections, StoreOptions};
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{
-    PyFileNotFoundError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError,
-};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyDict, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyDict, PyList};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
-
-pyo3::create_exception!(
-    gmtier._core,
-    StoreError,
-    PyRuntimeError,
-    "A damaged, truncated or mismatched expert store (checksum errors included), or a store that cannot make progress."
-);
-
-fn to_py(e: core::StoreError) -> PyErr {
-    use core::StoreError as E;
-    match e {
-        E::InvalidArgument(m) => PyValueError::new_err(m),
-        E::NotFound(m) => PyFileNotFoundError::new_err(m),
-        E::Timeout(m) => PyTimeoutError::new_err(m),
-        E::Io { context, source } => match source.raw_os_error() {
-            Some(errno) => PyOSError::new_err((errno, format!("{context}: {source}"))),
-            None => PyOSError::new_err(format!("{context}: {source}")),
-        },
-        E::WriteBack { message, errno } => match errno {
-            Some(errno) => PyOSError::new_err((errno, message)),
-            None => PyOSError::new_err(message),
-        },
-        e @ (E::Corrupt(_) | E::AllPinned(_) | E::Closed) => StoreError::new_err(e.to_string()),
-    }
-}
-
-fn parse_schema(schema: &Bound<'_, PyAny>) -> PyResult<Vec<TensorSpec>> {
-    let mut out = Vec::new();
-    for item in schema.try_iter()? {
-        let item = item?;
-        let parts: Vec<Bound<'_, PyAny>> = item.try_iter()?.collect::<PyResult<_>>()?;
-        if parts.len() != 3 && parts.len() != 4 {
-            return Err(PyValueError::new_err(format!(
-                "schema entry {item} must be (name, dtype, shape[, section]) with section \"weights\" or \"state\""
-            )));
-        }
-        let name: String = parts[0].extract()?;
-        let dtype: String = parts[1].str()?.extract()?;
-        let shape: Vec<usize> = parts[2].extract().map_err(|_| {
-            PyValueError::new_err(format!(
-                "schema entry {name:?}: shape must be a list of non-negative ints"
-            ))
-        })?;
-        let section: String = if parts.len() == 4 {
-            parts[3].extract()?
-        } else {
-            "weights".into()
-        };
-        out.push(
-            TensorSpec::new(&name, &dtype, &shape, &section)
-                .map_err(|e| PyValueError::new_err(format!("schema entry {name:?}: {e}")))?,
-        );
-    }
-    Ok(out)
-}
 
 fn copy_buffer(obj: &Bound<'_, PyAny>, dst: &mut [u8], what: &str) -> PyResult<()> {
     let buf = PyBuffer::<u8>::get(obj).map_err(|_| {
@@ -171,7 +111,7 @@ impl PyExpertStore {
                 core::ExpertStore::create(&path, num_layers, num_experts, &schema, Some(&mut cb))
             }
         });
-        res.map_err(to_py)
+        res.map_err(error::store)
     }
 
     /// Open a store with a RAM budget (bytes).
@@ -195,7 +135,7 @@ impl PyExpertStore {
         };
         let inner = py
             .detach(|| core::ExpertStore::open(&path, opts))
-            .map_err(to_py)?;
+            .map_err(error::store)?;
         Ok(PyExpertStore { inner })
     }
 
@@ -255,10 +195,10 @@ impl PyExpertStore {
         priority: i64,
         sections: &str,
     ) -> PyResult<PyTicket> {
-        let secs = Sections::parse(sections).map_err(to_py)?;
+        let secs = Sections::parse(sections).map_err(error::store)?;
         let t = py
             .detach(|| slf.get().inner.request_sections(&keys, priority, secs))
-            .map_err(to_py)?;
+            .map_err(error::store)?;
         Ok(PyTicket {
             sections: t.sections().name(),
             ticket: Mutex::new(Some(t)),
@@ -275,34 +215,38 @@ impl PyExpertStore {
         priority: i64,
         sections: &str,
     ) -> PyResult<()> {
-        let secs = Sections::parse(sections).map_err(to_py)?;
+        let secs = Sections::parse(sections).map_err(error::store)?;
         py.detach(|| self.inner.prefetch_sections(&keys, priority, secs))
-            .map_err(to_py)
+            .map_err(error::store)
     }
 
     /// Pin, without any read, the experts whose RAM records hold valid `sections` already:
     /// the slot of each, or None where a read would be needed. Release each slot given once.
     #[pyo3(signature = (keys, sections="weights"))]
     fn pin_resident(&self, keys: Vec<Key>, sections: &str) -> PyResult<Vec<Option<usize>>> {
-        let secs = Sections::parse(sections).map_err(to_py)?;
-        self.inner.pin_resident(&keys, secs).map_err(to_py)
+        let secs = Sections::parse(sections).map_err(error::store)?;
+        self.inner.pin_resident(&keys, secs).map_err(error::store)
     }
 
     /// The prediction of these experts was wrong: cancel their prefetch reads not yet started
     /// and make their unused prefetched records the first evicted. Returns how many were.
     fn demote_prefetched(&self, keys: Vec<Key>) -> PyResult<usize> {
-        self.inner.demote_prefetched(&keys).map_err(to_py)
+        self.inner.demote_prefetched(&keys).map_err(error::store)
     }
 
     /// Names of the sections valid in RAM slot `slot` ("weights", "state"); only those may be
     /// used. They stay valid while the slot is pinned.
     fn slot_sections(&self, slot: usize) -> PyResult<Vec<&'static str>> {
-        Ok(self.inner.slot_sections(slot).map_err(to_py)?.names())
+        Ok(self
+            .inner
+            .slot_sections(slot)
+            .map_err(error::store)?
+            .names())
     }
 
     /// Unpin experts (once per wait()).
     fn release(&self, keys: Vec<Key>) -> PyResult<()> {
-        self.inner.release(&keys).map_err(to_py)
+        self.inner.release(&keys).map_err(error::store)
     }
 
     /// The RAM records of these (pinned) experts changed; `filled` ("weights", "state", "all")
@@ -312,27 +256,30 @@ impl PyExpertStore {
         let filled = if filled == "none" {
             Sections::NONE
         } else {
-            Sections::parse(filled).map_err(to_py)?
+            Sections::parse(filled).map_err(error::store)?
         };
-        self.inner.mark_dirty_filled(&keys, filled).map_err(to_py)
+        self.inner
+            .mark_dirty_filled(&keys, filled)
+            .map_err(error::store)
     }
 
     /// Start writing these experts' dirty RAM records back now (write-behind); never waits for
     /// the I/O. Keys not resident, clean or already being written are ignored.
     fn write_back(&self, py: Python<'_>, keys: Vec<Key>) -> PyResult<()> {
-        py.detach(|| self.inner.write_back(&keys)).map_err(to_py)
+        py.detach(|| self.inner.write_back(&keys))
+            .map_err(error::store)
     }
 
     /// Write all dirty records back to their uncommitted disk slots.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.flush()).map_err(to_py)
+        py.detach(|| self.inner.flush()).map_err(error::store)
     }
 
     /// Flush + fsync + atomic index replacement.
     #[pyo3(signature = (user_meta=""))]
     fn commit(&self, py: Python<'_>, user_meta: &str) -> PyResult<()> {
         let m = user_meta.to_string();
-        py.detach(|| self.inner.commit(&m)).map_err(to_py)
+        py.detach(|| self.inner.commit(&m)).map_err(error::store)
     }
 
     /// Metadata string of the last commit.
@@ -381,7 +328,7 @@ impl PyExpertStore {
     ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
         let v = py
             .detach(|| self.inner.read_record(layer, expert))
-            .map_err(to_py)?;
+            .map_err(error::store)?;
         Ok(pyo3::types::PyBytes::new(py, &v))
     }
 
@@ -396,7 +343,7 @@ impl PyExpertStore {
         let mut v = vec![0u8; self.inner.layout().record_bytes];
         copy_buffer(data, &mut v, &format!("write_record({layer}, {expert})"))?;
         py.detach(|| self.inner.write_record(layer, expert, &v))
-            .map_err(to_py)
+            .map_err(error::store)
     }
 
     /// Stop I/O; uncommitted changes are dropped.
@@ -427,216 +374,7 @@ impl PyExpertStore {
     }
 }
 
-/// An asynchronous request; wait() returns the RAM slot per key.
-#[pyclass(module = "gmtier._core", name = "Ticket", frozen)]
-pub struct PyTicket {
-    ticket: Mutex<Option<core::Ticket>>,
-    sections: &'static str,
-    store: Py<PyExpertStore>,
-}
-
-#[pymethods]
-impl PyTicket {
-    /// Block (GIL released) until the experts are in RAM; returns their RAM slots, in order.
-    /// Pins them: release() each key once. `timeout` (seconds) raises TimeoutError instead of
-    /// waiting forever.
-    #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<usize>> {
-        let mut t = self.ticket.lock().unwrap().take().ok_or_else(|| {
-            PyValueError::new_err("this ticket was already waited on; request() again")
-        })?;
-        let timeout = timeout.map(Duration::from_secs_f64);
-        let res = py.detach(|| t.wait(timeout));
-        if let Err(core::StoreError::Timeout(_)) = res {
-            // Still pending and still pinned: the caller may wait on it again.
-            *self.ticket.lock().unwrap() = Some(t);
-        }
-        res.map_err(to_py)
-    }
-    /// Whether wait() would return at once.
-    fn ready(&self) -> bool {
-        self.ticket
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_none_or(|t| t.ready())
-    }
-    /// The keys requested.
-    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let keys: Vec<Key> = self
-            .ticket
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|t| t.keys().to_vec())
-            .unwrap_or_default();
-        PyList::new(py, keys)
-    }
-    /// The sections requested ("all", "weights" or "state"): what wait() makes valid.
-    #[getter]
-    fn sections(&self) -> &'static str {
-        self.sections
-    }
-    /// The store this ticket belongs to.
-    #[getter]
-    fn store(&self, py: Python<'_>) -> Py<PyExpertStore> {
-        self.store.clone_ref(py)
-    }
-}
-
-/// Slot accounting with the store's eviction policy (LRU refined by prefetch priority, pinned
-/// slots never evicted); the GPU tier uses it.
-#[pyclass(module = "gmtier._core", name = "SlotPool", frozen)]
-pub struct PySlotPool {
-    inner: Mutex<core::SlotPool>,
-}
-
-#[pymethods]
-impl PySlotPool {
-    #[new]
-    fn new(num_slots: usize) -> PyResult<Self> {
-        if num_slots == 0 {
-            return Err(PyValueError::new_err(
-                "a SlotPool needs at least one slot (the budget is smaller than one expert)",
-            ));
-        }
-        Ok(PySlotPool {
-            inner: Mutex::new(core::SlotPool::new(num_slots)),
-        })
-    }
-    /// Take (and pin, unless pin=False for a prefetch) a slot for key: (slot, hit, evicted_key|None).
-    /// Raises StoreError when every slot is pinned.
-    #[pyo3(signature = (key, priority=0, pin=true))]
-    fn acquire(&self, key: Key, priority: i64, pin: bool) -> PyResult<(usize, bool, Option<Key>)> {
-        self.inner
-            .lock()
-            .unwrap()
-            .acquire(key, priority, pin)
-            .map_err(to_py)
-    }
-    /// Unpin key's slot.
-    fn release(&self, key: Key) -> PyResult<()> {
-        self.inner.lock().unwrap().release(key).map_err(to_py)
-    }
-    /// Slot of key, or None.
-    fn lookup(&self, key: Key) -> Option<usize> {
-        self.inner.lock().unwrap().lookup(key)
-    }
-    /// Forget key (its data is stale); returns whether it was resident.
-    fn invalidate(&self, key: Key) -> bool {
-        self.inner.lock().unwrap().invalidate(key)
-    }
-    /// A prefetch of key turned out wrong: unprotect it and make it the first LRU victim.
-    /// Returns whether key held an unused prefetch.
-    fn demote(&self, key: Key) -> bool {
-        let mut g = self.inner.lock().unwrap();
-        g.lookup(key).is_some_and(|s| g.demote(s))
-    }
-    /// Pins on slot.
-    fn pins(&self, slot: usize) -> PyResult<u32> {
-        let g = self.inner.lock().unwrap();
-        if slot >= g.num_slots() {
-            return Err(PyValueError::new_err(format!(
-                "slot {slot} out of range (pool has {})",
-                g.num_slots()
-            )));
-        }
-        Ok(g.pins(slot))
-    }
-    /// Key in slot, or None.
-    fn key_of(&self, slot: usize) -> PyResult<Option<Key>> {
-        let g = self.inner.lock().unwrap();
-        if slot >= g.num_slots() {
-            return Err(PyValueError::new_err(format!(
-                "slot {slot} out of range (pool has {})",
-                g.num_slots()
-            )));
-        }
-        Ok(g.key_of(slot))
-    }
-    /// Number of slots.
-    #[getter]
-    fn num_slots(&self) -> usize {
-        self.inner.lock().unwrap().num_slots()
-    }
-    /// Slots holding a key.
-    fn resident(&self) -> usize {
-        self.inner.lock().unwrap().resident()
-    }
-    /// Slots pinned.
-    fn pinned(&self) -> usize {
-        self.inner.lock().unwrap().pinned()
-    }
-}
-
-/// Read byte ranges [(offset, length)] of a file with `threads` concurrent O_DIRECT preads of
-/// `chunk_bytes`: the disk's physical limit. Returns (bytes, seconds, direct).
-#[pyfunction]
-#[pyo3(signature = (path, ranges, chunk_bytes=4<<20, threads=8, direct=true))]
-fn raw_read(
-    py: Python<'_>,
-    path: PathBuf,
-    ranges: Vec<(u64, u64)>,
-    chunk_bytes: usize,
-    threads: usize,
-    direct: bool,
-) -> PyResult<(u64, f64, bool)> {
-    let r = py
-        .detach(|| core::io::raw_read(&path, &ranges, chunk_bytes, threads, direct))
-        .map_err(|e| to_py(core::StoreError::io(&path, "raw read of", e)))?;
-    Ok((r.bytes, r.seconds, r.direct))
-}
-
-/// (name, dtype, shape, offset_in_record, nbytes, section) for each tensor of a layout.
-fn layout_list<'py>(py: Python<'py>, layout: &RecordLayout) -> PyResult<Bound<'py, PyList>> {
-    let items: Vec<_> = layout
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.spec.name.clone(),
-                t.spec.dtype.name(),
-                t.spec.shape.clone(),
-                t.offset,
-                t.nbytes,
-                t.spec.section.name(),
-            )
-        })
-        .collect();
-    PyList::new(py, items)
-}
-
-/// The record layout of a schema, without a store: (tensor layout as `tensor_layout()` lists it,
-/// record_bytes, weights_bytes). The one place record sizes are computed; Python asks this.
-#[pyfunction]
-fn record_layout<'py>(
-    py: Python<'py>,
-    schema: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyList>, usize, usize)> {
-    let layout = RecordLayout::new(&parse_schema(schema)?).map_err(to_py)?;
-    Ok((
-        layout_list(py, &layout)?,
-        layout.record_bytes,
-        layout.weights_bytes,
-    ))
-}
-
-/// fdatasync + drop a file's clean pages from the page cache (no root needed).
-#[pyfunction]
-fn drop_cache(py: Python<'_>, path: PathBuf) -> PyResult<()> {
-    py.detach(|| core::io::drop_cache(&path))
-        .map_err(|e| to_py(core::StoreError::io(&path, "drop page cache of", e)))
-}
-
-/// Register the store classes in `gmtier._core`.
+/// Register `ExpertStore` in `gmtier._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyExpertStore>()?;
-    m.add_class::<PyTicket>()?;
-    m.add_class::<PySlotPool>()?;
-    m.add("StoreError", m.py().get_type::<StoreError>())?;
-    m.add_function(wrap_pyfunction!(raw_read, m)?)?;
-    m.add_function(wrap_pyfunction!(drop_cache, m)?)?;
-    m.add_function(wrap_pyfunction!(record_layout, m)?)?;
-    let _ = PyTuple::empty(m.py());
-    Ok(())
+    m.add_class::<PyExpertStore>()
 }

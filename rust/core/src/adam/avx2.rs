@@ -3,9 +3,9 @@
 
 use core::arch::x86_64::*;
 
-use super::{Coefs, GradDtype};
+use super::dispatch::{Coefs, GradDtype};
 
-use super::{G_BF16, G_F16, G_F32, H_BF16, H_NONE, STREAM_ALL, STREAM_NONE};
+use super::dispatch::{G_BF16, G_F16, G_F32, H_BF16, H_NONE, STREAM_ALL, STREAM_NONE};
 
 #[derive(Clone, Copy)]
 struct V {
@@ -123,23 +123,9 @@ unsafe fn run<const G: u8, const H: u8, const S: u8>(
     h: *mut u16,
     n: usize,
 ) {
-    let pf = c.prefetch;
     let c = splat(c);
-    let gsize = if G == G_F32 { 4 } else { 2 };
     let mut i = 0;
     while i + 32 <= n {
-        if pf != 0 && i % 64 == 0 {
-            // software prefetch `pf` elements ahead (addresses past the end are harmless)
-            let j = i + pf;
-            for l in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j + 16 * l) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(m.wrapping_add(j + 16 * l) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(j + 16 * l) as *const i8);
-            }
-            for l in 0..gsize {
-                _mm_prefetch::<_MM_HINT_T0>(g.wrapping_add(j * gsize + 64 * l) as *const i8);
-            }
-        }
         body::<G, H, S>(&c, p, m, v, g, h, i);
         body::<G, H, S>(&c, p, m, v, g, h, i + 8);
         body::<G, H, S>(&c, p, m, v, g, h, i + 16);

@@ -1,6 +1,7 @@
 //! Portable AdamW kernel (any target): the reference the SIMD paths must agree with.
 
-use super::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Coefs, GradDtype, HalfDtype};
+use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use super::dispatch::{Coefs, GradDtype, HalfDtype};
 
 #[inline]
 unsafe fn load_grad(g: *const u8, dtype: GradDtype, i: usize) -> f32 {

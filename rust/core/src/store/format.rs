@@ -1,7 +1,7 @@
 //! On-disk format: a safetensors-valid data file holding two record slots per expert, plus
 //! `index.json`, the last committed state. See docs/design.md "The store on disk".
 
-use super::{Result, StoreError};
+use crate::error::{Result, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,6 +14,13 @@ pub const ALIGN: usize = 4096;
 pub const TENSOR_ALIGN: usize = 64;
 /// Version written into the header and the index.
 pub const FORMAT_VERSION: u32 = 1;
+/// Index versions this build reads.
+pub const INDEX_VERSIONS_READ: &[u32] = &[1];
+/// The `__metadata__` key of the header's tensor-table checksum (crc32 of the table's bytes, 8
+/// hex digits). Headers written before it existed lack it and are read without the check.
+pub const TABLE_CRC_KEY: &str = "tensor_table_crc32";
+/// How every header this crate writes begins: the tensor table follows the metadata object.
+const HEADER_PREFIX: &str = "{\"__metadata__\":";
 /// Name of the data file inside a store directory.
 pub const DATA_FILE: &str = "experts.safetensors";
 /// Name of the committed index inside a store directory.
@@ -457,12 +464,25 @@ fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> 
     meta.insert("num_experts", num_experts.to_string());
     meta.insert("record_bytes", layout.record_bytes.to_string());
     meta.insert("weights_bytes", layout.weights_bytes.to_string());
+    let table = tensor_table_json(num_layers, num_experts, layout);
+    meta.insert(
+        TABLE_CRC_KEY,
+        format!("{:08x}", crc32fast::hash(table.as_bytes())),
+    );
+    let meta = serde_json::to_string(&meta).unwrap();
+    let mut s = String::with_capacity(HEADER_PREFIX.len() + meta.len() + table.len() + 1);
+    s.push_str(HEADER_PREFIX);
+    s.push_str(&meta);
+    s.push_str(&table);
+    s.push('}');
+    s
+}
+
+/// The header's tensor table: every record slot's tensors (and padding) as safetensors entries,
+/// each starting with a comma (it follows `__metadata__`).
+fn tensor_table_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> String {
     // Built by hand: the header can hold ~10^5 entries and we want one pass, no intermediate Value tree.
-    let mut s =
-        String::with_capacity(256 + num_layers * num_experts * 2 * layout.tensors.len() * 96);
-    s.push('{');
-    s.push_str("\"__metadata__\":");
-    s.push_str(&serde_json::to_string(&meta).unwrap());
+    let mut s = String::with_capacity(num_layers * num_experts * 2 * layout.tensors.len() * 96);
     let rb = layout.record_bytes;
     for l in 0..num_layers {
         for e in 0..num_experts {
@@ -498,8 +518,44 @@ fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> 
             }
         }
     }
-    s.push('}');
     s
+}
+
+/// Check the header's tensor table against the checksum in its `__metadata__` (`json`: the
+/// header text, padding included). A header without the checksum passes.
+fn check_table_crc(
+    json: &[u8],
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<(), String> {
+    let Some(want) = meta.get(TABLE_CRC_KEY) else {
+        return Ok(());
+    };
+    let want = want
+        .as_str()
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| format!("__metadata__.{TABLE_CRC_KEY} is not a hex crc32"))?;
+    let body = json
+        .strip_prefix(HEADER_PREFIX.as_bytes())
+        .ok_or("the header does not begin with __metadata__")?;
+    // Where the metadata object ends, the table begins; it ends at the header's closing brace.
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
+    values
+        .next()
+        .and_then(|v| v.ok())
+        .ok_or("__metadata__ cannot be parsed")?;
+    let start = values.byte_offset();
+    let end = json.iter().rposition(|&b| b == b'}');
+    let table = end
+        .and_then(|e| body.get(start..e.checked_sub(HEADER_PREFIX.len())?))
+        .unwrap_or_default();
+    let got = crc32fast::hash(table);
+    if got != want {
+        return Err(format!(
+            "the tensor table's checksum does not match (__metadata__ says crc32 {want:08x}, \
+             the table has {got:08x}): the table was changed or damaged"
+        ));
+    }
+    Ok(())
 }
 
 /// Header bytes (8-byte length + JSON padded with spaces so the data starts 4096-aligned).
@@ -552,6 +608,7 @@ pub fn read_header(path: &Path, file: &File) -> Result<Geometry> {
             .and_then(|x| x.as_str())
             .ok_or_else(|| corrupt(format!("__metadata__ lacks {k:?}")))
     };
+    check_table_crc(&buf, meta).map_err(corrupt)?;
     if get("format")? != "gmtier-store" {
         return Err(corrupt(
             "__metadata__.format is not \"gmtier-store\"".into(),
@@ -682,6 +739,16 @@ impl Index {
                 path.display()
             ))
         })?;
+        if !INDEX_VERSIONS_READ.contains(&idx.version) {
+            let reads: Vec<String> = INDEX_VERSIONS_READ.iter().map(|v| v.to_string()).collect();
+            return Err(StoreError::Corrupt(format!(
+                "{} has index version {}, but this gmtier reads index version {} only; open the \
+                 store with the gmtier that wrote it, or restore the index from a backup",
+                path.display(),
+                idx.version,
+                reads.join(", ")
+            )));
+        }
         if idx.format != "gmtier-index"
             || idx.num_layers != g.num_layers
             || idx.num_experts != g.num_experts

@@ -2,7 +2,7 @@
 //! (driven from Python): a fixed number of slots, a key -> slot map, pin counts, and the
 //! eviction policy: LRU refined by prefetch priority, pinned slots never evicted.
 
-use super::{Result, StoreError};
+use crate::error::{Result, StoreError};
 use std::collections::HashMap;
 
 /// An expert: (layer, expert).
