@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gmtier import adam as A
+from gmtier import optim
 
 PATHS = ["avx512", "avx2", "scalar"]
 
@@ -210,7 +211,7 @@ def test_cpu_adamw_drop_in(simd):
     ref.load_state_dict(model.state_dict())
     params = list(model.parameters())
     halves = [torch.zeros_like(q, dtype=torch.bfloat16) for q in params]
-    opt = A.CpuAdamW([{"params": params, "half_copies": halves}], lr=1e-2, weight_decay=0.05, simd=simd)
+    opt = optim.CpuAdamW([{"params": params, "half_copies": halves}], lr=1e-2, weight_decay=0.05, simd=simd)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
     for it in range(20):
         x = torch.randn(16, 33)
@@ -227,14 +228,14 @@ def test_cpu_adamw_drop_in(simd):
     assert opt.state[params[-1]]["step"].item() == 19
     assert opt.state[params[0]]["step"].item() == 20
     sd = opt.state_dict()
-    opt2 = A.CpuAdamW(model.parameters(), lr=1e-2)
+    opt2 = optim.CpuAdamW(model.parameters(), lr=1e-2)
     opt2.load_state_dict(sd)
     assert opt2.state[params[0]]["step"].item() == 20
 
 
 def test_cpu_adamw_check_finite_and_async():
     w = torch.nn.Parameter(torch.randn(1000))
-    opt = A.CpuAdamW([w], lr=1e-3, check_finite=True)
+    opt = optim.CpuAdamW([w], lr=1e-3, check_finite=True)
     w.grad = torch.randn(1000)
     w.grad[3] = float("nan")
     before = w.detach().clone()

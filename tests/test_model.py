@@ -138,3 +138,21 @@ def test_shipped_configs_load(name):
         pytest.skip(f"{path} not written yet")
     cfg = config.load(path)
     assert cfg.model.n_layer > 0
+
+
+def test_device_and_budget_errors_name_the_key():
+    """Issue 14 items 6-7: one ConfigError line each, naming the key."""
+    with pytest.raises(ConfigError, match=r"^train.device = 'tpu': choose one of 'auto', 'cpu', 'cuda'"):
+        config.load("configs/tiny.toml", ["train.device=tpu"])
+    for key in ("experts.gpu_budget", "experts.ram_budget"):
+        with pytest.raises(ConfigError, match=rf"^{key} = -1: a budget cannot be negative"):
+            config.load("configs/tiny.toml", [f"{key}=-1"])
+        with pytest.raises(ConfigError, match=rf"^{key} = '-1GB'"):
+            config.load("configs/tiny.toml", [f"{key}='-1GB'"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_missing_is_said_before_the_gpu_budget():
+    cfg = config.load("configs/tiny.toml", ["train.device=cuda", "experts.gpu_budget=1"])  # a budget too small
+    with pytest.raises(ConfigError, match=r"^train.device = 'cuda', but CUDA is not available"):
+        cfg.device()

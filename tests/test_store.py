@@ -397,3 +397,41 @@ def test_state_read_then_filled_weights_round_trip(store_dir):
         assert same(s.read_expert(1, 1), new)
         with pytest.raises(ValueError, match="sections must be"):
             s.core.mark_dirty([(1, 1)], "bias")
+
+
+def test_a_store_without_its_index_is_refused_and_left_untouched(store_dir):
+    """Issue 14 item 1: a missing index.json never re-creates the store, here or through the
+    expert runtime; the data file stays byte for byte."""
+    from gmtier import config
+    from gmtier.experts import ExpertRuntime
+    from gmtier.store import StoreIndexMissingError
+
+    data = store_dir / "experts.safetensors"
+    before = data.read_bytes()
+    (store_dir / "index.json").unlink()
+    with pytest.raises(StoreIndexMissingError, match=r"index.json is missing.*left untouched.*[Rr]estore"):
+        TieredExpertStore.open(store_dir, ram_bytes=1 << 20)
+    cfg = config.load("configs/tiny.toml", [f'experts.store_dir="{store_dir}"'])
+    with pytest.raises(StoreError, match=r"index.json is missing"):
+        ExpertRuntime(cfg, "cpu", log=lambda s: None)
+    assert data.read_bytes() == before and not (store_dir / "index.json").exists()
+
+
+def test_create_over_a_store_needs_overwrite(tmp_path):
+    from gmtier import config
+    from gmtier.experts import ExpertRuntime
+    from gmtier.store import StoreExistsError
+
+    cfg = config.load("configs/tiny.toml", [f'experts.store_dir="{tmp_path / "store"}"'])
+    ExpertRuntime(cfg, "cpu", create=True, log=lambda s: None).close()
+    data = tmp_path / "store" / "experts.safetensors"
+    before = data.read_bytes()
+    with pytest.raises(StoreExistsError, match="already exists as an expert store.*--fresh"):
+        ExpertRuntime(cfg, "cpu", create=True, log=lambda s: None)
+    assert data.read_bytes() == before
+    (tmp_path / "store" / "index.json").unlink()  # the data file alone is a store too
+    with pytest.raises(StoreExistsError):
+        ExpertRuntime(cfg, "cpu", create=True, log=lambda s: None)
+    rt = ExpertRuntime(cfg, "cpu", create=True, overwrite=True, log=lambda s: None)
+    assert rt.committed_step() == 0
+    rt.close()

@@ -4,15 +4,16 @@ One pass per chunk of every tensor: gradient (fp32/bf16/fp16) -> AdamW update of
 weight and both moments -> optional bf16/fp16 copy of the new weight (round to nearest even),
 with the math and operation order of ``torch.optim.AdamW``. The GIL is released while it runs.
 
-Two ways in:
+The ways in:
 
-* :func:`adamw_step` on raw tensors, as the training loop has them in the store's RAM slots:
-  ``AdamTensors(master, exp_avg, exp_avg_sq, grad, step, half=None)``, ``step`` being the expert's
-  int64[1] step counter (incremented once per call, only for tensors passed; tensors of one
-  expert may share it). ``async_=True`` returns an :class:`AdamHandle` so GPU work continues.
-* :class:`CpuAdamW`, a ``torch.optim.Optimizer`` for plain CPU fp32 parameters with ``.grad``;
-  a parameter group may carry ``"half_copies"``, bf16/fp16 tensors aligned with ``"params"``
-  that receive the rounded new weights.
+* :func:`adamw_step` on raw tensors: ``AdamTensors(master, exp_avg, exp_avg_sq, grad, step,
+  half=None)``, ``step`` being the int64[1] step counter (incremented once per call, only for
+  tensors passed; tensors of one expert may share it). ``async_=True`` returns an
+  :class:`AdamHandle` so GPU work continues.
+* :func:`adamw_record` on one expert's record (the names of `gmtier.record`), and for the store's
+  RAM slots, whose memory is fixed, specs validated once (:class:`RecordSpecCache`) stepped by
+  :func:`adamw_raw_groups` (one call for several experts; :func:`adamw_raw` for one).
+* ``gmtier.optim.HostAdamW`` / ``CpuAdamW``, the ``torch.optim.Optimizer`` over this kernel.
 
 Loss scaling and clipping: pass ``grad_scale`` (the fp16 loss scale; gradients are multiplied by
 ``1 / grad_scale`` in the pass) and ``clip_coef`` (from :func:`clip_coef`, which computes the
@@ -26,16 +27,15 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from gmtier import _core
+from gmtier import _core, dtypes, record
 
 __all__ = [
     "AdamTensors",
     "AdamHandle",
-    "CpuAdamW",
     "adamw_step",
     "adamw_record",
     "record_tensors",
@@ -46,8 +46,8 @@ __all__ = [
     "memory_bandwidth",
 ]
 
-_GRAD_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_HALF_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_GRAD_DTYPES = dtypes.KERNEL  # torch dtype -> the kernel's name of it
+_HALF_DTYPES = {dt: dtypes.KERNEL[dt] for dt in dtypes.HALF}
 SIMD_CHOICES = ("auto", "avx512", "avx2", "scalar")
 
 
@@ -290,22 +290,23 @@ def record_tensors(rec: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Te
     ``rec[n]`` as the half copy when it is bf16/fp16. Flat views, so shapes need not match."""
     out = []
     for n, g in grads.items():
-        for need in (f"{n}.exp_avg", f"{n}.exp_avg_sq", "step"):
+        m, v = record.exp_avg(n), record.exp_avg_sq(n)
+        for need in (m, v, record.STEP):
             if need not in rec:
                 raise KeyError(f"record has no {need!r} (tensors: {', '.join(rec)})")
         w = rec.get(n)
-        master = rec.get(f"{n}.master")
+        master = rec.get(record.master(n))
         half = None
         if master is None:
             if w is None or w.dtype != torch.float32:
-                raise KeyError(f"record has no fp32 master for {n!r} ({n!r}.master absent, {n!r} not fp32)")
+                raise KeyError(f"record has no fp32 master for {n!r} ({record.master(n)!r} absent, {n!r} not fp32)")
             master = w
         elif w is not None:
             if w.dtype not in _HALF_DTYPES:
                 raise TypeError(f"record tensor {n!r}: dtype {w.dtype} is neither bf16 nor fp16")
             half = w.reshape(-1)
-        out.append(AdamTensors(master.reshape(-1), rec[f"{n}.exp_avg"].reshape(-1), rec[f"{n}.exp_avg_sq"].reshape(-1),
-                               g.reshape(-1), rec["step"].reshape(-1), half))
+        out.append(AdamTensors(master.reshape(-1), rec[m].reshape(-1), rec[v].reshape(-1), g.reshape(-1),
+                               rec[record.STEP].reshape(-1), half))
     return out
 
 
@@ -368,127 +369,3 @@ def clip_coef(
     if not math.isfinite(total):
         return 1.0, total
     return min(1.0, float(max_norm) / (total + 1e-6)), total
-
-
-class CpuAdamW(torch.optim.Optimizer):
-    """Drop-in ``torch.optim.AdamW`` for CPU fp32 parameters, on the fused Rust kernel.
-
-    A parameter group may hold ``"half_copies"``: a list aligned with ``"params"`` of bf16/fp16
-    tensors (or None) that receive the new weights, rounded to nearest even, in the same pass.
-    Parameters without ``.grad`` are skipped and keep their step count. ``step()`` returns the
-    closure's loss; :attr:`last_step_skipped` tells whether ``check_finite`` skipped the step.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        *,
-        check_finite: bool = False,
-        simd: str = "auto",
-        threads: int | None = None,
-    ) -> None:
-        if lr < 0:
-            raise ValueError(f"invalid learning rate: {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas: {betas}")
-        if eps < 0:
-            raise ValueError(f"invalid eps: {eps}")
-        if weight_decay < 0:
-            raise ValueError(f"invalid weight_decay: {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.check_finite = bool(check_finite)
-        self.simd = _simd(simd)
-        self.threads = _threads(threads)
-        self.last_step_skipped = False
-        for group in self.param_groups:
-            self._check_group(group)
-
-    def _check_group(self, group: dict) -> None:
-        for i, p in enumerate(group["params"]):
-            _check_tensor(p, f"params[{i}]", {torch.float32: 0}, None)
-        halves = group.get("half_copies")
-        if halves is not None:
-            if len(halves) != len(group["params"]):
-                raise ValueError(
-                    f"half_copies has {len(halves)} entries, the group {len(group['params'])} params"
-                )
-            for i, (p, h) in enumerate(zip(group["params"], halves)):
-                if h is not None:
-                    _check_tensor(h, f"half_copies[{i}]", _HALF_DTYPES, p.numel())
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "simd"):
-            self._check_group(self.param_groups[-1])
-
-    def _group_tensors(self, group: dict) -> list[AdamTensors]:
-        out = []
-        halves = group.get("half_copies") or [None] * len(group["params"])
-        for p, h in zip(group["params"], halves):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("CpuAdamW does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros(1, dtype=torch.int64)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            step = state["step"]
-            if step.dtype != torch.int64 or step.numel() != 1:  # e.g. a torch AdamW state dict
-                state["step"] = step = torch.tensor([int(step.reshape(-1)[0].item())], dtype=torch.int64)
-            grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            out.append(AdamTensors(p.detach(), state["exp_avg"], state["exp_avg_sq"], grad, step, h))
-        return out
-
-    def _launch(self, grad_scale: float, clip: float, async_: bool) -> tuple[list, list, bool]:
-        groups = [(g, self._group_tensors(g)) for g in self.param_groups]
-        groups = [(g, ts) for g, ts in groups if ts]
-        if self.check_finite and groups:
-            _, finite = grad_sumsq([t.grad for _, ts in groups for t in ts], simd=self.simd, threads=self.threads)
-            if not finite:
-                return [], [], True
-        jobs, keep = [], []
-        for g, ts in groups:
-            kw = dict(
-                lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
-                grad_scale=grad_scale, clip_coef=clip, simd=self.simd, threads=self.threads,
-            )
-            if async_:
-                h = adamw_step(ts, async_=True, **kw)
-                jobs.extend(h._jobs)
-                keep.append(ts)
-            else:
-                adamw_step(ts, **kw)
-        return jobs, keep, False
-
-    @torch.no_grad()
-    def step(
-        self,
-        closure: Callable[[], float] | None = None,
-        *,
-        grad_scale: float = 1.0,
-        clip_coef: float = 1.0,
-    ) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        _, _, skipped = self._launch(grad_scale, clip_coef, async_=False)
-        self.last_step_skipped = skipped
-        return loss
-
-    @torch.no_grad()
-    def step_async(self, *, grad_scale: float = 1.0, clip_coef: float = 1.0) -> AdamHandle:
-        """Start the step on the Adam thread pool; leave params, grads and state untouched until
-        ``handle.wait()`` returned (it returns True if ``check_finite`` skipped the step)."""
-        jobs, keep, skipped = self._launch(grad_scale, clip_coef, async_=True)
-        self.last_step_skipped = skipped
-        h = AdamHandle(jobs, keep)
-        if skipped:
-            h._skipped = True
-        return h

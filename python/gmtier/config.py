@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gmtier import _core, dtypes, record
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
@@ -107,10 +109,18 @@ class Config:
 
     # ---- derived quantities -------------------------------------------------------------
     def device(self) -> str:
-        import torch
+        """The device to run on; a ConfigError where train.device names CUDA and there is none."""
+        device = self._device()
+        if device.startswith("cuda") and not _cuda_available():
+            raise ConfigError(f"train.device = {device!r}, but CUDA is not available on this machine "
+                              "(no GPU, or torch built without CUDA); use train.device=cpu or auto")
+        return device
 
+    def _device(self) -> str:
+        """The device train.device names, whether or not it exists here (a config for CUDA
+        still loads, and says what it would use, on a machine without it)."""
         if self.train.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return "cuda" if _cuda_available() else "cpu"
         return self.train.device
 
     def precision(self) -> str:
@@ -118,7 +128,7 @@ class Config:
         import torch
 
         p = self.train.precision
-        if self.device() == "cpu":
+        if self._device() == "cpu":
             return "fp32" if p == "auto" else p
         if p == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -129,27 +139,106 @@ class Config:
 
     def expert_pad_rows(self) -> int:
         if self.experts.pad_rows == "auto":
-            return 128 if self.device().startswith("cuda") else 0
+            return 128 if self._device().startswith("cuda") else 0
         return self.experts.pad_rows
 
     def store_dir(self) -> Path:
         return Path(self.experts.store_dir) if self.experts.store_dir else Path(self.train.run_dir) / "store"
 
+    def expert_schema(self) -> list[tuple[str, str, list[int], str]]:
+        """The store record of one expert of this model (`gmtier.record.expert_schema`)."""
+        return record.expert_schema(self.model.d_model, self.model.d_ff, dtypes.from_config(self.expert_dtype()))
+
     def expert_bytes(self) -> tuple[int, int]:
-        """(weights_bytes, record_bytes) of one expert record, each padded to 4096 as the store does."""
-        m = self.model
-        n = 2 * m.d_model * m.d_ff
-        half = self.expert_dtype() in ("bf16", "fp16")
-        weights = _pad(n * (2 if half else 4))
-        state = _pad(n * 4 * (3 if half else 2) + 8)  # (master +) exp_avg + exp_avg_sq, step
-        return weights, weights + state
+        """(weights_bytes, record_bytes) of one expert record, as the Rust store lays it out."""
+        _, record_bytes, weights_bytes = _core.record_layout(self.expert_schema())
+        return weights_bytes, record_bytes
+
+    def plan(self, device: str, gpu_tier: bool) -> "ExpertPlan":
+        """The tiers' slots, dW groups and prefetch room of a tiered run on `device`
+        (`gpu_tier`: whether the run has a GPU tier: on CUDA, or emulated on CPU)."""
+        return ExpertPlan.build(self, device, gpu_tier)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _pad(n: int, align: int = 4096) -> int:
-    return (n + align - 1) // align * align
+GRAD_GROUP = 8  # experts whose dW leave together where both tiers hold every record
+
+
+def grad_staging(cfg: Config, ram_bytes: int, gpu_bytes: int, n_records: int) -> tuple[int, int]:
+    """(experts per dW group, GPU slots that stage dW). Where both tiers hold every record with
+    room to spare, the dW of up to `GRAD_GROUP` experts leave in one D2H copy and get one AdamW
+    job: backward at small experts is bound by its host work per expert (events, copies, the
+    hand-off to the AdamW thread), and this does that work once per group; two groups of slots
+    (one being filled while the other drains to RAM). Else one expert at a time: two staging
+    slots where the GPU budget holds at least six experts, else one."""
+    weights, record = cfg.expert_bytes()
+    group = min(GRAD_GROUP, cfg.model.n_experts)
+    # Room in RAM for the updates in flight (3 groups) and the records in copies and paging.
+    ram_holds_all = ram_bytes // record >= n_records + 3 * group + 5
+    gpu_holds_all = not gpu_bytes or gpu_bytes // weights - 2 * group >= n_records + 2
+    if group > 1 and ram_holds_all and gpu_holds_all:
+        return group, (2 * group if gpu_bytes else 0)
+    if not gpu_bytes:
+        return 1, 0
+    return 1, (2 if gpu_bytes // weights >= 6 else 1)
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """What a tiered run's budgets buy, in the store's own sizes (`_core.record_layout`).
+
+    Experts waiting for their AdamW stay pinned (RAM and GPU); two more are pinned by the
+    paging loop (current + next), so the budgets bound how many updates may be in flight. On
+    CUDA the GPU tier keeps a RAM record pinned until the H2D copy that read it has finished:
+    two such copies are counted in flight, and one GPU prefetch copy. GPU prefetch runs where
+    the tier cannot keep every expert (it keeps those it has room for, refreshed after each
+    AdamW)."""
+
+    weights_bytes: int
+    record_bytes: int
+    ram_bytes: int
+    gpu_bytes: int  # 0 without a GPU tier
+    n_records: int
+    ram_slots: int
+    gpu_slots: int  # GPU slots for weights (the budget less the dW staging slots)
+    grad_group: int  # experts whose dW leave in one copy and get one AdamW job
+    grad_slots: int  # GPU slots that stage dW
+    gpu_prefetch: bool
+    max_pending: int  # expert updates that may be queued or running
+    prefetch_room: int  # RAM slots left for read-ahead
+
+    @classmethod
+    def build(cls, cfg: Config, device: str, gpu_tier: bool) -> "ExpertPlan":
+        e = cfg.experts
+        weights, record = cfg.expert_bytes()
+        n_records = len(cfg.model.switch_layers()) * cfg.model.n_experts
+        gpu_bytes = parse_bytes(e.gpu_budget, "experts.gpu_budget") if gpu_tier else 0
+        ram_bytes = parse_bytes(e.ram_budget, "experts.ram_budget")
+        group, grad_slots = grad_staging(cfg, ram_bytes, gpu_bytes, n_records)
+        ram_slots = ram_bytes // record
+        gpu_slots = gpu_bytes // weights - grad_slots if gpu_bytes else 0
+        gpu_prefetch = bool(gpu_bytes) and e.prefetch and e.gpu_prefetch and gpu_slots - 2 < n_records
+        in_copy = (2 + gpu_prefetch) if gpu_bytes else 0
+        slots = ram_slots - in_copy
+        if gpu_bytes:
+            slots = min(slots, gpu_slots)
+        # Up to 8 updates queued (three groups where dW goes in groups) lets backward run ahead of
+        # the CPU AdamW (2 put the AdamW on the critical path of the `small` step on an H200);
+        # small budgets keep fewer.
+        cap = max(8, 3 * group)
+        max_pending = max(0, min(min(cap, max(2, (slots - 2) // 2)), slots - 2)) if e.async_adam else 0
+        # Prefetching more than the RAM slots left once those pins are counted would only evict
+        # records before their use and read them twice.
+        prefetch_room = max(0, ram_slots - in_copy - 2 - max_pending)
+        return cls(weights, record, ram_bytes, gpu_bytes, n_records, ram_slots, gpu_slots, group, grad_slots,
+                   gpu_prefetch, max_pending, prefetch_room)
+
+    @property
+    def all_in_ram(self) -> bool:
+        """Whether the RAM tier holds every record besides the updates in flight and the two paged."""
+        return self.ram_slots >= self.n_records + self.max_pending + 2
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -161,6 +250,8 @@ def parse_bytes(value: int | str, key: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key} = {value!r}: expected a byte count such as 11GB or 512MiB")
     if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key} = {value}: a budget cannot be negative; use a byte count such as 11GB or 0")
         return value
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
@@ -171,11 +262,17 @@ def parse_bytes(value: int | str, key: str) -> int:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "experts": ExpertsConfig}
 _CHOICES = {
     "model.positions": ("rope", "learned"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision": ("auto", *dtypes.CONFIG),
     "train.dense_optimizer": ("torch", "cpu"),
     "experts.mode": ("tiered", "resident"),
-    "experts.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "experts.dtype": ("auto", *dtypes.CONFIG),
 }
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_type(key: str, value, annotation):
@@ -237,6 +334,8 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
     m, t, e = cfg.model, cfg.train, cfg.experts
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device):
+        raise ConfigError(f"train.device = {t.device!r}: choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
     for key in ("n_layer", "n_head", "d_model", "d_ff", "seq_len"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key} = {getattr(m, key)}: must be positive")
@@ -273,7 +372,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"experts.ram_budget = {e.ram_budget!r} ({ram} B) holds fewer than 2 expert records of "
                 f"{record} B each; raise it to at least {2 * record} B ({math.ceil(2 * record / 2**20)}MiB)")
-        if cfg.device().startswith("cuda") and gpu < 3 * weights:
+        # A config for CUDA still loads on a machine without it (cfg.device() says CUDA is
+        # missing): its GPU budget is checked where it runs.
+        if cfg._device().startswith("cuda") and _cuda_available() and gpu < 3 * weights:
             raise ConfigError(
                 f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 3 experts of {weights} B (two "
                 f"being computed, one staging gradients); raise it to at least {3 * weights} B "

@@ -1,19 +1,19 @@
-"""The Switch GPT in one file: a causal decoder whose every k-th FFN is a top-1 Switch layer.
+"""The Switch GPT: a causal decoder whose every k-th FFN is a top-1 Switch layer.
 
 The dense part (embeddings, attention, norms, routers, dense FFNs) is an ordinary nn.Module.
 A Switch layer routes every token of the step (fp32 router, load-balancing and z losses,
 capacity with token dropping or dropless), sorts the kept tokens by expert and hands them to an
-*expert bank*: either `ResidentExperts` (experts as nn.Parameters, the reference) or
-`gmtier.experts.TieredExperts` (experts paged from the tiered store, updated by the CPU AdamW
-during backward). Both compute `expert_ffn` on the same sorted tokens, so they agree to
-floating point.
+*expert bank* (`gmtier.experts.bank`): `ResidentExperts` (experts as nn.Parameters, the
+reference, the default) or `TieredExperts` (experts paged from the tiered store, updated by the
+CPU AdamW during backward). A hook sees each block's input (`set_block_input_hook`), and
+`route_votes` applies the routers ahead to it, which is what the tiered runtime predicts with.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,78 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gmtier.config import ModelConfig
-
-
-# ---- experts ------------------------------------------------------------------------------
-
-def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One expert: x [n, d] -> gelu(x w1^T) w2^T, with w1 [d_ff, d] and w2 [d, d_ff] (bias-free);
-    written into `out` (a slice of the layer's output, same dtype) when given."""
-    h = F.gelu(F.linear(x, w1))
-    return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
-
-
-def expert_starts(counts: list[int]) -> list[int]:
-    """The first row of each expert's tokens in the sorted order (counts[e] rows each)."""
-    return list(itertools.accumulate(counts, initial=0))[:-1]
-
-
-def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int], torch.Tensor | None]:
-    """Rows of the per-expert GEMMs: each expert's count rounded up to `multiple`, zero rows
-    filling the gap, so the GEMM shapes repeat from step to step and cuBLAS finds them in its
-    heuristics cache (on an H200 a bf16 GEMM of a new shape took ~600 us of host time, one it had
-    seen ~30 us). Returns the padded counts and the padded row of every sorted token, or
-    (counts, None) when `multiple` <= 1."""
-    if multiple <= 1:
-        return counts, None
-    padded = [-(-c // multiple) * multiple for c in counts]
-    n = sum(counts)
-    shift = torch.tensor(expert_starts(padded)) - torch.tensor(expert_starts(counts))
-    rows = torch.arange(n) + shift.repeat_interleave(torch.tensor(counts), output_size=n)
-    if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
-        rows = rows.pin_memory().to(device, non_blocking=True)
-    return padded, rows
-
-
-def to_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
-    """The sorted rows `t` moved to `rows` of a zeroed [n_rows, d] (as is without padding)."""
-    return t if rows is None else t.new_zeros((n_rows, t.shape[1])).index_copy(0, rows, t)
-
-
-def from_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return t if rows is None else t.index_select(0, rows)
-
-
-def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std: float, n_layer: int):
-    """The initial (w1, w2) of one expert in fp32, a pure function of (seed, layer, expert), so a
-    store can be filled one record at a time and a resident bank gets the same numbers."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert + 1)
-    w1 = torch.randn(d_ff, d_model, generator=g) * std
-    w2 = torch.randn(d_model, d_ff, generator=g) * (std / math.sqrt(2 * n_layer))
-    return w1, w2
-
-
-class ResidentExperts(nn.Module):
-    """The reference expert bank: every expert is a pair of nn.Parameters on the model's device."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0):
-        super().__init__()
-        self.pad_rows = pad_rows  # see gemm_row_layout
-        self.w1 = nn.ParameterList()
-        self.w2 = nn.ParameterList()
-        for e in range(cfg.n_experts):
-            w1, w2 = init_expert(seed, layer, e, cfg.d_model, cfg.d_ff, cfg.init_std, cfg.n_layer)
-            self.w1.append(nn.Parameter(w1))
-            self.w2.append(nn.Parameter(w2))
-
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
-        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
-        outs = []
-        for e, part in enumerate(torch.split(to_gemm_rows(x_sorted, rows, sum(counts_p)), counts_p)):
-            if counts_p[e]:
-                outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
-        return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
+from gmtier.experts.bank import ResidentExperts, expert_ffn  # noqa: F401  (expert_ffn: the experts' math, re-exported)
 
 
 # ---- routing ------------------------------------------------------------------------------
@@ -139,7 +68,7 @@ class SwitchFFN(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = experts
         self.aux_loss = self.z_loss = None
-        self.last_experts: set[int] = set()  # experts that got tokens in the last forward (for prefetch stats)
+        self.last_experts: set[int] = set()  # experts that got tokens in the last forward (the routing trace)
         self.last_drop_frac = 0.0
 
     def router_logits(self, x: torch.Tensor, jitter: bool = False) -> torch.Tensor:
@@ -249,7 +178,23 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg.seq_len, cfg.d_model // cfg.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.prefetcher = None  # set by the tiered runtime: called with (block index, hidden states)
+        self._block_input_hook: Callable[[int, torch.Tensor], None] | None = None
+
+    def set_block_input_hook(self, hook: Callable[[int, torch.Tensor], None] | None) -> None:
+        """`hook(block index, hidden states)` is called with each block's input in forward
+        (None: no hook)."""
+        self._block_input_hook = hook
+
+    @torch.no_grad()
+    def route_votes(self, blocks: list[int], x: torch.Tensor) -> torch.Tensor:
+        """For hidden states `x`, how many tokens the router of each Switch block in `blocks`
+        would send to each expert if `x` reached it: [len(blocks), n_experts]."""
+        h = x.reshape(-1, x.shape[-1])
+        votes = []
+        for i in blocks:
+            blk = self.blocks[i]
+            votes.append(torch.bincount(blk.ffn.router_logits(blk.ln_2(h)).argmax(-1), minlength=self.cfg.n_experts))
+        return torch.stack(votes)
 
     def switch_blocks(self) -> list[SwitchFFN]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, SwitchFFN)]
@@ -267,8 +212,8 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(S, device=idx.device))
         rope = (self.rope_cos, self.rope_sin) if self.cfg.positions == "rope" else None
         for i, block in enumerate(self.blocks):
-            if self.prefetcher is not None:
-                self.prefetcher(i, x)
+            if self._block_input_hook is not None:
+                self._block_input_hook(i, x)
             x = block(x, rope)
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # tied output head

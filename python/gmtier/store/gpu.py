@@ -26,102 +26,47 @@ lower-priority prefetches; `demote` makes a wrong guess the first slot evicted.
 
 On a CPU-only machine (or gpu_bytes == 0 on CPU) the tier serves the RAM views of the weights.
 With GMTIER_EMULATE_GPU_TIER=1 and gpu_bytes > 0 on CPU, the tier runs as on a GPU but in host
-memory, with stand-ins for streams and events that defer copies as a GPU does (`_HostStreams`):
-its bookkeeping, ordering, prefetch and gradient staging are then tested (and compared with
-resident training) without a GPU.
+memory (`gmtier.store.emulation`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 
 import torch
 
 from gmtier._core import SlotPool, StoreError
+from gmtier.store.emulation import HostStreams, emulated
+from gmtier.store.layout import views
+from gmtier.store.metrics import hit_rate
 
 
-def emulated() -> bool:
-    """Whether a CPU run emulates the GPU tier in host memory (GMTIER_EMULATE_GPU_TIER=1)."""
-    return os.environ.get("GMTIER_EMULATE_GPU_TIER") == "1"
+class GradsOnHost:
+    """Gradients of one or more experts copied to pinned host memory on a side stream (one dict
+    of tensors per expert in `tensors`); `wait()` before reading them, `release()` once done with
+    them (their buffer goes back to the GPU tier's ring)."""
 
+    def __init__(self, tensors: list[dict], event=None, give_back=None):
+        self.tensors, self.event, self._give_back = tensors, event, give_back
 
-class _HostStreams:
-    """Stand-ins for torch.cuda's streams and events where the tier's arena is host memory.
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
-    Copies are deferred as on a GPU: a copy enqueued on a side stream runs only when something
-    waits for an event recorded after it (the compute stream waiting on it, `synchronize`), or
-    when its event is queried a second time (the copy engine got to it meanwhile). So a kernel
-    that reads a slot before waiting for its copy, a RAM record unpinned before the copy that
-    reads it ran, or a staging slot refilled before its dW left, all compute with the wrong
-    bytes, and the emulated runs' comparisons with resident training catch them. Compute is
-    immediate (torch on the CPU): the compute stream never has work pending."""
-
-    class Stream:
-        def __init__(self, device=None):
-            self.ops: list = []  # deferred copies, in order
-            self.done = 0  # how many of them ran
-            self.lock = threading.Lock()
-
-        def enqueue(self, op) -> None:
-            with self.lock:
-                self.ops.append(op)
-
-        def run_to(self, upto: int) -> None:
-            with self.lock:
-                while self.done < upto:
-                    self.ops[self.done]()
-                    self.ops[self.done] = None
-                    self.done += 1
-
-        def wait_event(self, event) -> None:
-            # The compute stream runs its next kernel now: what it waits for must run first.
-            # A side stream waiting on compute (always finished) needs nothing.
-            event.synchronize()
-
-        def wait_stream(self, stream) -> None:
-            stream.run_to(len(stream.ops))
-
-    class Event:
-        def __init__(self, enable_timing: bool = False):
-            self.stream, self.upto, self.queried = None, 0, False
-
-        def record(self, stream=None) -> None:
-            self.stream = stream
-            self.upto = len(stream.ops) if stream is not None else 0
-            self.queried = False
-
-        def query(self) -> bool:
-            if self.stream is None or self.stream.done >= self.upto:
-                return True
-            if not self.queried:  # not yet: the copy engine is still busy
-                self.queried = True
-                return False
-            self.synchronize()
-            return True
-
-        def synchronize(self) -> None:
-            if self.stream is not None:
-                self.stream.run_to(self.upto)
-
-        def elapsed_time(self, end) -> float:
-            return 0.0
-
-    _compute = Stream()  # never holds work: compute runs at once
-
-    @staticmethod
-    def stream(stream):
-        return contextlib.nullcontext()
-
-    @staticmethod
-    def current_stream(device=None):
-        return _HostStreams._compute
+    def release(self) -> None:
+        if self._give_back is not None:
+            self.wait()  # the copy into the buffer must be over before anyone refills it
+            give_back, self._give_back, self.tensors = self._give_back, None, []
+            give_back()
 
 
 class GpuTier:
-    """Weights of experts on the compute device."""
+    """Weights of experts on the compute device, and the staging of their gradients.
+
+    One class (a long one): the slot pool, the copies in flight and the RAM pins they hold, the
+    stale and prefetched copies and the dW staging slots change together, under one lock, in
+    every call."""
 
     def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0, grad_group: int = 1):
         self.store = store
@@ -130,7 +75,7 @@ class GpuTier:
         # active: the tier keeps its own copies (on the GPU, or in host memory when emulated).
         self.active = real or (self.device.type == "cpu" and int(gpu_bytes) > 0 and emulated())
         self._emulated = not real
-        self._cuda = torch.cuda if real else _HostStreams
+        self._cuda = torch.cuda if real else HostStreams
         self._lock = threading.RLock()
         self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0,
                   "d2h_bytes": 0, "grad_wait_s": 0.0, "prefetch_copies": 0, "prefetch_hits": 0,
@@ -178,9 +123,7 @@ class GpuTier:
         self._stale: set = set()
 
     def _make_views(self, g: int) -> dict:
-        from gmtier.store import _views
-
-        return _views(self.arena, self.store.layout, g * self.store.weights_bytes, sections=("weights",))
+        return views(self.arena, self.store.layout, g * self.store.weights_bytes, sections=("weights",))
 
     # ---- host-side bookkeeping -------------------------------------------------------------------
     def _reap(self, block: bool = False) -> None:
@@ -195,7 +138,7 @@ class GpuTier:
                 keep.append((ev, key))
         self._inflight = keep
         if done:
-            self.store.core.release(done)
+            self.store.unpin(done)
 
     def drain(self) -> None:
         """Wait for every copy in flight and drop the RAM pins they held."""
@@ -290,7 +233,7 @@ class GpuTier:
                     self._prefetched.add(key)
                     self.m["prefetch_copies"] += 1
                     return "copied"
-        self.store.core.release([key])
+        self.store.unpin([key])
         return outcome
 
     def demote(self, keys) -> None:
@@ -376,7 +319,7 @@ class GpuTier:
         finished)."""
         if not self.active:
             if ram_pinned:
-                self.store.core.release([tuple(k) for k in keys])
+                self.store.unpin([tuple(k) for k in keys])
             return
         with self._lock:
             # One event marks the end of the kernels enqueued so far: it frees every slot released here.
@@ -449,14 +392,12 @@ class GpuTier:
         """A free pinned buffer of the ring and each expert's views in it, named like the weights
         (allocated while under the ring's size), waiting for an update to give one back when all
         are in use."""
-        from gmtier.store import _views
-
         with self._host_cv:
             if not self._free_host and len(self._host_bufs) < self.host_grad_buffers:
                 wb = self.store.weights_bytes
                 buf = torch.empty(self.grad_group * wb, dtype=torch.uint8, pin_memory=not self._emulated)
                 self._host_bufs.append(buf)
-                return buf, [_views(buf, self.store.layout, j * wb, sections=("weights",))
+                return buf, [views(buf, self.store.layout, j * wb, sections=("weights",))
                              for j in range(self.grad_group)]
             t0 = time.perf_counter()
             if not self._host_cv.wait_for(lambda: self._free_host, timeout=60):
@@ -514,8 +455,7 @@ class GpuTier:
 
     def metrics(self) -> dict:
         m = dict(self.m)
-        n = m["hits"] + m["misses"]
-        m["hit_rate"] = m["hits"] / n if n else None
+        m["hit_rate"] = hit_rate(m["hits"], m["misses"])
         m["slots"] = self.num_slots
         return m
 

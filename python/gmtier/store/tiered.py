@@ -5,7 +5,7 @@ asynchronous reads, write-back, crash-safe commit) and adds:
 
 - a zero-copy uint8 torch tensor over the RAM arena, page-locked with `cudaHostRegister` when
   CUDA exists, and per-slot named tensor views (`slot_views`);
-- the GPU tier (`gmtier.tiers.GpuTier`): weights sections copied on a dedicated copy stream,
+- the GPU tier (`gmtier.store.gpu.GpuTier`): weights sections copied on a dedicated copy stream,
   one CUDA event per slot; on a CPU-only machine the "GPU" views are the RAM views;
 - `acquire`/`release` for the Switch layers: an expert's weights on the compute device, with its
   RAM record pinned so Adam can update it in place (`adam_step`, `mark_dirty`).
@@ -16,119 +16,66 @@ Pins: every `wait`/`acquire` pins once; `release` unpins once. A pinned record i
 from __future__ import annotations
 
 import ctypes
+import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from gmtier import _core
 from gmtier.adam import RecordSpecCache, adamw_raw_groups
-from gmtier._core import SlotPool, StoreError, Ticket  # noqa: F401  (re-exported)
+from gmtier._core import StoreError, Ticket
+from gmtier.store.gpu import GpuTier, GradsOnHost
+from gmtier.store.layout import check_tensors, normalize_schema, pack_record, record_layout, tensor_infos, views
+from gmtier.store.metrics import hit_rate
 
 Key = tuple[int, int]
 
-TORCH_DTYPES = {
-    "f32": torch.float32,
-    "bf16": torch.bfloat16,
-    "f16": torch.float16,
-    "i64": torch.int64,
-    "u8": torch.uint8,
-}
-_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+# The files of a store directory (named by the Rust store).
+DATA_FILE, INDEX_FILE = "experts.safetensors", "index.json"
 
 
-def _dtype_name(dtype) -> str:
-    """Accept torch dtypes and their string names."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _NAMES:
-            raise ValueError(f"dtype {dtype} is not supported by the store; use one of {sorted(TORCH_DTYPES)}")
-        return _NAMES[dtype]
-    return str(dtype)
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store where one is opened: the data file is missing."""
 
 
-def normalize_schema(schema: Iterable[Sequence]) -> list[tuple[str, str, list[int], str]]:
-    """(name, dtype, shape[, section]) entries, dtype as a string (torch dtypes accepted)."""
-    out = []
-    for entry in schema:
-        entry = tuple(entry)
-        if len(entry) not in (3, 4):
-            raise ValueError(f"schema entry {entry!r} must be (name, dtype, shape[, section])")
-        name, dtype, shape = entry[:3]
-        section = entry[3] if len(entry) == 4 else "weights"
-        out.append((str(name), _dtype_name(dtype), [int(d) for d in shape], str(section)))
-    return out
+class StoreIndexMissingError(StoreError, FileNotFoundError):
+    """A store directory whose data file is there but whose `index.json` is not: it cannot be
+    opened, and nothing in it is touched (the message says how to restore)."""
 
 
-class TensorInfo:
-    """Where one named tensor lives inside a record."""
+class StoreExistsError(StoreError, ValueError):
+    """`create` over a directory that already holds a store, without `overwrite` (a ValueError
+    too, as the core's refusal of it is)."""
 
-    __slots__ = ("name", "dtype", "shape", "offset", "nbytes", "section")
-
-    def __init__(self, name, dtype, shape, offset, nbytes, section):
-        self.name, self.dtype, self.shape = name, TORCH_DTYPES[dtype], tuple(shape)
-        self.offset, self.nbytes, self.section = offset, nbytes, section
-
-    def __repr__(self) -> str:
-        return f"TensorInfo({self.name!r}, {self.dtype}, {list(self.shape)}, offset={self.offset}, {self.section})"
-
-
-def _views(buf: torch.Tensor, infos: Sequence[TensorInfo], base: int, sections=("weights", "state")) -> dict:
-    """Named dtype/shape views of `buf` (uint8) for a record starting at byte `base`."""
-    out = {}
-    for t in infos:
-        if t.section in sections:
-            out[t.name] = buf[base + t.offset: base + t.offset + t.nbytes].view(t.dtype).view(t.shape)
-    return out
-
-
-def _pack_record(layout: Sequence[TensorInfo], out: np.ndarray, tensors: Mapping, where: str) -> None:
-    """Write named tensors into `out`, one zeroed record (missing names stay zero); checks names,
-    dtypes, shapes."""
-    known = {t.name: t for t in layout}
-    for name, value in tensors.items():
-        if name not in known:
-            raise ValueError(f"{where}: tensor {name!r} is not in the record schema ({', '.join(known)})")
-        t = known[name]
-        value = torch.as_tensor(value)
-        if value.dtype != t.dtype:
-            raise ValueError(f"{where}: tensor {name!r} has dtype {value.dtype}, the schema says {t.dtype}")
-        if tuple(value.shape) != t.shape:
-            raise ValueError(f"{where}: tensor {name!r} has shape {list(value.shape)}, the schema says {list(t.shape)}")
-        out[t.offset: t.offset + t.nbytes] = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-class GradsOnHost:
-    """Gradients of one or more experts copied to pinned host memory on a side stream (one dict
-    of tensors per expert in `tensors`); `wait()` before reading them, `release()` once done with
-    them (their buffer goes back to the GPU tier's ring)."""
-
-    def __init__(self, tensors: list[dict], event=None, give_back=None):
-        self.tensors, self.event, self._give_back = tensors, event, give_back
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-
-    def release(self) -> None:
-        if self._give_back is not None:
-            self.wait()  # the copy into the buffer must be over before anyone refills it
-            give_back, self._give_back, self.tensors = self._give_back, None, []
-            give_back()
 
 
 class TieredExpertStore:
-    """NVMe -> pinned RAM -> GPU expert store. Build with `create` (once) and `open`."""
+    """NVMe -> pinned RAM -> GPU expert store. Build with `create` (once) and `open`.
+
+    One class (a long one): each `acquire`/`release` pairs a RAM pin with a GPU pin, and the
+    RAM-tier calls, the GPU tier's and the AdamW on pinned records share its lock and its record
+    of which acquire pinned what."""
 
     # ---- construction --------------------------------------------------------------------------
     @staticmethod
     def create(path, num_layers: int, num_experts: int, schema, init: Callable | None = None,
-               user_meta: str | None = None) -> None:
+               user_meta: str | None = None, overwrite: bool = False) -> None:
         """Create a store directory. `init(layer, expert)` returns a dict name -> tensor (missing
         names are zero) or a bytes-like record; streamed: the next record is filled while the last
-        is written."""
+        is written. A directory that holds a store already (its data file or its index) is
+        refused with `StoreExistsError` unless `overwrite`, which deletes the directory first."""
+        path = Path(path)
+        if (path / DATA_FILE).exists() or (path / INDEX_FILE).exists():
+            if not overwrite:
+                raise StoreExistsError(f"{path} already exists as an expert store; it is kept as it is (start the run "
+                                       f"over with `gmtier train --fresh` to replace it, or point experts.store_dir "
+                                       f"elsewhere)")
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         schema = normalize_schema(schema)
         fill = None
         if init is not None:
@@ -138,8 +85,8 @@ class TieredExpertStore:
                 rec, dst = init(layer, expert), np.frombuffer(out, dtype=np.uint8)
                 if isinstance(rec, Mapping):
                     if not layout:
-                        layout.extend(_layout_of_schema(schema)[0])
-                    _pack_record(layout, dst, rec, f"init({layer}, {expert})")
+                        layout.extend(record_layout(schema)[0])
+                    pack_record(layout, dst, rec, f"init({layer}, {expert})")
                     return
                 src = np.frombuffer(rec, dtype=np.uint8)
                 if src.size != dst.size:
@@ -149,7 +96,7 @@ class TieredExpertStore:
 
         _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init_into=fill)
         if user_meta:
-            s = _core.ExpertStore.open(str(path), _layout_of_schema(schema)[1])
+            s = _core.ExpertStore.open(str(path), record_layout(schema)[1])
             s.commit(user_meta)
             s.close()
 
@@ -159,18 +106,26 @@ class TieredExpertStore:
              gpu_grad_slots: int = 0, gpu_grad_group: int = 1) -> "TieredExpertStore":
         """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`),
         `gpu_grad_slots` of whose slots stage expert gradients, in groups of `gpu_grad_group`
-        copied to RAM together."""
-        core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
-                                      queue_depth=queue_depth, direct=direct)
+        copied to RAM together. A store whose index.json is missing is refused with
+        `StoreIndexMissingError` (never re-created)."""
+        path = Path(path)
+        if (path / DATA_FILE).exists() and not (path / INDEX_FILE).exists():
+            raise StoreIndexMissingError(
+                f"{path / INDEX_FILE} is missing, so the expert store {path} cannot be opened; its data file "
+                f"{path / DATA_FILE} was left untouched. Restore {INDEX_FILE} (or the whole store directory) "
+                f"from a backup of the run")
+        try:
+            core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
+                                          queue_depth=queue_depth, direct=direct)
+        except FileNotFoundError as e:  # a StoreError too, so that callers need catch one class
+            raise StoreNotFoundError(str(e)) from None
         return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory, gpu_grad_slots=gpu_grad_slots,
                    gpu_grad_group=gpu_grad_group)
 
     def __init__(self, core: "_core.ExpertStore", gpu_bytes: int = 0, device=None, pin_memory: bool = True,
                  gpu_grad_slots: int = 0, gpu_grad_group: int = 1):
-        from gmtier.tiers import GpuTier
-
         self.core = core
-        self.layout = [TensorInfo(*t) for t in core.tensor_layout()]
+        self.layout = tensor_infos(core.tensor_layout())
         self.record_bytes, self.weights_bytes = core.record_bytes, core.weights_bytes
         self.num_layers, self.num_experts, self.ram_slots = core.num_layers, core.num_experts, core.ram_slots
         ptr, nbytes = core.arena_address()
@@ -211,7 +166,7 @@ class TieredExpertStore:
         if v is None:
             if not 0 <= slot < self.ram_slots:
                 raise ValueError(f"RAM slot {slot} out of range (the store has {self.ram_slots})")
-            v = self._slot_views[slot] = _views(self.arena, self.layout, slot * self.record_bytes)
+            v = self._slot_views[slot] = views(self.arena, self.layout, slot * self.record_bytes)
         return v
 
     def weights_bytes_view(self, slot: int) -> torch.Tensor:
@@ -243,7 +198,7 @@ class TieredExpertStore:
         secs = self.core.slot_sections(slot)
         if len(secs) == 2:
             return self.slot_views(slot)
-        return _views(self.arena, self.layout, slot * self.record_bytes, tuple(secs))
+        return views(self.arena, self.layout, slot * self.record_bytes, tuple(secs))
 
     def get(self, keys: Sequence[Key], priority: int = 0, timeout: float | None = None) -> list[dict]:
         """request + wait: RAM views of the records, pinned."""
@@ -270,6 +225,20 @@ class TieredExpertStore:
                     self.gpu.release(group, ram_pinned=ram_pinned)
         if plain:
             self.core.release(plain)
+
+    def pin_resident(self, keys: Sequence[Key], sections: str = "weights") -> list[int | None]:
+        """Pin the records of `keys` whose `sections` are in RAM now, without reading anything:
+        each one's RAM slot (give the pin back with `unpin`), None for the others."""
+        return self.core.pin_resident([tuple(k) for k in keys], sections)
+
+    def unpin(self, keys: Sequence[Key]) -> None:
+        """Drop RAM pins taken by `pin_resident` or handed over with a RAM slot (not `acquire`s)."""
+        self.core.release([tuple(k) for k in keys])
+
+    def demote_prefetched(self, keys: Sequence[Key]) -> int:
+        """Wrong read-ahead guesses: cancel their reads not yet started, and make their unused
+        RAM records the first evicted; returns how many were demoted or cancelled."""
+        return self.core.demote_prefetched([tuple(k) for k in keys])
 
     def mark_dirty(self, keys: Sequence[Key], refresh_gpu: bool = False, filled: str = "none") -> None:
         """The RAM records changed (e.g. by Adam): write back before eviction. Their GPU copies
@@ -448,18 +417,7 @@ class TieredExpertStore:
     def write_expert(self, layer: int, expert: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Replace named tensors of an expert (others keep their values); persisted by commit()."""
         key = (layer, expert)
-        known = {t.name: t for t in self.layout}
-        for name, value in tensors.items():
-            if name not in known:
-                raise ValueError(f"write_expert({layer}, {expert}): {name!r} is not in the record schema "
-                                 f"({', '.join(known)})")
-            t = known[name]
-            if value.dtype != t.dtype:
-                raise ValueError(f"write_expert({layer}, {expert}): tensor {name!r} has dtype {value.dtype}, "
-                                 f"the schema says {t.dtype}")
-            if tuple(value.shape) != t.shape:
-                raise ValueError(f"write_expert({layer}, {expert}): tensor {name!r} has shape {list(value.shape)}, "
-                                 f"the schema says {list(t.shape)}")
+        check_tensors(self.layout, tensors, f"write_expert({layer}, {expert})")
         views = self.get([key])[0]
         try:
             for name, value in tensors.items():
@@ -468,21 +426,24 @@ class TieredExpertStore:
         finally:
             self.core.release([key])
 
+    def ram_metrics(self) -> dict:
+        """The RAM tier's own counters (hits, misses, bytes read and written, ...), as the core
+        keeps them."""
+        return self.core.metrics()
+
     def metrics(self) -> dict:
         """RAM-tier counters (hit rate included) and the GPU tier's under `gpu_`."""
         m = dict(self.core.metrics())
-        n = m["hits"] + m["misses"]
-        m["hit_rate"] = m["hits"] / n if n else None
+        m["hit_rate"] = hit_rate(m["hits"], m["misses"])
         m.update({f"gpu_{k}": v for k, v in self.gpu.metrics().items()})
         return m
 
     def tier_metrics(self) -> dict:
         """Metrics for the training log (prefixed `ram_`/`gpu_`)."""
         m = self.core.metrics()
-        n = m["hits"] + m["misses"]
         out = {f"ram_{k}": m[k] for k in ("hits", "misses", "prefetch_hits", "prefetch_cancelled", "bytes_read",
                                           "bytes_written", "stall_s", "evictions", "writebacks", "queue_depth_max")}
-        out["ram_hit_rate"] = m["hits"] / n if n else None
+        out["ram_hit_rate"] = hit_rate(m["hits"], m["misses"])
         out.update({f"gpu_{k}": v for k, v in self.gpu.metrics().items()})
         return out
 
@@ -512,27 +473,3 @@ class TieredExpertStore:
     def __repr__(self) -> str:
         return (f"TieredExpertStore({self.core.path}, {self.num_layers}x{self.num_experts} experts, "
                 f"record {self.record_bytes} B, {self.ram_slots} RAM slots, {self.gpu!r})")
-
-
-def _layout_of_schema(schema) -> tuple[list[TensorInfo], int]:
-    """Layout of a schema without a store (mirrors the Rust RecordLayout)."""
-    def up(x, a):
-        return -(-x // a) * a
-
-    infos, off = [], 0
-    for section in ("weights", "state"):
-        for name, dtype, shape, sec in schema:
-            if sec != section:
-                continue
-            off = up(off, 64)
-            n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=TORCH_DTYPES[_canon(dtype)]).element_size()
-            infos.append(TensorInfo(name, _canon(dtype), shape, off, n, sec))
-            off += n
-        off = up(off, 4096)
-    return infos, off
-
-
-def _canon(dtype: str) -> str:
-    d = dtype.lower().removeprefix("torch.")
-    return {"float32": "f32", "float": "f32", "bfloat16": "bf16", "float16": "f16", "half": "f16",
-            "int64": "i64", "long": "i64", "uint8": "u8"}.get(d, d)

@@ -1,0 +1,140 @@
+"""Expert banks: what a Switch layer hands its sorted tokens to.
+
+`ResidentExperts` keeps every expert as nn.Parameters (the reference); `TieredExperts` pages
+them from the tiered store through the `ExpertRuntime`, inside `ExpertLayerFn` (the autograd
+Function that saves only the layer's sorted input and updates the experts in backward). Both
+compute `expert_ffn` on the same GEMM row layout, so they agree to floating point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gmtier.config import ModelConfig
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert: x [n, d] -> gelu(x w1^T) w2^T, with w1 [d_ff, d] and w2 [d, d_ff] (bias-free);
+    written into `out` (a slice of the layer's output, same dtype) when given."""
+    h = F.gelu(F.linear(x, w1))
+    return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
+
+
+def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None):
+    """Gradients of `expert_ffn` by hand (no autograd graph over the store's views):
+    returns (dx, {"w1": dW1, "w2": dW2}); dW is written into `out`'s tensors when given (a GPU
+    staging slot), dx into `dx` when given."""
+    a = F.linear(x, w1)
+    h = F.gelu(a)
+    if out is None:
+        out = {"w1": torch.empty_like(w1), "w2": torch.empty_like(w2)}
+    torch.mm(dy.t(), h, out=out["w2"])
+    da = torch.ops.aten.gelu_backward(dy.mm(w2), a)
+    torch.mm(da.t(), x, out=out["w1"])
+    return (da.mm(w1) if dx is None else torch.mm(da, w1, out=dx)), out
+
+
+def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std: float, n_layer: int):
+    """The initial (w1, w2) of one expert in fp32, a pure function of (seed, layer, expert), so a
+    store can be filled one record at a time and a resident bank gets the same numbers."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert + 1)
+    w1 = torch.randn(d_ff, d_model, generator=g) * std
+    w2 = torch.randn(d_model, d_ff, generator=g) * (std / math.sqrt(2 * n_layer))
+    return w1, w2
+
+
+# ---- the GEMM row layout ------------------------------------------------------------------
+
+def expert_starts(counts: list[int]) -> list[int]:
+    """The first row of each expert's tokens in the sorted order (counts[e] rows each)."""
+    return list(itertools.accumulate(counts, initial=0))[:-1]
+
+
+def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int], torch.Tensor | None]:
+    """Rows of the per-expert GEMMs: each expert's count rounded up to `multiple`, zero rows
+    filling the gap, so the GEMM shapes repeat from step to step and cuBLAS finds them in its
+    heuristics cache (on an H200 a bf16 GEMM of a new shape took ~600 us of host time, one it had
+    seen ~30 us). Returns the padded counts and the padded row of every sorted token, or
+    (counts, None) when `multiple` <= 1."""
+    if multiple <= 1:
+        return counts, None
+    padded = [-(-c // multiple) * multiple for c in counts]
+    n = sum(counts)
+    shift = torch.tensor(expert_starts(padded)) - torch.tensor(expert_starts(counts))
+    rows = torch.arange(n) + shift.repeat_interleave(torch.tensor(counts), output_size=n)
+    if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    return padded, rows
+
+
+def to_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """The sorted rows `t` moved to `rows` of a zeroed [n_rows, d] (as is without padding)."""
+    return t if rows is None else t.new_zeros((n_rows, t.shape[1])).index_copy(0, rows, t)
+
+
+def from_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t.index_select(0, rows)
+
+
+# ---- the banks ----------------------------------------------------------------------------
+
+class ResidentExperts(nn.Module):
+    """The reference expert bank: every expert is a pair of nn.Parameters on the model's device."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0):
+        super().__init__()
+        self.pad_rows = pad_rows  # see gemm_row_layout
+        self.w1 = nn.ParameterList()
+        self.w2 = nn.ParameterList()
+        for e in range(cfg.n_experts):
+            w1, w2 = init_expert(seed, layer, e, cfg.d_model, cfg.d_ff, cfg.init_std, cfg.n_layer)
+            self.w1.append(nn.Parameter(w1))
+            self.w2.append(nn.Parameter(w2))
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
+        counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
+        outs = []
+        for e, part in enumerate(torch.split(to_gemm_rows(x_sorted, rows, sum(counts_p)), counts_p)):
+            if counts_p[e]:
+                outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
+        return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
+
+
+class TieredExperts(nn.Module):
+    """The expert bank of one Switch layer when its experts live in the store."""
+
+    def __init__(self, runtime, layer: int):
+        super().__init__()
+        self.runtime, self.layer = runtime, layer
+        self.slot = runtime.switch_layers.index(layer)  # the store's layer index
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        self.runtime.observe(self.slot, counts)
+        if torch.is_grad_enabled() and self.training:
+            return ExpertLayerFn.apply(x_sorted, self.runtime, self.slot, counts)
+        return self.runtime.forward(self.slot, x_sorted, counts)
+
+
+class ExpertLayerFn(torch.autograd.Function):
+    """All experts of one Switch layer: saves only the sorted input; pages each expert once in
+    forward and once in backward; the expert update happens in backward."""
+
+    @staticmethod
+    def forward(ctx, x_sorted, runtime, layer, counts):
+        ctx.save_for_backward(x_sorted)
+        # The GEMM row layout forward uses is the one backward needs: made once.
+        layout = gemm_row_layout(counts, runtime.pad_rows, x_sorted.device)
+        ctx.runtime, ctx.layer, ctx.counts, ctx.layout = runtime, layer, counts, layout
+        return runtime.forward(layer, x_sorted, counts, layout)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x_sorted,) = ctx.saved_tensors
+        dx = ctx.runtime.backward(ctx.layer, x_sorted, grad_out, ctx.counts, ctx.layout)
+        return dx, None, None, None

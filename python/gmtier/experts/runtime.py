@@ -1,0 +1,267 @@
+"""The expert runtime: the store of a tiered run, and the paging loop of its Switch layers.
+
+A training step is expert-major: the whole batch reaches a Switch layer together, and
+`ExpertLayerFn` (bank.py) runs every expert that got tokens once in forward (paged in,
+computed, released; only the layer's input is saved) and once in backward (paged in again, dx
+and dW computed, dW copied to pinned RAM, the CPU AdamW applied to the record where it lives
+(updates.py), the new weights written in the same pass, the record marked dirty and released).
+Experts without tokens are not touched at all (lazy Adam, per-expert step counts). Prediction
+and prefetch are prefetch.py's, the figures metrics.py's, the budgets' arithmetic the config's
+`ExpertPlan`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import gmtier.experts.bank as expert_bank  # the module: its expert_ffn is looked up at each call (tests count them)
+from gmtier import dtypes, record
+from gmtier.config import Config, ConfigError
+from gmtier.experts.bank import TieredExperts, expert_starts, from_gemm_rows, gemm_row_layout, to_gemm_rows
+from gmtier.experts.metrics import RuntimeStats
+from gmtier.experts.prefetch import Prefetcher
+from gmtier.experts.updates import ExpertUpdates
+from gmtier.store import TieredExpertStore, emulated
+
+
+class ExpertRuntime:
+    """Owns the store and pages experts for the Switch layers; its parts run the AdamW
+    (`updates`), predict and prefetch (`prefetcher`) and keep the figures (`figures`).
+
+    `create`: make a new store from the seeded init (a new training run); a directory that
+    holds a store already is refused unless `overwrite`. Without `create` the store must exist:
+    one whose index.json is missing is refused (`StoreIndexMissingError`), never re-created."""
+
+    def __init__(self, cfg: Config, device: str, create: bool = False, log=print, overwrite: bool = False):
+        self.cfg, self.device, self.log = cfg, torch.device(device), log
+        m = cfg.model
+        self.switch_layers = m.switch_layers()
+        self.n_experts = m.n_experts
+        self.dtype = dtypes.from_config(cfg.expert_dtype())
+        self.half = self.dtype != torch.float32
+        self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
+        self.plan = cfg.plan(device, gpu_tier=self.device.type == "cuda" or emulated())
+        path = cfg.store_dir()
+        if create:
+            self._create(path, overwrite)
+        p = self.plan
+        self.store = TieredExpertStore.open(
+            path, ram_bytes=p.ram_bytes, gpu_bytes=p.gpu_bytes, device=self.device, io_threads=cfg.experts.io_threads,
+            direct=cfg.experts.direct, gpu_grad_slots=p.grad_slots, gpu_grad_group=p.grad_group)
+        self._check_geometry(path)
+        # The plan's sizes come from the same RecordLayout as the store's: they must agree.
+        assert (p.ram_slots, p.gpu_slots) == (self.store.ram_slots, self.store.gpu.num_slots), (p, self.store)
+        self.figures = RuntimeStats(self.store, self.switch_layers)
+        self.updates = ExpertUpdates(cfg, p, self.store, self.half, self.figures)
+        self.prefetcher = Prefetcher(cfg, p, self.store, self.figures)
+        self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
+
+    # ---- what the plan decided (read by the trainer, benches and tests) -------------------
+    max_pending = property(lambda self: self.plan.max_pending)
+    grad_group = property(lambda self: self.plan.grad_group)
+    all_in_ram = property(lambda self: self.plan.all_in_ram)
+    write_behind = property(lambda self: self.updates.write_behind)
+    step_skipped = property(lambda self: self.updates.step_skipped, doc="expert updates skipped (inf/NaN) this step")
+    active_layer = property(lambda self: self.figures.active_layer, doc="the Switch layer whose expert loop runs now")
+
+    @property
+    def phase(self) -> str | None:
+        """The phase of the step now: "fwd", "bwd" or "rest" (None before the first step)."""
+        return self.figures.phase
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _check_geometry(self, path: Path) -> None:
+        """An existing store must have been made for this model (layers, experts, record schema)."""
+        have = [(t.name, str(t.dtype).removeprefix("torch."), list(t.shape)) for t in self.store.layout]
+        want = [(n, str(dtypes.STORE[d]).removeprefix("torch."), list(sh)) for n, d, sh, _ in self.cfg.expert_schema()]
+        if (self.store.num_layers, self.store.num_experts) != (len(self.switch_layers), self.n_experts) or have != want:
+            self.store.close()
+            raise ConfigError(
+                f"the expert store {path} holds {self.store.num_layers} layers x {self.store.num_experts} experts with "
+                f"records {have}, but the config needs {len(self.switch_layers)} x {self.n_experts} with {want} "
+                f"(model.* or experts.dtype changed); train with --fresh or point experts.store_dir elsewhere")
+
+    def _create(self, path: Path, overwrite: bool) -> None:
+        """A new store filled from the seeded init, one record at a time, committed as step 0."""
+        m, seed = self.cfg.model, self.cfg.train.seed
+        t0 = time.perf_counter()
+
+        def init(layer: int, expert: int) -> dict[str, torch.Tensor]:
+            w1, w2 = expert_bank.init_expert(seed, self.switch_layers[layer], expert, m.d_model, m.d_ff,
+                                             m.init_std, m.n_layer)
+            return record.initial_record(w1, w2, self.dtype)
+
+        TieredExpertStore.create(path, len(self.switch_layers), m.n_experts, self.cfg.expert_schema(), init=init,
+                                 user_meta=json.dumps({"step": 0}), overwrite=overwrite)
+        self.log(f"created expert store {path}: {len(self.switch_layers)} layers x {m.n_experts} experts "
+                 f"in {time.perf_counter() - t0:.1f}s")
+
+    def bank(self, layer: int) -> TieredExperts:
+        return TieredExperts(self, layer)
+
+    def attach(self, model) -> None:
+        """Start predicting for `model` (a GPT whose Switch banks are this runtime's) where it pays."""
+        if self.prefetcher.predicts:
+            self.prefetcher.route_votes = model.route_votes
+            model.set_block_input_hook(self.prefetcher.on_block_input)
+        else:
+            model.set_block_input_hook(None)
+
+    def committed_step(self) -> int | None:
+        meta = self.store.user_meta()
+        return json.loads(meta).get("step") if meta else None
+
+    def observe(self, slot: int, counts: list[int]) -> None:
+        self.prefetcher.observe(slot, counts)
+
+    # ---- forward / backward of one layer ------------------------------------------------------
+    def _each_expert(self, layer: int, counts: list[int], compute, done, sections: str) -> None:
+        """For every expert with tokens, in order: `compute(e, start, n, w1, w2)` (enqueues its
+        kernels), then `done([key])` (release, or hand over to the AdamW). `sections`: what of
+        the record the step needs in RAM ("weights" in forward, "state"/"all" in backward).
+
+        Experts that need no read are taken in one call up front: in forward those whose
+        current weights are on the GPU (released together at the end), in backward all of them
+        when the RAM tier holds every record. The others are paged one ahead: the next one is
+        acquired after the current one's kernels are enqueued, so its read and H2D copy overlap
+        that compute."""
+        keys = [(layer, e) for e, c in enumerate(counts) if c]
+        pf = self.prefetcher
+        pf.layer_demanded(layer)
+        if not keys:
+            return
+        starts = expert_starts(counts)
+        gpu = self.store.gpu
+        if sections == "weights" and gpu.active:
+            # Forward: no update is in flight; two slots stay for the experts paged one ahead.
+            ready = self.store.acquire_resident_many(keys, limit=max(0, gpu.num_slots - 2))
+        elif (sections != "weights" and self.all_in_ram
+              and (not gpu.active or len(keys) + self.max_pending <= gpu.num_slots)):
+            # Backward, all at once: the earlier updates still in flight keep their GPU pins.
+            ready = self.store.acquire_many(keys, priority=10, sections=sections)
+        else:
+            ready = {}
+        paged = [k for k in keys if k not in ready]
+        room = self.plan.prefetch_room if pf.reads_ahead else 0
+        ahead = {paged[0]: self.store.acquire(paged[0], priority=10, sections=sections)} if paged else {}
+        j = 0  # position in `paged` of the expert acquired ahead
+        for key in keys:
+            w = ready.get(key) or ahead.pop(key)
+            if key not in ready and room:
+                pf.read_ahead(paged[j + 2: j + 2 + room], 5, sections)
+            e = key[1]
+            compute(e, starts[e], counts[e], w["w1"], w["w2"])
+            if key not in ready:
+                j += 1
+                if j < len(paged):
+                    ahead[paged[j]] = self.store.acquire(paged[j], priority=10, sections=sections)
+                done([key])
+            elif sections != "weights":
+                done([key])  # backward: each update starts as soon as its dW is on its way
+            pf.pump_gpu(reserve=max(0, len(paged) - j - 1))
+        if sections == "weights" and ready:
+            done(list(ready))
+
+    def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int], layout=None) -> torch.Tensor:
+        """`layout`: `gemm_row_layout(counts, self.pad_rows, ...)` where the caller has it."""
+        self.used[layer] = [e for e, c in enumerate(counts) if c]
+        # One dtype conversion (and row padding) per layer, not per expert: the loop is host-bound
+        # at small experts, and each conversion is another kernel launch.
+        counts_p, rows = layout or gemm_row_layout(counts, self.pad_rows, x_sorted.device)
+        xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
+        out = torch.empty_like(xs)
+
+        def compute(e, s, n, w1, w2):
+            with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
+                expert_bank.expert_ffn(xs[s:s + n], w1, w2, out=out[s:s + n])
+
+        t0 = time.perf_counter()
+        with self.figures.per_layer(layer):
+            self._each_expert(layer, counts_p, compute, self.store.release, "weights")
+        self.figures.stats["expert_fwd_s"] += time.perf_counter() - t0
+        return from_gemm_rows(out, rows).to(x_sorted.dtype)
+
+    def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int],
+                 layout) -> torch.Tensor:
+        """`layout`: the `gemm_row_layout` forward used."""
+        if self.figures.phase == "fwd":
+            self.figures.enter_phase("bwd")
+        counts_p, rows = layout
+        xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
+        dys = to_gemm_rows(grad_out.to(self.dtype), rows, sum(counts_p))  # zero rows: no dW from padding
+        dx = torch.empty_like(xs)
+        pf, room = self.prefetcher, self.plan.prefetch_room
+        if layer > 0 and pf.reads_ahead:
+            # Backward walks the layers in reverse, and forward already told us which experts the
+            # previous Switch layer used: read them ahead exactly.
+            prev = self.used.get(layer - 1, [])[-room:] if room else []
+            pf.read_ahead([(layer - 1, e) for e in reversed(prev)], 1, "state" if self.half else "all")
+        if layer > 0 and self.plan.gpu_prefetch:
+            pf.want_on_gpu([(layer - 1, e) for e in reversed(self.used.get(layer - 1, []))], 1)
+
+        gpu = self.store.gpu if self.store.gpu.active else None
+        group_of = self.updates.groups([e for e, c in enumerate(counts) if c])
+        staged: dict[int, dict] = {}  # expert -> its GPU staging views, for the group being computed
+        first_slot: dict[int, int] = {}  # group's first expert -> its first staging slot
+        grads: dict[int, dict] = {}  # expert -> its dW on the CPU (no GPU tier)
+
+        def compute(e, s, n, w1, w2):
+            with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
+                group = group_of[e]
+                if gpu is not None and e == group[0]:
+                    first_slot[e], views = gpu.grad_buffers(len(group))
+                    staged.update(zip(group, views))
+                _, dw = expert_bank.expert_ffn_backward(xs[s:s + n], w1, w2, dys[s:s + n], out=staged.pop(e, None),
+                                                        dx=dx[s:s + n])
+                if gpu is None:
+                    grads[e] = dw
+
+        def done(keys):
+            for key in keys:
+                group = group_of[key[1]]
+                if key[1] != group[-1]:
+                    continue  # its update leaves with the group's last expert
+                group_keys = [(layer, e) for e in group]
+                if gpu is not None:
+                    host = self.store.grads_to_host(group_keys, staging=first_slot.pop(group[0]))
+                else:
+                    host = self.store.grads_to_host(group_keys, [grads.pop(e) for e in group])
+                self.updates.submit(group_keys, host)
+
+        t0 = time.perf_counter()
+        with self.figures.per_layer(layer):
+            # Half-precision experts: the AdamW writes the new weights from the fp32 master, so
+            # backward needs only the state in RAM when the GPU holds the weights (fp32: the
+            # weights are the master).
+            self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all")
+        self.figures.stats["expert_bwd_s"] += time.perf_counter() - t0
+        return from_gemm_rows(dx, rows).to(x_sorted.dtype)
+
+    # ---- steps --------------------------------------------------------------------------------
+    def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
+        self.updates.begin_step(lr, grad_scale)
+        self.figures.enter_phase("fwd")
+
+    def end_step(self) -> None:
+        """Wait for the expert updates of this step."""
+        self.updates.drain()
+        if self.figures.phase not in (None, "rest"):
+            self.figures.enter_phase("rest")
+        self.prefetcher.end_step()
+
+    def metrics(self) -> dict:
+        """The runtime's figures since the last call (see metrics.py)."""
+        return self.figures.report()
+
+    def commit(self, meta: dict) -> None:
+        self.end_step()
+        self.store.commit(json.dumps(meta))
+
+    def close(self) -> None:
+        self.end_step()
+        self.updates.close()
+        self.store.close()

@@ -1,0 +1,111 @@
+"""Expert updates: dW on its way to pinned RAM -> the CPU AdamW on the record where it lives ->
+the record dirty, its GPU copy refreshed, its write-back started, its pins dropped.
+
+Where both tiers hold every record, the dW of up to `grad_group` experts in a row go to RAM in
+one copy and are updated by one AdamW job (`config.grad_staging`). With `experts.async_adam`
+the jobs run on two worker threads while backward goes on, at most `max_pending` experts
+queued or running: their records stay pinned, and the budgets bound how many may be.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from gmtier.config import Config, ExpertPlan
+from gmtier.experts.metrics import RuntimeStats
+from gmtier.store import GradsOnHost, TieredExpertStore
+
+
+def default_adam_threads() -> int:
+    """AdamW threads when experts.adam_threads = 0: all cores but two on a big machine, so the
+    thread that launches the GPU work and the I/O completions are not starved; all on a small one."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return n - 2 if n >= 8 else n
+
+
+class ExpertUpdates:
+    """The AdamW of the experts whose dW backward produced, in groups, on a worker queue."""
+
+    def __init__(self, cfg: Config, plan: ExpertPlan, store: TieredExpertStore, half: bool, stats: RuntimeStats):
+        t = cfg.train
+        self.store, self.half, self.stats = store, half, stats
+        self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
+                          threads=cfg.experts.adam_threads or default_adam_threads())
+        self.lr, self.grad_scale = t.lr, 1.0
+        self.group_size, self.max_pending = plan.grad_group, plan.max_pending
+        self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
+        # Records that stay in RAM are written at the commit only; otherwise each is written as
+        # soon as its update is done, overlapping the reads that follow.
+        self.write_behind = not plan.all_in_ram
+        # Two workers: while one waits for its expert's dW to reach RAM (or does its bookkeeping),
+        # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
+        # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
+        workers = min(2, self.max_pending)
+        # dW host buffers (a group each): one per group of updates that may be queued or running,
+        # plus the one being copied.
+        store.gpu.reserve_host_grads(-(-self.max_pending // self.group_size) + 2)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gmtier-adam") if self.max_pending else None
+        self.pending: list[tuple[Future, int]] = []  # (update job, its number of experts)
+
+    def begin_step(self, lr: float, grad_scale: float) -> None:
+        self.lr, self.grad_scale = lr, grad_scale
+        self.step_skipped = 0
+
+    def groups(self, used: list[int]) -> dict[int, list[int]]:
+        """Each used expert's group (in the loop's order): the experts whose dW go to RAM
+        together and get one AdamW job."""
+        size = self.group_size
+        return {e: used[i - i % size: i - i % size + size] for i, e in enumerate(used)}
+
+    def submit(self, keys, host: GradsOnHost) -> None:
+        """With the dW of experts `keys` on their way to pinned RAM (`host`), AdamW on their
+        records where they live, in one call (in a worker thread when async); then the records
+        are dirty, their GPU copies get the new weights, their write-back starts at once when RAM
+        cannot hold every record (so the slots are clean by the time a read needs them), and
+        they are released. Waits while the queue is full."""
+        lr, scale = self.lr, self.grad_scale
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                host.wait()
+                t1 = time.perf_counter()
+                skipped = self.store.adam_step(keys, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
+                t2 = time.perf_counter()
+            finally:
+                host.release()
+            updated = [k for k, skip in zip(keys, skipped) if not skip]  # a skipped update wrote nothing
+            if updated:
+                self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
+                if self.write_behind:
+                    self.store.write_back(updated)
+            self.store.release(keys)
+            return {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}, skipped
+
+        if self.pool is None:
+            self._account(run())
+            return
+        t0 = time.perf_counter()
+        while self.pending and sum(n for _, n in self.pending) + len(keys) > self.max_pending:
+            self._account(self.pending.pop(0)[0].result())
+        self.stats.stats["adam_backlog_s"] += time.perf_counter() - t0
+        self.pending.append((self.pool.submit(run), len(keys)))
+
+    def _account(self, result) -> None:
+        times, skipped = result
+        self.stats.add_update(times, skipped)
+        self.step_skipped += sum(skipped)
+
+    def drain(self) -> None:
+        """Wait for every update queued or running."""
+        t0 = time.perf_counter()
+        while self.pending:
+            self._account(self.pending.pop(0)[0].result())
+        self.stats.stats["adam_backlog_s"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.drain()
+        if self.pool is not None:
+            self.pool.shutdown()
