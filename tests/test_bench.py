@@ -6,7 +6,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from gmtier import tiers
+from gmtier.store import emulation as tiers
 from gmtier.bench import train as bench
 from gmtier.cli import main
 from test_train import _write_toml, data_dir, tiny  # noqa: F401  (data_dir is a fixture)

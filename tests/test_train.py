@@ -94,7 +94,7 @@ def test_resume_continues_the_same_curve_in_process(data_dir, tmp_path):
 
 
 def test_existing_run_needs_resume_or_fresh(data_dir, tmp_path):
-    from gmtier.train import CheckpointError
+    from gmtier.checkpoint import CheckpointError
 
     cfg = tiny(data_dir, tmp_path / "run", train=dict(steps=2, checkpoint_every=2), experts=dict(mode="resident"))
     train(cfg, log=lambda s: None)
@@ -123,12 +123,11 @@ def test_tiered_matches_resident_with_every_step_paging(data_dir, tmp_path):
 
 def test_padded_expert_gemms_match_unpadded(data_dir, tmp_path, monkeypatch):
     """experts.pad_rows rounds each expert's rows up with zero rows: same losses, padded GEMMs."""
-    import gmtier.experts
-    import gmtier.model
+    import gmtier.experts.bank
 
     plain = train(tiny(data_dir, tmp_path / "plain", train=dict(steps=6)), log=lambda s: None)
-    rows, real = [], gmtier.model.expert_ffn
-    for module in (gmtier.experts, gmtier.model):
+    rows, real = [], gmtier.experts.bank.expert_ffn
+    for module in (gmtier.experts.bank,):
         monkeypatch.setattr(module, "expert_ffn", lambda x, w1, w2, out=None: (rows.append(x.shape[0]), real(x, w1, w2, out=out))[1])
     padded = train(tiny(data_dir, tmp_path / "padded", train=dict(steps=6), experts=dict(pad_rows=8)), log=lambda s: None)
     assert padded == pytest.approx(plain, abs=1e-6)
@@ -141,7 +140,7 @@ def test_padded_expert_gemms_match_unpadded(data_dir, tmp_path, monkeypatch):
 
 
 def test_gemm_row_layout():
-    from gmtier.model import from_gemm_rows, gemm_row_layout, to_gemm_rows
+    from gmtier.experts.bank import from_gemm_rows, gemm_row_layout, to_gemm_rows
 
     padded, rows = gemm_row_layout([3, 0, 5], 4, "cpu")
     assert padded == [4, 0, 8] and rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8]

@@ -1,4 +1,6 @@
-"""The `gmtier` command line. Each command lives with the code it drives; this file only gathers them."""
+"""The `gmtier` command line. The commands live in two places: `gmtier.commands` (prepare, train,
+eval, generate, info) and `gmtier.bench` (bench-paging, bench-adam, bench-train); this file only
+gathers them. Each is a `gmtier.user_errors.Command`: a user error ends in one line, not a traceback."""
 
 import click
 
@@ -6,7 +8,6 @@ from gmtier.bench.adam import bench_adam
 from gmtier.bench.paging import bench_paging
 from gmtier.bench.train import bench_train
 from gmtier.commands import COMMANDS
-from gmtier.data import prepare_command
 
 
 @click.group()
@@ -15,7 +16,7 @@ def main() -> None:
     """Train Switch Transformer LMs whose experts live on NVMe, paged through pinned RAM to the GPU."""
 
 
-for _command in (prepare_command, *COMMANDS, bench_paging, bench_adam, bench_train):
+for _command in (*COMMANDS, bench_paging, bench_adam, bench_train):
     main.add_command(_command)
 
 

@@ -1,87 +1,90 @@
-"""Click commands for training and using a model: train, eval, generate, info."""
+"""The click commands for preparing data, training and using a model: prepare, train, eval,
+generate, info. (The bench-* commands live in `gmtier.bench`; `gmtier.cli` gathers both.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 
 import click
 
-from gmtier.config import ConfigError
+from gmtier.user_errors import Command
 
 
-def _load_config(path: str, overrides: tuple[str, ...]):
-    from gmtier import config
+@click.command("prepare", cls=Command)
+@click.option("--source", type=click.Path(file_okay=False), default="../shared/data/ruslit", show_default=True,
+              help="corpus directory with train/val .jsonl(.gz) or .txt files")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="data/ruslit", show_default=True)
+@click.option("--vocab-size", type=int, default=8192, show_default=True)
+@click.option("--max-train-chars", type=click.IntRange(min=1), default=None, help="use only the first N characters of the train split")
+@click.option("--max-val-chars", type=click.IntRange(min=1), default=None)
+def prepare(source, out_dir, vocab_size, max_train_chars, max_val_chars):
+    """Train a byte-level BPE tokenizer and tokenize a corpus into memory-mapped token files."""
+    from gmtier.data import prepare as run
 
-    try:
-        return config.load(path, overrides)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    meta = run(source, out_dir, vocab_size, max_train_chars, max_val_chars)
+    n = meta["n_tokens"]
+    click.echo(f"prepared {out_dir}: vocab {meta['vocab_size']}, train {n['train']:,} tokens, val {n['val']:,} tokens")
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="a TOML config, e.g. configs/tiny.toml")
 @click.option("--resume", is_flag=True, help="continue from the run directory's last checkpoint")
 @click.option("--fresh", is_flag=True, help="delete the run directory first")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a config value, e.g. --set train.steps=50")
 def train(config_path, resume, fresh, overrides):
     """Train a Switch GPT; experts live in the tiered store (or resident, per the config)."""
-    from gmtier.data import DataError
-    from gmtier.train import CheckpointError
+    from gmtier import config
     from gmtier.train import train as run
 
-    cfg = _load_config(config_path, overrides)
-    try:
-        run(cfg, resume=resume, fresh=fresh, log=lambda s: click.echo(s, err=False))
-    except (ConfigError, CheckpointError, DataError) as e:
-        raise click.ClickException(str(e)) from None
+    cfg = config.load(config_path, overrides)
+    run(cfg, resume=resume, fresh=fresh, log=lambda s: click.echo(s, err=False))
 
 
-@click.command("eval")
+@click.command("eval", cls=Command)
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="a run directory (train.run_dir)")
 @click.option("--split", default="val", show_default=True, help="a split of the run's prepared data")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="evaluate on this text file instead")
-@click.option("--batches", type=int, default=0, help="at most this many batches (0 = the whole split)")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, exists=True), help="evaluate on this text file instead")
+@click.option("--batches", type=click.IntRange(min=0), default=0, help="at most this many batches (0 = the whole split)")
 @click.option("--device", default=None, help="override train.device")
 @click.option("--json", "as_json", is_flag=True)
 def eval_(run_dir, split, text_file, batches, device, as_json):
-    """Perplexity of a run's last checkpoint on a prepared split or a text file."""
+    """Perplexity of a run's last checkpoint on a prepared split (all of it, unlike the training log's
+    sample of train.eval_batches batches) or a text file."""
     import numpy as np
 
-    from gmtier.data import TokenData, load_tokenizer
+    from gmtier.data import TokenData, load_tokenizer, read_text
     from gmtier.evaluate import load_run, perplexity, text_batches
-    from gmtier.train import CheckpointError
 
+    cfg, model, runtime, step = load_run(run_dir, device)
     try:
-        cfg, model, runtime, step = load_run(run_dir, device)
-    except (CheckpointError, ConfigError) as e:
-        raise click.ClickException(str(e)) from None
-    bs, sl = cfg.train.batch_size, cfg.model.seq_len
-    if text_file:
-        ids = np.asarray(load_tokenizer(cfg.data.dir).encode(open(text_file, encoding="utf-8").read()).ids)
-        source = text_file
-        batch_iter = text_batches(ids, bs, sl)
-    else:
-        source = f"{cfg.data.dir}:{split}"
-        batch_iter = TokenData(cfg.data.dir, split).eval_batches(bs, sl, batches or None)
-    try:
-        loss, tokens = perplexity(cfg, model, batch_iter)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+        bs, sl = cfg.train.batch_size, cfg.model.seq_len
+        if text_file:
+            ids = np.asarray(load_tokenizer(cfg.data.dir).encode(read_text(text_file)).ids)
+            source, what = text_file, "the whole file"
+            batch_iter = text_batches(ids, bs, sl)
+        else:
+            source = f"{cfg.data.dir}:{split}"
+            what = f"the first {batches} batches" if batches else "the whole split"
+            batch_iter = TokenData(cfg.data.dir, split).eval_batches(bs, sl, batches or None)
+        try:
+            loss, tokens = perplexity(cfg, model, batch_iter)
+        except ValueError as e:
+            raise click.ClickException(f"{source}: {e}") from None
     finally:
         if runtime is not None:
             runtime.close()
     out = {"run": run_dir, "step": step, "source": source, "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50))}
-    click.echo(json.dumps(out) if as_json else f"{source}: {tokens:,} tokens, loss {loss:.4f}, perplexity {out['ppl']:.2f} (step {step})")
+    click.echo(json.dumps(out) if as_json else
+               f"{source} ({what}): {tokens:,} tokens, loss {loss:.4f}, perplexity {out['ppl']:.2f} (step {step})")
 
 
-@click.command("generate")
+@click.command("generate", cls=Command)
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--prompt", default="", help="text to continue")
-@click.option("--tokens", "max_new", type=int, default=100, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy")
-@click.option("--top-k", type=int, default=50, show_default=True)
+@click.option("--tokens", "max_new", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0 = greedy")
+@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0 = no limit")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default=None)
 def generate(run_dir, prompt, max_new, temperature, top_k, seed, device):
@@ -90,17 +93,13 @@ def generate(run_dir, prompt, max_new, temperature, top_k, seed, device):
 
     from gmtier.data import load_meta, load_tokenizer
     from gmtier.evaluate import load_run
-    from gmtier.train import CheckpointError
 
+    cfg, model, runtime, _ = load_run(run_dir, device)
     try:
-        cfg, model, runtime, _ = load_run(run_dir, device)
-    except (CheckpointError, ConfigError) as e:
-        raise click.ClickException(str(e)) from None
-    tok = load_tokenizer(cfg.data.dir)
-    ids = tok.encode(prompt).ids or [load_meta(cfg.data.dir)["eot_id"]]
-    idx = torch.tensor([ids], device=cfg.device())
-    g = torch.Generator(device=cfg.device()).manual_seed(seed)
-    try:
+        tok = load_tokenizer(cfg.data.dir)
+        ids = tok.encode(prompt).ids or [load_meta(cfg.data.dir)["eot_id"]]
+        idx = torch.tensor([ids], device=cfg.device())
+        g = torch.Generator(device=cfg.device()).manual_seed(seed)
         out = model.generate(idx, max_new, temperature, top_k or None, generator=g)
     finally:
         if runtime is not None:
@@ -108,7 +107,7 @@ def generate(run_dir, prompt, max_new, temperature, top_k, seed, device):
     click.echo(tok.decode(out[0].tolist()))
 
 
-@click.command("info")
+@click.command("info", cls=Command)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="a TOML config")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="or a run directory")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
@@ -118,19 +117,17 @@ def info(config_path, run_dir, overrides, as_json):
     from pathlib import Path
 
     from gmtier import config
+    from gmtier.checkpoint import RunDir
     from gmtier.evaluate import info as compute
 
     if bool(config_path) == bool(run_dir):
         raise click.UsageError("give exactly one of --config or --run")
     if run_dir:
-        try:
-            cfg = config.from_dict(config.apply_overrides(json.loads((Path(run_dir) / "config.json").read_text()), list(overrides)))
-        except FileNotFoundError:
-            raise click.ClickException(f"{run_dir}: no config.json; is it a run directory?") from None
-        except ConfigError as e:
-            raise click.ClickException(str(e)) from None
+        raw = RunDir(run_dir).saved_config()
+        raw["train"]["run_dir"] = str(run_dir)  # the run's own store, wherever the run now lies
+        cfg = config.from_dict(config.apply_overrides(raw, list(overrides)))
     else:
-        cfg = _load_config(config_path, overrides)
+        cfg = config.load(config_path, overrides)
     if cfg.model.vocab_size == 0:
         meta = Path(cfg.data.dir) / "meta.json"
         cfg.model.vocab_size = json.loads(meta.read_text())["vocab_size"] if meta.exists() else cfg.data.vocab_size
@@ -151,4 +148,4 @@ def info(config_path, run_dir, overrides, as_json):
                f"dense part {gib(d['dense_bytes_on_device'])}")
 
 
-COMMANDS = [train, eval_, generate, info]
+COMMANDS = [prepare, train, eval_, generate, info]

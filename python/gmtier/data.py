@@ -1,4 +1,6 @@
-"""Data preparation: train a byte-level BPE tokenizer and tokenize a corpus into memory-mapped files.
+"""Data: train a byte-level BPE tokenizer and tokenize a corpus into memory-mapped files
+(`prepare`, which `gmtier prepare` in `gmtier.commands` runs, and `ensure_data`, which training
+runs on first use), and read a prepared split back as (input, target) windows (`TokenData`).
 
 Layout of a prepared directory (what `gmtier prepare` writes, what training reads):
 
@@ -16,11 +18,13 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import click
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from gmtier.config import Config
 
 EOT = "<|endoftext|>"
 # Long works are cut into pieces at line breaks so `encode_batch` can spread them over threads
@@ -42,6 +46,26 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; give a .jsonl, .jsonl.gz or .txt file")
+    try:
+        yield from _documents(path)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file (`gmtier eval --text`), or a DataError naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 (e.g. with iconv)")
+
+
+def _documents(path: Path) -> Iterator[str]:
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         with _open_text(path) as f:
             for line_no, line in enumerate(f, 1):
@@ -160,12 +184,19 @@ def prepare(
     def train_docs() -> Iterator[str]:
         return _limited(iter_documents(train_path), max_train_chars)
 
+    def val_docs() -> Iterator[str]:
+        return _limited(iter_documents(val_path), max_val_chars)
+
+    for path, docs in ((train_path, train_docs()), (val_path, val_docs())):
+        if not any(doc.strip() for doc in docs):  # stops at the first document with text
+            raise DataError(f"{path}: no text (empty, or only whitespace); give a corpus with text in both splits")
+
     tokenizer = train_tokenizer(train_docs(), vocab_size)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     dtype = token_dtype(tokenizer.get_vocab_size())
     counts = {
         "train": tokenize_to_file(tokenizer, train_docs(), out_dir / "train.bin", dtype),
-        "val": tokenize_to_file(tokenizer, _limited(iter_documents(val_path), max_val_chars), out_dir / "val.bin", dtype),
+        "val": tokenize_to_file(tokenizer, val_docs(), out_dir / "val.bin", dtype),
     }
     meta = {
         "vocab_size": tokenizer.get_vocab_size(),
@@ -203,7 +234,10 @@ class TokenData:
     def __init__(self, data_dir: str | os.PathLike, split: str):
         meta = load_meta(data_dir)
         path = Path(data_dir) / f"{split}.bin"
-        if split not in meta["n_tokens"] or not path.is_file():
+        if split not in meta["n_tokens"]:
+            raise DataError(f"{data_dir} has no split '{split}' (it has {', '.join(meta['n_tokens'])}); "
+                            f"choose one of those, or evaluate a text file with --text")
+        if not path.is_file():
             raise DataError(f"{path}: missing split '{split}'; re-run `gmtier prepare`")
         dtype = np.dtype(meta["dtype"])
         expected = meta["n_tokens"][split] * dtype.itemsize
@@ -238,18 +272,19 @@ class TokenData:
             yield self._windows(np.arange(first, first + batch_size) * seq_len, seq_len)
 
 
-@click.command("prepare")
-@click.option("--source", type=click.Path(file_okay=False), default="../shared/data/ruslit", show_default=True,
-              help="corpus directory with train/val .jsonl(.gz) or .txt files")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="data/ruslit", show_default=True)
-@click.option("--vocab-size", type=int, default=8192, show_default=True)
-@click.option("--max-train-chars", type=int, default=None, help="use only the first N characters of the train split")
-@click.option("--max-val-chars", type=int, default=None)
-def prepare_command(source, out_dir, vocab_size, max_train_chars, max_val_chars):
-    """Train a byte-level BPE tokenizer and tokenize a corpus into memory-mapped token files."""
-    try:
-        meta = prepare(source, out_dir, vocab_size, max_train_chars, max_val_chars)
-    except DataError as e:
-        raise click.ClickException(str(e)) from e
-    n = meta["n_tokens"]
-    click.echo(f"prepared {out_dir}: vocab {meta['vocab_size']}, train {n['train']:,} tokens, val {n['val']:,} tokens")
+def require_eval_batch(data: TokenData, batch_size: int, seq_len: int) -> None:
+    """Refuse a split too short for one evaluation batch (found before training, not at its first evaluation)."""
+    if (len(data) - 1) // seq_len < batch_size:
+        raise DataError(f"the {data.split} split has {len(data)} tokens, shorter than one batch of train.batch_size x "
+                        f"model.seq_len = {batch_size} x {seq_len} (+1) tokens; prepare more {data.split} text "
+                        f"(data.max_val_chars) or use a smaller batch or seq_len")
+
+
+def ensure_data(cfg: Config, log=print) -> tuple[TokenData, TokenData]:
+    """The train and val splits of data.dir, prepared from data.source on first use
+    (README: `gmtier train` prepares RusLit itself)."""
+    if not (Path(cfg.data.dir) / "meta.json").is_file():
+        log(f"preparing {cfg.data.dir} from {cfg.data.source} (vocab {cfg.data.vocab_size}) ...")
+        prepare(cfg.data.source, cfg.data.dir, cfg.data.vocab_size,
+                cfg.data.max_train_chars or None, cfg.data.max_val_chars or None)
+    return TokenData(cfg.data.dir, "train"), TokenData(cfg.data.dir, "val")

@@ -2,38 +2,38 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from gmtier.build import autocast_dtype, build_model
+from gmtier.checkpoint import RunDir
 from gmtier.config import Config, from_dict, parse_bytes
 from gmtier.model import count_params
-from gmtier.train import CheckpointError, autocast_dtype, build_model
 
 
 def load_run(run_dir: str | Path, device: str | None = None, overrides: dict | None = None):
-    """(cfg, model, runtime) of a run's last checkpoint, in eval mode."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "latest.json").exists():
-        raise CheckpointError(f"{run_dir}: no checkpoint (latest.json); train with `gmtier train --config ...` first")
-    raw = json.loads((run_dir / "config.json").read_text())
+    """(cfg, model, runtime, step) of a run's last checkpoint, in eval mode. The run is
+    self-contained: its store is found inside `run_dir` (wherever the run was trained or moved
+    to), and its dense checkpoint and store commit must be of the same step, as on resume."""
+    run = RunDir(run_dir)
+    raw = run.saved_config()
+    run.checkpoint_step()  # refuse a run without one before opening its store
+    raw["train"]["run_dir"] = str(run.path)
     if device:
         raw["train"]["device"] = device
     for section, values in (overrides or {}).items():
         raw[section].update(values)
     cfg = from_dict(raw)
-    step = json.loads((run_dir / "latest.json").read_text())["step"]
     model, runtime = build_model(cfg, cfg.device(), store_create=False, log=lambda *_: None)
-    if runtime is not None:
-        store_step = runtime.committed_step()
-        if store_step != step and (run_dir / f"ckpt-{store_step}").exists():
-            step = store_step
-    weights = load_file(str(run_dir / f"ckpt-{step}" / "model.safetensors"))
-    model.load_state_dict(weights, strict=False)
+    try:
+        step = run.resume_step(runtime)
+        run.load_dense(step, model)
+    except BaseException:
+        if runtime is not None:
+            runtime.close()
+        raise
     model.eval()
     return cfg, model, runtime, step
 

@@ -1,71 +1,23 @@
 """The training loop: forward -> backward (experts updated by the CPU AdamW as their gradients
-appear) -> dense optimizer step; periodic validation; atomic checkpoints; resume.
-
-A run directory holds:
-
-    config.json        the resolved config
-    store/             the expert store (tiered mode); its last commit is the experts' checkpoint
-    ckpt-<step>/       model.safetensors (dense weights; all weights in resident mode),
-                       optim.safetensors + state.json (optimizer, step, data and torch RNG, loss scale)
-    latest.json        {"step": S}: the last complete checkpoint
-    metrics.jsonl      one JSON object per logged step / evaluation
-
-A checkpoint is written as ckpt-<S>.tmp, renamed to ckpt-<S>, then the store is committed with
-{"step": S}, then latest.json is replaced. A kill at any point leaves either the previous
-checkpoint (store commit still at the previous step) or the new one complete; on resume the
-store's committed step picks the dense checkpoint, and a mismatch is a clear error.
+appear) -> dense optimizer step; periodic validation; checkpoints (`gmtier.checkpoint`) and resume.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from gmtier.config import Config, ConfigError, parse_bytes
-from gmtier.model import GPT, ResidentExperts, SwitchFFN
-from gmtier.optim import HostAdamW, optimizer_from_flat, optimizer_to_flat
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def ensure_data(cfg: Config, log=print):
-    """Prepare the data directory on first use (README: `gmtier train` prepares RusLit itself)."""
-    from gmtier import data
-
-    if not (Path(cfg.data.dir) / "meta.json").is_file():
-        log(f"preparing {cfg.data.dir} from {cfg.data.source} (vocab {cfg.data.vocab_size}) ...")
-        data.prepare(cfg.data.source, cfg.data.dir, cfg.data.vocab_size,
-                     cfg.data.max_train_chars or None, cfg.data.max_val_chars or None)
-    return data.TokenData(cfg.data.dir, "train"), data.TokenData(cfg.data.dir, "val")
+from gmtier.build import autocast_dtype, build_model
+from gmtier.checkpoint import CheckpointError, RunDir
+from gmtier.config import Config, ConfigError
+from gmtier.data import ensure_data, require_eval_batch
+from gmtier.model import SwitchFFN
+from gmtier.optim import HostAdamW
 
 
 def _malloc_trim():
@@ -81,27 +33,6 @@ def _malloc_trim():
 
 
 release_host_memory = _malloc_trim()
-
-
-def autocast_dtype(precision: str):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def build_model(cfg: Config, device: str, store_create: bool = False, log=print):
-    """The model on `device` and, in tiered mode, the expert runtime (None in resident mode)."""
-    runtime = None
-    if cfg.experts.mode == "tiered" and cfg.model.switch_layers():
-        from gmtier.experts import ExpertRuntime
-
-        runtime = ExpertRuntime(cfg, device, create=store_create, log=log)
-        model = GPT(cfg.model, cfg.train.seed, expert_bank=runtime.bank)
-    else:
-        seed, pad_rows = cfg.train.seed, cfg.expert_pad_rows()
-        model = GPT(cfg.model, seed, expert_bank=lambda layer: ResidentExperts(cfg.model, layer, seed, pad_rows))
-    model.to(device)
-    if runtime is not None:
-        runtime.attach(model)
-    return model, runtime
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -123,31 +54,48 @@ def dense_param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 class Trainer:
+    """One run being trained. Holds the run directory's lock from construction to `close`."""
+
     def __init__(self, cfg: Config, resume: bool = False, fresh: bool = False, log=print):
         self.cfg, self.log = cfg, log
         self.device = cfg.device()
         self.precision = cfg.precision()
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"train.device = {cfg.train.device!r} but CUDA is not available; use \"cpu\" or \"auto\"")
         if self.precision == "bf16" and self.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision = 'bf16' but this GPU has no bf16; use 'fp16' (with loss scaling) or 'auto'")
         self.run_dir = Path(cfg.train.run_dir)
-        if fresh and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        has_ckpt = (self.run_dir / "latest.json").exists()
-        if has_ckpt and not resume:
+        self.run = RunDir(self.run_dir)
+        self.runtime = None
+        self.run.lock()
+        try:
+            self._setup(resume, fresh)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool, fresh: bool) -> None:
+        cfg, log = self.cfg, self.log
+        if fresh:
+            self.run.clear()
+        resuming = self.run.latest_step() is not None
+        if resuming and not resume:
             raise CheckpointError(f"{self.run_dir} already holds a checkpoint; pass --resume to continue it or --fresh to start over")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
         self.train_data, self.val_data = ensure_data(cfg, log)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.train_data.vocab_size
         elif cfg.model.vocab_size < self.train_data.vocab_size:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} < the data's vocabulary {self.train_data.vocab_size}; use 0 to take it from the data")
-        _write_json(self.run_dir / "config.json", cfg.to_dict())
+        if cfg.train.eval_every:  # found now rather than after the steps before the first evaluation
+            require_eval_batch(self.val_data, cfg.train.batch_size, cfg.model.seq_len)
+        if resuming:
+            self.run.check_resumable(cfg)
 
         torch.manual_seed(cfg.train.seed)
-        self.model, self.runtime = build_model(cfg, self.device, store_create=not (resume and has_ckpt), log=log)
+        # A new run may replace a store left in its own directory by a run that never reached a
+        # checkpoint; one elsewhere (experts.store_dir) only with --fresh.
+        own_store = cfg.store_dir().resolve().is_relative_to(self.run_dir.resolve())
+        self.model, self.runtime = build_model(cfg, self.device, store_create=not resuming,
+                                               store_overwrite=fresh or own_store, log=log)
         self.model.set_checkpointing(cfg.train.activation_checkpointing)
         groups = dense_param_groups(self.model, cfg.train.weight_decay)
         t = cfg.train
@@ -160,14 +108,14 @@ class Trainer:
         self.amp = autocast_dtype(self.precision)
         self.rng = np.random.default_rng(t.seed)
         self.step = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        if resume and has_ckpt:
+        if resuming:
             self.load_checkpoint()
         else:
             if resume:
                 log(f"{self.run_dir}: no checkpoint yet, starting from step 0")
-            self.metrics_path.unlink(missing_ok=True)
-            (self.run_dir / "routing.jsonl").unlink(missing_ok=True)
+            self.run.metrics.unlink(missing_ok=True)
+            self.run.routing.unlink(missing_ok=True)
+        self.run.write_config(cfg)  # only once the run is accepted: a refused resume leaves the run as it was
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast(self):
@@ -205,7 +153,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data=None, batches: int | None = None) -> float:
-        """Mean cross entropy over the split's first `batches` fixed windows."""
+        """Mean cross entropy over the split's first `batches` (train.eval_batches) batches of
+        fixed windows: a sample of the split (`gmtier eval` reads all of it). Sets `eval_batches_read`."""
         data = data or self.val_data
         self.model.eval()
         total, n = 0.0, 0
@@ -215,21 +164,20 @@ class Trainer:
             total, n = total + loss.item(), n + 1
         self.model.train()
         if n == 0:
-            raise ConfigError(f"the {data.split} split is shorter than one batch of train.batch_size x model.seq_len tokens")
+            require_eval_batch(data, self.cfg.train.batch_size, self.cfg.model.seq_len)
+        self.eval_batches_read = n
         return total / n
 
     def _record_routing(self) -> None:
         """Append the experts each Switch layer used this step to routing.jsonl: the trace
         `gmtier bench-paging --trace` replays."""
-        from gmtier.model import SwitchFFN
-
         layers = [sorted(m.last_experts) for m in self.model.modules() if isinstance(m, SwitchFFN)]
         if layers:
-            with open(self.run_dir / "routing.jsonl", "a") as f:
+            with open(self.run.routing, "a") as f:
                 f.write(json.dumps({"step": self.step, "experts": layers}) + "\n")
 
     def _emit(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
+        with open(self.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def fit(self, until: int | None = None) -> list[float]:
@@ -262,8 +210,10 @@ class Trainer:
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
                 t_eval = time.perf_counter()
                 val = self.evaluate()
-                self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-                self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+                n = self.eval_batches_read
+                self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "val_batches": n})
+                self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f} "
+                         f"(first {n} batches of val; `gmtier eval` reads the whole split)")
                 t0 += time.perf_counter() - t_eval
             if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
                 t_ckpt = time.perf_counter()
@@ -287,87 +237,21 @@ class Trainer:
         return line
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def _dense_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-
     def save_checkpoint(self) -> Path:
-        step = self.step
-        final = self.run_dir / f"ckpt-{step}"
-        tmp = self.run_dir / f"ckpt-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(self._dense_state(), str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = optimizer_to_flat(self.opt)
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if self.device.startswith("cuda"):
-            rng["torch_cuda"] = torch.cuda.get_rng_state(torch.device(self.device))
-        save_file({**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}}, str(tmp / "optim.safetensors"))
-        state = {"step": step, "optimizer": opt_meta, "data_rng": self.rng.bit_generator.state,
-                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        (tmp / "state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(self.run_dir)
-        if self.runtime is not None:
-            self.runtime.commit({"step": step})  # the experts' snapshot for this step
-        _write_json(self.run_dir / "latest.json", {"step": step, "dir": final.name})
-        for old in self.run_dir.glob("ckpt-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        return self.run.save(self.step, self.model, self.opt, self.rng, self.scaler, self.device, self.runtime)
 
     def load_checkpoint(self) -> None:
-        step = json.loads((self.run_dir / "latest.json").read_text())["step"]
-        if self.runtime is not None:
-            store_step = self.runtime.committed_step()
-            if store_step != step:
-                # A kill between the store commit and latest.json: the store is one checkpoint
-                # ahead, and its dense half is already complete on disk.
-                if store_step is not None and (self.run_dir / f"ckpt-{store_step}" / "state.json").exists():
-                    step = store_step
-                else:
-                    raise CheckpointError(
-                        f"{self.run_dir}: the expert store was committed at step {store_step} but the last dense "
-                        f"checkpoint is step {step}; the run directory was changed by hand. Start over with --fresh.")
-        d = self.run_dir / f"ckpt-{step}"
-        state = json.loads((d / "state.json").read_text())
-        weights = load_file(str(d / "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("rope_")]:
-            raise CheckpointError(f"{d}: checkpoint does not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        flat = load_file(str(d / "optim.safetensors"))
-        optimizer_from_flat(self.opt, {k: v for k, v in flat.items() if not k.startswith("rng.")}, state["optimizer"])
-        torch.set_rng_state(flat["rng.torch_cpu"])
-        if "rng.torch_cuda" in flat and self.device.startswith("cuda"):
-            torch.cuda.set_rng_state(flat["rng.torch_cuda"], torch.device(self.device))
-        self.rng.bit_generator.state = state["data_rng"]
-        if state["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        # Drop metrics and routing logged after the checkpoint by the run that was killed.
-        for path in (self.metrics_path, self.run_dir / "routing.jsonl"):
-            if path.exists():
-                _keep_lines_up_to(path, self.step)
+        step = self.run.resume_step(self.runtime)
+        self.run.load_dense(step, self.model)
+        self.step = self.run.load_training_state(step, self.opt, self.rng, self.scaler, self.device)
         self.log(f"resumed {self.run_dir} at step {self.step}")
 
     def close(self) -> None:
-        if self.runtime is not None:
-            self.runtime.close()
-
-
-def _keep_lines_up_to(path: Path, step: int) -> None:
-    """Keep the JSON lines of `path` logged at or before `step` (and none cut by a kill)."""
-    keep = []
-    for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            pass
-    path.write_text("".join(line + "\n" for line in keep))
+            if self.runtime is not None:
+                self.runtime.close()
+        finally:
+            self.run.unlock()
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, log=print) -> list[float]:

@@ -26,6 +26,8 @@ import time
 
 import click
 
+from gmtier.user_errors import Command
+
 BYTES_PER_PARAM = {"pipeline": 2 + 12 + 12 + 2, "fp32": 4 + 12 + 12}
 
 
@@ -150,7 +152,7 @@ def _deepspeed(sizes, repeats):
         return None, f"{type(e).__name__}: {e}"[:500]
 
 
-@click.command("bench-adam")
+@click.command("bench-adam", cls=Command)
 @click.option("--params", default=64_000_000, show_default=True, type=int,
               help="parameters per workload (default leaves the caches: ~1 GB of state and gradients per workload)")
 @click.option("--tensors", default=8, show_default=True, type=int, help="split into this many tensors (experts)")

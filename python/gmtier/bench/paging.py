@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from gmtier.user_errors import Command
+
 MiB = 1 << 20
 
 
@@ -141,7 +143,7 @@ def _h2d(store_path, ram_bytes, record_bytes, weights_bytes, n_experts, gpu_mb, 
     }
 
 
-@click.command("bench-paging")
+@click.command("bench-paging", cls=Command)
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="gmtier-bench-paging",
               show_default=True, help="Where the expert file goes (put it on the disk you want to measure).")
 @click.option("--data-mb", type=int, default=1024, show_default=True,

@@ -30,6 +30,7 @@ import torch
 
 from gmtier import config as config_mod
 from gmtier.experts import PHASES
+from gmtier.user_errors import Command
 
 GB = 1e9
 
@@ -145,12 +146,14 @@ def disk_mixed_rate(read_path: Path, directory: Path, read_gbps: float, write_gb
     from gmtier import _core
 
     size = read_path.stat().st_size // 4096 * 4096
-    read_bytes = int(read_gbps * GB * seconds) // 4096 * 4096
+    # At least one read block and one 4 MiB write piece: a slow disk and a short probe would
+    # otherwise round a direction down to no bytes at all, and a rate of 0.
+    read_bytes = max(4096, int(read_gbps * GB * seconds) // 4096 * 4096)
     ranges, left = [], read_bytes  # the file read over again where it is smaller
     while left > 0:
         ranges.append((0, min(size, left)))
         left -= ranges[-1][1]
-    write_bytes = int(write_gbps * GB * seconds) // (4 << 20) * (4 << 20)
+    write_bytes = max(4 << 20, int(write_gbps * GB * seconds) // (4 << 20) * (4 << 20))
     best: dict = {}
     with _scratch_writer(directory / "mixed-probe.bin", write_bytes, threads=threads) as overwrite:
         for _ in range(passes):
@@ -520,7 +523,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@click.command("bench-train")
+@click.command("bench-train", cls=Command)
 @click.option("--config", "configs", multiple=True, default=["configs/small.toml"], show_default=True,
               help="a config to bench (repeat for several)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override for every config")
