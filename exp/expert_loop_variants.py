@@ -39,9 +39,9 @@ def main() -> None:
     if "gil-switch" in variants:
         sys.setswitchinterval(0.0002)
     if "ungrouped" in variants:
-        import gmtier.experts
+        import gmtier.config
 
-        gmtier.experts.GRAD_GROUP = 1
+        gmtier.config.GRAD_GROUP = 1  # read by config.grad_staging when the runtime plans its slots
     if "blocking-events" in variants:
         cuda_event = torch.cuda.Event
         torch.cuda.Event = lambda enable_timing=False: cuda_event(enable_timing=enable_timing, blocking=True)

@@ -9,7 +9,7 @@
 # Run there:
 #   run(command="bash exp/gpu_adam.sh", carry=["wheels"])      (or the wheels in .carry/: WHEELS=.carry)
 # Knobs: PARAMS (default 256M: ~4-5 GB per workload), THREADS (16), REPEATS (7), SWEEP=0 to skip the
-# sweep of gmtier's own knobs (threads x GMTIER_ADAM_STREAM x GMTIER_ADAM_CHUNK x GMTIER_ADAM_PREFETCH).
+# sweep of gmtier's own options (threads x the kernel's store policy, stores=).
 #
 # DeepSpeed's CPUAdam JIT-builds with g++ (ninja) at first use; no network needed. DS_ACCELERATOR=cpu
 # builds the CPU-only variant (the same SIMD kernel; the CUDA variant would need the CUDA toolkit
@@ -43,12 +43,10 @@ cat "$OUT/bench_adam_t${THREADS}.json"
 gmtier bench-adam --threads "$THREADS" --params "$PARAMS" --repeats "$REPEATS" | tee "$OUT/bench_adam_t${THREADS}.txt"
 
 if [ "${SWEEP:-1}" = 1 ]; then
-  # gmtier alone: threads x store policy x chunk size
+  # gmtier alone: threads x store policy
   T=$THREADS
   python exp/adam_sweep.py --params $((PARAMS / 2)) --repeats 5 --settings \
-    $T:none:16384:0 $T:half:16384:0 $T:all:16384:0 $T:half:65536:0 $T:half:4096:0 \
-    $T:half:16384:256 $T:all:16384:256 $T:half:16384:1024 \
-    8:none:16384:0 8:half:16384:0 4:none:16384:0 4:half:16384:0 1:none:16384:0 1:half:16384:0 1:half:16384:256 \
+    $T:auto $T:none $T:half $T:all 8:none 8:half 4:none 4:half 1:none 1:half \
     | tee "$OUT/adam_sweep.jsonl"
 fi
 uptime

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Two wheels of gmtier on one GPU box, side by side: .carry/old/*.whl and .carry/new/*.whl, the
+# prepared corpus in .carry/data/ruslit and the raw one in .carry/ruslit. Run from the repo root on
+# the GPU machine: bash exp/compare_wheels.sh tests trainA-old trainA-new trainB-old trainB-new paging-old paging-new
+# (tests runs pytest -m gpu with the new wheel). Logs under $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+export GMTIER_RUSLIT=$PWD/.carry/ruslit
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ ! -d /tmp/site_new ]; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site_old .carry/old/*.whl 2>&1 | grep -v WARN
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site_new .carry/new/*.whl 2>&1 | grep -v WARN
+  mkdir -p data && cp -rn .carry/data/* data/
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"; lscpu | grep -E "^CPU\(s\)|Model name" | tee -a "$OUT/gpu.txt"
+fi
+B=/root/bench
+gm() { local which=$1; shift; PYTHONPATH=/tmp/site_$which python3 -m gmtier.cli "$@"; }
+for s in "$@"; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    tests) PYTHONPATH=/tmp/site_new python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15 ;;
+    trainA-*) w=${s#trainA-}; gm $w bench-train --config configs/small.toml --dir $B/A-$w --no-prefetch-off \
+         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
+    trainB-*) w=${s#trainB-}; gm $w bench-train --config configs/small.toml --dir $B/B-$w \
+         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
+    paging-*) w=${s#paging-}; gm $w bench-paging --dir $B/paging --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
+         --record-mb 64 2>&1 | tee -a "$OUT/paging-$w.txt" | tail -25 ;;
+  esac
+done
+echo "=== end $(date +%T)"
