@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from gmtier import dtypes
 from gmtier.config import Config
 from gmtier.model import GPT, ResidentExperts
 
 
 def autocast_dtype(precision: str):
     """The torch.autocast dtype of a resolved train.precision (None: fp32, no autocast)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = dtypes.from_config(precision)
+    return dtype if dtype in dtypes.HALF else None
 
 
 def build_model(cfg: Config, device: str, store_create: bool = False, store_overwrite: bool = False, log=print):

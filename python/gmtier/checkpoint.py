@@ -138,6 +138,19 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         write_json(self.path / "config.json", cfg.to_dict())
 
+    def read_metrics(self) -> list[dict]:
+        """The records of metrics.jsonl (training steps and evaluations), in order; a line cut
+        short by a kill is skipped."""
+        if not self.metrics.exists():
+            return []
+        records = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
     def check_resumable(self, cfg: Config) -> None:
         """Refuse a resume whose config changes the model (naming the key and both values)."""
         saved, now = self.saved_config(), cfg.to_dict()

@@ -1,5 +1,5 @@
 """The `gmtier` command line. The commands live in two places: `gmtier.commands` (prepare, train,
-eval, generate, info) and `gmtier.bench` (bench-paging, bench-adam, bench-train); this file only
+eval, generate, info, plot) and `gmtier.bench` (bench-paging, bench-adam, bench-train); this file only
 gathers them. Each is a `gmtier.user_errors.Command`: a user error ends in one line, not a traceback."""
 
 import click

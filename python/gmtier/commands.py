@@ -1,5 +1,5 @@
 """The click commands for preparing data, training and using a model: prepare, train, eval,
-generate, info. (The bench-* commands live in `gmtier.bench`; `gmtier.cli` gathers both.)"""
+generate, info, plot. (The bench-* commands live in `gmtier.bench`; `gmtier.cli` gathers both.)"""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import click
 
+from gmtier import progress
 from gmtier.user_errors import Command
 
 
@@ -38,7 +39,7 @@ def train(config_path, resume, fresh, overrides):
     from gmtier.train import train as run
 
     cfg = config.load(config_path, overrides)
-    run(cfg, resume=resume, fresh=fresh, log=lambda s: click.echo(s, err=False))
+    run(cfg, resume=resume, fresh=fresh, log=progress.echo)
 
 
 @click.command("eval", cls=Command)
@@ -54,7 +55,7 @@ def eval_(run_dir, split, text_file, batches, device, as_json):
     import numpy as np
 
     from gmtier.data import TokenData, load_tokenizer, read_text
-    from gmtier.evaluate import load_run, perplexity, text_batches
+    from gmtier.evaluate import load_run, perplexity, text_batch_count, text_batches
 
     cfg, model, runtime, step = load_run(run_dir, device)
     try:
@@ -62,13 +63,14 @@ def eval_(run_dir, split, text_file, batches, device, as_json):
         if text_file:
             ids = np.asarray(load_tokenizer(cfg.data.dir).encode(read_text(text_file)).ids)
             source, what = text_file, "the whole file"
-            batch_iter = text_batches(ids, bs, sl)
+            batch_iter, n_batches = text_batches(ids, bs, sl), text_batch_count(ids, bs, sl)
         else:
             source = f"{cfg.data.dir}:{split}"
             what = f"the first {batches} batches" if batches else "the whole split"
-            batch_iter = TokenData(cfg.data.dir, split).eval_batches(bs, sl, batches or None)
+            data = TokenData(cfg.data.dir, split)
+            batch_iter, n_batches = data.eval_batches(bs, sl, batches or None), data.eval_batch_count(bs, sl, batches or None)
         try:
-            loss, tokens = perplexity(cfg, model, batch_iter)
+            loss, tokens = perplexity(cfg, model, batch_iter, n_batches)
         except ValueError as e:
             raise click.ClickException(f"{source}: {e}") from None
     finally:
@@ -148,4 +150,21 @@ def info(config_path, run_dir, overrides, as_json):
                f"dense part {gib(d['dense_bytes_on_device'])}")
 
 
-COMMANDS = [prepare, train, eval_, generate, info]
+@click.command("plot", cls=Command)
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the PNG to write, e.g. runs/loss.png")
+@click.option("--width", type=click.IntRange(min=300), default=1500, show_default=True, help="pixels")
+@click.option("--height", type=click.IntRange(min=200), default=900, show_default=True, help="pixels")
+def plot(runs, out, width, height):
+    """Plot runs' metrics.jsonl on one PNG: loss and val loss against step, tokens and wall time,
+    tokens/s, tier hit rates, learning rate (one colour per run)."""
+    from gmtier import plot as plotting
+
+    try:
+        import matplotlib  # noqa: F401  (asked for here: the one-line error before any work)
+    except ImportError:
+        raise click.ClickException(plotting.MISSING) from None
+    click.echo(f"wrote {plotting.plot_runs(list(runs), out, width, height)} ({width}x{height}, {len(runs)} runs)")
+
+
+COMMANDS = [prepare, train, eval_, generate, info, plot]

@@ -76,6 +76,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
+    # Also write the metrics.jsonl scalars (same names) to <run_dir>/tensorboard/ for TensorBoard;
+    # needs the tensorboard package: pip install "gmtier[tensorboard]".
+    tensorboard: bool = False
 
 
 @dataclass

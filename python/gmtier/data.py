@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import torch
 
+from gmtier import progress
+
 if TYPE_CHECKING:
     from gmtier.config import Config
 
@@ -120,7 +122,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress.interactive(),  # the tokenizers library's own bar, on stderr
     )
     tokenizer.train_from_iterator((p for d in docs for p in _pieces(d)), trainer=trainer)
     return tokenizer
@@ -130,17 +132,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def tokenize_to_file(tokenizer, docs: Iterable[str], out_path: Path, dtype: np.dtype) -> int:
-    """Stream documents through the tokenizer into a flat binary file; returns the token count."""
+def tokenize_to_file(tokenizer, docs: Iterable[str], out_path: Path, dtype: np.dtype,
+                     total_chars: int | None = None) -> int:
+    """Stream documents through the tokenizer into a flat binary file; returns the token count.
+    `total_chars` (when known, e.g. a max_*_chars limit) gives the progress bar its end."""
     eot_id = tokenizer.token_to_id(EOT)
     n_tokens = 0
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb") as f, progress.bar(total=total_chars, desc=f"tokenizing {out_path.stem}", unit="char",
+                                            unit_scale=True) as bar:
         batch: list[str] = []
 
         def flush_batch() -> int:
             ids = [i for enc in tokenizer.encode_batch(batch) for i in enc.ids]
             np.asarray(ids, dtype=dtype).tofile(f)
+            bar.update(sum(map(len, batch)))
             batch.clear()
             return len(ids)
 
@@ -195,8 +201,8 @@ def prepare(
     tokenizer.save(str(out_dir / "tokenizer.json"))
     dtype = token_dtype(tokenizer.get_vocab_size())
     counts = {
-        "train": tokenize_to_file(tokenizer, train_docs(), out_dir / "train.bin", dtype),
-        "val": tokenize_to_file(tokenizer, val_docs(), out_dir / "val.bin", dtype),
+        "train": tokenize_to_file(tokenizer, train_docs(), out_dir / "train.bin", dtype, max_train_chars),
+        "val": tokenize_to_file(tokenizer, val_docs(), out_dir / "val.bin", dtype, max_val_chars),
     }
     meta = {
         "vocab_size": tokenizer.get_vocab_size(),
@@ -263,11 +269,17 @@ class TokenData:
         starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch_size)
         return self._windows(starts, seq_len)
 
+    def _eval_windows(self, batch_size: int, seq_len: int, max_batches: int | None) -> int:
+        n_windows = (len(self.tokens) - 1) // seq_len
+        return n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
+
+    def eval_batch_count(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> int:
+        """How many batches `eval_batches` yields."""
+        return self._eval_windows(batch_size, seq_len, max_batches) // batch_size
+
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive non-overlapping windows from the start of the split: the same every time."""
-        n_windows = (len(self.tokens) - 1) // seq_len
-        if max_batches is not None:
-            n_windows = min(n_windows, max_batches * batch_size)
+        n_windows = self._eval_windows(batch_size, seq_len, max_batches)
         for first in range(0, n_windows - batch_size + 1, batch_size):
             yield self._windows(np.arange(first, first + batch_size) * seq_len, seq_len)
 

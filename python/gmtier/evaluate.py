@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmtier import progress
 from gmtier.build import autocast_dtype, build_model
 from gmtier.checkpoint import RunDir
 from gmtier.config import Config, from_dict, parse_bytes
@@ -38,6 +39,11 @@ def load_run(run_dir: str | Path, device: str | None = None, overrides: dict | N
     return cfg, model, runtime, step
 
 
+def text_batch_count(ids: np.ndarray, batch_size: int, seq_len: int) -> int:
+    """How many batches `text_batches` yields."""
+    return -(-((len(ids) - 1) // seq_len) // batch_size)
+
+
 def text_batches(ids: np.ndarray, batch_size: int, seq_len: int):
     n = (len(ids) - 1) // seq_len
     for first in range(0, n, batch_size):
@@ -47,12 +53,12 @@ def text_batches(ids: np.ndarray, batch_size: int, seq_len: int):
 
 
 @torch.no_grad()
-def perplexity(cfg: Config, model, batches) -> tuple[float, int]:
-    """(mean token cross entropy, tokens) over (x, y) batches."""
+def perplexity(cfg: Config, model, batches, n_batches: int | None = None) -> tuple[float, int]:
+    """(mean token cross entropy, tokens) over (x, y) batches (`n_batches` of them, for the progress bar)."""
     device = cfg.device()
     amp = autocast_dtype(cfg.precision())
     total, tokens = 0.0, 0
-    for x, y in batches:
+    for x, y in progress.bar(batches, total=n_batches, desc="evaluating", unit="batch"):
         with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
             _, loss, _ = model(x.to(device), y.to(device))
         total += loss.item() * y.numel()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmtier import progress
 from gmtier.build import autocast_dtype, build_model
 from gmtier.checkpoint import CheckpointError, RunDir
 from gmtier.config import Config, ConfigError
@@ -44,6 +45,17 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or a ConfigError naming the extra: asked for when the trainer starts,
+    so a missing package is said before any step, not at the first log."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard imports the separate tensorboard package
+        raise ConfigError('train.tensorboard = true needs the tensorboard package: pip install "gmtier[tensorboard]" '
+                          '(or set train.tensorboard = false)') from None
+    return SummaryWriter
+
+
 def dense_param_groups(model: torch.nn.Module, weight_decay: float):
     """Matrices decay, vectors (norms) do not. Resident experts are included (they are the reference)."""
     decay, no_decay = [], []
@@ -64,10 +76,13 @@ class Trainer:
             raise ConfigError("train.precision = 'bf16' but this GPU has no bf16; use 'fp16' (with loss scaling) or 'auto'")
         self.run_dir = Path(cfg.train.run_dir)
         self.run = RunDir(self.run_dir)
-        self.runtime = None
+        self.runtime = self.tensorboard = None
+        writer_class = tensorboard_writer_class() if cfg.train.tensorboard else None
         self.run.lock()
         try:
             self._setup(resume, fresh)
+            if writer_class is not None:  # after _setup: --fresh clears the run directory
+                self.tensorboard = writer_class(log_dir=str(self.run_dir / "tensorboard"))
         except BaseException:
             self.close()
             raise
@@ -108,8 +123,10 @@ class Trainer:
         self.amp = autocast_dtype(self.precision)
         self.rng = np.random.default_rng(t.seed)
         self.step = 0
+        self.wall_s = 0.0  # wall time of the run so far (eval and checkpoints included), over resumes
         if resuming:
             self.load_checkpoint()
+            self.wall_s = max((r.get("wall_s", 0.0) for r in self.run.read_metrics()), default=0.0)
         else:
             if resume:
                 log(f"{self.run_dir}: no checkpoint yet, starting from step 0")
@@ -179,6 +196,10 @@ class Trainer:
     def _emit(self, record: dict) -> None:
         with open(self.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def fit(self, until: int | None = None) -> list[float]:
         """Train to train.steps (or stop after step `until`, as an interruption would); returns the losses."""
@@ -187,54 +208,70 @@ class Trainer:
         until = t.steps if until is None else min(until, t.steps)
         tokens_per_step = t.batch_size * cfg.model.seq_len
         t0, tok0 = time.perf_counter(), 0
-        start, start_step = time.perf_counter(), self.step
-        while self.step < until:
-            x, y = self.train_data.batch(t.batch_size, cfg.model.seq_len, self.rng)
-            out = self.train_step(x, y)
-            losses.append(out["loss"])
-            tok0 += tokens_per_step
-            self._record_routing()
-            if self.step % 10 == 0:
-                release_host_memory()
-            if t.log_every and (self.step % t.log_every == 0 or self.step == t.steps):
-                dt = time.perf_counter() - t0
-                rec = {"step": self.step, "loss": out["loss"], "aux": out["aux"], "lr": out["lr"],
-                       "tokens_per_s": tok0 / dt if dt > 0 else 0.0}
-                if self.runtime is not None:
-                    rec.update(self.runtime.metrics())
-                if self.scaler.is_enabled():
-                    rec["loss_scale"] = self.scaler.get_scale()
-                self._emit(rec)
-                self.log(self._progress_line(rec))
-                t0, tok0 = time.perf_counter(), 0
-            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                t_eval = time.perf_counter()
-                val = self.evaluate()
-                n = self.eval_batches_read
-                self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "val_batches": n})
-                self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f} "
-                         f"(first {n} batches of val; `gmtier eval` reads the whole split)")
-                t0 += time.perf_counter() - t_eval
-            if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
-                t_ckpt = time.perf_counter()
-                self.save_checkpoint()
-                self.log(f"step {self.step:6d} | checkpoint {self.run_dir}/ckpt-{self.step}")
-                t0 += time.perf_counter() - t_ckpt  # tokens/s counts training time only
+        start, start_step, wall0 = time.perf_counter(), self.step, self.wall_s
+        # In a terminal one bar (steps, ETA, the last logged loss and tok/s) replaces the per-step
+        # log lines; elsewhere the log lines are written as they always were.
+        live = progress.interactive()
+        with progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
+            while self.step < until:
+                x, y = self.train_data.batch(t.batch_size, cfg.model.seq_len, self.rng)
+                out = self.train_step(x, y)
+                losses.append(out["loss"])
+                tok0 += tokens_per_step
+                bar.update(1)
+                self.wall_s = wall0 + time.perf_counter() - start
+                self._record_routing()
+                if self.step % 10 == 0:
+                    release_host_memory()
+                if t.log_every and (self.step % t.log_every == 0 or self.step == t.steps):
+                    dt = time.perf_counter() - t0
+                    rec = {"step": self.step, "loss": out["loss"], "aux": out["aux"], "lr": out["lr"],
+                           "tokens_per_s": tok0 / dt if dt > 0 else 0.0, "wall_s": self.wall_s}
+                    if self.runtime is not None:
+                        rec.update(self.runtime.metrics())
+                    if self.scaler.is_enabled():
+                        rec["loss_scale"] = self.scaler.get_scale()
+                    self._emit(rec)
+                    if live:
+                        bar.set_postfix_str(" | ".join(self._progress_fields(rec, brief=True)))
+                    else:
+                        self.log(self._progress_line(rec))
+                    t0, tok0 = time.perf_counter(), 0
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    t_eval = time.perf_counter()
+                    val = self.evaluate()
+                    n = self.eval_batches_read
+                    self.wall_s = wall0 + time.perf_counter() - start
+                    self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "val_batches": n,
+                                "wall_s": self.wall_s})
+                    self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f} "
+                             f"(first {n} batches of val; `gmtier eval` reads the whole split)")
+                    t0 += time.perf_counter() - t_eval
+                if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+                    t_ckpt = time.perf_counter()
+                    self.save_checkpoint()
+                    self.log(f"step {self.step:6d} | checkpoint {self.run_dir}/ckpt-{self.step}")
+                    t0 += time.perf_counter() - t_ckpt  # tokens/s counts training time only
         if self.step > start_step:
             wall = time.perf_counter() - start
             self.log(f"done: {self.step - start_step} steps in {wall:.1f}s "
                      f"({(self.step - start_step) * tokens_per_step / wall:,.0f} tok/s including eval and checkpoints)")
         return losses
 
-    def _progress_line(self, r: dict) -> str:
-        line = f"step {r['step']:6d}/{self.cfg.train.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s"
+    def _progress_fields(self, r: dict, brief: bool = False) -> list[str]:
+        """What a logged step shows: the log line's fields, or (`brief`, the terminal's bar, which
+        must fit one line beside the step count and ETA) those without lr and prefetch P/R."""
+        fields = [f"loss {r['loss']:.4f}", *([] if brief else [f"lr {r['lr']:.2e}"]), f"{r['tokens_per_s']:,.0f} tok/s"]
         if "ram_hit_rate" in r:
-            line += f" | ram hit {r['ram_hit_rate']:.2f}"
+            fields.append(f"ram hit {r['ram_hit_rate']:.2f}")
         if "gpu_hit_rate" in r:
-            line += f" | gpu hit {r['gpu_hit_rate']:.2f}"
-        if "prefetch_recall" in r:
-            line += f" | prefetch P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}"
-        return line
+            fields.append(f"gpu hit {r['gpu_hit_rate']:.2f}")
+        if "prefetch_recall" in r and not brief:
+            fields.append(f"prefetch P/R {r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}")
+        return fields
+
+    def _progress_line(self, r: dict) -> str:
+        return " | ".join([f"step {r['step']:6d}/{self.cfg.train.steps}", *self._progress_fields(r)])
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -248,6 +285,8 @@ class Trainer:
 
     def close(self) -> None:
         try:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if self.runtime is not None:
                 self.runtime.close()
         finally:

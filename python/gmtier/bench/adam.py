@@ -26,6 +26,7 @@ import time
 
 import click
 
+from gmtier import dtypes, progress
 from gmtier.user_errors import Command
 
 BYTES_PER_PARAM = {"pipeline": 2 + 12 + 12 + 2, "fp32": 4 + 12 + 12}
@@ -81,7 +82,7 @@ def _gmtier_pipeline(sizes, threads, repeats, simd, check_finite=False, grad_dty
 
     from gmtier import adam
 
-    gdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[grad_dtype]
+    gdt = dtypes.from_config(grad_dtype)
     items = []
     for n in sizes:
         items.append(adam.AdamTensors(torch.randn(n), torch.zeros(n), torch.zeros(n), (torch.randn(n) * 1e-3).to(gdt),
@@ -173,25 +174,35 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
 
     torch.set_num_threads(threads)
     sizes = _sizes(params, tensors)
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else (lambda *a: print(*a, flush=True))
+    log = lambda line: progress.echo(line, err=as_json)  # noqa: E731  (--json: stdout holds the JSON only)
+    phases = progress.bar(total=8, desc="bench-adam", unit="phase")
     load0 = os.getloadavg()[0]
     log(f"bench-adam: {params / 1e6:.1f}M params in {tensors} tensors, {threads} threads, simd={simd} "
         f"({adam.simd_best() if simd == 'auto' else simd}), {repeats} repeats, load avg {load0:.2f}")
 
-    bw = adam.memory_bandwidth(bw_bytes, threads=threads, repeats=max(3, repeats))
+    with progress.phase(phases, "memory bandwidth"):
+        bw = adam.memory_bandwidth(bw_bytes, threads=threads, repeats=max(3, repeats))
     log(f"  memory: copy {bw['copy_gbps']:.1f} GB/s (median {bw['copy_median_gbps']:.1f}; memcpy {bw['memcpy_gbps']:.1f}, "
         f"streaming {bw['stream_copy_gbps']:.1f}), triad {bw['triad_gbps']:.1f}, in place {bw['inplace_gbps']:.1f} GB/s")
 
     res = {}
-    res["gmtier_pipeline_s"] = _gmtier_pipeline(sizes, threads, repeats, simd)
+    with progress.phase(phases, "gmtier pipeline"):
+        res["gmtier_pipeline_s"] = _gmtier_pipeline(sizes, threads, repeats, simd)
     log(f"  gmtier pipeline: {params / res['gmtier_pipeline_s'] / 1e6:.0f} Mparams/s")
-    res["gmtier_pipeline_check_s"] = _gmtier_pipeline(sizes, threads, repeats, simd, check_finite=True)
-    res["torch_pipeline_s"] = _torch_pipeline(sizes, repeats)
+    with progress.phase(phases, "gmtier pipeline, check_finite"):
+        res["gmtier_pipeline_check_s"] = _gmtier_pipeline(sizes, threads, repeats, simd, check_finite=True)
+    with progress.phase(phases, "torch pipeline"):
+        res["torch_pipeline_s"] = _torch_pipeline(sizes, repeats)
     log(f"  torch pipeline: {params / res['torch_pipeline_s'] / 1e6:.0f} Mparams/s")
-    res["gmtier_fp32_s"] = _gmtier_fp32(sizes, threads, repeats, simd)
-    res["torch_fused_s"] = _torch_plain(sizes, repeats, fused=True)
-    res["torch_foreach_s"] = _torch_plain(sizes, repeats, fused=False)
-    ds_s, ds_err = _deepspeed(sizes, repeats) if deepspeed else (None, "skipped (--no-deepspeed)")
+    with progress.phase(phases, "gmtier fp32"):
+        res["gmtier_fp32_s"] = _gmtier_fp32(sizes, threads, repeats, simd)
+    with progress.phase(phases, "torch fused"):
+        res["torch_fused_s"] = _torch_plain(sizes, repeats, fused=True)
+    with progress.phase(phases, "torch foreach"):
+        res["torch_foreach_s"] = _torch_plain(sizes, repeats, fused=False)
+    with progress.phase(phases, "DeepSpeed CPUAdam"):
+        ds_s, ds_err = _deepspeed(sizes, repeats) if deepspeed else (None, "skipped (--no-deepspeed)")
+    phases.close()
     load1 = os.getloadavg()[0]
 
     mps = lambda s: None if s is None else params / s / 1e6  # noqa: E731

@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from gmtier import progress
+from gmtier.store.metrics import hit_rate
 from gmtier.user_errors import Command
 
 MiB = 1 << 20
@@ -76,7 +78,7 @@ def _run_trace(store, kind: str, plan, prefetch: bool):
         "seconds": dt,
         "bytes_read": d["bytes_read"],
         "gbps": d["bytes_read"] / dt / 1e9,
-        "hit_rate": d["hits"] / n if n else None,
+        "hit_rate": hit_rate(d["hits"], d["misses"]),
         "prefetch_hits": d["prefetch_hits"],
         "stall_s": d["stall_s"],
         "requests": n,
@@ -176,7 +178,7 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
 
     from gmtier import _core
 
-    say = (lambda *a: None) if as_json else click.echo
+    say = (lambda *a: None) if as_json else progress.echo
     rb = int(record_mb * MiB) // 4096 * 4096
     wb = max(4096, int(rb * weights_frac) // 4096 * 4096)
     recorded = load_routing_trace(trace_path) if trace_path else None
@@ -217,7 +219,8 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
         say(f"creating {path}: {layers} layers x {n_experts} experts x {rb / MiB:.1f} MiB "
             f"({data_bytes / 1e9:.2f} GB of records, file {2 * data_bytes / 1e9:.2f} GB)")
         t0 = time.perf_counter()
-        _core.ExpertStore.create(str(path), layers, n_experts, schema, init=init)
+        with progress.bar(total=layers * n_experts, desc="creating store", unit="expert") as bar:
+            _core.ExpertStore.create(str(path), layers, n_experts, schema, init=progress.counted(init, bar))
         t_create = time.perf_counter() - t0
         stamp.write_text(json.dumps(geom))
     data_file = path / "experts.safetensors"
@@ -234,12 +237,14 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
     # Raw and store runs alternate, `repeats` times, and medians are reported: a shared disk's
     # bandwidth drifts, and alternating exposes both to the same drift.
     raws, runs = [], {"uniform": [], "zipf": [], "recorded": []}
+    phases = progress.bar(total=repeats * (3 if recorded is None else 4), desc="measuring", unit="phase")
     for rep in range(repeats):
         if not direct:
             _core.drop_cache(str(data_file))
         nbytes, secs, raw_direct = _core.raw_read(str(data_file), ranges, chunk_bytes=chunk, threads=io_threads)
         raws.append(nbytes / secs / 1e9)
         say(f"[{rep + 1}/{repeats}] raw O_DIRECT read: {nbytes / 1e9:.2f} GB in {secs:.2f}s = {raws[-1]:.3f} GB/s")
+        phases.update(1)
         for kind, seed in (("uniform", 1), ("zipf", 2), ("recorded", 0)):
             if kind == "recorded":
                 if recorded is None:
@@ -256,6 +261,8 @@ def bench_paging(directory, data_mb, ram_mb, gpu_mb, record_mb, weights_frac, la
             del s
             runs[kind].append(r)
             say(f"[{rep + 1}/{repeats}] store {kind}: {r['gbps']:.3f} GB/s, hit rate {r['hit_rate']:.2f}")
+            phases.update(1)
+    phases.close()
     raw_gbps = float(np.median(raws))
 
     def median_run(rs):

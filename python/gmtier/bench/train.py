@@ -29,6 +29,7 @@ import click
 import torch
 
 from gmtier import config as config_mod
+from gmtier import progress
 from gmtier.experts import PHASES
 from gmtier.user_errors import Command
 
@@ -226,7 +227,7 @@ class DiskTimeline:
             self._thread.start()
 
     def _sample(self) -> None:
-        m = self.runtime.store.core.metrics()
+        m = self.runtime.store.ram_metrics()
         self._rows.append({"config": self.config, "t": round(time.perf_counter() - self.t0, 4), "step": self.step,
                            "phase": self.runtime.phase, "layer": self.runtime.active_layer,
                            "read": m["bytes_read"], "written": m["bytes_written"]})
@@ -247,14 +248,14 @@ class DiskTimeline:
 
 
 def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False,
-                sampler: DiskTimeline | None = None) -> dict:
+                sampler: DiskTimeline | None = None, desc: str = "steps") -> dict:
     """Median step time over `steps` after `warmup`, plus the expert traffic of the timed steps;
     `sampler` samples the disk counters of the timed steps."""
     cfg = trainer.cfg
     times, traffic, rss = [], {}, 0
     if trainer.runtime is not None:
         trainer.runtime.metrics()  # reset the counters
-    for i in range(warmup + steps):
+    for i in progress.bar(range(warmup + steps), desc=desc, unit="step"):  # drawn between the timed steps
         x, y = trainer.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, trainer.rng)
         _sync()
         if sampler is not None and i >= warmup:
@@ -316,7 +317,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         tr = Trainer(cfg, fresh=True, log=quiet)
         try:
             sampler = DiskTimeline(tr.runtime, timeline, name) if timeline and tr.runtime else None
-            res = _time_steps(tr, warmup, steps, sampler=sampler)
+            res = _time_steps(tr, warmup, steps, sampler=sampler, desc="tiered steps")
             res["max_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
             res["rss_before_bytes"] = rss_before
@@ -367,12 +368,13 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     try:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        compute = _time_steps(rtr, warmup, steps, fwd_bwd_only=True)
+        compute = _time_steps(rtr, warmup, steps, fwd_bwd_only=True, desc="resident fwd+bwd")
         # The dense part's peak (weights, grads, AdamW moments, activations): the peak of whole
         # resident training steps less its experts' fp32 weights, grads and moments (16 B/param).
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        full_resident = _time_steps(rtr, 1, steps if (resident and fit_experts == m.n_experts) else 1)
+        full_resident = _time_steps(rtr, 1, steps if (resident and fit_experts == m.n_experts) else 1,
+                                    desc="resident steps")
         if not (resident and fit_experts == m.n_experts):
             full_resident = None
         resident_expert_bytes = len(m.switch_layers()) * fit_experts * 2 * m.d_model * m.d_ff * 16
@@ -540,7 +542,7 @@ def _table(results: list[dict]) -> str:
 def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, keep, as_json, timeline):
     """Time real training steps and compare them with their hardware lower bound."""
     work = Path(work_dir)
-    log = (lambda s: click.echo(s, err=True))
+    log = (lambda s: progress.echo(s, err=True))
     try:
         results = [bench_config(c, overrides, work, warmup, steps, resident, prefetch_off, log,
                                 Path(timeline) if timeline else None) for c in configs]

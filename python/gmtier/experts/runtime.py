@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import gmtier.experts.bank as expert_bank  # the module: its expert_ffn is looked up at each call (tests count them)
-from gmtier import dtypes, record
+from gmtier import dtypes, progress, record
 from gmtier.config import Config, ConfigError
 from gmtier.experts.bank import TieredExperts, expert_starts, from_gemm_rows, gemm_row_layout, to_gemm_rows
 from gmtier.experts.metrics import RuntimeStats
@@ -95,8 +95,11 @@ class ExpertRuntime:
                                              m.init_std, m.n_layer)
             return record.initial_record(w1, w2, self.dtype)
 
-        TieredExpertStore.create(path, len(self.switch_layers), m.n_experts, self.cfg.expert_schema(), init=init,
-                                 user_meta=json.dumps({"step": 0}), overwrite=overwrite)
+        n_records = len(self.switch_layers) * m.n_experts
+        with progress.bar(total=n_records, desc="creating expert store", unit="expert") as bar:
+            TieredExpertStore.create(path, len(self.switch_layers), m.n_experts, self.cfg.expert_schema(),
+                                     init=progress.counted(init, bar), user_meta=json.dumps({"step": 0}),
+                                     overwrite=overwrite)
         self.log(f"created expert store {path}: {len(self.switch_layers)} layers x {m.n_experts} experts "
                  f"in {time.perf_counter() - t0:.1f}s")
 
