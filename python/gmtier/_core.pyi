@@ -144,3 +144,29 @@ def memory_bandwidth(nbytes: int = 1073741824, threads: int = 0, repeats: int = 
 def adam_simd_available() -> list[str]: ...
 def adam_simd_best() -> str: ...
 def adam_chunk_elements() -> int: ...
+
+# --- compact-state adam (gmtier.compact_adam validates; use it) ---
+
+# spec: (weight bf16, m_codes u8, v_codes u8, m_scales f32, v_scales f32, grad, grad_dtype, numel,
+# step int64[1], stream) as data_ptr() addresses; scales have ceil(numel / block) elements.
+CompactAdamSpec = tuple[int, int, int, int, int, int, str, int, int, int]
+ADAM_COMPACT_BLOCKS: tuple[int, int, int]  # (min, max, default) block size; powers of two
+
+def adamw_compact_step_groups_raw(
+    specs: Sequence[CompactAdamSpec],
+    group_ends: Sequence[int],  # group i is specs[group_ends[i - 1]:group_ends[i]]
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: float = 1.0,
+    clip_coef: float = 1.0,
+    check_finite: bool = False,
+    block: int = 2048,
+    seed: int = 0,  # with stream, step and element index: the stochastic-rounding bits
+    simd: str = "auto",
+    threads: int = 0,
+) -> list[bool]: ...  # per group: skipped (non-finite gradient)
+def adam_compact_maps() -> tuple[list[float], list[float]]: ...  # m map, v map (256 values each)
+def adam_compact_sr_key(seed: int, stream: int, step: int) -> int: ...

@@ -1,9 +1,11 @@
 //! `gmtier._core`: thin PyO3 layer over gmtier-core. It converts types and releases the GIL;
 //! all logic lives in the core crate. One file per concern: the store (`store`, `ticket`,
-//! `slot_pool`, `layout`, `raw_io`), the AdamW (`adam`) and the exceptions (`error`).
+//! `slot_pool`, `layout`, `raw_io`), the AdamW (`adam`, its compact-state path `adam_compact`)
+//! and the exceptions (`error`).
 use pyo3::prelude::*;
 
 mod adam;
+mod adam_compact;
 mod error;
 mod layout;
 mod raw_io;
@@ -21,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     raw_io::register(m)?;
     layout::register(m)?;
     adam::register(m)?;
+    adam_compact::register(m)?;
     Ok(())
 }

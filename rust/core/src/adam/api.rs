@@ -112,6 +112,12 @@ impl RawParam {
 }
 
 impl Grad<'_> {
+    /// (pointer, dtype, elements), for the compact path's safe wrapper.
+    pub(super) fn parts(&self) -> (*const u8, GradDtype, usize) {
+        let (p, d) = self.raw();
+        (p, d, self.len())
+    }
+
     fn len(&self) -> usize {
         match self {
             Grad::F32(g) => g.len(),

@@ -27,10 +27,11 @@
 //! now and waited on later), `pool` (the thread pools and the parallel passes over chunks),
 //! `dispatch` (the SIMD path, coefficients, store policy, one chunk to a kernel), `avx512`,
 //! `avx2`, `scalar` (the kernels), `convert` (fp32 <-> bf16/f16), `bandwidth` (memory bandwidth
-//! probes).
+//! probes), `compact` (the compact-state path: bf16 weights, 8-bit block-quantized moments).
 
 mod api;
 mod bandwidth;
+pub mod compact;
 mod convert;
 mod dispatch;
 mod job;
@@ -75,6 +76,10 @@ pub use api::{
     Grad, Half, Param, RawGrad, RawParam, StepOutcome,
 };
 pub use bandwidth::{memory_bandwidth, Bandwidth};
+pub use compact::{
+    adamw_compact_step_groups, adamw_compact_step_groups_raw, compact_blocks, CompactParam,
+    RawCompactParam, DEFAULT_BLOCK, MAX_BLOCK, MIN_BLOCK,
+};
 pub use convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 pub use dispatch::{GradDtype, HalfDtype, Simd, StorePolicy, STREAM_MIN_BYTES};
 pub use job::{adamw_step_raw_async, AdamJob};

@@ -57,7 +57,9 @@ pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> 
 }
 
 /// Work list of (tensor index, element offset, length) chunks over tensors of sizes `sizes`.
-fn chunk_starts(sizes: impl Iterator<Item = usize>, chunk: usize) -> Vec<usize> {
+/// The first chunk of each tensor when every tensor is cut into `chunk`-element pieces (the
+/// last entry is the total), so one flat index range spans all tensors' chunks.
+pub(super) fn chunk_starts(sizes: impl Iterator<Item = usize>, chunk: usize) -> Vec<usize> {
     // prefix[i] = index of the first chunk of tensor i; prefix[last] = total chunks
     let mut prefix = vec![0usize];
     for n in sizes {
@@ -67,7 +69,8 @@ fn chunk_starts(sizes: impl Iterator<Item = usize>, chunk: usize) -> Vec<usize> 
     prefix
 }
 
-fn locate(prefix: &[usize], chunk: usize, chunk_len: usize) -> (usize, usize) {
+/// (tensor, element offset) of flat chunk `chunk` under `chunk_starts`'s prefix.
+pub(super) fn locate(prefix: &[usize], chunk: usize, chunk_len: usize) -> (usize, usize) {
     // the tensor whose chunk range holds `chunk` (skips empty tensors)
     let t = prefix.partition_point(|&start| start <= chunk) - 1;
     (t, (chunk - prefix[t]) * chunk_len)
