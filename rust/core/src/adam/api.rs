@@ -2,9 +2,8 @@
 //! pointer or by borrow, and what a step did.
 
 use super::dispatch::stats_chunk;
-use super::pool::{
-    check_pointers, grad_stats_in_pool, nonfinite_per_tensor, step_in_pool, thread_pool,
-};
+use super::groups::{check_group_ends, live, skipped_groups};
+use super::pool::{check_pointers, grad_stats_in_pool, step_in_pool, thread_pool};
 use super::{AdamError, GradDtype, HalfDtype, Simd, StorePolicy, INLINE_MAX, STATS_CHUNK};
 
 /// Hyper-parameters and per-call options.
@@ -305,40 +304,15 @@ pub unsafe fn adamw_step_groups_raw(
 ) -> Result<Vec<bool>, AdamError> {
     cfg.validate()?;
     let simd = Simd::resolve(simd)?;
-    if group_ends.windows(2).any(|w| w[0] > w[1])
-        || group_ends.last().copied().unwrap_or(0) != params.len()
-    {
-        return Err(AdamError::Invalid(format!(
-            "group ends {group_ends:?} must rise to the number of tensors ({})",
-            params.len()
-        )));
-    }
+    check_group_ends(group_ends, params.len())?;
     check_pointers(params)?;
     let pool = thread_pool(threads)?;
     let parallel = params.iter().map(|p| p.numel).sum::<usize>() > INLINE_MAX;
     let run = || {
-        let mut group_of = Vec::with_capacity(params.len());
-        let mut start = 0;
-        for (g, &end) in group_ends.iter().enumerate() {
-            group_of.extend(std::iter::repeat_n(g, end - start));
-            start = end;
-        }
-        let mut skipped = vec![false; group_ends.len()];
-        if cfg.check_finite {
-            let grads: Vec<RawGrad> = params.iter().map(RawParam::grad).collect();
-            for (t, bad) in nonfinite_per_tensor(&grads, simd, parallel)
-                .into_iter()
-                .enumerate()
-            {
-                skipped[group_of[t]] |= bad;
-            }
-        }
-        let live: Vec<RawParam> = params
-            .iter()
-            .zip(&group_of)
-            .filter(|(_, &g)| !skipped[g])
-            .map(|(p, _)| *p)
-            .collect();
+        let grads: Vec<RawGrad> = params.iter().map(RawParam::grad).collect();
+        let (group_of, skipped) =
+            skipped_groups(&grads, group_ends, cfg.check_finite, simd, parallel);
+        let live = live(params, &group_of, &skipped);
         let unchecked = AdamConfig {
             check_finite: false,
             ..*cfg

@@ -34,6 +34,7 @@ mod bandwidth;
 pub mod compact;
 mod convert;
 mod dispatch;
+mod groups;
 mod job;
 mod pool;
 mod scalar;

@@ -2,6 +2,7 @@
 //! the gradient scans (sum of squares, inf/NaN per tensor).
 
 use super::dispatch::{run_chunk, Coefs};
+use super::groups::next_steps;
 use super::{
     AdamConfig, AdamError, GradDtype, RawGrad, RawParam, Simd, StepOutcome, CHUNK, STATS_CHUNK,
 };
@@ -140,21 +141,15 @@ pub(super) unsafe fn step_in_pool(
         })
         .sum();
     let stream = cfg.stores.for_call(bytes);
-    let mut steps: Vec<(*mut i64, i64)> = Vec::new();
-    let mut coefs = Vec::with_capacity(params.len());
-    for p in params {
-        let new = match steps.iter().find(|(ptr, _)| *ptr == p.step) {
-            Some(&(_, s)) => s,
-            None => {
-                let s = p.step.read().saturating_add(1).max(1);
-                steps.push((p.step, s));
-                s
-            }
-        };
-        let mut c = Coefs::new(cfg, new);
-        c.stream = stream;
-        coefs.push(c);
-    }
+    let (new_steps, steps) = next_steps(params.iter().map(|p| p.step));
+    let coefs: Vec<Coefs> = new_steps
+        .iter()
+        .map(|&new| {
+            let mut c = Coefs::new(cfg, new);
+            c.stream = stream;
+            c
+        })
+        .collect();
     let chunk = CHUNK;
     let prefix = chunk_starts(params.iter().map(|p| p.numel), chunk);
     let total = *prefix.last().unwrap();

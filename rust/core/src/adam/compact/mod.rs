@@ -19,7 +19,8 @@ mod kernel;
 pub mod quant;
 
 use super::dispatch::Coefs;
-use super::pool::{chunk_starts, locate, nonfinite_per_tensor, thread_pool};
+use super::groups::{check_group_ends, live, next_steps, skipped_groups};
+use super::pool::{chunk_starts, locate, thread_pool};
 use super::{AdamConfig, AdamError, Grad, GradDtype, RawGrad, Simd, CHUNK, INLINE_MAX};
 use kernel::Run;
 use rayon::prelude::*;
@@ -122,47 +123,22 @@ pub unsafe fn adamw_compact_step_groups_raw(
     cfg.validate()?;
     check_block(block)?;
     let simd = Simd::resolve(simd)?;
-    if group_ends.windows(2).any(|w| w[0] > w[1])
-        || group_ends.last().copied().unwrap_or(0) != params.len()
-    {
-        return Err(AdamError::Invalid(format!(
-            "group ends {group_ends:?} must rise to the number of tensors ({})",
-            params.len()
-        )));
-    }
+    check_group_ends(group_ends, params.len())?;
     check_pointers(params)?;
     let pool = thread_pool(threads)?;
     let parallel = params.iter().map(|p| p.numel).sum::<usize>() > INLINE_MAX;
     let run = || {
-        let mut group_of = Vec::with_capacity(params.len());
-        let mut start = 0;
-        for (g, &end) in group_ends.iter().enumerate() {
-            group_of.extend(std::iter::repeat_n(g, end - start));
-            start = end;
-        }
-        let mut skipped = vec![false; group_ends.len()];
-        if cfg.check_finite {
-            let grads: Vec<RawGrad> = params
-                .iter()
-                .map(|p| RawGrad {
-                    ptr: p.grad,
-                    dtype: p.grad_dtype,
-                    numel: p.numel,
-                })
-                .collect();
-            for (t, bad) in nonfinite_per_tensor(&grads, simd, parallel)
-                .into_iter()
-                .enumerate()
-            {
-                skipped[group_of[t]] |= bad;
-            }
-        }
-        let live: Vec<RawCompactParam> = params
+        let grads: Vec<RawGrad> = params
             .iter()
-            .zip(&group_of)
-            .filter(|(_, &g)| !skipped[g])
-            .map(|(p, _)| *p)
+            .map(|p| RawGrad {
+                ptr: p.grad,
+                dtype: p.grad_dtype,
+                numel: p.numel,
+            })
             .collect();
+        let (group_of, skipped) =
+            skipped_groups(&grads, group_ends, cfg.check_finite, simd, parallel);
+        let live = live(params, &group_of, &skipped);
         step_live(&live, cfg, block, seed, simd, parallel);
         skipped
     };
@@ -178,19 +154,12 @@ unsafe fn step_live(
     simd: Simd,
     parallel: bool,
 ) {
-    let mut steps: Vec<(*mut i64, i64)> = Vec::new();
-    let mut coefs = Vec::with_capacity(params.len());
-    for p in params {
-        let new = match steps.iter().find(|(ptr, _)| *ptr == p.step) {
-            Some(&(_, s)) => s,
-            None => {
-                let s = p.step.read().saturating_add(1).max(1);
-                steps.push((p.step, s));
-                s
-            }
-        };
-        coefs.push((Coefs::new(cfg, new), quant::sr_key(seed, p.stream, new)));
-    }
+    let (new_steps, steps) = next_steps(params.iter().map(|p| p.step));
+    let coefs: Vec<(Coefs, u64)> = params
+        .iter()
+        .zip(new_steps)
+        .map(|(p, new)| (Coefs::new(cfg, new), quant::sr_key(seed, p.stream, new)))
+        .collect();
     // Tasks of whole blocks, about CHUNK elements each.
     let task = block * (CHUNK / block).max(1);
     let prefix = chunk_starts(params.iter().map(|p| p.numel), task);
