@@ -110,20 +110,26 @@ def _check_tensor(t: Any, what: str, dtypes: dict, numel: int | None) -> None:
         raise ValueError(f"{what}: has {t.numel()} elements, the master weight has {numel}")
 
 
-def _as_tensors(item: Any, i: int) -> AdamTensors:
-    if isinstance(item, AdamTensors):
+def _as_named(item: Any, i: int, cls: type, signature: str):
+    """`item` as the NamedTuple `cls` (given as one, a dict, or a tuple of its fields with or
+    without the defaulted ones); `signature` names the fields in the error."""
+    if isinstance(item, cls):
         return item
     if isinstance(item, dict):
         try:
-            return AdamTensors(**item)
+            return cls(**item)
         except TypeError as e:
             raise TypeError(f"tensors[{i}]: {e}") from None
-    if isinstance(item, (tuple, list)) and len(item) in (5, 6):
-        return AdamTensors(*item)
-    raise TypeError(
-        f"tensors[{i}]: expected AdamTensors(master, exp_avg, exp_avg_sq, grad, step, half=None), "
-        f"a dict or a 5/6-tuple, got {type(item).__name__}"
-    )
+    n_all = len(cls._fields)
+    n_required = n_all - len(cls._field_defaults)
+    if isinstance(item, (tuple, list)) and n_required <= len(item) <= n_all:
+        return cls(*item)
+    raise TypeError(f"tensors[{i}]: expected {signature}, a dict or a {n_required}/{n_all}-tuple, "
+                    f"got {type(item).__name__}")
+
+
+def _as_tensors(item: Any, i: int) -> AdamTensors:
+    return _as_named(item, i, AdamTensors, "AdamTensors(master, exp_avg, exp_avg_sq, grad, step, half=None)")
 
 
 def _specs(tensors: Iterable[Any]) -> tuple[list[tuple], list[AdamTensors]]:

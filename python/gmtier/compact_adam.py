@@ -89,19 +89,8 @@ def _check_block(block: int) -> int:
 
 
 def _as_tensors(item: Any, i: int) -> CompactTensors:
-    if isinstance(item, CompactTensors):
-        return item
-    if isinstance(item, dict):
-        try:
-            return CompactTensors(**item)
-        except TypeError as e:
-            raise TypeError(f"tensors[{i}]: {e}") from None
-    if isinstance(item, (tuple, list)) and len(item) in (7, 8):
-        return CompactTensors(*item)
-    raise TypeError(
-        f"tensors[{i}]: expected CompactTensors(weight, m_codes, v_codes, m_scales, v_scales, grad, step, "
-        f"stream=0), a dict or a 7/8-tuple, got {type(item).__name__}"
-    )
+    return adam._as_named(item, i, CompactTensors,
+                          "CompactTensors(weight, m_codes, v_codes, m_scales, v_scales, grad, step, stream=0)")
 
 
 def _specs(tensors: Sequence[Any], block: int) -> list[tuple]:

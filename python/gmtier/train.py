@@ -41,8 +41,8 @@ def lr_at(cfg: Config, step: int) -> float:
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    done = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)  # share of the decay
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def tensorboard_writer_class():

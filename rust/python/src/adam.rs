@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-fn grad_dtype(s: &str) -> PyResult<GradDtype> {
+pub(crate) fn grad_dtype(s: &str) -> PyResult<GradDtype> {
     match s {
         "float32" => Ok(GradDtype::F32),
         "bfloat16" => Ok(GradDtype::Bf16),
@@ -29,7 +29,7 @@ fn half_dtype(s: &str) -> PyResult<HalfDtype> {
     }
 }
 
-fn simd(s: &str) -> PyResult<Option<Simd>> {
+pub(crate) fn simd(s: &str) -> PyResult<Option<Simd>> {
     Simd::parse(s).map_err(error::adam)
 }
 
@@ -86,7 +86,23 @@ fn step_args(
     check_finite: bool,
     stores: &str,
 ) -> PyResult<(Vec<RawParam>, Option<Simd>, AdamConfig)> {
-    let cfg = AdamConfig {
+    let cfg = adam_config(
+        [lr, beta1, beta2, eps, weight_decay, grad_scale, clip_coef],
+        check_finite,
+        StorePolicy::parse(stores).map_err(error::adam)?,
+    );
+    Ok((raw_params(specs)?, self::simd(simd)?, cfg))
+}
+
+/// The step configuration from the bindings' scalar arguments, in their order: lr, beta1, beta2,
+/// eps, weight_decay, grad_scale, clip_coef.
+pub(crate) fn adam_config(
+    scalars: [f64; 7],
+    check_finite: bool,
+    stores: StorePolicy,
+) -> AdamConfig {
+    let [lr, beta1, beta2, eps, weight_decay, grad_scale, clip_coef] = scalars;
+    AdamConfig {
         lr,
         beta1,
         beta2,
@@ -95,9 +111,8 @@ fn step_args(
         grad_scale,
         clip_coef,
         check_finite,
-        stores: StorePolicy::parse(stores).map_err(error::adam)?,
-    };
-    Ok((raw_params(specs)?, self::simd(simd)?, cfg))
+        stores,
+    }
 }
 
 /// Raw fused AdamW step over groups of tensors given by address (use `gmtier.adam`, which

@@ -1,22 +1,11 @@
 //! Bindings of `gmtier_core::adam::compact`, the compact-state AdamW. Python
 //! (`gmtier.compact_adam`) validates the tensors and passes raw addresses; these functions only
 //! convert and release the GIL.
+use crate::adam::{adam_config, grad_dtype};
 use crate::error;
 use gmtier_core::adam::compact::quant;
-use gmtier_core::adam::{self, AdamConfig, GradDtype, RawCompactParam, Simd, StorePolicy};
-use pyo3::exceptions::PyValueError;
+use gmtier_core::adam::{self, RawCompactParam, StorePolicy};
 use pyo3::prelude::*;
-
-fn grad_dtype(s: &str) -> PyResult<GradDtype> {
-    match s {
-        "float32" => Ok(GradDtype::F32),
-        "bfloat16" => Ok(GradDtype::Bf16),
-        "float16" => Ok(GradDtype::F16),
-        _ => Err(PyValueError::new_err(format!(
-            "gradient dtype {s:?} not supported (float32, bfloat16, float16)"
-        ))),
-    }
-}
 
 /// (weight, m_codes, v_codes, m_scales, v_scales, grad, grad_dtype, numel, step, stream)
 type Spec = (
@@ -57,18 +46,13 @@ fn adamw_compact_step_groups_raw(
     simd: &str,
     threads: usize,
 ) -> PyResult<Vec<bool>> {
-    let cfg = AdamConfig {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        grad_scale,
-        clip_coef,
+    // The compact path writes codes and bf16 weights with plain stores: no store policy.
+    let cfg = adam_config(
+        [lr, beta1, beta2, eps, weight_decay, grad_scale, clip_coef],
         check_finite,
-        stores: StorePolicy::Regular,
-    };
-    let s = Simd::parse(simd).map_err(error::adam)?;
+        StorePolicy::Regular,
+    );
+    let s = crate::adam::simd(simd)?;
     let params = specs
         .into_iter()
         .map(|(w, mq, vq, ms, vs, g, gd, numel, step, stream)| {
