@@ -61,7 +61,20 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 where supported, else fp16 on cuda; fp32 on cpu), "fp32", "bf16", "fp16"
     seed: int = 1337
     steps: int = 200
-    batch_size: int = 16  # sequences per step; all of them flow through each Switch layer together
+    batch_size: int = 16  # sequences per micro-batch (the batch that runs through the dense blocks at once)
+    # Micro-batches per optimizer step: a step is micro_batches x batch_size sequences. With more
+    # than one the step is layer-major (gmtier.layer_major): each block runs over every
+    # micro-batch before the next block, so each expert is paged once per step for all of them.
+    micro_batches: int = 1
+    # Where a layer-major step keeps the block inputs it saves for backward: this much on the
+    # compute device, then this much of pinned host memory (its own budget, outside
+    # experts.ram_budget), the rest spilled to activations_dir with O_DIRECT I/O.
+    activations_gpu_budget: int | str = "2GB"
+    activations_ram_budget: int | str = "4GB"
+    activations_dir: str = ""  # "" = <run_dir>/activations (scratch: deleted at the end of each step)
+    # Cap on the whole process's GPU memory (torch's per-process memory fraction), e.g. "11GB" to
+    # hold a run to an 11 GB card's envelope on a larger GPU; "" = no cap.
+    gpu_memory_limit: int | str = ""
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
@@ -356,6 +369,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.router_jitter = {m.router_jitter}: must be in [0, 1)")
     if t.steps <= 0 or t.batch_size <= 0:
         raise ConfigError("train.steps and train.batch_size must be positive")
+    if t.micro_batches < 1:
+        raise ConfigError(f"train.micro_batches = {t.micro_batches}: must be >= 1 (1 = one batch a step)")
+    parse_bytes(t.activations_gpu_budget, "train.activations_gpu_budget")
+    parse_bytes(t.activations_ram_budget, "train.activations_ram_budget")
+    if t.gpu_memory_limit != "":
+        parse_bytes(t.gpu_memory_limit, "train.gpu_memory_limit")
     if t.warmup_steps < 0 or t.lr <= 0 or t.min_lr < 0:
         raise ConfigError("train.lr must be > 0, train.min_lr and train.warmup_steps >= 0")
     for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches"):

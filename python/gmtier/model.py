@@ -84,15 +84,21 @@ class SwitchFFN(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         r = route(self.router_logits(h, jitter=self.training), self.cfg.capacity_factor)
+        order, counts = self.dispatch(r)
+        y_sorted = self.experts(h[order], counts)
+        y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))
+        return (y * r.gate.to(h.dtype).unsqueeze(1)).view(shape)
+
+    def dispatch(self, r: Routing) -> tuple[torch.Tensor, list[int]]:
+        """The kept tokens grouped by expert (stable: in token order within an expert) and each
+        expert's count (a host sync); keeps the routing's losses and trace on the module."""
         self.aux_loss, self.z_loss = r.aux_loss, r.z_loss
         kept = r.keep.nonzero().squeeze(1)
         order = kept[torch.argsort(r.expert[kept], stable=True)]  # kept tokens, grouped by expert
         counts = torch.bincount(r.expert[order], minlength=self.cfg.n_experts).tolist()
         self.last_experts = {e for e, c in enumerate(counts) if c}
-        self.last_drop_frac = 1.0 - len(kept) / h.shape[0]
-        y_sorted = self.experts(h[order], counts)
-        y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))
-        return (y * r.gate.to(h.dtype).unsqueeze(1)).view(shape)
+        self.last_drop_frac = 1.0 - len(kept) / r.expert.shape[0]
+        return order, counts
 
 
 # ---- the dense part -----------------------------------------------------------------------
@@ -145,12 +151,15 @@ class Block(nn.Module):
         self.checkpoint = False
 
     def forward(self, x, rope):
-        if self.checkpoint and self.training:
-            # Only the attention half is recomputed: re-running a Switch FFN would page its experts again.
-            x = x + checkpoint(lambda t: self.attn(self.ln_1(t), rope), x, use_reentrant=False)
-        else:
-            x = x + self.attn(self.ln_1(x), rope)
+        x = self.attn_residual(x, rope, checkpointed=self.checkpoint and self.training)
         return x + self.ffn(self.ln_2(x))
+
+    def attn_residual(self, x, rope, checkpointed: bool = False):
+        """x + attention(ln_1(x)): the first half of the block (the FFN half takes ln_2 of it)."""
+        if checkpointed:
+            # Only the attention half is recomputed: re-running a Switch FFN would page its experts again.
+            return x + checkpoint(lambda t: self.attn(self.ln_1(t), rope), x, use_reentrant=False)
+        return x + self.attn(self.ln_1(x), rope)
 
 
 class GPT(nn.Module):
@@ -186,14 +195,19 @@ class GPT(nn.Module):
         self._block_input_hook = hook
 
     @torch.no_grad()
-    def route_votes(self, blocks: list[int], x: torch.Tensor) -> torch.Tensor:
-        """For hidden states `x`, how many tokens the router of each Switch block in `blocks`
-        would send to each expert if `x` reached it: [len(blocks), n_experts]."""
-        h = x.reshape(-1, x.shape[-1])
+    def route_votes(self, blocks: list[int], x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """For hidden states `x` (or a step's micro-batches of them, summed), how many tokens the
+        router of each Switch block in `blocks` would send to each expert if `x` reached it:
+        [len(blocks), n_experts]."""
+        parts = x if isinstance(x, (list, tuple)) else [x]
         votes = []
         for i in blocks:
             blk = self.blocks[i]
-            votes.append(torch.bincount(blk.ffn.router_logits(blk.ln_2(h)).argmax(-1), minlength=self.cfg.n_experts))
+            v = 0
+            for part in parts:
+                h = part.reshape(-1, part.shape[-1])
+                v = v + torch.bincount(blk.ffn.router_logits(blk.ln_2(h)).argmax(-1), minlength=self.cfg.n_experts)
+            votes.append(v)
         return torch.stack(votes)
 
     def switch_blocks(self) -> list[SwitchFFN]:
@@ -206,24 +220,41 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits, loss, aux) where loss is the LM cross entropy (None without targets)
         and aux the summed router losses to add (already weighted by the config's coefficients)."""
-        B, S = idx.shape
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(S, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.positions == "rope" else None
+        x = self.embed(idx)
+        rope = self.rope()
         for i, block in enumerate(self.blocks):
-            if self._block_input_hook is not None:
-                self._block_input_hook(i, x)
+            self.block_input(i, x)
             x = block(x, rope)
-        x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)  # tied output head
+        logits = self.head(x)
         aux = x.new_zeros((), dtype=torch.float32)
         for s in self.switch_blocks():
-            aux = aux + self.cfg.aux_loss_coef * s.aux_loss + self.cfg.z_loss_coef * s.z_loss
+            aux = aux + self.router_losses(s.aux_loss, s.z_loss)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, aux
+
+    # The pieces of forward, also run one at a time by the layer-major step (gmtier.layer_major).
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return x
+
+    def rope(self):
+        return (self.rope_cos, self.rope_sin) if self.cfg.positions == "rope" else None
+
+    def block_input(self, i: int, x) -> None:
+        """Block `i`'s input (a tensor, or a step's micro-batches) reaches the hook."""
+        if self._block_input_hook is not None:
+            self._block_input_hook(i, x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ln_f(x), self.wte.weight)  # tied output head
+
+    def router_losses(self, aux_loss: torch.Tensor, z_loss: torch.Tensor) -> torch.Tensor:
+        """A Switch layer's load-balancing and z losses, weighted by the config's coefficients."""
+        return self.cfg.aux_loss_coef * aux_loss + self.cfg.z_loss_coef * z_loss
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from gmtier import progress
+from gmtier.activations import ActivationStash
 from gmtier.build import autocast_dtype, build_model
 from gmtier.checkpoint import CheckpointError, RunDir
-from gmtier.config import Config, ConfigError
+from gmtier.config import Config, ConfigError, parse_bytes
+from gmtier.layer_major import LayerMajorStep
 from gmtier.data import ensure_data, require_eval_batch
 from gmtier.model import SwitchFFN
 from gmtier.optim import HostAdamW
@@ -65,6 +67,28 @@ def dense_param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def limit_gpu_memory(cfg: Config, device: str) -> None:
+    """train.gpu_memory_limit: cap the whole process's GPU memory (torch's memory fraction)."""
+    if cfg.train.gpu_memory_limit == "" or not device.startswith("cuda"):
+        return
+    limit = parse_bytes(cfg.train.gpu_memory_limit, "train.gpu_memory_limit")
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if limit > total:
+        raise ConfigError(f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r} is more than this GPU's "
+                          f"{total / 1e9:.1f} GB; lower it or set it to \"\"")
+    torch.cuda.set_per_process_memory_fraction(limit / total, torch.device(device))
+
+
+def activation_stash(cfg: Config, device: str) -> ActivationStash:
+    """The tiers a layer-major step keeps its activations in (train.activations_*)."""
+    t, m = cfg.train, cfg.model
+    spill = Path(t.activations_dir) if t.activations_dir else Path(t.run_dir) / "activations"
+    piece = t.batch_size * m.seq_len * m.d_model * 4  # one micro-batch's block input in fp32
+    return ActivationStash(device, parse_bytes(t.activations_gpu_budget, "train.activations_gpu_budget"),
+                           parse_bytes(t.activations_ram_budget, "train.activations_ram_budget"), spill, piece,
+                           io_threads=cfg.experts.io_threads, direct=cfg.experts.direct)
+
+
 class Trainer:
     """One run being trained. Holds the run directory's lock from construction to `close`."""
 
@@ -76,7 +100,7 @@ class Trainer:
             raise ConfigError("train.precision = 'bf16' but this GPU has no bf16; use 'fp16' (with loss scaling) or 'auto'")
         self.run_dir = Path(cfg.train.run_dir)
         self.run = RunDir(self.run_dir)
-        self.runtime = self.tensorboard = None
+        self.runtime = self.tensorboard = self.layer_major = None
         writer_class = tensorboard_writer_class() if cfg.train.tensorboard else None
         self.run.lock()
         try:
@@ -105,6 +129,7 @@ class Trainer:
         if resuming:
             self.run.check_resumable(cfg)
 
+        limit_gpu_memory(cfg, self.device)
         torch.manual_seed(cfg.train.seed)
         # A new run may replace a store left in its own directory by a run that never reached a
         # checkpoint; one elsewhere (experts.store_dir) only with --fresh.
@@ -112,6 +137,8 @@ class Trainer:
         self.model, self.runtime = build_model(cfg, self.device, store_create=not resuming,
                                                store_overwrite=fresh or own_store, log=log)
         self.model.set_checkpointing(cfg.train.activation_checkpointing)
+        if cfg.train.micro_batches > 1:
+            self.layer_major = LayerMajorStep(self.model, activation_stash(cfg, self.device), self.autocast)
         groups = dense_param_groups(self.model, cfg.train.weight_decay)
         t = cfg.train
         if t.dense_optimizer == "cpu":
@@ -145,11 +172,16 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         if self.runtime is not None:
-            self.runtime.begin_step(lr=lr, grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
-        with self.autocast():
-            _, loss, aux = self.model(x, y)
-        self.scaler.scale(loss + aux).backward()  # expert AdamW runs inside, as each expert's grads appear
+            self.runtime.begin_step(lr=lr, grad_scale=scale)
+        if self.layer_major is not None:  # x holds micro_batches x batch_size sequences
+            b = cfg.train.batch_size
+            loss, aux = self.layer_major.run(list(x.split(b)), list(y.split(b)), loss_scale=scale)
+        else:
+            with self.autocast():
+                _, loss, aux = self.model(x, y)
+            self.scaler.scale(loss + aux).backward()  # expert AdamW runs inside, as each expert's grads appear
         if self.runtime is not None:
             self.runtime.end_step()
         if self.scaler.is_enabled():
@@ -206,7 +238,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         losses = []
         until = t.steps if until is None else min(until, t.steps)
-        tokens_per_step = t.batch_size * cfg.model.seq_len
+        tokens_per_step = t.micro_batches * t.batch_size * cfg.model.seq_len
         t0, tok0 = time.perf_counter(), 0
         start, start_step, wall0 = time.perf_counter(), self.step, self.wall_s
         # In a terminal one bar (steps, ETA, the last logged loss and tok/s) replaces the per-step
@@ -214,7 +246,7 @@ class Trainer:
         live = progress.interactive()
         with progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
             while self.step < until:
-                x, y = self.train_data.batch(t.batch_size, cfg.model.seq_len, self.rng)
+                x, y = self.train_data.batch(t.micro_batches * t.batch_size, cfg.model.seq_len, self.rng)
                 out = self.train_step(x, y)
                 losses.append(out["loss"])
                 tok0 += tokens_per_step
@@ -229,6 +261,8 @@ class Trainer:
                            "tokens_per_s": tok0 / dt if dt > 0 else 0.0, "wall_s": self.wall_s}
                     if self.runtime is not None:
                         rec.update(self.runtime.metrics())
+                    if self.layer_major is not None:
+                        rec.update(self.layer_major.stash.metrics())
                     if self.scaler.is_enabled():
                         rec["loss_scale"] = self.scaler.get_scale()
                     self._emit(rec)
@@ -289,6 +323,8 @@ class Trainer:
                 self.tensorboard.close()
             if self.runtime is not None:
                 self.runtime.close()
+            if self.layer_major is not None:
+                self.layer_major.stash.close()
         finally:
             self.run.unlock()
 

@@ -105,6 +105,21 @@ class ResidentExperts(nn.Module):
                 outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
         return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
 
+    # The layer-major step (gmtier.layer_major) runs a layer's experts once over a whole step.
+    def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
+        """(outputs, what step_backward needs) without an autograd graph."""
+        with torch.no_grad():
+            return self(x_sorted, counts), None
+
+    def step_backward(self, x_sorted, dy_sorted, counts, saved) -> torch.Tensor:
+        """dx of the step's sorted tokens; dW accumulates into the parameters' .grad (forward is
+        recomputed: the reference bank keeps no graph across the step)."""
+        with torch.enable_grad():
+            x = x_sorted.detach().requires_grad_()
+            y = self(x, counts)
+            torch.autograd.backward(y, dy_sorted.to(y.dtype))
+        return x.grad
+
 
 class TieredExperts(nn.Module):
     """The expert bank of one Switch layer when its experts live in the store."""
@@ -119,6 +134,16 @@ class TieredExperts(nn.Module):
         if torch.is_grad_enabled() and self.training:
             return ExpertLayerFn.apply(x_sorted, self.runtime, self.slot, counts)
         return self.runtime.forward(self.slot, x_sorted, counts)
+
+    def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
+        """(outputs, the GEMM row layout backward reuses): each expert paged once for the step."""
+        self.runtime.observe(self.slot, counts)
+        layout = gemm_row_layout(counts, self.runtime.pad_rows, x_sorted.device)
+        return self.runtime.forward(self.slot, x_sorted, counts, layout), layout
+
+    def step_backward(self, x_sorted, dy_sorted, counts, layout) -> torch.Tensor:
+        """dx of the step's sorted tokens; each expert paged once, its AdamW run on its dW."""
+        return self.runtime.backward(self.slot, x_sorted, dy_sorted, counts, layout)
 
 
 class ExpertLayerFn(torch.autograd.Function):

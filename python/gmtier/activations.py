@@ -1,0 +1,281 @@
+"""Where a layer-major step keeps what forward saves for backward (gmtier.layer_major).
+
+Three tiers, each with a budget (`train.activations_gpu_budget`, `train.activations_ram_budget`):
+the compute device, then a pinned host pool, then a scratch spill file written and read with
+O_DIRECT through `gmtier._core.SpillFile` (the store's I/O pool). A step's entries are read
+back in the reverse order of blocks, so the tiers are filled from the end: told the step's
+total beforehand (`begin_step`), the stash sends the first entries put (read last in backward,
+with the most time to come back) to disk, the next to RAM and the last ones (read first) stay
+on the device. Disk reads run ahead of backward in that known order (`expect`), into a ring
+of staging buffers carved from the host pool, two pieces at a time, on I/O threads.
+
+Entries that leave the device are cut into pieces of at most `piece_bytes`, so the staging
+buffers stay small however large a step-level entry (a Switch layer's sorted tokens) is.
+Every entry is read once: `get` removes it. Nothing outlives the step (`end_step`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gmtier import _core
+
+ALIGN = 4096  # O_DIRECT: offsets, addresses and lengths in multiples of a page
+STAGING_BUFFERS = 2  # pieces in flight between the host pool and the spill file
+
+
+class ActivationBudgetError(ValueError):
+    """A budget that cannot hold what the step must keep; names the key and the smallest value."""
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def host_tensor(buf) -> torch.Tensor:
+    """A uint8 tensor over a `_core.AlignedBuffer` (which it keeps alive)."""
+    raw = (ctypes.c_uint8 * buf.nbytes).from_address(buf.address)
+    raw._gmtier_owner = buf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the buffer is writable: it is meant to be
+        return torch.frombuffer(raw, dtype=torch.uint8, count=buf.nbytes)
+
+
+@dataclass
+class _Piece:
+    nbytes: int
+    tier: str  # "ram" or "disk"
+    at: int  # offset in the host pool or the spill file
+    crc: int | None = None
+    ready: concurrent.futures.Future | None = None  # a read ahead into staging buffer `staging`
+    staging: int | None = None
+
+
+@dataclass
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple
+    device_tensor: torch.Tensor | None = None  # kept on the device as it is
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+class ActivationStash:
+    """The saved activations of one layer-major step, on three tiers (see the module doc)."""
+
+    def __init__(self, device, gpu_bytes: int, ram_bytes: int, spill_dir: Path, piece_bytes: int,
+                 io_threads: int = 4, direct: bool = True):
+        self.device = torch.device(device)
+        self.gpu_bytes, self.ram_bytes = int(gpu_bytes), int(ram_bytes)
+        self.piece_bytes = _aligned(int(piece_bytes))
+        self.spill_dir, self.io_threads, self.direct = Path(spill_dir), io_threads, direct
+        self._cuda = self.device.type == "cuda"
+        self._pool = self._pool_buf = None  # the host pool (allocated at first use)
+        self._registered = None
+        self._spill = None
+        self._io = None
+        self._entries: dict = {}
+        self._order: list = []  # keys in the order backward gets them (`expect`)
+        self._plan_total = 0
+        self.m = {"act_gpu_bytes": 0, "act_ram_bytes": 0, "act_disk_bytes": 0, "act_disk_read_bytes": 0,
+                  "act_disk_wait_s": 0.0}
+        self._reset()
+
+    # ---- budgets ----------------------------------------------------------------------------------
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory the spill path needs, out of the RAM budget."""
+        return STAGING_BUFFERS * self.piece_bytes
+
+    def check(self, total: int) -> None:
+        """A step keeping `total` bytes must fit the tiers: a spill needs its staging buffers in
+        the RAM budget."""
+        if total > self.gpu_bytes + self.ram_bytes and self.ram_bytes < self.staging_bytes:
+            raise self._staging_error(f"this step's activations ({total} B) are more than the device and RAM budgets hold")
+
+    def _staging_error(self, why: str) -> ActivationBudgetError:
+        return ActivationBudgetError(
+            f"train.activations_ram_budget = {self.ram_bytes} B cannot stage the spill to disk ({why}): it needs "
+            f"at least {self.staging_bytes} B ({math.ceil(self.staging_bytes / 2**20)}MiB: two pieces of one "
+            f"micro-batch's block input)")
+
+    # ---- a step -----------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._put_bytes = 0  # bytes put so far this step
+        self._gpu_used = self._ram_used = self._disk_used = 0
+        self._ram_free_at = self.staging_bytes  # bump allocator of the host pool past the staging buffers
+        self._write_busy: list = [None] * STAGING_BUFFERS  # the write future using each staging buffer
+        self._next_staging = 0
+
+    def begin_step(self, total_bytes: int) -> None:
+        """A step that will put about `total_bytes`: decides which share goes to each tier."""
+        self.check(total_bytes)
+        self._reset()
+        self._plan_total = int(total_bytes)
+
+    def put(self, key, t: torch.Tensor) -> None:
+        """Keep `t` for backward (the stash owns it: do not write to it afterwards)."""
+        t = t.detach()
+        n = t.numel() * t.element_size()
+        before, self._put_bytes = self._put_bytes, self._put_bytes + n
+        entry = _Entry(t.dtype, tuple(t.shape))
+        # Filled from the end: what is put last is read first.
+        to_host = self._plan_total - self.gpu_bytes
+        if before + n > to_host and self._gpu_used + n <= self.gpu_bytes:
+            entry.device_tensor = t
+            self._gpu_used += n
+            self.m["act_gpu_bytes"] = max(self.m["act_gpu_bytes"], self._gpu_used)
+        else:
+            flat = t.contiguous().view(-1).view(torch.uint8)
+            to_ram = to_host - (self.ram_bytes - self.staging_bytes)
+            for off in range(0, n, self.piece_bytes):
+                part = flat[off: off + self.piece_bytes]
+                pos = before + off
+                if pos + part.numel() > to_ram and self._ram_free_at + _aligned(part.numel()) <= self.ram_bytes:
+                    entry.pieces.append(self._to_ram(part))
+                else:
+                    entry.pieces.append(self._to_disk(part))
+        self._entries[key] = entry
+
+    def _host(self) -> torch.Tensor:
+        if self._pool is None:
+            self._pool_buf = _core.AlignedBuffer(max(self.ram_bytes, ALIGN))
+            self._pool = host_tensor(self._pool_buf)
+            if self._cuda:  # page-locked: the copies are DMA at full PCIe speed
+                err = torch.cuda.cudart().cudaHostRegister(self._pool_buf.address, self._pool_buf.nbytes, 0)
+                if int(err) == 0:
+                    self._registered = self._pool_buf.address
+        return self._pool
+
+    def _to_ram(self, part: torch.Tensor) -> _Piece:
+        at = self._ram_free_at
+        self._ram_free_at += _aligned(part.numel())
+        self._host()[at: at + part.numel()].copy_(part, non_blocking=self._cuda)
+        self._ram_used += part.numel()
+        self.m["act_ram_bytes"] = max(self.m["act_ram_bytes"], self._ram_used)
+        return _Piece(part.numel(), "ram", at)
+
+    def _staging(self, i: int) -> torch.Tensor:
+        return self._host()[i * self.piece_bytes: (i + 1) * self.piece_bytes]
+
+    def _to_disk(self, part: torch.Tensor) -> _Piece:
+        if self.ram_bytes < self.staging_bytes:
+            raise self._staging_error("the device budget is full")
+        if self._spill is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._spill = _core.SpillFile(str(self.spill_dir / "activations.spill"), io_threads=self.io_threads,
+                                          direct=self.direct)
+            self._io = concurrent.futures.ThreadPoolExecutor(STAGING_BUFFERS, thread_name_prefix="gmtier-spill")
+        i = self._next_staging
+        self._next_staging = (i + 1) % STAGING_BUFFERS
+        piece = _Piece(part.numel(), "disk", self._disk_used)
+        self._disk_used += _aligned(part.numel())
+        self._wait_write(i)
+        buf = self._staging(i)
+        buf[:part.numel()].copy_(part)  # a device-to-host copy waits for the kernels that made `part`
+        n_io = _aligned(part.numel())
+        addr = self._pool_buf.address + i * self.piece_bytes
+
+        def write():
+            piece.crc = self._spill.write(piece.at, addr, n_io)
+
+        self._write_busy[i] = self._io.submit(write)
+        self.m["act_disk_bytes"] += n_io
+        return piece
+
+    def _wait_write(self, i: int) -> None:
+        fut = self._write_busy[i]
+        if fut is not None:
+            t0 = time.perf_counter()
+            fut.result()
+            self.m["act_disk_wait_s"] += time.perf_counter() - t0
+            self._write_busy[i] = None
+
+    # ---- backward ---------------------------------------------------------------------------------
+    def expect(self, keys: list) -> None:
+        """The order backward will `get` the entries in: disk pieces are read ahead in it."""
+        for i in range(STAGING_BUFFERS):
+            self._wait_write(i)  # every spill is on disk before the staging buffers are reused
+        self._order = [p for k in keys for p in self._entries[k].pieces if p.tier == "disk"]
+        self._free_staging = list(range(STAGING_BUFFERS))
+        self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        while self._order and self._free_staging:
+            piece = self._order.pop(0)
+            i = self._free_staging.pop(0)
+            piece.staging = i
+            addr = self._pool_buf.address + i * self.piece_bytes
+            piece.ready = self._io.submit(self._spill.read, piece.at, addr, _aligned(piece.nbytes), piece.crc)
+
+    def get(self, key) -> torch.Tensor:
+        """The entry on the device (removed from the stash)."""
+        entry = self._entries.pop(key)
+        if entry.device_tensor is not None:
+            self._gpu_used -= entry.device_tensor.numel() * entry.device_tensor.element_size()
+            return entry.device_tensor
+        out = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
+        flat = out.view(-1).view(torch.uint8)
+        off = 0
+        for piece in entry.pieces:
+            dst = flat[off: off + piece.nbytes]
+            if piece.tier == "ram":
+                dst.copy_(self._host()[piece.at: piece.at + piece.nbytes], non_blocking=self._cuda)
+            else:
+                if piece.ready is None:  # not expected: read now
+                    self._order = [p for p in self._order if p is not piece]
+                    if not self._free_staging:
+                        raise RuntimeError("activation stash: a piece was read out of the expected order")
+                    self._order.insert(0, piece)
+                    self._read_ahead()
+                t0 = time.perf_counter()
+                piece.ready.result()
+                self.m["act_disk_wait_s"] += time.perf_counter() - t0
+                # Synchronous: the staging buffer is refilled by the next read right after.
+                dst.copy_(self._staging(piece.staging)[:piece.nbytes])
+                self.m["act_disk_read_bytes"] += _aligned(piece.nbytes)
+                self._free_staging.append(piece.staging)
+                self._read_ahead()
+            off += piece.nbytes
+        return out
+
+    def end_step(self) -> None:
+        """Drop whatever is left; the host pool and the spill file are reused by the next step."""
+        if self._io is not None:
+            for i in range(STAGING_BUFFERS):
+                self._wait_write(i)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # the host pool's copies are done
+        self._entries.clear()
+        self._order = []
+        self._reset()
+
+    def metrics(self) -> dict:
+        """Peak bytes on the device and in RAM this step, bytes written to and read from disk,
+        time spent waiting for the disk (since the last call for the byte counts)."""
+        out = dict(self.m)
+        if self._spill is not None:
+            out["act_spill_direct"] = self._spill.direct
+        self.m.update({k: 0 for k in ("act_gpu_bytes", "act_ram_bytes", "act_disk_bytes", "act_disk_read_bytes")})
+        self.m["act_disk_wait_s"] = 0.0
+        return out
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        if self._spill is not None:
+            self._spill.close()  # scratch: deletes the file
+            self._spill = None
+        if self._registered is not None:
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
+        self._pool = self._pool_buf = None

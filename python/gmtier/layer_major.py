@@ -1,0 +1,256 @@
+"""The layer-major step: `train.micro_batches` = M micro-batches a step, each expert paged once.
+
+A step of M micro-batches equals one batch of all their sequences (the same loss, routing and
+gradients up to float rounding), run so that only one micro-batch's dense activations are
+alive at a time:
+
+- Forward runs block by block; block i runs for micro-batches 1..M before block i+1, without
+  an autograd graph. Each block's input for every micro-batch is put in the `ActivationStash`
+  (device, pinned RAM, disk). At a Switch block the router logits of all M micro-batches are
+  routed together: capacity (capacity_factor x the step's tokens / experts) and the aux and z
+  losses are over the step's tokens, exactly as for one big batch. The kept tokens of the step
+  are gathered per expert, the expert bank runs each expert once over all of them
+  (`step_forward`: the tiered bank pages each expert in once), and the outputs return to their
+  micro-batches. The sorted tokens and outputs are stashed too.
+- The head's loss (cross entropy summed over each micro-batch, divided by the step's tokens) is
+  backpropagated micro-batch by micro-batch to the last block's output.
+- Backward walks the blocks in reverse. A dense block is recomputed from its stashed input,
+  micro-batch by micro-batch, and backpropagated. A Switch block first runs its experts'
+  backward once over the step's tokens (`step_backward`: the tiered bank pages each expert once,
+  computes dx and dW over all its tokens and runs its AdamW once), then recomputes the block
+  per micro-batch with the stashed expert outputs as constants and backpropagates the
+  gradients of its output, of the expert inputs (dx) and of the router losses together.
+- The dense gradients accumulate in `.grad` over the micro-batches; the caller steps the dense
+  optimizer once.
+
+Router jitter draws random numbers: the generator state before each micro-batch's draw is kept
+and replayed in the recompute, so the recomputed routing is the one forward used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gmtier.activations import ActivationStash
+from gmtier.model import GPT, SwitchFFN, capacity, route
+
+
+@dataclass
+class _SwitchSaved:
+    """What backward needs of a Switch block's step-level routing (small: a few numbers a token)."""
+    expert: torch.Tensor  # [T_step] the chosen expert of every token
+    gate: torch.Tensor  # [T_step] its router probability (detached)
+    frac: torch.Tensor  # [n_experts] share of the step's tokens routed to each (before dropping)
+    counts: list[int]  # kept tokens per expert
+    pos: list[torch.Tensor]  # per micro-batch: where its kept tokens are in the sorted order
+    local: list[torch.Tensor]  # per micro-batch: which of its tokens they are
+    bank_saved: object  # what the expert bank's step_forward handed back
+    rng: list  # per micro-batch: the generator state before the router jitter (or None)
+
+
+class LayerMajorStep:
+    """Runs one step over M micro-batches for a `GPT` (see the module doc)."""
+
+    def __init__(self, model: GPT, stash: ActivationStash, autocast):
+        self.model, self.stash, self.autocast = model, stash, autocast
+        self.cfg = model.cfg
+        self._saved: dict[int, _SwitchSaved] = {}
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def stash_bytes(self, micro_batches: int, tokens: int, act_bytes: int, expert_bytes: int) -> int:
+        """An upper bound of what a step keeps: every block's input for every micro-batch
+        (`tokens` each, `act_bytes` per element), and per Switch block its kept tokens sorted
+        and the experts' outputs."""
+        c, d = self.cfg, self.cfg.d_model
+        step = micro_batches * tokens
+        kept = min(step, c.n_experts * capacity(step, c.n_experts, c.capacity_factor))
+        per_switch = kept * d * (act_bytes + expert_bytes)
+        return c.n_layer * micro_batches * tokens * d * act_bytes + len(c.switch_layers()) * per_switch
+
+    # ---- the step ----------------------------------------------------------------------------
+    def run(self, xs: list[torch.Tensor], ys: list[torch.Tensor], loss_scale: float = 1.0):
+        """Forward and backward of one step over micro-batches `xs` (token ids [B, S] each) with
+        targets `ys`; the dense gradients are left in `.grad` (scaled by `loss_scale`). Returns
+        (loss, aux) of the step as 0-d tensors."""
+        model, stash = self.model, self.stash
+        sizes = {x.numel() for x in xs}
+        if len(sizes) != 1:
+            raise ValueError(f"micro-batches of different sizes {sorted(sizes)}: a step needs equal ones")
+        self.tokens, self.step_tokens = xs[0].numel(), sum(x.numel() for x in xs)
+        rope = model.rope()
+        try:
+            with torch.no_grad(), self.autocast():
+                hs = [model.embed(x) for x in xs]
+                expert_bytes = torch.empty((), dtype=_expert_dtype(model, hs[0])).element_size()
+                stash.begin_step(self.stash_bytes(len(xs), self.tokens, hs[0].element_size(), expert_bytes))
+                aux = hs[0].new_zeros((), dtype=torch.float32)
+                for i, block in enumerate(model.blocks):
+                    model.block_input(i, hs)
+                    for m, h in enumerate(hs):
+                        stash.put(("in", i, m), h)
+                    if isinstance(block.ffn, SwitchFFN):
+                        hs, block_aux = self._switch_forward(i, block, hs, rope)
+                        aux = aux + block_aux
+                    else:
+                        hs = [_dense_block(block, h, rope) for h in hs]
+            stash.expect(self._backward_order(len(xs)))
+            loss, grads = self._head(hs, ys, loss_scale)
+            del hs
+            for i in reversed(range(len(model.blocks))):
+                block = model.blocks[i]
+                if isinstance(block.ffn, SwitchFFN):
+                    grads = self._switch_backward(i, block, grads, rope, loss_scale)
+                else:
+                    grads = self._dense_backward(i, block, grads, rope)
+            for x, g in zip(xs, grads):
+                with torch.enable_grad(), self.autocast():
+                    e = model.embed(x)
+                torch.autograd.backward(e, g)
+        finally:
+            self._saved.clear()
+            stash.end_step()
+        return loss, aux
+
+    def _backward_order(self, micro_batches: int) -> list:
+        """The stash's keys in the order backward gets them."""
+        keys = []
+        for i in reversed(range(len(self.model.blocks))):
+            if isinstance(self.model.blocks[i].ffn, SwitchFFN):
+                keys += [("xs", i), ("ys", i)]
+            keys += [("in", i, m) for m in range(micro_batches)]
+        return keys
+
+    def _head(self, hs, ys, loss_scale: float):
+        """The loss over the step's tokens and its gradient at the last block's output."""
+        loss, grads = 0.0, []
+        for h, y in zip(hs, ys):
+            h = h.detach().requires_grad_()
+            with torch.enable_grad(), self.autocast():
+                logits = self.model.head(h)
+                part = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                                       reduction="sum") / self.step_tokens
+            (part * loss_scale).backward()
+            loss = loss + part.detach()
+            grads.append(h.grad)
+        return loss, grads
+
+    def _dense_backward(self, i: int, block, grads, rope):
+        out_grads = []
+        for m, g in enumerate(grads):
+            h = self.stash.get(("in", i, m)).requires_grad_()
+            with torch.enable_grad(), self.autocast():
+                out = _dense_block(block, h, rope)
+            torch.autograd.backward(out, g)
+            out_grads.append(h.grad)
+            grads[m] = None
+        return out_grads
+
+    # ---- Switch blocks -----------------------------------------------------------------------
+    def _switch_forward(self, i: int, block, hs, rope):
+        ffn, d, T = block.ffn, self.cfg.d_model, self.tokens
+        jitter = self.cfg.router_jitter > 0
+        resid, logits, rng = [], [], []
+        for h in hs:
+            a = block.attn_residual(h, rope)
+            u = block.ln_2(a).reshape(-1, d)
+            rng.append(_rng_state(u.device) if jitter else None)
+            logits.append(ffn.router_logits(u, jitter=True))
+            resid.append(a)
+        r = route(torch.cat(logits), self.cfg.capacity_factor)  # capacity and losses over the step
+        order, counts = ffn.dispatch(r)
+        # Each micro-batch's kept tokens: their places in the sorted order, and which tokens they are.
+        mb = torch.div(order, T, rounding_mode="floor")
+        by_mb = torch.argsort(mb, stable=True)
+        per_mb = torch.bincount(mb, minlength=len(hs)).tolist()
+        pos = list(by_mb.split(per_mb))
+        local = [order[p] - m * T for m, p in enumerate(pos)]
+        x_sorted = None
+        for m, a in enumerate(resid):
+            u = block.ln_2(a).reshape(-1, d)  # recomputed rather than kept: a LayerNorm is cheap
+            if x_sorted is None:
+                x_sorted = u.new_empty((len(order), d))
+            x_sorted[pos[m]] = u[local[m]]
+        y_sorted, bank_saved = ffn.experts.step_forward(x_sorted, counts)
+        out = []
+        for m, a in enumerate(resid):
+            a = a.reshape(-1, d)
+            gate = r.gate[m * T + local[m]].to(x_sorted.dtype).unsqueeze(1)
+            a.index_add_(0, local[m], y_sorted[pos[m]].to(x_sorted.dtype) * gate)  # a + gate * expert(x)
+            out.append(a.view(hs[m].shape))
+        frac = torch.bincount(r.expert, minlength=self.cfg.n_experts).float() / len(r.expert)
+        self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), frac, counts, pos, local, bank_saved, rng)
+        self.stash.put(("xs", i), x_sorted)
+        self.stash.put(("ys", i), y_sorted)
+        return out, self.model.router_losses(r.aux_loss, r.z_loss)
+
+    def _switch_backward(self, i: int, block, grads, rope, loss_scale: float):
+        ffn, d, T, N = block.ffn, self.cfg.d_model, self.tokens, self.cfg.n_experts
+        s = self._saved.pop(i)
+        x_sorted = self.stash.get(("xs", i))
+        # d(loss)/d(expert output) = d(loss)/d(block output) x gate, in the sorted order.
+        dy_sorted = torch.empty_like(x_sorted)
+        for m, g in enumerate(grads):
+            gate = s.gate[m * T + s.local[m]].unsqueeze(1)
+            dy_sorted[s.pos[m]] = (g.reshape(-1, d)[s.local[m]] * gate).to(dy_sorted.dtype)
+        with self.autocast():
+            dx_sorted = ffn.experts.step_backward(x_sorted, dy_sorted, s.counts, s.bank_saved)
+        del x_sorted, dy_sorted
+        y_sorted = self.stash.get(("ys", i))
+        out_grads = []
+        for m, g in enumerate(grads):
+            h = self.stash.get(("in", i, m)).requires_grad_()
+            with torch.enable_grad(), self.autocast(), _replayed_rng(h.device, s.rng[m]):
+                a = block.attn_residual(h, rope).reshape(-1, d)
+                u = block.ln_2(a)
+                logits = ffn.router_logits(u, jitter=True)
+                probs = logits.softmax(-1)
+                gate = probs.gather(1, s.expert[m * T:(m + 1) * T].unsqueeze(1))  # as route's max picks it
+                y = u.new_zeros(u.shape).index_copy(0, s.local[m], y_sorted[s.pos[m]].to(u.dtype))
+                out = a + y * gate.to(u.dtype)
+                # The step's router losses, this micro-batch's share: their gradients are the
+                # full batch's (the expert shares `frac` are constants of the step).
+                aux = self.model.router_losses(N * (s.frac * probs.sum(0)).sum() / self.step_tokens,
+                                               torch.logsumexp(logits, -1).square().sum() / self.step_tokens)
+                dx = u.new_zeros(u.shape).index_copy(0, s.local[m], dx_sorted[s.pos[m]].to(u.dtype))
+            torch.autograd.backward([out, u, aux * loss_scale], [g.reshape(-1, d), dx, None])
+            out_grads.append(h.grad)
+            grads[m] = None
+        return out_grads
+
+
+def _dense_block(block, h, rope):
+    """A dense block without activation checkpointing (the step keeps only its input anyway)."""
+    a = block.attn_residual(h, rope)
+    return a + block.ffn(block.ln_2(a))
+
+
+def _expert_dtype(model: GPT, like: torch.Tensor) -> torch.dtype:
+    """The dtype the expert banks return (the tiered runtime's expert dtype, else autocast's)."""
+    for ffn in model.switch_blocks():
+        runtime = getattr(ffn.experts, "runtime", None)
+        if runtime is not None:
+            return runtime.dtype
+    return torch.get_autocast_dtype(like.device.type) if torch.is_autocast_enabled(like.device.type) else like.dtype
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state):
+    """Run with the generator at `state` (None: as it is), then put it back."""
+    if state is None:
+        yield
+        return
+    now = _rng_state(device)
+    set_state = (lambda st: torch.cuda.set_rng_state(st, device)) if device.type == "cuda" else torch.set_rng_state
+    set_state(state)
+    try:
+        yield
+    finally:
+        set_state(now)
