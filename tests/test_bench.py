@@ -90,3 +90,22 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     table = bench._table([res])
     assert "Switch layer 1, prefetch off: recall, RAM/GPU hit, waited (s)" in table and "tiered / resident" in table
     assert not (tmp_path / "work").exists()  # stores removed without --keep
+
+
+def test_bench_train_sweeps_micro_batches(data_dir, tmp_path, monkeypatch):
+    """--micro-batches 1,2: one result per step size, each with its tokens a step and the
+    activations it kept (none at M = 1)."""
+    monkeypatch.setattr(bench, "disk_write_rate", lambda d, threads=4: 1.0)
+    monkeypatch.setattr(bench, "disk_mixed_rate", lambda *a, **k: {"read_gbps": 1.0, "write_gbps": 1.0, "total_gbps": 1.5})
+    toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "cfg", train=dict(batch_size=4)))
+    r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--steps", "1", "--warmup", "1", "--micro-batches",
+                                  "1,2", "--no-prefetch-off", "--dir", str(tmp_path / "work"), "--json"])
+    assert r.exit_code == 0, r.output
+    one, two = json.loads(r.stdout)
+    assert (one["config"], two["config"]) == ("tiny", "tiny M=2")
+    assert (one["micro_batches"], two["micro_batches"]) == (1, 2)
+    assert two["tokens_per_step"] == 2 * one["tokens_per_step"] == 2 * 4 * 32
+    assert one["act_gpu_peak_bytes"] == 0 and two["act_gpu_peak_bytes"] > 0
+    assert two["tokens_per_s"] == pytest.approx(two["tokens_per_step"] / two["step_s"])
+    r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--micro-batches", "1,x"])
+    assert r.exit_code != 0 and "--micro-batches" in r.output

@@ -139,7 +139,8 @@ def test_stash_puts_the_last_entries_on_the_device_and_spills_the_first(tmp_path
     for i in reversed(range(6)):
         assert torch.equal(stash.get(i), ts[i])
     m = stash.metrics()
-    assert m["act_disk_bytes"] == m["act_disk_read_bytes"] == 2 * piece
+    assert m["act_disk_write_bytes"] == m["act_disk_read_bytes"] == 2 * piece
+    assert m["act_ram_bytes"] == m["act_ram_peak_bytes"] == 2 * piece and m["act_gpu_peak_bytes"] == 2 * piece
     stash.end_step()
     stash.close()
     assert not list((tmp_path / "spill").glob("*"))  # scratch: gone
@@ -170,8 +171,8 @@ def test_everything_spilled_equals_nothing_spilled(data_dir, tmp_path):
     rec = [json.loads(line) for line in (tmp_path / "spilled" / "metrics.jsonl").read_text().splitlines()][-1]
     t.close()
     assert spilled == kept
-    assert rec["act_disk_bytes"] > 0 and rec["act_disk_read_bytes"] == rec["act_disk_bytes"]
-    assert rec["act_gpu_bytes"] == 0
+    assert rec["act_disk_write_bytes"] > 0 and rec["act_disk_read_bytes"] == rec["act_disk_write_bytes"]
+    assert rec["act_gpu_peak_bytes"] == 0
 
 
 @needs_store

@@ -84,8 +84,9 @@ class ActivationStash:
         self._entries: dict = {}
         self._order: list = []  # keys in the order backward gets them (`expect`)
         self._plan_total = 0
-        self.m = {"act_gpu_bytes": 0, "act_ram_bytes": 0, "act_disk_bytes": 0, "act_disk_read_bytes": 0,
-                  "act_disk_wait_s": 0.0}
+        # Peaks (bytes held at once) and totals (bytes moved) since the last `metrics()`.
+        self.m = {"act_gpu_peak_bytes": 0, "act_ram_peak_bytes": 0, "act_ram_bytes": 0, "act_disk_write_bytes": 0,
+                  "act_disk_read_bytes": 0, "act_disk_wait_s": 0.0}
         self._reset()
 
     # ---- budgets ----------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class ActivationStash:
         if before + n > to_host and self._gpu_used + n <= self.gpu_bytes:
             entry.device_tensor = t
             self._gpu_used += n
-            self.m["act_gpu_bytes"] = max(self.m["act_gpu_bytes"], self._gpu_used)
+            self.m["act_gpu_peak_bytes"] = max(self.m["act_gpu_peak_bytes"], self._gpu_used)
         else:
             flat = t.contiguous().view(-1).view(torch.uint8)
             to_ram = to_host - (self.ram_bytes - self.staging_bytes)
@@ -159,7 +160,8 @@ class ActivationStash:
         self._ram_free_at += _aligned(part.numel())
         self._host()[at: at + part.numel()].copy_(part, non_blocking=self._cuda)
         self._ram_used += part.numel()
-        self.m["act_ram_bytes"] = max(self.m["act_ram_bytes"], self._ram_used)
+        self.m["act_ram_bytes"] += part.numel()
+        self.m["act_ram_peak_bytes"] = max(self.m["act_ram_peak_bytes"], self._ram_used)
         return _Piece(part.numel(), "ram", at)
 
     def _staging(self, i: int) -> torch.Tensor:
@@ -187,7 +189,7 @@ class ActivationStash:
             piece.crc = self._spill.write(piece.at, addr, n_io)
 
         self._write_busy[i] = self._io.submit(write)
-        self.m["act_disk_bytes"] += n_io
+        self.m["act_disk_write_bytes"] += n_io
         return piece
 
     def _wait_write(self, i: int) -> None:
@@ -258,13 +260,13 @@ class ActivationStash:
         self._reset()
 
     def metrics(self) -> dict:
-        """Peak bytes on the device and in RAM this step, bytes written to and read from disk,
-        time spent waiting for the disk (since the last call for the byte counts)."""
+        """Since the last call: the most bytes held on the device and in RAM at once, the bytes
+        copied to RAM (each comes back once), written to and read from disk, and the time spent
+        waiting for the disk."""
         out = dict(self.m)
         if self._spill is not None:
             out["act_spill_direct"] = self._spill.direct
-        self.m.update({k: 0 for k in ("act_gpu_bytes", "act_ram_bytes", "act_disk_bytes", "act_disk_read_bytes")})
-        self.m["act_disk_wait_s"] = 0.0
+        self.m = {k: type(v)() for k, v in self.m.items()}
         return out
 
     def close(self) -> None:

@@ -255,25 +255,32 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False,
     times, traffic, rss = [], {}, 0
     if trainer.runtime is not None:
         trainer.runtime.metrics()  # reset the counters
+    stash = trainer.layer_major.stash if trainer.layer_major is not None else None
+    t = cfg.train
     for i in progress.bar(range(warmup + steps), desc=desc, unit="step"):  # drawn between the timed steps
-        x, y = trainer.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, trainer.rng)
+        x, y = trainer.train_data.batch(t.micro_batches * t.batch_size, cfg.model.seq_len, trainer.rng)
         _sync()
         if sampler is not None and i >= warmup:
             sampler.start(i - warmup)
         t0 = time.perf_counter()
         if fwd_bwd_only:
             x, y = x.to(trainer.device), y.to(trainer.device)
-            with trainer.autocast():
-                _, loss, aux = trainer.model(x, y)
-            (loss + aux).backward()
+            if trainer.layer_major is not None:
+                trainer.layer_major.run(list(x.split(t.batch_size)), list(y.split(t.batch_size)))
+            else:
+                with trainer.autocast():
+                    _, loss, aux = trainer.model(x, y)
+                (loss + aux).backward()
             trainer.model.zero_grad(set_to_none=True)
         else:
             trainer.train_step(x, y)
         _sync()
         dt = time.perf_counter() - t0
         rss = max(rss, rss_bytes())
-        if i == warmup - 1 and trainer.runtime is not None:
-            trainer.runtime.metrics()
+        if i == warmup - 1:
+            for counters in (trainer.runtime, stash):
+                if counters is not None:
+                    counters.metrics()  # reset
         if i >= warmup:
             times.append(dt)
     if sampler is not None:
@@ -282,6 +289,8 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False,
         m = trainer.runtime.metrics()
         traffic = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         traffic["per_layer"] = m.get("per_layer")
+    if stash is not None:
+        traffic.update(stash.metrics())
     times.sort()
     return {"step_s": times[len(times) // 2], "step_s_all": times, "rss_bytes": rss, **traffic}
 
@@ -302,6 +311,9 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     from gmtier.train import Trainer
 
     name = Path(path).stem
+    micro_batches = config_mod.load(path, list(overrides)).train.micro_batches
+    if micro_batches > 1:
+        name = f"{name} M={micro_batches}"
     quiet = lambda s: None  # noqa: E731
     out: dict = {"config": name, "overrides": list(overrides)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -330,7 +342,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     log(f"[{name}] tiered training, prefetch on ...")
     tiered, trainer = run_tiered(True, timeline)
     cfg = trainer.cfg
-    tokens = cfg.train.batch_size * cfg.model.seq_len
+    tokens = cfg.train.micro_batches * cfg.train.batch_size * cfg.model.seq_len
     store_file = cfg.store_dir() / "experts.safetensors"
     weights_bytes, record_bytes = cfg.expert_bytes()
     try:
@@ -349,8 +361,12 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
 
     expert_params = 2 * cfg.model.d_model * cfg.model.d_ff
     adam_bytes = tiered.get("expert_updates", 0) / steps * expert_params * _adam_bytes_per_param(cfg.expert_dtype())
+    # Saved activations share the disk with the store, and the PCIe link with the experts (what
+    # goes to RAM in forward comes back in backward).
+    act_write, act_read = tiered.get("act_disk_write_bytes", 0) / steps, tiered.get("act_disk_read_bytes", 0) / steps
+    act_pcie = (2 * tiered.get("act_ram_bytes", 0) / steps + act_write + act_read) if device == "cuda" else 0
     read_bytes, write_bytes = tiered.get("disk_read_bytes", 0) / steps, tiered.get("disk_write_bytes", 0) / steps
-    pcie_bytes = tiered.get("h2d_bytes", 0) / steps + (
+    pcie_bytes = tiered.get("h2d_bytes", 0) / steps + act_pcie + (
         tiered.get("expert_updates", 0) / steps * weights_bytes if device == "cuda" else 0)  # + dW to host
 
     log(f"[{name}] GPU compute time: fwd+bwd with experts resident ...")
@@ -400,7 +416,8 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     comp_s = compute["step_s"]
     parts = {"gpu_compute_s": comp_s,
              "pcie_s": pcie_bytes / (h2d_gbps * GB) if h2d_gbps else 0.0,
-             "disk_s": disk_time(read_bytes, write_bytes, disk_gbps, disk_write_gbps, mixed["total_gbps"]),
+             "disk_s": disk_time(read_bytes + act_read, write_bytes + act_write, disk_gbps, disk_write_gbps,
+                                 mixed["total_gbps"]),
              "adam_s": adam_bytes / (dram_gbps * GB)}
     bound = max(parts.values())
     transfer_s = max(parts["pcie_s"], parts["disk_s"])
@@ -409,6 +426,10 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     ram_budget = config_mod.parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
     gpu_budget = config_mod.parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
     out.update({
+        "micro_batches": cfg.train.micro_batches,
+        **{k: tiered.get(k, 0) / (1 if "peak" in k else steps) for k in (
+            "act_gpu_peak_bytes", "act_ram_peak_bytes", "act_ram_bytes", "act_disk_write_bytes", "act_disk_read_bytes",
+            "act_disk_wait_s")},
         "timed_steps": steps, "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
@@ -465,13 +486,18 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
 
 def _table(results: list[dict]) -> str:
     rows = [
-        ("device", "device", "{}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("step (s)", "step_s", "{:.3f}"),
+        ("device", "device", "{}"), ("micro-batches a step", "micro_batches", "{}"),
+        ("tokens a step", "tokens_per_step", "{:,}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("step (s)", "step_s", "{:.3f}"),
         ("bound (s)", "bound_s", "{:.3f}"), ("bound term", "bound_term", "{}"), ("step / bound", "step_over_bound", "{:.2f}"),
         ("  GPU compute (s)", "gpu_compute_s", "{:.3f}"), ("  PCIe (s)", "pcie_s", "{:.3f}"), ("  disk (s)", "disk_s", "{:.3f}"),
         ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s", "disk_read_gbps", "{:.2f}"),
         ("disk write GB/s", "disk_write_gbps", "{:.2f}"),
         ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
+        ("activations: peak on the GPU", "act_gpu_peak_bytes", "{:.2e}"),
+        ("  peak in pinned RAM", "act_ram_peak_bytes", "{:.2e}"), ("  to RAM and back/step", "act_ram_bytes", "{:.2e}"),
+        ("  spilled to disk/step (in the disk bytes)", "act_disk_write_bytes", "{:.2e}"),
+        ("  waited for the spill (s)", "act_disk_wait_s", "{:.3f}"),
         ("DRAM copy GB/s", "dram_copy_gbps", "{:.1f}"), ("waited for experts (s)", "wait_for_experts_s", "{:.3f}"),
         ("  host blocked on reads (s)", "host_wait_s", "{:.3f}"), ("  GPU stalled on copies (s)", "gpu_stall_s", "{:.3f}"),
         ("host time in expert loops fwd (s)", "expert_fwd_s", "{:.3f}"), ("  bwd (s)", "expert_bwd_s", "{:.3f}"),
@@ -535,17 +561,24 @@ def _table(results: list[dict]) -> str:
               help="where the benchmark's stores go (put it on the NVMe disk)")
 @click.option("--resident/--no-resident", default=True, help="also time the model fully resident where it fits")
 @click.option("--prefetch-off/--no-prefetch-off", default=True, help="also time tiered training with prefetch off")
+@click.option("--micro-batches", "sweep", default="", metavar="M[,M...]",
+              help="sweep the tokens a step: train.micro_batches for each run (e.g. 1,64); default: the config's")
 @click.option("--keep", is_flag=True, help="keep the stores afterwards")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON list instead of a table")
 @click.option("--timeline", type=click.Path(dir_okay=False), default=None,
               help="append the disk counters of the timed tiered steps, sampled every 50 ms, to this JSONL file")
-def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, keep, as_json, timeline):
+def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, sweep, keep, as_json, timeline):
     """Time real training steps and compare them with their hardware lower bound."""
     work = Path(work_dir)
     log = (lambda s: progress.echo(s, err=True))
     try:
-        results = [bench_config(c, overrides, work, warmup, steps, resident, prefetch_off, log,
-                                Path(timeline) if timeline else None) for c in configs]
+        counts = [int(v) for v in sweep.split(",") if v.strip()] if sweep else [None]
+    except ValueError:
+        raise click.BadParameter(f"{sweep!r}: expected micro-batch counts such as 1,16,64", param_hint="--micro-batches")
+    runs = [(c, list(overrides) + ([f"train.micro_batches={m}"] if m else [])) for c in configs for m in counts]
+    try:
+        results = [bench_config(c, o, work, warmup, steps, resident, prefetch_off, log,
+                                Path(timeline) if timeline else None) for c, o in runs]
     except config_mod.ConfigError as e:
         raise click.ClickException(str(e)) from None
     finally:
