@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from gmtier.activations import ActivationStash
+from gmtier.experts.bank import gemm_row_layout
 from gmtier.model import GPT, SwitchFFN, capacity, route
 
 
@@ -68,7 +69,7 @@ class LayerMajorStep:
         c, d = self.cfg, self.cfg.d_model
         step = micro_batches * tokens
         kept = min(step, c.n_experts * capacity(step, c.n_experts, c.capacity_factor))
-        per_switch = kept * d * (act_bytes + expert_bytes)
+        per_switch = kept * d * 2 * expert_bytes
         return c.n_layer * micro_batches * tokens * d * act_bytes + len(c.switch_layers()) * per_switch
 
     # ---- the step ----------------------------------------------------------------------------
@@ -85,7 +86,8 @@ class LayerMajorStep:
         try:
             with torch.no_grad(), self.autocast():
                 hs = [model.embed(x) for x in xs]
-                expert_bytes = torch.empty((), dtype=_expert_dtype(model, hs[0])).element_size()
+                self.expert_dtype = _expert_dtype(model, hs[0])
+                expert_bytes = torch.empty((), dtype=self.expert_dtype).element_size()
                 stash.begin_step(self.stash_bytes(len(xs), self.tokens, hs[0].element_size(), expert_bytes))
                 aux = hs[0].new_zeros((), dtype=torch.float32)
                 for i, block in enumerate(model.blocks):
@@ -96,7 +98,8 @@ class LayerMajorStep:
                         hs, block_aux = self._switch_forward(i, block, hs, rope)
                         aux = aux + block_aux
                     else:
-                        hs = [_dense_block(block, h, rope) for h in hs]
+                        for m in range(len(hs)):  # in place: each input goes as its output comes
+                            hs[m] = _dense_block(block, hs[m], rope)
             stash.expect(self._backward_order(len(xs)))
             loss, grads = self._head(hs, ys, loss_scale)
             del hs
@@ -151,36 +154,40 @@ class LayerMajorStep:
 
     # ---- Switch blocks -----------------------------------------------------------------------
     def _switch_forward(self, i: int, block, hs, rope):
+        """Block i over the step; takes the inputs out of `hs` as it goes (each is stashed)."""
         ffn, d, T = block.ffn, self.cfg.d_model, self.tokens
         jitter = self.cfg.router_jitter > 0
         resid, logits, rng = [], [], []
-        for h in hs:
-            a = block.attn_residual(h, rope)
+        for m in range(len(hs)):
+            a = block.attn_residual(hs[m], rope)
+            hs[m] = None
             u = block.ln_2(a).reshape(-1, d)
             rng.append(_rng_state(u.device) if jitter else None)
             logits.append(ffn.router_logits(u, jitter=True))
             resid.append(a)
         r = route(torch.cat(logits), self.cfg.capacity_factor)  # capacity and losses over the step
         order, counts = ffn.dispatch(r)
-        # Each micro-batch's kept tokens: their places in the sorted order, and which tokens they are.
+        # Each micro-batch's kept tokens: their rows in the experts' GEMMs (each expert's count
+        # rounded up to the bank's row multiple, zero rows between; see gemm_row_layout), and
+        # which of the micro-batch's tokens they are.
+        counts, rows = gemm_row_layout(counts, ffn.experts.pad_rows, order.device)
         mb = torch.div(order, T, rounding_mode="floor")
         by_mb = torch.argsort(mb, stable=True)
-        per_mb = torch.bincount(mb, minlength=len(hs)).tolist()
-        pos = list(by_mb.split(per_mb))
-        local = [order[p] - m * T for m, p in enumerate(pos)]
-        x_sorted = None
+        per_mb = torch.bincount(mb, minlength=len(resid)).tolist()
+        local = [order[p] - m * T for m, p in enumerate(by_mb.split(per_mb))]
+        pos = [p if rows is None else rows[p] for p in by_mb.split(per_mb)]
+        # In the experts' compute dtype: the bank would convert it anyway, and it is half the bytes.
+        x_sorted = resid[0].new_zeros((sum(counts), d), dtype=self.expert_dtype)
         for m, a in enumerate(resid):
             u = block.ln_2(a).reshape(-1, d)  # recomputed rather than kept: a LayerNorm is cheap
-            if x_sorted is None:
-                x_sorted = u.new_empty((len(order), d))
-            x_sorted[pos[m]] = u[local[m]]
+            x_sorted[pos[m]] = u[local[m]].to(x_sorted.dtype)
         y_sorted, bank_saved = ffn.experts.step_forward(x_sorted, counts)
         out = []
         for m, a in enumerate(resid):
-            a = a.reshape(-1, d)
-            gate = r.gate[m * T + local[m]].to(x_sorted.dtype).unsqueeze(1)
-            a.index_add_(0, local[m], y_sorted[pos[m]].to(x_sorted.dtype) * gate)  # a + gate * expert(x)
-            out.append(a.view(hs[m].shape))
+            shape, a = a.shape, a.reshape(-1, d)
+            gate = r.gate[m * T + local[m]].to(a.dtype).unsqueeze(1)
+            a.index_add_(0, local[m], y_sorted[pos[m]].to(a.dtype) * gate)  # a + gate * expert(x)
+            out.append(a.view(shape))
         frac = torch.bincount(r.expert, minlength=self.cfg.n_experts).float() / len(r.expert)
         self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), frac, counts, pos, local, bank_saved, rng)
         self.stash.put(("xs", i), x_sorted)
@@ -192,7 +199,7 @@ class LayerMajorStep:
         s = self._saved.pop(i)
         x_sorted = self.stash.get(("xs", i))
         # d(loss)/d(expert output) = d(loss)/d(block output) x gate, in the sorted order.
-        dy_sorted = torch.empty_like(x_sorted)
+        dy_sorted = torch.zeros_like(x_sorted)  # zero in the padding rows: they add nothing to dW
         for m, g in enumerate(grads):
             gate = s.gate[m * T + s.local[m]].unsqueeze(1)
             dy_sorted[s.pos[m]] = (g.reshape(-1, d)[s.local[m]] * gate).to(dy_sorted.dtype)

@@ -105,7 +105,8 @@ class ResidentExperts(nn.Module):
                 outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
         return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
 
-    # The layer-major step (gmtier.layer_major) runs a layer's experts once over a whole step.
+    # The layer-major step (gmtier.layer_major) runs a layer's experts once over a whole step,
+    # its rows in the GEMM layout already (counts multiples of `pad_rows`, zero rows between).
     def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
         """(outputs, what step_backward needs) without an autograd graph."""
         with torch.no_grad():
@@ -135,10 +136,15 @@ class TieredExperts(nn.Module):
             return ExpertLayerFn.apply(x_sorted, self.runtime, self.slot, counts)
         return self.runtime.forward(self.slot, x_sorted, counts)
 
+    @property
+    def pad_rows(self) -> int:
+        return self.runtime.pad_rows
+
     def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
-        """(outputs, the GEMM row layout backward reuses): each expert paged once for the step."""
+        """(outputs, what step_backward needs): each expert paged once for the step. The rows
+        come in the GEMM layout already (counts multiples of `pad_rows`, zero rows between)."""
         self.runtime.observe(self.slot, counts)
-        layout = gemm_row_layout(counts, self.runtime.pad_rows, x_sorted.device)
+        layout = (counts, None)
         return self.runtime.forward(self.slot, x_sorted, counts, layout), layout
 
     def step_backward(self, x_sorted, dy_sorted, counts, layout) -> torch.Tensor:
