@@ -15,7 +15,6 @@ Pins: every `wait`/`acquire` pins once; `release` unpins once. A pinned record i
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 import threading
 import time
@@ -27,6 +26,7 @@ import torch
 
 from gmtier import _core
 from gmtier.adam import RecordSpecCache, adamw_raw_groups
+from gmtier.host_memory import tensor_over
 from gmtier._core import StoreError, Ticket
 from gmtier.store.gpu import GpuTier, GradsOnHost
 from gmtier.store.layout import check_tensors, normalize_schema, pack_record, record_layout, tensor_infos, views
@@ -129,13 +129,7 @@ class TieredExpertStore:
         self.record_bytes, self.weights_bytes = core.record_bytes, core.weights_bytes
         self.num_layers, self.num_experts, self.ram_slots = core.num_layers, core.num_experts, core.ram_slots
         ptr, nbytes = core.arena_address()
-        buf = (ctypes.c_uint8 * nbytes).from_address(ptr)
-        buf._gmtier_owner = core  # the arena lives as long as any view of it
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.arena = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+        self.arena = tensor_over(ptr, nbytes, core)  # the arena lives as long as any view of it
         self.pinned = False
         self._registered = None
         if pin_memory and torch.cuda.is_available():

@@ -1,5 +1,5 @@
-//! The Python exceptions of `gmtier._core`: `StoreError`, and the conversions of the core's
-//! errors to the Python exception that fits each.
+//! The Python exceptions of `gmtier._core`: `StoreError`, `SpillError`, and the conversions of
+//! the core's errors to the Python exception that fits each.
 
 use gmtier_core::error::{AdamError, StoreError as CoreStoreError};
 use pyo3::exceptions::{
@@ -13,6 +13,21 @@ pyo3::create_exception!(
     PyRuntimeError,
     "A damaged, truncated or mismatched expert store (checksum errors included), a store open elsewhere, or a store that cannot make progress."
 );
+
+pyo3::create_exception!(
+    gmtier._core,
+    SpillError,
+    PyRuntimeError,
+    "A spill file whose bytes cannot be trusted: a read whose crc32 differs from the one written (a torn or corrupt spill), or a read past the file's end."
+);
+
+/// A spill file's error: `SpillError` for bytes that cannot be trusted, else as [`store`].
+pub fn spill(e: CoreStoreError) -> PyErr {
+    match e {
+        CoreStoreError::Corrupt(m) => SpillError::new_err(m),
+        e => store(e),
+    }
+}
 
 /// A store error as the Python exception that fits it: ValueError, FileNotFoundError,
 /// TimeoutError, OSError (with errno), or StoreError.
@@ -44,7 +59,8 @@ pub fn adam(e: AdamError) -> PyErr {
     }
 }
 
-/// Register `StoreError` in `gmtier._core`.
+/// Register `StoreError` and `SpillError` in `gmtier._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("StoreError", m.py().get_type::<StoreError>())
+    m.add("StoreError", m.py().get_type::<StoreError>())?;
+    m.add("SpillError", m.py().get_type::<SpillError>())
 }

@@ -1,7 +1,7 @@
 //! `gmtier._core`: thin PyO3 layer over gmtier-core. It converts types and releases the GIL;
 //! all logic lives in the core crate. One file per concern: the store (`store`, `ticket`,
-//! `slot_pool`, `layout`, `raw_io`), the AdamW (`adam`, its compact-state path `adam_compact`)
-//! and the exceptions (`error`).
+//! `slot_pool`, `layout`, `raw_io`), the AdamW (`adam`, its compact-state path `adam_compact`),
+//! the activation spill file and its aligned buffers (`spill`) and the exceptions (`error`).
 use pyo3::prelude::*;
 
 mod adam;
@@ -10,6 +10,7 @@ mod error;
 mod layout;
 mod raw_io;
 mod slot_pool;
+mod spill;
 mod store;
 mod ticket;
 
@@ -24,5 +25,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     layout::register(m)?;
     adam::register(m)?;
     adam_compact::register(m)?;
+    spill::register(m)?;
     Ok(())
 }
