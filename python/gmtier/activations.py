@@ -17,16 +17,15 @@ Every entry is read once: `get` removes it. Nothing outlives the step (`end_step
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gmtier import _core
+from gmtier.host_memory import tensor_over
 
 ALIGN = 4096  # O_DIRECT: offsets, addresses and lengths in multiples of a page
 STAGING_BUFFERS = 2  # pieces in flight between the host pool and the spill file
@@ -38,15 +37,6 @@ class ActivationBudgetError(ValueError):
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
-
-
-def host_tensor(buf) -> torch.Tensor:
-    """A uint8 tensor over a `_core.AlignedBuffer` (which it keeps alive)."""
-    raw = (ctypes.c_uint8 * buf.nbytes).from_address(buf.address)
-    raw._gmtier_owner = buf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer warns that the buffer is writable: it is meant to be
-        return torch.frombuffer(raw, dtype=torch.uint8, count=buf.nbytes)
 
 
 @dataclass
@@ -148,7 +138,7 @@ class ActivationStash:
     def _host(self) -> torch.Tensor:
         if self._pool is None:
             self._pool_buf = _core.AlignedBuffer(max(self.ram_bytes, ALIGN))
-            self._pool = host_tensor(self._pool_buf)
+            self._pool = tensor_over(self._pool_buf.address, self._pool_buf.nbytes, self._pool_buf)
             if self._cuda:  # page-locked: the copies are DMA at full PCIe speed
                 err = torch.cuda.cudart().cudaHostRegister(self._pool_buf.address, self._pool_buf.nbytes, 0)
                 if int(err) == 0:
