@@ -2,7 +2,9 @@
 # Two wheels of gmtier on one GPU box, side by side: .carry/old/*.whl and .carry/new/*.whl, the
 # prepared corpus in .carry/data/ruslit and the raw one in .carry/ruslit. Run from the repo root on
 # the GPU machine: bash exp/compare_wheels.sh tests trainA-old trainA-new trainB-old trainB-new paging-old paging-new
-# (tests runs pytest -m gpu with the new wheel). Logs under $OUT.
+# (tests runs pytest -m gpu with the new wheel; lm-small and lm-seed sweep the layer-major step's
+# micro-batches with the new wheel: small at 1 and 64, the scaled seed-envelope at $SEED_M, default
+# 1 and 32, in an 11 GB cap). Logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GMTIER_RUSLIT=$PWD/.carry/ruslit
@@ -23,6 +25,13 @@ for s in "$@"; do
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
     trainB-*) w=${s#trainB-}; gm $w bench-train --config configs/small.toml --dir $B/B-$w \
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
+    lm-small) gm new bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
+         --micro-batches 1,64 --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 300 /tmp/r.json; echo ;;
+    lm-seed) gm new bench-train --config configs/seed-envelope.toml --dir $B/lm-seed --no-prefetch-off --no-resident --steps 2 --warmup 1 \
+         --micro-batches ${SEED_M:-1,32} --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
+         --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \
+         --set 'train.activations_gpu_budget="0"' --set 'train.activations_ram_budget="40GB"' \
+         --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 300 /tmp/r.json; echo ;;
     paging-*) w=${s#paging-}; gm $w bench-paging --dir $B/paging --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
          --record-mb 64 2>&1 | tee -a "$OUT/paging-$w.txt" | tail -25 ;;
   esac

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from gmtier import _core
+from gmtier.config import ConfigError
 from gmtier.host_memory import tensor_over
 
 ALIGN = 4096  # O_DIRECT: offsets, addresses and lengths in multiples of a page
 STAGING_BUFFERS = 2  # pieces in flight between the host pool and the spill file
 
 
-class ActivationBudgetError(ValueError):
+class ActivationBudgetError(ConfigError):
     """A budget that cannot hold what the step must keep; names the key and the smallest value."""
 
 

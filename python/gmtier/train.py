@@ -69,10 +69,13 @@ def dense_param_groups(model: torch.nn.Module, weight_decay: float):
 
 def limit_gpu_memory(cfg: Config, device: str) -> None:
     """train.gpu_memory_limit: cap the whole process's GPU memory (torch's memory fraction)."""
-    if cfg.train.gpu_memory_limit == "" or not device.startswith("cuda"):
+    if not device.startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if cfg.train.gpu_memory_limit == "":  # none (also undoes an earlier run's cap in this process)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
         return
     limit = parse_bytes(cfg.train.gpu_memory_limit, "train.gpu_memory_limit")
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     if limit > total:
         raise ConfigError(f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r} is more than this GPU's "
                           f"{total / 1e9:.1f} GB; lower it or set it to \"\"")
@@ -177,7 +180,15 @@ class Trainer:
             self.runtime.begin_step(lr=lr, grad_scale=scale)
         if self.layer_major is not None:  # x holds micro_batches x batch_size sequences
             b = cfg.train.batch_size
-            loss, aux = self.layer_major.run(list(x.split(b)), list(y.split(b)), loss_scale=scale)
+            try:
+                loss, aux = self.layer_major.run(list(x.split(b)), list(y.split(b)), loss_scale=scale)
+            except torch.cuda.OutOfMemoryError:
+                limit = f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r}" if cfg.train.gpu_memory_limit else "the GPU"
+                raise ConfigError(
+                    f"a step of train.micro_batches = {cfg.train.micro_batches} x train.batch_size = {b} sequences ran out "
+                    f"of GPU memory under {limit}: a Switch block holds the whole step's residual stream and sorted "
+                    f"tokens at once. Lower train.micro_batches, train.activations_gpu_budget or experts.gpu_budget, "
+                    f"or set train.dense_optimizer = 'cpu'") from None
         else:
             with self.autocast():
                 _, loss, aux = self.model(x, y)

@@ -372,7 +372,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     log(f"[{name}] GPU compute time: fwd+bwd with experts resident ...")
     m = cfg.model
     fit_experts = m.n_experts
-    extra = ["experts.mode='resident'"]
+    extra = ["experts.mode='resident'", "train.gpu_memory_limit=''"]  # the compute, without the run's cap
     if not _resident_fits(cfg):
         # Top-1 routing: FLOPs per token do not depend on the expert count, so fewer experts time
         # the same compute (capacity-factor drops aside).
