@@ -15,6 +15,8 @@ if [ ! -d /tmp/site_new ]; then
   mkdir -p data && cp -rn .carry/data/* data/
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"; lscpu | grep -E "^CPU\(s\)|Model name" | tee -a "$OUT/gpu.txt"
 fi
+# OVERLAY=1: this checkout's Python sources over the new wheel's (a Python-only change needs no new wheel).
+[ "${OVERLAY:-0}" = 1 ] && cp -r python/gmtier/. /tmp/site_new/gmtier/
 B=/root/bench
 gm() { local which=$1; shift; PYTHONPATH=/tmp/site_$which python3 -m gmtier.cli "$@"; }
 for s in "$@"; do

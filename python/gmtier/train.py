@@ -71,15 +71,17 @@ def limit_gpu_memory(cfg: Config, device: str) -> None:
     """train.gpu_memory_limit: cap the whole process's GPU memory (torch's memory fraction)."""
     if not device.startswith("cuda"):
         return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    dev = torch.device(device)
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    total = torch.cuda.get_device_properties(dev).total_memory
     if cfg.train.gpu_memory_limit == "":  # none (also undoes an earlier run's cap in this process)
-        torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
         return
     limit = parse_bytes(cfg.train.gpu_memory_limit, "train.gpu_memory_limit")
     if limit > total:
         raise ConfigError(f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r} is more than this GPU's "
                           f"{total / 1e9:.1f} GB; lower it or set it to \"\"")
-    torch.cuda.set_per_process_memory_fraction(limit / total, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(limit / total, dev)
 
 
 def activation_stash(cfg: Config, device: str) -> ActivationStash:
