@@ -239,26 +239,29 @@ class GpuTier:
         cs = self.copy_stream
         if self.free_after[slot] is not None:
             cs.wait_event(self.free_after[slot])
-        self.ready[slot] = self._copy_on(cs, self.arena[slot * wb:(slot + 1) * wb], self.store.weights_bytes_view(ram_slot))
-        if self._emulated:
-            cs.enqueue(lambda: self.slots.copy_done(copy))
-        else:
-            self.slots.signal_done(copy, cs.cuda_stream)
+        self.ready[slot] = self._copy_on(cs, self.arena[slot * wb:(slot + 1) * wb], self.store.weights_bytes_view(ram_slot),
+                                         copy)
         self._m["h2d_bytes"] += wb
         self._m["h2d_copies"] += 1
         self._m["copy_issue_s"] += time.perf_counter() - t0
 
-    def _copy_on(self, stream, dst: torch.Tensor, src: torch.Tensor):
-        """Enqueue dst <- src on `stream` without waiting; returns the event marking its end."""
+    def _copy_on(self, stream, dst: torch.Tensor, src: torch.Tensor, copy: int | None = None):
+        """Enqueue dst <- src on `stream` without waiting; returns the event marking its end.
+        `copy`: the id under which `self.slots` is told the copy is done, once it is."""
         with self._cuda.stream(stream):
             if self._emulated:
                 stream.enqueue(lambda: dst.copy_(src))
+                if copy is not None:  # reported as the copy runs, whoever makes it run
+                    stream.enqueue(lambda: self.slots.copy_done(copy))
             else:
                 dst.copy_(src, non_blocking=True)
             # Default (spinning) events: blocking ones, which sleep in synchronize(), measured no
             # faster on the `small` step (docs/performance.md).
             ev = self._cuda.Event()
             ev.record(stream)
+        if copy is not None and not self._emulated:
+            # A host function after the event: compute waiting on the event never waits for it.
+            self.slots.signal_done(copy, stream.cuda_stream)
         return ev
 
     def _wait_ready(self, slot: int) -> None:

@@ -62,7 +62,9 @@ fn a_finished_copy_wakes_a_request_blocked_on_a_full_ram_tier() {
         "no RAM slot is free before a copy is done"
     );
     gpu.copy_done(copies[0]).unwrap();
-    let got = rx.recv_timeout(Duration::from_secs(10)).expect("woken by the copy's completion");
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("woken by the copy's completion");
     assert_eq!(got.unwrap(), 1);
     waiter.join().unwrap();
     assert!(gpu.copy_done(copies[0]).is_err(), "a copy is done once");
@@ -101,7 +103,11 @@ fn a_stale_slot_is_dropped_at_its_last_release() {
     assert!(!gpu.holds((0, 3)));
     assert!(gpu.acquire_resident(&[(0, 3)], 1).unwrap().is_empty());
     gpu.release(&[(0, 3)]).unwrap();
-    assert_eq!(gpu.state(a.slot).unwrap(), GpuSlotState::Stale, "still pinned");
+    assert_eq!(
+        gpu.state(a.slot).unwrap(),
+        GpuSlotState::Stale,
+        "still pinned"
+    );
     gpu.release(&[(0, 3)]).unwrap();
     assert_eq!(gpu.state(a.slot).unwrap(), GpuSlotState::Free);
     assert_eq!(gpu.lookup((0, 3)), None);
@@ -127,10 +133,18 @@ fn a_prefetched_slot_is_evicted_first_after_demote() {
     };
     assert_eq!(gpu.state(slot).unwrap(), GpuSlotState::Copying);
     pin(&s, (0, 2));
-    assert_eq!(gpu.prefetch((0, 2), 2, 1, 0).unwrap(), Prefetch::Busy, "one prefetch copy in flight at most");
+    assert_eq!(
+        gpu.prefetch((0, 2), 2, 1, 0).unwrap(),
+        Prefetch::Busy,
+        "one prefetch copy in flight at most"
+    );
     gpu.copy_done(copy).unwrap();
     assert_eq!(gpu.state(slot).unwrap(), GpuSlotState::Prefetched);
-    assert_eq!(s.pinned(), 0, "the prefetch's RAM pin went with its copy, the refused one at once");
+    assert_eq!(
+        s.pinned(),
+        0,
+        "the prefetch's RAM pin went with its copy, the refused one at once"
+    );
     pin(&s, (0, 1));
     assert_eq!(gpu.prefetch((0, 1), 2, 1, 0).unwrap(), Prefetch::Held);
     // Demand evicts the older unprotected copy, not the guess.
@@ -148,7 +162,12 @@ fn a_prefetched_slot_is_evicted_first_after_demote() {
     gpu.copy_done(c.copy.unwrap()).unwrap();
     let m = gpu.metrics();
     assert_eq!(
-        (m.prefetch_copies, m.prefetch_demoted, m.prefetch_hits, m.prefetch_wasted),
+        (
+            m.prefetch_copies,
+            m.prefetch_demoted,
+            m.prefetch_hits,
+            m.prefetch_wasted
+        ),
         (1, 1, 0, 0)
     );
     assert_eq!((m.hits, m.misses), (0, 3));
@@ -162,7 +181,10 @@ fn acquires_are_undone_newest_first_and_keep_their_ram_slot() {
     let a = acquire(&s, &gpu, (0, 6));
     gpu.copy_done(a.copy.unwrap()).unwrap();
     let ram = gpu.ram_slot((0, 6)).unwrap();
-    assert_eq!(gpu.acquire_resident(&[(0, 5), (0, 6)], 2).unwrap(), vec![(1, a.slot)]);
+    assert_eq!(
+        gpu.acquire_resident(&[(0, 5), (0, 6)], 2).unwrap(),
+        vec![(1, a.slot)]
+    );
     gpu.release(&[(0, 6)]).unwrap(); // the newest: the one without the RAM record
     assert_eq!(gpu.ram_slot((0, 6)), Some(ram));
     assert_eq!(s.pinned(), 1);

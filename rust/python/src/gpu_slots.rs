@@ -141,7 +141,9 @@ impl PyGpuSlots {
     /// `cudaLaunchHostFunc`) for `signal_done`.
     fn use_launcher(&self, address: usize) -> PyResult<()> {
         if address == 0 {
-            return Err(PyValueError::new_err("the host function launcher's address is 0"));
+            return Err(PyValueError::new_err(
+                "the host function launcher's address is 0",
+            ));
         }
         self.launcher.store(address, Ordering::Relaxed);
         Ok(())

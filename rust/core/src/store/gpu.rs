@@ -262,7 +262,10 @@ impl GpuState {
         let mut now = ram_pinned;
         if ram_pinned {
             if let Some(c) = self.slots[s].copy {
-                self.copies.get_mut(&c).expect("a slot's copy in flight").ram_pins += 1;
+                self.copies
+                    .get_mut(&c)
+                    .expect("a slot's copy in flight")
+                    .ram_pins += 1;
                 now = false;
             }
         }

@@ -1,5 +1,5 @@
 //! Slot accounting shared by the RAM tier (inside [`super::ExpertStore`]) and the GPU tier
-//! (driven from Python): a fixed number of slots, a key -> slot map, pin counts, and the
+//! (inside [`super::gpu`]): a fixed number of slots, a key -> slot map, pin counts, and the
 //! eviction policy: LRU refined by prefetch priority, pinned slots never evicted.
 
 use crate::error::{Result, StoreError};
