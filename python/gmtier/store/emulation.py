@@ -22,8 +22,9 @@ class HostStreams:
     Copies are deferred as on a GPU: a copy enqueued on a side stream runs when something waits
     for an event recorded after it (the compute stream waiting on it, `synchronize`), when its
     event is queried a second time, or on its own, in order, `copy_engine_delay_s` after it was
-    enqueued (the copy engine, a thread that runs only while copies are pending: what drops the
-    RAM pins of copies nobody waits for, as a GPU's copies finish with nobody asking). So a
+    enqueued (the copy engine, a thread that lives while copies come, ending after a second
+    without any: what drops the RAM pins of copies nobody waits for, as a GPU's copies finish
+    with nobody asking). So a
     kernel that reads a slot before waiting for its copy, a RAM record unpinned before the copy
     that reads it ran, or a staging slot refilled before its dW left, all compute with the wrong
     bytes, and the emulated runs' comparisons with resident training catch them. Compute is
@@ -31,6 +32,7 @@ class HostStreams:
 
     class Stream:
         copy_engine_delay_s = 0.002  # long against the host's next steps, short against a test
+        copy_engine_idle_s = 1.0  # the engine thread ends after this long without copies
 
         def __init__(self, device=None):
             self.ops: list = []  # deferred copies (and host functions), in order
@@ -44,7 +46,9 @@ class HostStreams:
             with self.lock:
                 self.ops.append(op)
                 self.queued_at.append(time.monotonic())
-                if not self._engine:
+                if self._engine:
+                    self._progress.notify_all()
+                else:
                     self._engine = True
                     threading.Thread(target=self._run_engine, name="gmtier-emulated-copy-engine", daemon=True).start()
 
@@ -63,13 +67,18 @@ class HostStreams:
             self._progress.notify_all()
 
         def _run_engine(self) -> None:
-            """Run the pending ops in order, each once its delay is over, until none is left."""
+            """Run the pending ops in order, each once its delay is over; end once none has come
+            for `copy_engine_idle_s` (one thread for a run of copies, not one per copy)."""
             with self.lock:
                 try:
-                    while self.done < len(self.ops):
+                    while True:
+                        if self.done >= len(self.ops):
+                            if not self._progress.wait(self.copy_engine_idle_s) and self.done >= len(self.ops):
+                                return
+                            continue
                         left = self.queued_at[self.done] + self.copy_engine_delay_s - time.monotonic()
                         if left > 0:
-                            self._progress.wait(left)  # or until someone else ran them
+                            self._progress.wait(left)  # or until someone else ran them, or more came
                         else:
                             self._run_locked(self.done + 1)
                 finally:
