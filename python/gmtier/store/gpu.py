@@ -135,9 +135,10 @@ class GpuTier:
         self._next_grad = 0  # the group grad_buffers() hands out next
         self.host_grad_buffers = self.grad_slots // self.grad_group + 1
         self.d2h_stream = self._cuda.Stream(device=self.device)
+        launcher = _host_func_launcher() if real else None
         self.slots = GpuSlots(store.core, self.num_slots)
-        if real:
-            self.slots.use_launcher(_host_func_launcher())
+        if launcher is not None:
+            self.slots.use_launcher(launcher)
 
     def _make_views(self, g: int) -> dict:
         return views(self.arena, self.store.layout, g * self.store.weights_bytes, sections=("weights",))
