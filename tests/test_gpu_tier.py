@@ -4,6 +4,7 @@ and gradient staging are checked here, and tiered training through it against re
 training. The real copies and their overlap are tested on a GPU (test_store_gpu.py)."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -89,6 +90,38 @@ def test_wrong_guesses_are_evicted_first_and_budgets_hold(store):
     assert not gpu.holds((0, 5)) and gpu.holds((0, 6))
     store.release([(0, 6), (0, 7)])
     assert gpu.metrics()["prefetch_demoted"] == 1
+
+
+def test_a_request_waiting_on_pins_of_copies_in_flight_goes_on_when_they_finish(store, monkeypatch):
+    """A full RAM tier whose records are held by H2D copies still in flight: an acquire waiting
+    for a RAM slot is woken by the copies' completion (reported by the copy stream), and by
+    nothing before it: no polling, no timeout slicing."""
+    from gmtier.store.emulation import HostStreams
+
+    gpu = store.gpu
+    monkeypatch.setattr(HostStreams.Stream, "copy_engine_delay_s", 3600.0)  # emulated copies wait to be run
+    if store.device.type == "cuda":  # hold the copy stream back for about a second
+        gate = torch.cuda.Stream()
+        with torch.cuda.stream(gate):
+            torch.cuda._sleep(2_000_000_000)
+        gpu.copy_stream.wait_stream(gate)
+    for e in (0, 1, 2):  # three RAM records held by prefetch copies in flight ...
+        assert gpu.prefetch((0, e), in_ram(store, (0, e)), priority=2, max_in_flight=3) == "copied"
+    held = [(0, 3), (0, 4), (0, 5)]
+    store.get(held)  # ... and three by the test: every RAM slot is pinned
+    assert store.metrics()["pinned"] == 6 and gpu.metrics()["hits"] == 0
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(w=store.acquire((0, 6))))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive(), "no RAM slot frees up before a copy is done"
+    if store.device.type == "cpu":
+        gpu.copy_stream.synchronize()  # the emulated copy engine gets to the copies now
+    waiter.join(30)
+    assert not waiter.is_alive() and torch.equal(got["w"]["w1"].cpu(), expert(0, 6)["w1"])
+    store.release(held + [(0, 6)])
+    gpu.drain()
+    assert store.metrics()["pinned"] == 0 and [gpu.holds((0, e)) for e in (0, 1, 2, 6)] == [False, True, True, True]
 
 
 def test_acquire_many_pins_the_copies_it_relies_on_before_evicting(store):

@@ -1,13 +1,20 @@
-"""The GPU tier: a uint8 CUDA arena of `gpu_bytes // weights_bytes` slots, accounted by the Rust
-`SlotPool` (same policy as the RAM tier), filled by torch copies on a dedicated copy stream.
+"""The GPU tier: a uint8 CUDA arena of `gpu_bytes // weights_bytes` slots, filled by torch copies
+on a dedicated copy stream. Its bookkeeping is the Rust `_core.GpuSlots`, kept by the store under
+the store's own lock: which expert each slot holds, the slot states (free, copying, ready,
+stale, prefetched), the pins and the eviction policy (the RAM tier's), each acquire's RAM pin,
+and the RAM pins held by copies in flight. This module keeps what must be torch: the arena and
+its views, the streams, the events that order the device's work, stall timing, and the dW
+staging.
 
 Ordering, all on the device, never the host:
 - copy into GPU slot g waits on `free_after[g]` (an event recorded on the consumer's stream at
   release), so a copy never overwrites weights a kernel still reads;
 - `ready[g]` is recorded after the copy; `acquire` makes the caller's stream wait on it;
-- the RAM record feeding a copy stays pinned until the copy's event has completed (checked
-  without blocking at each call, or waited for by `drain`), so the DMA never reads a slot that
-  is being refilled.
+- the RAM record feeding a copy stays pinned until the copy is done, so the DMA never reads a
+  slot that is being refilled: a CUDA host function queued on the copy stream after the copy
+  (`cuLaunchHostFunc`, calling into Rust on the driver's thread, no Python) reports it to
+  `GpuSlots`, which drops the pin and wakes, on the store's condvar, a request waiting for a RAM
+  slot. Nothing polls.
 
 Expert gradients live inside the same budget: `grad_slots` slots of the arena (the weights'
 size and layout) stage one expert's dW each until its D2H copy to pinned RAM has finished, so
@@ -31,12 +38,13 @@ memory (`gmtier.store.emulation`).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
 import torch
 
-from gmtier._core import SlotPool, StoreError
+from gmtier._core import GpuSlots
 from gmtier.store.emulation import HostStreams, emulated
 from gmtier.store.layout import views
 from gmtier.store.metrics import hit_rate
@@ -61,12 +69,22 @@ class GradsOnHost:
             give_back()
 
 
+def _host_func_launcher() -> int:
+    """The address of the CUDA driver's `cuLaunchHostFunc` (libcuda, which torch has loaded):
+    what `GpuSlots.signal_done` queues its host function with."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+    except (OSError, AttributeError) as e:
+        raise RuntimeError(f"the GPU tier needs cuLaunchHostFunc from the CUDA driver (libcuda.so.1): {e}") from None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 class GpuTier:
     """Weights of experts on the compute device, and the staging of their gradients.
 
-    One class (a long one): the slot pool, the copies in flight and the RAM pins they hold, the
-    stale and prefetched copies and the dW staging slots change together, under one lock, in
-    every call."""
+    One class (a long one): the copies it issues and the events ordering them, the stall
+    timing and the dW staging ring; every question of slot state goes to `self.slots`
+    (`_core.GpuSlots`). Its lock orders a slot's copy after the event of its last release."""
 
     def __init__(self, store, gpu_bytes: int, device: torch.device, grad_slots: int = 0, grad_group: int = 1):
         self.store = store
@@ -77,10 +95,8 @@ class GpuTier:
         self._emulated = not real
         self._cuda = torch.cuda if real else HostStreams
         self._lock = threading.RLock()
-        self.m = {"hits": 0, "misses": 0, "h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0,
-                  "d2h_bytes": 0, "grad_wait_s": 0.0, "prefetch_copies": 0, "prefetch_hits": 0,
-                  "prefetch_wasted": 0, "prefetch_demoted": 0}
-        self._prefetched: set = set()  # keys copied by prefetch() and not used since
+        # The device side's counters; the slots' (hits, misses, prefetch_*) are kept in Rust.
+        self._m = {"h2d_bytes": 0, "h2d_copies": 0, "copy_issue_s": 0.0, "d2h_bytes": 0, "grad_wait_s": 0.0}
         self._weight_names = {t.name for t in store.layout if t.section == "weights"}
         self._stalls: list[tuple] = []  # (before, after) timing events around waits for copies
         self._timing_events: list = []  # free timing events
@@ -95,6 +111,7 @@ class GpuTier:
         self._host_cv = threading.Condition()
         if not self.active:
             self.num_slots = 0
+            self.slots = GpuSlots(store.core, 0)  # records acquires and their RAM pins only
             return
         wb = store.weights_bytes
         if wb == 0:
@@ -109,7 +126,6 @@ class GpuTier:
             raise ValueError(f"GPU budget of {int(gpu_bytes)} bytes holds {total} expert weight slots of {wb} bytes, "
                              f"fewer than 1 + {self.grad_slots} for gradients; raise gpu_bytes to at least {need}")
         self.arena = torch.empty(total * wb, dtype=torch.uint8, device=self.device)
-        self.pool = SlotPool(self.num_slots)
         self.copy_stream = self._cuda.Stream(device=self.device)
         self.ready: list = [None] * self.num_slots
         self.free_after: list = [None] * self.num_slots
@@ -119,181 +135,134 @@ class GpuTier:
         self._next_grad = 0  # the group grad_buffers() hands out next
         self.host_grad_buffers = self.grad_slots // self.grad_group + 1
         self.d2h_stream = self._cuda.Stream(device=self.device)
-        self._inflight: list[tuple] = []  # (event, key): RAM pins held until the copy is done
-        self._stale: set = set()
+        launcher = _host_func_launcher() if real else None
+        self.slots = GpuSlots(store.core, self.num_slots)
+        if launcher is not None:
+            self.slots.use_launcher(launcher)
 
     def _make_views(self, g: int) -> dict:
         return views(self.arena, self.store.layout, g * self.store.weights_bytes, sections=("weights",))
 
-    # ---- host-side bookkeeping -------------------------------------------------------------------
-    def _reap(self, block: bool = False) -> None:
-        """Release RAM pins whose H2D copies have finished."""
-        done, keep = [], []
-        for ev, key in self._inflight:
-            if block and ev is not None:
-                ev.synchronize()
-            if block or ev is None or ev.query():
-                done.append(key)
-            else:
-                keep.append((ev, key))
-        self._inflight = keep
-        if done:
-            self.store.unpin(done)
+    @property
+    def m(self) -> dict:
+        """The counters: the device side's and the slots' (from Rust)."""
+        m = dict(self._m)
+        m.update(self.slots.metrics())
+        del m["copies_in_flight"]
+        return m
 
     def drain(self) -> None:
-        """Wait for every copy in flight and drop the RAM pins they held."""
+        """Wait for every copy in flight and the RAM pins they held to be dropped."""
         if self.active:
-            with self._lock:
-                self._reap(block=True)
+            self.copy_stream.synchronize()
+            # The host functions have run once the stream is done; this only checks it.
+            self.slots.wait_copies(timeout=60)
 
     # ---- the API the store uses ------------------------------------------------------------------
     def acquire(self, key, ram_slot: int, need_hit: bool = False) -> dict[str, torch.Tensor]:
         """Weights of `key` (whose RAM record is pinned in `ram_slot`) on the device, ready for the
         current stream. Takes one GPU pin; the RAM pin passes to the tier (released at release).
         `need_hit`: the RAM slot lacks the weights, so the tier must already hold them."""
+        key = tuple(key)
         if not self.active:
+            self.slots.acquire(key, ram_slot)
             return {n: t for n, t in self.store.slot_views(ram_slot).items()
                     if n in self._weight_names}
-        key = tuple(key)
         with self._lock:
-            self._reap()
-            if need_hit and not self.holds(key):
-                raise ValueError(f"expert {key}: its weights are neither on the GPU tier nor in its RAM slot")
-            slot, hit, evicted = self.pool.acquire(key, 0, True)
-            self._count_use(key, hit, evicted)
-            if not hit:
-                self._copy_in(slot, ram_slot)
+            slot, copy = self.slots.acquire(key, ram_slot, need_hit)
+            if copy is not None:
+                self._copy_in(slot, ram_slot, copy)
             self._wait_ready(slot)
             return self._views[slot]
 
-    def _count_use(self, key, hit: bool, evicted) -> None:
-        """Hit/miss of a use of `key`, and what became of prefetched copies (used, or evicted unused)."""
-        self.m["hits" if hit else "misses"] += 1
-        if hit and key in self._prefetched:
-            self.m["prefetch_hits"] += 1
-        self._prefetched.discard(key)
-        self._count_eviction(evicted)
-
-    def _count_eviction(self, evicted) -> None:
-        """A slot was taken from `evicted` (or None): a prefetched copy nobody used was wasted."""
-        if evicted is not None and tuple(evicted) in self._prefetched:
-            self._prefetched.discard(tuple(evicted))
-            self.m["prefetch_wasted"] += 1
-
-    def acquire_resident(self, key) -> dict[str, torch.Tensor] | None:
-        """Weights of `key` if the tier holds a current copy (pinned, ready for the current
-        stream, no RAM record involved; `release(..., ram_pinned=False)`), else None."""
+    def acquire_resident(self, keys, limit: int) -> dict:
+        """The experts among `keys` (at most `limit`) whose current weights the tier holds, pinned
+        and ready for the current stream, without their RAM records (`release` each once):
+        key -> weights."""
         if not self.active:
-            return None
-        key = tuple(key)
+            return {}
+        keys = [tuple(k) for k in keys]
         with self._lock:
-            slot = self.pool.lookup(key)
-            if slot is None or key in self._stale:
-                return None
-            self._reap()
-            self.pool.acquire(key, 0, True)
-            self._count_use(key, True, None)
-            self._wait_ready(slot)
-            return self._views[slot]
+            out = {}
+            for i, slot in self.slots.acquire_resident(keys, limit):
+                self._wait_ready(slot)
+                out[keys[i]] = self._views[slot]
+            return out
 
     def can_prefetch(self, max_in_flight: int = 1, reserve: int = 0) -> bool:
         """Whether a prefetch copy may start now: fewer than `max_in_flight` of them running, and
         more slots neither pinned nor holding unused prefetches than the `reserve` the current
         layer still needs."""
-        if not self.active:
-            return False
-        with self._lock:
-            self._reap()
-            running = sum(k in self._prefetched for _, k in self._inflight)
-            return running < max_in_flight and self.num_slots - self.pool.pinned() - len(self._prefetched) > reserve
+        return self.slots.can_prefetch(max_in_flight, reserve)
 
     def prefetch(self, key, ram_slot: int, priority: int, max_in_flight: int = 1, reserve: int = 0) -> str:
         """Copy `key`'s weights from its RAM record (pinned in `ram_slot` by the caller; the pin
         passes to the tier, dropped once the copy is done) into a free or evictable slot ahead of
         use: unpinned, protected from prefetches of lower priority. Returns "copied"; "held"
-        when the tier has a current copy already; "busy" when `max_in_flight` prefetch copies
-        are still running, or when fewer than `reserve` slots (what the current layer will still
-        page in) would stay neither pinned nor prefetched, so the guess would only be evicted
-        again (try later). Only "copied" keeps the pin."""
-        key = tuple(key)
+        when the tier has a copy already; "busy" when `max_in_flight` prefetch copies are still
+        running, or when fewer than `reserve` slots (what the current layer will still page in)
+        would stay neither pinned nor prefetched, so the guess would only be evicted again (try
+        later). Only "copied" keeps the pin."""
         with self._lock:
-            if not self.active or self.pool.lookup(key) is not None:
-                outcome = "held" if self.active else "busy"
-            elif not self.can_prefetch(max_in_flight, reserve):
-                outcome = "busy"
-            else:
-                try:
-                    slot, _hit, evicted = self.pool.acquire(key, int(priority), False)
-                except StoreError:  # every slot pinned or holding a prefetch of higher priority
-                    outcome = "busy"
-                else:
-                    self._count_eviction(evicted)
-                    self._copy_in(slot, ram_slot)
-                    self._inflight.append((self.ready[slot], key))
-                    self._prefetched.add(key)
-                    self.m["prefetch_copies"] += 1
-                    return "copied"
-        self.store.unpin([key])
+            outcome, slot, copy = self.slots.prefetch(tuple(key), int(priority), max_in_flight, reserve)
+            if outcome == "copied":
+                self._copy_in(slot, ram_slot, copy)
         return outcome
 
     def demote(self, keys) -> None:
         """The router predicted these experts wrongly: their unused prefetched copies become
         the first slots evicted."""
-        if not self.active:
-            return
-        with self._lock:
-            for k in keys:
-                k = tuple(k)
-                if k in self._prefetched and self.pool.demote(k):
-                    self._prefetched.discard(k)
-                    self.m["prefetch_demoted"] += 1
+        self.slots.demote([tuple(k) for k in keys])
 
     def holds(self, key) -> bool:
         """Whether the tier holds a current copy of `key`'s weights."""
-        if not self.active:
-            return False
-        key = tuple(key)
-        with self._lock:
-            return self.pool.lookup(key) is not None and key not in self._stale
+        return self.slots.holds(tuple(key))
 
-    def refresh(self, key, ram_slot: int) -> None:
-        """The pinned RAM record of `key` (in `ram_slot`) was updated: copy its new weights over
+    def ram_slot(self, key) -> int | None:
+        """The RAM slot of the acquired `key`'s record, while an acquire of it pins it."""
+        return self.slots.ram_slot(tuple(key))
+
+    def refresh(self, key) -> None:
+        """The pinned RAM record of the acquired `key` was updated: copy its new weights over
         the GPU copy rather than dropping it, so the next forward finds them on the GPU. Called
         once the kernels that read the old weights have finished (AdamW ran on their dW)."""
-        if not self.active:
-            return
-        key = tuple(key)
         with self._lock:
-            slot = self.pool.lookup(key)
-            if slot is None:
-                return
-            self._stale.discard(key)
-            self._copy_in(slot, ram_slot)
+            got = self.slots.refresh(tuple(key))
+            if got is not None:
+                self._copy_in(*got)
 
-    def _copy_in(self, slot: int, ram_slot: int) -> None:
+    def _copy_in(self, slot: int, ram_slot: int, copy: int) -> None:
         """Copy RAM slot `ram_slot`'s weights into GPU slot `slot` on the copy stream, after the
-        last reader of the GPU slot; `ready[slot]` marks the end of the copy."""
+        last reader of the GPU slot; `ready[slot]` marks the end of the copy, and a host function
+        after it reports `copy` done to `self.slots` (which drops the RAM pins it holds)."""
         t0 = time.perf_counter()
         wb = self.store.weights_bytes
         cs = self.copy_stream
         if self.free_after[slot] is not None:
             cs.wait_event(self.free_after[slot])
-        self.ready[slot] = self._copy_on(cs, self.arena[slot * wb:(slot + 1) * wb], self.store.weights_bytes_view(ram_slot))
-        self.m["h2d_bytes"] += wb
-        self.m["h2d_copies"] += 1
-        self.m["copy_issue_s"] += time.perf_counter() - t0
+        self.ready[slot] = self._copy_on(cs, self.arena[slot * wb:(slot + 1) * wb], self.store.weights_bytes_view(ram_slot),
+                                         copy)
+        self._m["h2d_bytes"] += wb
+        self._m["h2d_copies"] += 1
+        self._m["copy_issue_s"] += time.perf_counter() - t0
 
-    def _copy_on(self, stream, dst: torch.Tensor, src: torch.Tensor):
-        """Enqueue dst <- src on `stream` without waiting; returns the event marking its end."""
+    def _copy_on(self, stream, dst: torch.Tensor, src: torch.Tensor, copy: int | None = None):
+        """Enqueue dst <- src on `stream` without waiting; returns the event marking its end.
+        `copy`: the id under which `self.slots` is told the copy is done, once it is."""
         with self._cuda.stream(stream):
             if self._emulated:
                 stream.enqueue(lambda: dst.copy_(src))
+                if copy is not None:  # reported as the copy runs, whoever makes it run
+                    stream.enqueue(lambda: self.slots.copy_done(copy))
             else:
                 dst.copy_(src, non_blocking=True)
             # Default (spinning) events: blocking ones, which sleep in synchronize(), measured no
             # faster on the `small` step (docs/performance.md).
             ev = self._cuda.Event()
             ev.record(stream)
+        if copy is not None and not self._emulated:
+            # A host function after the event: compute waiting on the event never waits for it.
+            self.slots.signal_done(copy, stream.cuda_stream)
         return ev
 
     def _wait_ready(self, slot: int) -> None:
@@ -313,48 +282,27 @@ class GpuTier:
         if len(self._stalls) > 64:  # nobody asked for the total lately: keep the list short
             self._fold_stalls(block=False)
 
-    def release(self, keys, ram_pinned: bool = True) -> None:
-        """Drop one GPU pin per key (the consumer's stream marks when the slot is free) and, with
-        `ram_pinned`, the RAM pin the matching acquire() took (after the copy that read it has
-        finished)."""
+    def release(self, keys) -> None:
+        """Drop one acquire per key: its GPU pin (the consumer's stream marks when the slot is
+        free) and the RAM pin it took (after the copy that read it has finished). Keys not
+        acquired are plain RAM releases."""
+        keys = [tuple(k) for k in keys]
         if not self.active:
-            if ram_pinned:
-                self.store.unpin([tuple(k) for k in keys])
+            self.slots.release(keys)
             return
         with self._lock:
-            # One event marks the end of the kernels enqueued so far: it frees every slot released here.
-            ev = self._cuda.Event()
-            ev.record(self._cuda.current_stream(self.device))
-            for k in keys:
-                k = tuple(k)
-                slot = self.pool.lookup(k)
-                if slot is None:
-                    raise ValueError(f"release of expert {k}, which is not on the GPU tier")
-                self.free_after[slot] = ev
-                self.pool.release(k)
-                if k in self._stale and self.pool.pins(slot) == 0:
-                    self._stale.discard(k)
-                    self.pool.invalidate(k)
-                if ram_pinned:
-                    # The last copy into this slot read the RAM record: keep the RAM pin until it is done.
-                    self._inflight.append((self.ready[slot], k))
-            self._reap()
+            freed = self.slots.release(keys)
+            if freed:
+                # One event marks the end of the kernels enqueued so far: it frees every slot released here.
+                ev = self._cuda.Event()
+                ev.record(self._cuda.current_stream(self.device))
+                for slot in freed:
+                    self.free_after[slot] = ev
 
     def invalidate(self, keys) -> None:
-        """The RAM records of these experts changed: their GPU copies are stale."""
-        if not self.active:
-            return
-        with self._lock:
-            for k in keys:
-                k = tuple(k)
-                self._prefetched.discard(k)
-                slot = self.pool.lookup(k)
-                if slot is None:
-                    continue
-                if self.pool.pins(slot) > 0:
-                    self._stale.add(k)  # dropped at its last release
-                else:
-                    self.pool.invalidate(k)
+        """The RAM records of these experts changed: their GPU copies are stale (dropped at
+        once, or at their last release where pinned)."""
+        self.slots.invalidate([tuple(k) for k in keys])
 
     # ---- expert gradients ------------------------------------------------------------------------
     def grad_buffers(self, n: int = 1) -> tuple[int, list[dict[str, torch.Tensor]]]:
@@ -371,7 +319,7 @@ class GpuTier:
         if ev is not None and not ev.query():
             t0 = time.perf_counter()
             ev.synchronize()
-            self.m["grad_wait_s"] += time.perf_counter() - t0
+            self._m["grad_wait_s"] += time.perf_counter() - t0
         self._grad_busy[g] = None
         first = g * self.grad_group
         return first, self._grad_views[first:first + n]
@@ -404,7 +352,7 @@ class GpuTier:
                 raise RuntimeError(f"all {len(self._host_bufs)} pinned dW buffers stayed in use for 60 s: an update "
                                    "did not give its buffer back (GradsOnHost.release), or reserve_host_grads() "
                                    "was set below the updates in flight")
-            self.m["grad_wait_s"] += time.perf_counter() - t0
+            self._m["grad_wait_s"] += time.perf_counter() - t0
             return self._free_host.pop()
 
     def _give_host_buffer(self, buf: tuple[torch.Tensor, list[dict]]) -> None:
@@ -425,7 +373,7 @@ class GpuTier:
         base = (self.num_slots + first) * wb
         ev = self._copy_on(s, host[:n * wb], self.arena[base: base + n * wb])
         self._grad_busy[first // self.grad_group] = ev
-        self.m["d2h_bytes"] += n * wb
+        self._m["d2h_bytes"] += n * wb
         return views[:n], ev, lambda: self._give_host_buffer(taken)
 
     def _fold_stalls(self, block: bool) -> None:
@@ -454,7 +402,7 @@ class GpuTier:
         return out
 
     def metrics(self) -> dict:
-        m = dict(self.m)
+        m = self.m
         m["hit_rate"] = hit_rate(m["hits"], m["misses"])
         m["slots"] = self.num_slots
         return m

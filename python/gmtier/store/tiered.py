@@ -11,12 +11,13 @@ asynchronous reads, write-back, crash-safe commit) and adds:
   RAM record pinned so Adam can update it in place (`adam_step`, `mark_dirty`).
 
 Pins: every `wait`/`acquire` pins once; `release` unpins once. A pinned record is never evicted.
+What each acquire pinned (RAM record, GPU slot) is kept in Rust with the GPU tier's slots
+(`_core.GpuSlots`), under the store's lock.
 """
 
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -56,9 +57,9 @@ class StoreExistsError(StoreError, ValueError):
 class TieredExpertStore:
     """NVMe -> pinned RAM -> GPU expert store. Build with `create` (once) and `open`.
 
-    One class (a long one): each `acquire`/`release` pairs a RAM pin with a GPU pin, and the
-    RAM-tier calls, the GPU tier's and the AdamW on pinned records share its lock and its record
-    of which acquire pinned what."""
+    One class (a long one): the RAM tier's calls, the acquires that pair a RAM pin with a GPU
+    pin (through the GPU tier, whose Rust accounting records which acquire pinned what), and the
+    AdamW on acquired records."""
 
     # ---- construction --------------------------------------------------------------------------
     @staticmethod
@@ -139,9 +140,6 @@ class TieredExpertStore:
                 self.pinned, self._registered = True, ptr
         self._slot_views: dict[int, dict] = {}
         self._adam_specs = RecordSpecCache()
-        self._lock = threading.RLock()
-        self._ram_slot: dict[Key, int] = {}  # pinned by acquire(): key -> RAM slot
-        self._acquired: dict[Key, list[bool]] = {}  # per acquire() of a key: whether it pinned the RAM record
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         try:
             self.gpu = GpuTier(self, gpu_bytes, self.device, grad_slots=gpu_grad_slots, grad_group=gpu_grad_group)
@@ -204,21 +202,9 @@ class TieredExpertStore:
         self.core.prefetch([tuple(k) for k in keys], priority, sections)
 
     def release(self, keys: Sequence[Key]) -> None:
-        """Unpin experts. Keys that were `acquire`d also leave the GPU tier's pin."""
-        keys = [tuple(k) for k in keys]
-        plain, gpu_only, gpu_and_ram = [], [], []
-        with self._lock:
-            for k in keys:
-                ram_pinned = self._release_acquired(k)
-                if ram_pinned is None:
-                    plain.append(k)
-                else:  # GPU pin; the RAM pin goes once the H2D copy that read it is done
-                    (gpu_and_ram if ram_pinned else gpu_only).append(k)
-            for group, ram_pinned in ((gpu_only, False), (gpu_and_ram, True)):
-                if group:
-                    self.gpu.release(group, ram_pinned=ram_pinned)
-        if plain:
-            self.core.release(plain)
+        """Unpin experts. Keys that were `acquire`d also leave the GPU tier's pin (their RAM pin
+        goes once the H2D copy that read it is done)."""
+        self.gpu.release(keys)
 
     def pin_resident(self, keys: Sequence[Key], sections: str = "weights") -> list[int | None]:
         """Pin the records of `keys` whose `sections` are in RAM now, without reading anything:
@@ -244,12 +230,8 @@ class TieredExpertStore:
         if not refresh_gpu:
             self.gpu.invalidate(keys)
             return
-        with self._lock:
-            for k in keys:
-                slot = self._ram_slot.get(k)
-                if slot is None:
-                    raise ValueError(f"mark_dirty(refresh_gpu=True) of expert {k}, which is not acquire()d")
-                self.gpu.refresh(k, slot)
+        for k in keys:
+            self.gpu.refresh(k)
 
     def write_back(self, keys: Sequence[Key]) -> None:
         """Start writing these experts' dirty RAM records back now (write-behind, asynchronous;
@@ -303,18 +285,16 @@ class TieredExpertStore:
                 if not ks:
                     continue
                 t0 = time.perf_counter()
-                slots = self._wait_reaping(self.request(ks, priority, need), timeout)
+                # A full RAM tier frees up as the copies holding its records finish: the GPU
+                # tier's accounting drops their pins and wakes this wait.
+                slots = self.request(ks, priority, need).wait(timeout)
                 self.host_wait_s += time.perf_counter() - t0
-                with self._lock:
-                    for i, (k, slot) in enumerate(zip(ks, slots)):
-                        self._ram_slot[k] = slot
-                        self._acquired.setdefault(k, []).append(True)
-                        try:
-                            out[k] = self.gpu.acquire(k, slot, need_hit=need == "state")
-                        except BaseException:
-                            self._release_acquired(k)
-                            self.core.release(ks[i:])  # this key and the rest of its request
-                            raise
+                for i, (k, slot) in enumerate(zip(ks, slots)):
+                    try:
+                        out[k] = self.gpu.acquire(k, slot, need_hit=need == "state")
+                    except BaseException:
+                        self.core.release(ks[i:])  # this key and the rest of its request
+                        raise
         except BaseException:
             self.release(list(out))
             raise
@@ -323,48 +303,11 @@ class TieredExpertStore:
     def acquire_resident_many(self, keys: Sequence[Key], limit: int) -> dict[Key, dict[str, torch.Tensor]]:
         """The experts among `keys` (at most `limit`) whose current weights are on the GPU tier,
         pinned there without their RAM records (forward); `release` each once."""
-        out: dict = {}
-        with self._lock:
-            for k in keys:
-                if len(out) >= limit:
-                    break
-                k = tuple(k)
-                views = self.gpu.acquire_resident(k)
-                if views is not None:
-                    self._acquired.setdefault(k, []).append(False)
-                    out[k] = views
-        return out
-
-    def _release_acquired(self, key: Key) -> bool | None:
-        """Pop one acquire() of `key`: whether it pinned the RAM record (None: not acquired)."""
-        stack = self._acquired.get(key)
-        if not stack:
-            return None
-        ram_pinned = stack.pop()
-        if not stack:
-            del self._acquired[key]
-        if not any(stack):
-            self._ram_slot.pop(key, None)
-        return ram_pinned
-
-    def _wait_reaping(self, ticket, timeout: float | None) -> list[int]:
-        """Wait for a ticket. On CUDA, RAM records feeding finished H2D copies stay pinned until
-        the GPU tier reaps them, so a full RAM tier may only free up by reaping: wait in short
-        slices and reap between them, never forever on a pin nothing will drop."""
-        if not self.gpu.active:
-            return ticket.wait(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                return ticket.wait(0.01)
-            except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                self.gpu.drain()
+        return self.gpu.acquire_resident(keys, limit)
 
     def record(self, key: Key) -> dict[str, torch.Tensor]:
         """All tensors of an `acquire`d expert's RAM record (weights and state)."""
-        slot = self._ram_slot.get(tuple(key))
+        slot = self.gpu.ram_slot(key)
         if slot is None:
             raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
         return self.slot_views(slot)
@@ -391,7 +334,7 @@ class TieredExpertStore:
         whether each expert's update was skipped (non-finite gradients; the others go on)."""
         groups = []
         for key, g in zip(keys, grads, strict=True):
-            slot = self._ram_slot.get(tuple(key))
+            slot = self.gpu.ram_slot(key)
             if slot is None:
                 raise ValueError(f"expert {tuple(key)} is not acquired; call acquire() first")
             groups.append(self._adam_specs.specs(slot, self.slot_views(slot), g))

@@ -1,4 +1,5 @@
-//! Bindings of the slot accounting the GPU tier uses: `SlotPool`.
+//! Bindings of the slot accounting both tiers use: `SlotPool`, on its own (the GPU tier reaches it
+//! through `GpuSlots`).
 
 use crate::error;
 use gmtier_core::store::{self as core, Key};
@@ -7,7 +8,7 @@ use pyo3::prelude::*;
 use std::sync::Mutex;
 
 /// Slot accounting with the store's eviction policy (LRU refined by prefetch priority, pinned
-/// slots never evicted); the GPU tier uses it.
+/// slots never evicted), as both tiers use it.
 #[pyclass(module = "gmtier._core", name = "SlotPool", frozen)]
 pub struct PySlotPool {
     inner: Mutex<core::SlotPool>,

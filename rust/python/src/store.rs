@@ -58,6 +58,13 @@ pub struct PyExpertStore {
     inner: core::ExpertStore,
 }
 
+impl PyExpertStore {
+    /// The core store (for the bindings of what lives beside it, e.g. `GpuSlots`).
+    pub(crate) fn core(&self) -> &core::ExpertStore {
+        &self.inner
+    }
+}
+
 #[pymethods]
 impl PyExpertStore {
     /// Create a store directory, filling each record as it is written (streamed; the next

@@ -11,9 +11,11 @@
 //! on a request), `schedule` (which pending load gets which slot), `read` (reads and their
 //! checksums), `commit` (write-backs, flush, commit), `slots` (one slot's state), `lock` (the
 //! directory lock), `format` (the files on disk), `io` (the I/O threads), `pool` (slot accounting
-//! and eviction), `test_hooks` (for `rust/core/tests/`).
+//! and eviction), `gpu` (the GPU tier's accounting, under the same mutex), `test_hooks` (for
+//! `rust/core/tests/`).
 
 pub mod format;
+pub mod gpu;
 pub mod io;
 pub mod pool;
 #[doc(hidden)]
@@ -32,6 +34,7 @@ mod ticket;
 pub use crate::error::{Result, StoreError};
 pub use create::InitFn;
 pub use format::Sections;
+pub use gpu::GpuSlots;
 pub use lock::LOCK_FILE;
 pub use pool::{Key, Need, SlotPool};
 pub use ticket::Ticket;
@@ -139,6 +142,8 @@ struct Inner {
     m: Metrics,
     /// The store directory's lock, held from open() to close().
     dir_lock: Option<StoreLock>,
+    /// The GPU tier's slots, copies in flight and acquires (see [`gpu`]).
+    gpu: gpu::GpuState,
 }
 
 /// Where an expert's newest version lives on disk and its checksums.

@@ -72,6 +72,7 @@ impl ExpertStore {
             next_ticket: 0,
             m,
             dir_lock: Some(dir_lock),
+            gpu: Default::default(),
         };
         let io = IoPool::new(opts.io_threads);
         let read_depth = opts

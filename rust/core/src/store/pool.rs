@@ -1,5 +1,5 @@
 //! Slot accounting shared by the RAM tier (inside [`super::ExpertStore`]) and the GPU tier
-//! (driven from Python): a fixed number of slots, a key -> slot map, pin counts, and the
+//! (inside [`super::gpu`]): a fixed number of slots, a key -> slot map, pin counts, and the
 //! eviction policy: LRU refined by prefetch priority, pinned slots never evicted.
 
 use crate::error::{Result, StoreError};
@@ -25,6 +25,20 @@ pub enum Need {
     Demand,
     /// A prefetch of this priority: may not evict a prefetched, unused slot of higher or equal priority.
     Prefetch(i64),
+}
+
+/// What [`SlotPool::take`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// The slot now holding the key.
+    pub slot: usize,
+    /// The key was there already.
+    pub hit: bool,
+    /// The key the slot held before (a miss that evicted).
+    pub evicted: Option<Key>,
+    /// The slot held an unused prefetch before: the key's own on a hit, the evicted one's on
+    /// a miss.
+    pub was_prefetched: bool,
 }
 
 /// Fixed-size slot pool.
@@ -177,12 +191,25 @@ impl SlotPool {
         priority: i64,
         pin: bool,
     ) -> Result<(usize, bool, Option<Key>)> {
+        self.take(key, priority, pin)
+            .map(|t| (t.slot, t.hit, t.evicted))
+    }
+
+    /// [`Self::acquire`], also saying whether the slot held an unused prefetch before: the
+    /// key's own (a hit on a prefetched copy) or the evicted key's (a wasted prefetch).
+    pub fn take(&mut self, key: Key, priority: i64, pin: bool) -> Result<Taken> {
         if let Some(s) = self.lookup(key) {
+            let was_prefetched = self.is_prefetched(s);
             if pin {
                 self.pin(s);
                 self.touch(s);
             }
-            return Ok((s, true, None));
+            return Ok(Taken {
+                slot: s,
+                hit: true,
+                evicted: None,
+                was_prefetched,
+            });
         }
         let need = if pin {
             Need::Demand
@@ -199,8 +226,14 @@ impl SlotPool {
                 if pin { "" } else { " or hold higher-priority prefetches" }
             )));
         };
+        let was_prefetched = self.is_prefetched(v);
         let evicted = self.assign(v, key, pin as u32, if pin { None } else { Some(priority) });
-        Ok((v, false, evicted))
+        Ok(Taken {
+            slot: v,
+            hit: false,
+            evicted,
+            was_prefetched: was_prefetched && evicted.is_some(),
+        })
     }
     /// Unpin the slot of `key`.
     pub fn release(&mut self, key: Key) -> Result<()> {
