@@ -149,7 +149,9 @@ class TieredExperts(nn.Module):
 
     def step_backward(self, x_sorted, dy_sorted, counts, layout) -> torch.Tensor:
         """dx of the step's sorted tokens; each expert paged once, its AdamW run on its dW."""
-        return self.runtime.backward(self.slot, x_sorted, dy_sorted, counts, layout)
+        dx = self.runtime.backward(self.slot, x_sorted, dy_sorted, counts, layout)
+        self.runtime.ahead_of_backward(self.slot - 1)  # the block's recompute and the dense blocks come first
+        return dx
 
 
 class ExpertLayerFn(torch.autograd.Function):

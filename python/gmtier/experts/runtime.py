@@ -197,14 +197,7 @@ class ExpertRuntime:
         xs = to_gemm_rows(x_sorted.to(self.dtype), rows, sum(counts_p))
         dys = to_gemm_rows(grad_out.to(self.dtype), rows, sum(counts_p))  # zero rows: no dW from padding
         dx = torch.empty_like(xs)
-        pf, room = self.prefetcher, self.plan.prefetch_room
-        if layer > 0 and pf.reads_ahead:
-            # Backward walks the layers in reverse, and forward already told us which experts the
-            # previous Switch layer used: read them ahead exactly.
-            prev = self.used.get(layer - 1, [])[-room:] if room else []
-            pf.read_ahead([(layer - 1, e) for e in reversed(prev)], 1, "state" if self.half else "all")
-        if layer > 0 and self.plan.gpu_prefetch:
-            pf.want_on_gpu([(layer - 1, e) for e in reversed(self.used.get(layer - 1, []))], 1)
+        self.ahead_of_backward(layer - 1)
 
         gpu = self.store.gpu if self.store.gpu.active else None
         group_of = self.updates.groups([e for e, c in enumerate(counts) if c])
@@ -243,6 +236,21 @@ class ExpertRuntime:
             self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all")
         self.figures.stats["expert_bwd_s"] += time.perf_counter() - t0
         return from_gemm_rows(dx, rows).to(x_sorted.dtype)
+
+    def ahead_of_backward(self, layer: int) -> None:
+        """Read ahead what the backward of Switch layer `layer` will page in (called as the
+        backward of the layer after it starts, and, in a layer-major step, again once that
+        layer's experts are done, when RAM has room and dense recompute is ahead)."""
+        if layer < 0:
+            return
+        pf, room = self.prefetcher, self.plan.prefetch_room
+        if pf.reads_ahead:
+            # Backward walks the layers in reverse, and forward already told us which experts the
+            # layer used: read them ahead exactly.
+            used = self.used.get(layer, [])[-room:] if room else []
+            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state" if self.half else "all")
+        if self.plan.gpu_prefetch:
+            pf.want_on_gpu([(layer, e) for e in reversed(self.used.get(layer, []))], 1)
 
     # ---- steps --------------------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
