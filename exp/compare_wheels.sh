@@ -9,9 +9,13 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GMTIER_RUSLIT=$PWD/.carry/ruslit
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ ! -d /tmp/site_new ]; then
+# (Re)installed when the carried wheels differ from what a warm box has.
+stamp=$(cat .carry/old/*.whl .carry/new/*.whl | sha1sum | cut -c1-16)
+if [ "$(cat /tmp/site_stamp 2>/dev/null)" != "$stamp" ]; then
+  rm -rf /tmp/site_old /tmp/site_new
   python3 -m pip install -q --no-deps --no-index --target /tmp/site_old .carry/old/*.whl 2>&1 | grep -v WARN
   python3 -m pip install -q --no-deps --no-index --target /tmp/site_new .carry/new/*.whl 2>&1 | grep -v WARN
+  echo "$stamp" > /tmp/site_stamp
   mkdir -p data && cp -rn .carry/data/* data/
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"; lscpu | grep -E "^CPU\(s\)|Model name" | tee -a "$OUT/gpu.txt"
 fi
