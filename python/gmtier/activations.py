@@ -112,15 +112,21 @@ class ActivationStash:
         self._reset()
         self._plan_total = int(total_bytes)
 
-    def put(self, key, t: torch.Tensor) -> None:
-        """Keep `t` for backward (the stash owns it: do not write to it afterwards)."""
+    def put(self, key, t: torch.Tensor, may_spill: bool = True) -> None:
+        """Keep `t` for backward (the stash owns it: do not write to it afterwards). Without
+        `may_spill` (what backward itself puts aside: the disk's staging buffers are reading
+        then) it stays on the device unless the device or RAM share has room."""
         t = t.detach()
         n = t.numel() * t.element_size()
         before, self._put_bytes = self._put_bytes, self._put_bytes + n
         entry = _Entry(t.dtype, tuple(t.shape))
         # Filled from the end: what is put last is read first.
         to_host = self._plan_total - self.gpu_bytes
-        if before + n > to_host and self._gpu_used + n <= self.gpu_bytes:
+        pieces_bytes = sum(_aligned(min(self.piece_bytes, n - off)) for off in range(0, n, self.piece_bytes))
+        ram_room = self._ram_free_at + pieces_bytes <= self.ram_bytes
+        if not may_spill and self._gpu_used + n > self.gpu_bytes and not ram_room:
+            entry.device_tensor = t  # beyond the device budget: as if it had not been put aside
+        elif before + n > to_host and self._gpu_used + n <= self.gpu_bytes:
             entry.device_tensor = t
             self._gpu_used += n
             self.m["act_gpu_peak_bytes"] = max(self.m["act_gpu_peak_bytes"], self._gpu_used)
@@ -130,7 +136,7 @@ class ActivationStash:
             for off in range(0, n, self.piece_bytes):
                 part = flat[off: off + self.piece_bytes]
                 pos = before + off
-                if pos + part.numel() > to_ram and self._ram_free_at + _aligned(part.numel()) <= self.ram_bytes:
+                if (pos + part.numel() > to_ram or not may_spill) and self._ram_free_at + _aligned(part.numel()) <= self.ram_bytes:
                     entry.pieces.append(self._to_ram(part))
                 else:
                     entry.pieces.append(self._to_disk(part))
@@ -212,7 +218,7 @@ class ActivationStash:
         """The entry on the device (removed from the stash)."""
         entry = self._entries.pop(key)
         if entry.device_tensor is not None:
-            self._gpu_used -= entry.device_tensor.numel() * entry.device_tensor.element_size()
+            self._gpu_used = max(0, self._gpu_used - entry.device_tensor.numel() * entry.device_tensor.element_size())
             return entry.device_tensor
         out = torch.empty(entry.shape, dtype=entry.dtype, device=self.device)
         flat = out.view(-1).view(torch.uint8)

@@ -64,13 +64,14 @@ class LayerMajorStep:
     # ---- sizes -------------------------------------------------------------------------------
     def stash_bytes(self, micro_batches: int, tokens: int, act_bytes: int, expert_bytes: int) -> int:
         """An upper bound of what a step keeps: every block's input for every micro-batch
-        (`tokens` each, `act_bytes` per element), and per Switch block its kept tokens sorted
-        and the experts' outputs."""
+        (`tokens` each, `act_bytes` per element), per Switch block its kept tokens sorted and
+        the experts' outputs, and the output gradients of one Switch block."""
         c, d = self.cfg, self.cfg.d_model
         step = micro_batches * tokens
         kept = min(step, c.n_experts * capacity(step, c.n_experts, c.capacity_factor))
         per_switch = kept * d * 2 * expert_bytes
-        return c.n_layer * micro_batches * tokens * d * act_bytes + len(c.switch_layers()) * per_switch
+        # + the output gradients a Switch block's backward puts aside (one block's worth, last).
+        return (c.n_layer + 1) * micro_batches * tokens * d * act_bytes + len(c.switch_layers()) * per_switch
 
     # ---- the step ----------------------------------------------------------------------------
     def run(self, xs: list[torch.Tensor], ys: list[torch.Tensor], loss_scale: float = 1.0):
@@ -203,12 +204,17 @@ class LayerMajorStep:
         for m, g in enumerate(grads):
             gate = s.gate[m * T + s.local[m]].unsqueeze(1)
             dy_sorted[s.pos[m]] = (g.reshape(-1, d)[s.local[m]] * gate).to(dy_sorted.dtype)
+            # The output gradients wait in the stash while the experts run (as much memory as
+            # the step's residual stream, which the experts' backward would otherwise share).
+            self.stash.put(("grad", i, m), g, may_spill=False)
+            grads[m] = None
         with self.autocast():
             dx_sorted = ffn.experts.step_backward(x_sorted, dy_sorted, s.counts, s.bank_saved)
         del x_sorted, dy_sorted
         y_sorted = self.stash.get(("ys", i))
         out_grads = []
-        for m, g in enumerate(grads):
+        for m in range(len(grads)):
+            g = self.stash.get(("grad", i, m))
             h = self.stash.get(("in", i, m)).requires_grad_()
             with torch.enable_grad(), self.autocast(), _replayed_rng(h.device, s.rng[m]):
                 a = block.attn_residual(h, rope).reshape(-1, d)
@@ -225,7 +231,6 @@ class LayerMajorStep:
                 dx = u.new_zeros(u.shape).index_copy(0, s.local[m], dx_sorted[s.pos[m]].to(u.dtype))
             torch.autograd.backward([out, u, aux * loss_scale], [g.reshape(-1, d), dx, None])
             out_grads.append(h.grad)
-            grads[m] = None
         return out_grads
 
 

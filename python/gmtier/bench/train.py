@@ -576,9 +576,18 @@ def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_
     except ValueError:
         raise click.BadParameter(f"{sweep!r}: expected micro-batch counts such as 1,16,64", param_hint="--micro-batches")
     runs = [(c, list(overrides) + ([f"train.micro_batches={m}"] if m else [])) for c in configs for m in counts]
+    def bench_or_error(c, o):
+        """One run; in a sweep, a run that cannot go (out of memory, a budget) is a result too."""
+        try:
+            return bench_config(c, o, work, warmup, steps, resident, prefetch_off, log, Path(timeline) if timeline else None)
+        except (config_mod.ConfigError, torch.cuda.OutOfMemoryError) as e:
+            if len(runs) == 1:
+                raise
+            log(f"[{Path(c).stem}] {' '.join(o)}: {e}")
+            return {"config": f"{Path(c).stem} {' '.join(o[len(overrides):])}", "error": str(e)}
+
     try:
-        results = [bench_config(c, o, work, warmup, steps, resident, prefetch_off, log,
-                                Path(timeline) if timeline else None) for c, o in runs]
+        results = [bench_or_error(c, o) for c, o in runs]
     except config_mod.ConfigError as e:
         raise click.ClickException(str(e)) from None
     finally:
