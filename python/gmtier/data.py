@@ -56,7 +56,7 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield from _documents(path)
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+        raise not_utf8(path, e) from None
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -65,10 +65,10 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+        raise not_utf8(path, e) from None
 
 
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+def not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 (e.g. with iconv)")
 
 

@@ -74,6 +74,24 @@ def perplexity(cfg: Config, model, batches, n_batches: int | None = None) -> tup
     return total / tokens, tokens
 
 
+def split_perplexity(cfg: Config, model, split: str, batches: int | None = None) -> dict:
+    """Perplexity of a run's model on a split of its prepared data (the first `batches` batches,
+    or all of it), per corpus of a mixture: `tokens`, `loss`, `ppl`, and for a mixture
+    `corpora` = {name: {tokens, loss, ppl}} with `loss` their weighted mean (by data.corpora's
+    weights, as the training log)."""
+    bs, sl = cfg.train.batch_size, cfg.model.seq_len
+    data = Mixture(cfg.data.dir, split)
+    per = {}
+    for name, _, part in data.parts:
+        loss, tokens = perplexity(cfg, model, part.eval_batches(bs, sl, batches), part.eval_batch_count(bs, sl, batches))
+        per[name] = {"tokens": tokens, "loss": loss, "ppl": ppl(loss)}
+    mean = float(sum(w * per[n]["loss"] for n, w, _ in data.parts))
+    out = {"tokens": sum(p["tokens"] for p in per.values()), "loss": mean, "ppl": ppl(mean)}
+    if len(per) > 1:
+        out["corpora"] = per
+    return out
+
+
 @dataclass
 class Validation:
     """Validation losses per corpus (`names`, `losses`, `batches`) with the corpora's weights;
