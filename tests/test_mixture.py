@@ -150,7 +150,7 @@ def test_training_on_ruslit_and_ru_docs_logs_each_corpus(tmp_path):
     corpora = [CorpusConfig(str(RUSLIT), 0.5, "ruslit"), CorpusConfig(str(RU_DOCS), 0.5, "ru-docs")]
     cfg = _mix_cfg(tmp_path / "data", corpora, tmp_path / "run", max_train_chars=300_000, max_val_chars=20_000)
     cfg.data.vocab_size = 512
-    cfg.train.steps, cfg.train.eval_every = 6, 3
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = 6, 3, 6
     cfg.experts.mode = "resident"
     lines = []
     train(cfg, log=lines.append)
@@ -160,3 +160,16 @@ def test_training_on_ruslit_and_ru_docs_logs_each_corpus(tmp_path):
         assert r["val_loss"] == pytest.approx(0.5 * r["val_loss/ruslit"] + 0.5 * r["val_loss/ru-docs"])
         assert r["val_ppl/ru-docs"] == pytest.approx(np.exp(r["val_loss/ru-docs"]))
     assert any("ruslit" in l and "ru-docs" in l and "each corpus's val" in l for l in lines), lines
+    # gmtier eval reads each corpus's whole val split and weights their losses as the log does.
+    from click.testing import CliRunner
+
+    from gmtier.cli import main
+
+    r = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    per = out["corpora"]
+    assert set(per) == {"ruslit", "ru-docs"} and out["tokens"] == per["ruslit"]["tokens"] + per["ru-docs"]["tokens"]
+    assert out["loss"] == pytest.approx(0.5 * per["ruslit"]["loss"] + 0.5 * per["ru-docs"]["loss"])
+    text = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run")]).output
+    assert "(weighted mean of the corpora)" in text and "\n  ru-docs: " in text, text
