@@ -49,8 +49,11 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else str(r) for n, r in zip(names, run_dirs)]
 
 
-def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: int = 900) -> Path:
-    """Write the PNG (`width` x `height` pixels) and return its path. ImportError without matplotlib."""
+def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: int = 900,
+              hline: tuple[float, str] | None = None) -> Path:
+    """Write the PNG (`width` x `height` pixels) and return its path. ImportError without matplotlib.
+    `hline` = (loss, label): a reference loss drawn across the loss panels (`gmtier bench-quality`:
+    the dense model's final validation loss)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -72,12 +75,14 @@ def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: i
 
     for ax, _, xlabel in loss_panels:
         ax.set(xlabel=xlabel, ylabel="loss (solid: train, dashed: val)")
+        if hline is not None:
+            ax.axhline(hline[0], color="0.4", linestyle=":", linewidth=1, label=hline[1] if ax is by_step else None)
     rate.set(xlabel="step", ylabel="tokens/s")
     hits.set(xlabel="step", ylabel="hit rate (solid: RAM, dashed: GPU)", ylim=(-0.02, 1.02))
     lr.set(xlabel="step", ylabel="learning rate")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    fig.legend(loc="upper center", ncol=min(len(runs), 6), frameon=False)
+    fig.legend(loc="upper center", ncol=min(len(runs) + (hline is not None), 6), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
