@@ -58,7 +58,7 @@ def eval_(run_dir, split, text_file, batches, choice_file, device, as_json):
     import numpy as np
 
     from gmtier.data import load_tokenizer, read_text
-    from gmtier.evaluate import load_run, perplexity, split_perplexity, text_batch_count, text_batches
+    from gmtier.evaluate import load_run, perplexity, ppl, split_perplexity, text_batch_count, text_batches
 
     if choice_file and text_file:
         raise click.UsageError("give at most one of --text or --choice")
@@ -76,7 +76,7 @@ def eval_(run_dir, split, text_file, batches, choice_file, device, as_json):
         try:
             if text_file:
                 loss, tokens = perplexity(cfg, model, text_batches(ids, bs, sl), text_batch_count(ids, bs, sl))
-                result = {"tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50))}
+                result = {"tokens": tokens, "loss": loss, "ppl": ppl(loss)}
             else:
                 result = split_perplexity(cfg, model, split, batches or None)
         except ValueError as e:
