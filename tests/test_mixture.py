@@ -160,16 +160,21 @@ def test_training_on_ruslit_and_ru_docs_logs_each_corpus(tmp_path):
         assert r["val_loss"] == pytest.approx(0.5 * r["val_loss/ruslit"] + 0.5 * r["val_loss/ru-docs"])
         assert r["val_ppl/ru-docs"] == pytest.approx(np.exp(r["val_loss/ru-docs"]))
     assert any("ruslit" in l and "ru-docs" in l and "each corpus's val" in l for l in lines), lines
-    # gmtier eval reads each corpus's whole val split and weights their losses as the log does.
+    # gmtier eval reads each corpus's val split and weights their losses as the log does.
     from click.testing import CliRunner
 
     from gmtier.cli import main
 
-    r = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run"), "--json"])
+    r = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run"), "--batches", "3", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     per = out["corpora"]
-    assert set(per) == {"ruslit", "ru-docs"} and out["tokens"] == per["ruslit"]["tokens"] + per["ru-docs"]["tokens"]
+    assert set(per) == {"ruslit", "ru-docs"} and per["ruslit"]["tokens"] == per["ru-docs"]["tokens"] == 3 * 8 * 32
     assert out["loss"] == pytest.approx(0.5 * per["ruslit"]["loss"] + 0.5 * per["ru-docs"]["loss"])
-    text = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run")]).output
+    text = CliRunner().invoke(main, ["eval", "--run", str(tmp_path / "run"), "--batches", "1"]).output
     assert "(weighted mean of the corpora)" in text and "\n  ru-docs: " in text, text
+    from gmtier import plot
+
+    assert plot.load_curves(tmp_path / "run", "mix").corpora() == ["ruslit", "ru-docs"]
+    pytest.importorskip("matplotlib")
+    assert plot.plot_runs([str(tmp_path / "run")], tmp_path / "mix.png").stat().st_size > 10_000

@@ -116,7 +116,7 @@ def _item(path: Path, no: int, line: str) -> ChoiceItem:
 
 
 @dataclass
-class Sequence:
+class ChoiceSequence:
     """One (item, alternative) pair as tokens: `ids` (model input + the last target) and how many
     of the last targets are the alternative's."""
     item: int
@@ -125,7 +125,7 @@ class Sequence:
     n_cont: int
 
 
-def sequences(items: list[ChoiceItem], tokenizer, eot_id: int, seq_len: int, path: str = "") -> list[Sequence]:
+def sequences(items: list[ChoiceItem], tokenizer, eot_id: int, seq_len: int, path: str = "") -> list[ChoiceSequence]:
     prompts = [i.prompt for i in items]
     conts = [c for i in items for c in i.continuations]
     prompt_ids = [e.ids for e in tokenizer.encode_batch(prompts)]
@@ -138,12 +138,12 @@ def sequences(items: list[ChoiceItem], tokenizer, eot_id: int, seq_len: int, pat
                 raise DataError(f"{path}:{item.line}: alternative {j + 1} is {len(cont)} tokens; it must be 1 to "
                                 f"model.seq_len = {seq_len}")
             ids = ([eot_id] + prompt_ids[k] + cont)[-(seq_len + 1):]  # the prompt's start goes first
-            out.append(Sequence(k, j, ids, len(cont)))
+            out.append(ChoiceSequence(k, j, ids, len(cont)))
     return out
 
 
 @torch.no_grad()
-def continuation_logprobs(model, seqs: list[Sequence], max_tokens: int, device: str, autocast) -> np.ndarray:
+def continuation_logprobs(model, seqs: list[ChoiceSequence], max_tokens: int, device: str, autocast) -> np.ndarray:
     """[len(seqs), 2]: each alternative's summed log-probability and its token count. Sequences
     go through the model longest first, padded on the right to the longest of their batch, as
     many a batch as fit `max_tokens` (a training batch's tokens: short items go many at once)."""
@@ -178,7 +178,7 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def accuracy(items: list[ChoiceItem], seqs: list[Sequence], scores: np.ndarray) -> dict:
+def accuracy(items: list[ChoiceItem], seqs: list[ChoiceSequence], scores: np.ndarray) -> dict:
     """Accuracy under the sum and the mean log-probability, their 95 % intervals, and each item's
     picks (`predictions`: [line, label, pick by sum, pick by mean])."""
     sums = [np.full(len(i.continuations), -np.inf) for i in items]
