@@ -4,7 +4,6 @@ generate, info, plot. (The bench-* commands live in `gmtier.bench`; `gmtier.cli`
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
