@@ -38,3 +38,21 @@ def test_a_sequences_eval_loss_does_not_depend_on_its_batch(eval_capacity_factor
     model.eval()
     _row_losses(model, batch)
     assert switch.last_drop_frac == 0.0  # 8.0 x T / 4 experts is more than any expert can get
+
+
+def test_a_resume_may_change_the_eval_capacity_factor_also_of_a_run_from_before_it(tmp_path):
+    import json
+
+    from gmtier import config
+    from gmtier.checkpoint import RunDir
+
+    run = RunDir(tmp_path)
+    run.path.mkdir(exist_ok=True)
+    saved = config.from_dict({})
+    run.write_config(saved)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["model"]["eval_capacity_factor"]  # a run trained before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    run.check_resumable(config.from_dict({"model": {"eval_capacity_factor": 2.0}}))
+    with pytest.raises(config.ConfigError, match="model.capacity_factor = 1.25 but the config says 2.0"):
+        run.check_resumable(config.from_dict({"model": {"capacity_factor": 2.0}}))
