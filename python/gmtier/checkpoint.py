@@ -43,6 +43,7 @@ class CheckpointError(RuntimeError):
 # Everything else (train.steps, the lr schedule, eval, checkpoints, budgets, threads) may change.
 _MODEL_SECTIONS = ("model",)
 _MODEL_KEYS = ("experts.mode", "experts.dtype")
+_ROUTING_ONLY_KEYS = ("model.eval_capacity_factor",)  # how evaluation routes, not what was trained
 
 
 def fsync_dir(path: Path) -> None:
@@ -154,7 +155,8 @@ class RunDir:
     def check_resumable(self, cfg: Config) -> None:
         """Refuse a resume whose config changes the model (naming the key and both values)."""
         saved, now = self.saved_config(), cfg.to_dict()
-        keys = [f"{s}.{k}" for s in _MODEL_SECTIONS for k in now[s]] + list(_MODEL_KEYS)
+        keys = [f"{s}.{k}" for s in _MODEL_SECTIONS for k in now[s] if f"{s}.{k}" not in _ROUTING_ONLY_KEYS]
+        keys += list(_MODEL_KEYS)
         for key in keys:
             section, name = key.split(".")
             old, new = saved.get(section, {}).get(name), now[section][name]

@@ -1,11 +1,12 @@
 """The `gmtier` command line. The commands live in two places: `gmtier.commands` (prepare, train,
-eval, generate, info, plot) and `gmtier.bench` (bench-paging, bench-adam, bench-train); this file only
+eval, generate, info, plot) and `gmtier.bench` (bench-paging, bench-adam, bench-train, bench-quality); this file only
 gathers them. Each is a `gmtier.user_errors.Command`: a user error ends in one line, not a traceback."""
 
 import click
 
 from gmtier.bench.adam import bench_adam
 from gmtier.bench.paging import bench_paging
+from gmtier.bench.quality import bench_quality
 from gmtier.bench.train import bench_train
 from gmtier.commands import COMMANDS
 
@@ -16,7 +17,7 @@ def main() -> None:
     """Train Switch Transformer LMs whose experts live on NVMe, paged through pinned RAM to the GPU."""
 
 
-for _command in (*COMMANDS, bench_paging, bench_adam, bench_train):
+for _command in (*COMMANDS, bench_paging, bench_adam, bench_train, bench_quality):
     main.add_command(_command)
 
 

@@ -4,7 +4,6 @@ generate, info, plot. (The bench-* commands live in `gmtier.bench`; `gmtier.cli`
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
@@ -47,38 +46,71 @@ def train(config_path, resume, fresh, overrides):
 @click.option("--split", default="val", show_default=True, help="a split of the run's prepared data")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False, exists=True), help="evaluate on this text file instead")
 @click.option("--batches", type=click.IntRange(min=0), default=0, help="at most this many batches (0 = the whole split)")
+@click.option("--choice", "choice_file", type=click.Path(dir_okay=False, exists=True),
+              help="score a PARus/COPA or multiple-choice .jsonl file zero-shot instead (accuracy)")
 @click.option("--device", default=None, help="override train.device")
 @click.option("--json", "as_json", is_flag=True)
-def eval_(run_dir, split, text_file, batches, device, as_json):
+def eval_(run_dir, split, text_file, batches, choice_file, device, as_json):
     """Perplexity of a run's last checkpoint on a prepared split (all of it, unlike the training log's
-    sample of train.eval_batches batches) or a text file."""
+    sample of train.eval_batches batches; each corpus of a mixture) or a text file; or zero-shot
+    accuracy on a choice file."""
     import numpy as np
 
-    from gmtier.data import TokenData, load_tokenizer, read_text
-    from gmtier.evaluate import load_run, perplexity, text_batch_count, text_batches
+    from gmtier.data import load_tokenizer, read_text
+    from gmtier.evaluate import load_run, perplexity, ppl, split_perplexity, text_batch_count, text_batches
 
+    if choice_file and text_file:
+        raise click.UsageError("give at most one of --text or --choice")
     cfg, model, runtime, step = load_run(run_dir, device)
     try:
+        if choice_file:
+            return _eval_choice(cfg, model, run_dir, step, choice_file, as_json)
         bs, sl = cfg.train.batch_size, cfg.model.seq_len
         if text_file:
             ids = np.asarray(load_tokenizer(cfg.data.dir).encode(read_text(text_file)).ids)
             source, what = text_file, "the whole file"
-            batch_iter, n_batches = text_batches(ids, bs, sl), text_batch_count(ids, bs, sl)
         else:
             source = f"{cfg.data.dir}:{split}"
             what = f"the first {batches} batches" if batches else "the whole split"
-            data = TokenData(cfg.data.dir, split)
-            batch_iter, n_batches = data.eval_batches(bs, sl, batches or None), data.eval_batch_count(bs, sl, batches or None)
         try:
-            loss, tokens = perplexity(cfg, model, batch_iter, n_batches)
+            if text_file:
+                loss, tokens = perplexity(cfg, model, text_batches(ids, bs, sl), text_batch_count(ids, bs, sl))
+                result = {"tokens": tokens, "loss": loss, "ppl": ppl(loss)}
+            else:
+                result = split_perplexity(cfg, model, split, batches or None)
         except ValueError as e:
             raise click.ClickException(f"{source}: {e}") from None
     finally:
         if runtime is not None:
             runtime.close()
-    out = {"run": run_dir, "step": step, "source": source, "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50))}
-    click.echo(json.dumps(out) if as_json else
-               f"{source} ({what}): {tokens:,} tokens, loss {loss:.4f}, perplexity {out['ppl']:.2f} (step {step})")
+    out = {"run": run_dir, "step": step, "source": source, **result}
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    mixture = " (weighted mean of the corpora)" if "corpora" in out else ""
+    click.echo(f"{source} ({what}): {out['tokens']:,} tokens, loss {out['loss']:.4f}, perplexity {out['ppl']:.2f}"
+               f"{mixture} (step {step})")
+    for name, c in out.get("corpora", {}).items():
+        click.echo(f"  {name}: {c['tokens']:,} tokens, loss {c['loss']:.4f}, perplexity {c['ppl']:.2f}")
+
+
+def _eval_choice(cfg, model, run_dir, step, path, as_json) -> None:
+    """`gmtier eval --choice`: accuracy by sum and mean log-probability, with 95 % intervals."""
+    import time
+
+    from gmtier.choice import evaluate_choice
+
+    t0 = time.perf_counter()
+    out = {"run": run_dir, "step": step, "file": path, **evaluate_choice(cfg, model, path)}
+    out["seconds"] = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    kinds = ", ".join(f"{n} {k}" for k, n in out["kinds"].items() if n)
+    ci = lambda lo_hi: f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"  # noqa: E731
+    click.echo(f"{path}: {out['items']} items ({kinds}); accuracy by sum log-prob {out['accuracy_sum']:.3f} "
+               f"{ci(out['ci95_sum'])}, by mean log-prob per token {out['accuracy_mean']:.3f} {ci(out['ci95_mean'])} "
+               f"(95 % Wilson intervals; step {step}, {out['seconds']:.1f} s)")
 
 
 @click.command("generate", cls=Command)

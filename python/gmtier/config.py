@@ -33,6 +33,7 @@ class ModelConfig:
     n_experts: int = 8
     switch_every: int = 2  # every k-th block has a Switch FFN (blocks k-1, 2k-1, ...); 0 = dense
     capacity_factor: float = 1.25  # 0 = dropless
+    eval_capacity_factor: float = 0.0  # when not training (eval, generate): 0 = dropless; the Switch paper evaluates at 2.0
     router_jitter: float = 0.0  # multiplicative input noise U(1-eps, 1+eps) for the router (training only)
     aux_loss_coef: float = 0.01  # Switch eq. 4 alpha
     z_loss_coef: float = 0.001
@@ -45,13 +46,40 @@ class ModelConfig:
         return [i for i in range(self.n_layer) if (i + 1) % self.switch_every == 0]
 
 
+DEFAULT_SOURCE = "../shared/data/ruslit"
+_CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class CorpusConfig:
+    """One corpus of a mixture (a `[[data.corpora]]` table)."""
+    source: str = ""  # corpus directory: train/val .jsonl(.gz) or .txt files, or shards train-*.jsonl.gz
+    weight: float = 1.0  # share of the train batches' rows drawn from it (weights are normalised)
+    name: str = ""  # "" = the source directory's name; names the corpus's files and its val metrics
+
+
 @dataclass
 class DataConfig:
     dir: str = "data/ruslit"  # a directory written by `gmtier prepare`; prepared on first use if missing
-    source: str = "../shared/data/ruslit"  # corpus used to prepare `dir` when it is missing
+    source: str = DEFAULT_SOURCE  # corpus used to prepare `dir` when it is missing
     vocab_size: int = 8192  # tokenizer size when preparing
-    max_train_chars: int = 0  # 0 = all of the train split
-    max_val_chars: int = 0
+    # 0 = all of the train split. With `corpora`, the total: each corpus gets at most its weight's share.
+    max_train_chars: int = 0
+    max_val_chars: int = 0  # 0 = all of the val split (with `corpora`: of each corpus's val split)
+    # A mixture instead of `source`: [[data.corpora]] tables (source, weight, name); one tokenizer
+    # over all of them, train batches drawn by weight, one validation split per corpus.
+    corpora: list[CorpusConfig] = field(default_factory=list)
+
+    def mixture(self) -> list[CorpusConfig]:
+        """The corpora to train on: `corpora`, or the one `source` (weight 1)."""
+        if self.corpora:
+            return self.corpora
+        return [CorpusConfig(source=self.source, weight=1.0, name=corpus_name(self.source))]
+
+
+def corpus_name(source: str) -> str:
+    """A corpus's default name: its directory's name."""
+    return Path(source).resolve().name if source else ""
 
 
 @dataclass
@@ -291,7 +319,26 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _corpora(key: str, value) -> list[CorpusConfig]:
+    """`[[data.corpora]]` tables (a list of dicts; a saved config.json has the same) -> CorpusConfig."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{key} must be a list of tables, each with source, weight and (optionally) name: "
+                          f'[[data.corpora]] source = "../shared/data/ruslit" weight = 0.5')
+    fields = {f.name: f for f in dataclasses.fields(CorpusConfig)}
+    corpora = []
+    for i, table in enumerate(value):
+        corpus = CorpusConfig()
+        for k, v in table.items():
+            if k not in fields:
+                raise ConfigError(f"unknown key {key}[{i}].{k}; known keys: {', '.join(fields)}")
+            setattr(corpus, k, _check_type(f"{key}[{i}].{k}", v, fields[k].type))
+        corpora.append(corpus)
+    return corpora
+
+
 def _check_type(key: str, value, annotation):
+    if annotation == "list[CorpusConfig]":
+        return _corpora(key, value)
     kinds = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "int | str": (int, str)}[annotation]
     if isinstance(value, bool) and bool not in kinds:
         raise ConfigError(f"{key} = {value!r}: expected {annotation}, got a boolean")
@@ -349,6 +396,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
+    _validate_data(cfg.data)
     m, t, e = cfg.model, cfg.train, cfg.experts
     if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device):
         raise ConfigError(f"train.device = {t.device!r}: choose one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -365,6 +413,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.switch_every = {m.switch_every} > model.n_layer = {m.n_layer}: no block would be a Switch block; use 0 for dense")
     if m.capacity_factor < 0:
         raise ConfigError(f"model.capacity_factor = {m.capacity_factor}: use a value >= 1 or 0 for dropless")
+    if m.eval_capacity_factor < 0:
+        raise ConfigError(f"model.eval_capacity_factor = {m.eval_capacity_factor}: use a value >= 1 (the Switch paper "
+                          "evaluates at 2.0) or 0 for dropless")
     if not 0 <= m.router_jitter < 1:
         raise ConfigError(f"model.router_jitter = {m.router_jitter}: must be in [0, 1)")
     if t.steps <= 0 or t.batch_size <= 0:
@@ -401,3 +452,28 @@ def validate(cfg: Config) -> None:
                 f"experts.gpu_budget = {e.gpu_budget!r} ({gpu} B) holds fewer than 3 experts of {weights} B (two "
                 f"being computed, one staging gradients); raise it to at least {3 * weights} B "
                 f"({math.ceil(3 * weights / 2**20)}MiB)")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.max_train_chars < 0 or d.max_val_chars < 0:
+        raise ConfigError("data.max_train_chars and data.max_val_chars must be >= 0 (0 = the whole split)")
+    if not d.corpora:
+        return
+    if d.source not in ("", DEFAULT_SOURCE):
+        raise ConfigError(f"data.source = {d.source!r} and data.corpora are both given; put the corpus in "
+                          "data.corpora (a [[data.corpora]] table with its source and weight) and drop data.source")
+    d.source = ""  # the mixture is data.corpora alone (so a saved config.json loads back as it was)
+    for i, c in enumerate(d.corpora):
+        key = f"data.corpora[{i}]"
+        if not c.source:
+            raise ConfigError(f"{key}.source is missing: give the corpus directory, e.g. source = \"../shared/data/ru-docs\"")
+        if not c.weight > 0 or math.isinf(c.weight):
+            raise ConfigError(f"{key}.weight = {c.weight}: must be a positive number (weights are normalised to sum to 1)")
+        c.name = c.name or corpus_name(c.source)
+        if not _CORPUS_NAME.fullmatch(c.name):
+            raise ConfigError(f"{key}.name = {c.name!r}: use letters, digits, '.', '_' or '-' (it names the corpus's "
+                              "directory in data.dir and its val metrics)")
+    names = [c.name for c in d.corpora]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"data.corpora: two corpora are named {name!r}; give each a distinct name = \"...\"")

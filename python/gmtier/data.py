@@ -9,6 +9,11 @@ Layout of a prepared directory (what `gmtier prepare` writes, what training read
     val.bin
     meta.json        written last: its presence marks a complete preparation
 
+A mixture of corpora (`data.corpora`) shares one tokenizer and gives each corpus its own
+directory, `NAME/train.bin` and `NAME/val.bin`; its meta.json lists the corpora (name, source,
+weight, token counts) and what was asked for, so a changed mixture is refused (`ensure_data`).
+`Mixture` reads one split of every corpus: train batches drawn by weight, one val split each.
+
 Works are separated by the end-of-text token, as in GPT-2 / nanoGPT.
 """
 
@@ -18,7 +23,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +31,7 @@ import torch
 from gmtier import progress
 
 if TYPE_CHECKING:
-    from gmtier.config import Config
+    from gmtier.config import Config, CorpusConfig
 
 EOT = "<|endoftext|>"
 # Long works are cut into pieces at line breaks so `encode_batch` can spread them over threads
@@ -51,7 +56,7 @@ def iter_documents(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield from _documents(path)
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+        raise not_utf8(path, e) from None
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -60,10 +65,10 @@ def read_text(path: str | os.PathLike) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+        raise not_utf8(path, e) from None
 
 
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+def not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 (e.g. with iconv)")
 
 
@@ -164,11 +169,61 @@ def tokenize_to_file(tokenizer, docs: Iterable[str], out_path: Path, dtype: np.d
     return n_tokens
 
 
-def find_split(source: Path, split: str) -> Path:
+def find_split(source: Path, split: str) -> list[Path]:
+    """The files of one split of a corpus directory: `SPLIT.jsonl.gz` (or `.jsonl`, `.txt`), or
+    its shards `SPLIT-*.jsonl.gz` / `SPLIT-*.jsonl` in name order."""
     for name in (f"{split}.jsonl.gz", f"{split}.jsonl", f"{split}.txt"):
         if (source / name).is_file():
-            return source / name
-    raise DataError(f"{source}: no {split}.jsonl.gz, {split}.jsonl or {split}.txt; point --source at a corpus directory")
+            return [source / name]
+    shards = sorted(p for p in source.glob(f"{split}-*.jsonl*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+    if shards:
+        return shards
+    raise DataError(f"{source}: no {split}.jsonl.gz, {split}.jsonl, {split}.txt or shards {split}-*.jsonl.gz; "
+                    "point the source at a corpus directory")
+
+
+def _split_documents(paths: Sequence[Path]) -> Iterator[str]:
+    for path in paths:
+        yield from iter_documents(path)
+
+
+def _count_chars(docs: Iterable[str]) -> int:
+    return sum(map(len, docs))
+
+
+class _Part:
+    """One corpus while it is prepared: its split files, how much of each split it gives, and
+    where its token files go (`subdir` "" for a single corpus: the flat layout)."""
+
+    def __init__(self, name: str, source: Path, weight: float, subdir: str,
+                 max_train_chars: int | None, max_val_chars: int | None):
+        if not source.is_dir():
+            raise DataError(f"{source}: not a directory; give the corpus directory holding train.jsonl.gz and val.jsonl.gz")
+        self.name, self.source, self.weight, self.subdir = name, source, weight, subdir
+        self.files = {"train": find_split(source, "train"), "val": find_split(source, "val")}
+        self.limits = {"train": max_train_chars, "val": max_val_chars}
+
+    def docs(self, split: str, limit: int | None = None) -> Iterator[str]:
+        """The split's documents, cut at its own limit (and `limit`, the smaller of the two)."""
+        own = self.limits[split]
+        cap = own if limit is None else (limit if own is None else min(own, limit))
+        return _limited(_split_documents(self.files[split]), cap)
+
+    def require_text(self) -> None:
+        for split in ("train", "val"):
+            if not any(doc.strip() for doc in self.docs(split)):  # stops at the first document with text
+                names = ", ".join(str(p) for p in self.files[split])
+                raise DataError(f"{names}: no text (empty, or only whitespace); give a corpus with text in both splits")
+
+
+def tokenizer_shares(chars: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Characters of each corpus's train text the tokenizer learns from: proportional to the
+    weights, as many as the corpus with the least text per unit of weight allows, so the
+    vocabulary serves the mixture the model is trained on (one corpus: all of its text)."""
+    total = sum(weights)
+    share = [w / total for w in weights]
+    budget = min(c / s for c, s in zip(chars, share))
+    return [min(c, int(round(s * budget))) for c, s in zip(chars, share)]
 
 
 def prepare(
@@ -179,43 +234,73 @@ def prepare(
     max_val_chars: int | None = None,
 ) -> dict:
     """Train the tokenizer on the train split and tokenize both splits into `out_dir`."""
-    source, out_dir = Path(source), Path(out_dir)
-    if not source.is_dir():
-        raise DataError(f"{source}: not a directory; give the corpus directory holding train.jsonl.gz and val.jsonl.gz")
-    train_path, val_path = find_split(source, "train"), find_split(source, "val")
+    source = Path(source)
+    return _prepare([_Part(source.name, source, 1.0, "", max_train_chars, max_val_chars)], Path(out_dir),
+                    vocab_size, {"source": str(source), "max_train_chars": max_train_chars})
+
+
+def prepare_mixture(corpora: Sequence[CorpusConfig], out_dir: str | os.PathLike, vocab_size: int = 8192,
+                    max_train_chars: int | None = None, max_val_chars: int | None = None) -> dict:
+    """Prepare several corpora into `out_dir`: one tokenizer trained on a weighted sample of
+    their train text (`tokenizer_shares`), each corpus's splits tokenized into `out_dir/NAME/`.
+    `max_train_chars` is the mixture's total: each corpus gives at most its weight's share of it;
+    `max_val_chars` limits each corpus's val split."""
+    total = sum(c.weight for c in corpora)
+    parts = [_Part(c.name, Path(c.source), c.weight, c.name,
+                   None if max_train_chars is None else int(max_train_chars * c.weight / total), max_val_chars)
+             for c in corpora]
+    return _prepare(parts, Path(out_dir), vocab_size, {"request": mixture_request(corpora, vocab_size, max_train_chars,
+                                                                                  max_val_chars)})
+
+
+def _prepare(parts: list[_Part], out_dir: Path, vocab_size: int, extra_meta: dict) -> dict:
+    """The tokenizer over the parts' train text, then every part's splits as token files;
+    meta.json last. One part without a subdir is the flat layout (and meta) of a single corpus."""
+    for part in parts:
+        part.require_text()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "meta.json"
     meta_path.unlink(missing_ok=True)  # an interrupted preparation must not look complete
 
-    def train_docs() -> Iterator[str]:
-        return _limited(iter_documents(train_path), max_train_chars)
-
-    def val_docs() -> Iterator[str]:
-        return _limited(iter_documents(val_path), max_val_chars)
-
-    for path, docs in ((train_path, train_docs()), (val_path, val_docs())):
-        if not any(doc.strip() for doc in docs):  # stops at the first document with text
-            raise DataError(f"{path}: no text (empty, or only whitespace); give a corpus with text in both splits")
-
-    tokenizer = train_tokenizer(train_docs(), vocab_size)
+    if len(parts) == 1:
+        sample = [None]  # all of its (limited) train text, as before mixtures
+    else:
+        sample = tokenizer_shares([_count_chars(p.docs("train")) for p in parts], [p.weight for p in parts])
+    tokenizer = train_tokenizer((d for p, n in zip(parts, sample) for d in p.docs("train", n)), vocab_size)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     dtype = token_dtype(tokenizer.get_vocab_size())
-    counts = {
-        "train": tokenize_to_file(tokenizer, train_docs(), out_dir / "train.bin", dtype, max_train_chars),
-        "val": tokenize_to_file(tokenizer, val_docs(), out_dir / "val.bin", dtype, max_val_chars),
-    }
+    corpora = []
+    for part, n in zip(parts, sample):
+        (out_dir / part.subdir).mkdir(exist_ok=True)
+        counts = {split: tokenize_to_file(tokenizer, part.docs(split), out_dir / part.subdir / f"{split}.bin", dtype,
+                                          part.limits[split])
+                  for split in ("train", "val")}
+        corpora.append({"name": part.name, "source": str(part.source), "weight": part.weight, "dir": part.subdir,
+                        "n_tokens": counts, "tokenizer_chars": n})
     meta = {
         "vocab_size": tokenizer.get_vocab_size(),
         "dtype": dtype.name,
         "eot_id": tokenizer.token_to_id(EOT),
-        "n_tokens": counts,
-        "source": str(source),
-        "max_train_chars": max_train_chars,
     }
+    if len(parts) == 1 and not parts[0].subdir:
+        meta["n_tokens"] = corpora[0]["n_tokens"]
+    else:
+        meta["corpora"] = corpora
+    meta.update(extra_meta)
     tmp = meta_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, meta_path)
     return meta
+
+
+def mixture_request(corpora: Sequence[CorpusConfig], vocab_size: int, max_train_chars: int | None,
+                    max_val_chars: int | None) -> dict:
+    """What a mixture's preparation was asked for (kept in meta.json, compared by `ensure_data`):
+    names, resolved sources and normalised weights, the vocabulary and the character limits."""
+    total = sum(c.weight for c in corpora)
+    return {"corpora": [{"name": c.name, "source": str(Path(c.source).resolve()), "weight": round(c.weight / total, 12)}
+                        for c in corpora],
+            "vocab_size": vocab_size, "max_train_chars": max_train_chars, "max_val_chars": max_val_chars}
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
@@ -234,25 +319,41 @@ def load_tokenizer(data_dir: str | os.PathLike):
     return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
 
 
-class TokenData:
-    """One split of a prepared directory, memory-mapped; hands out (input, target) windows."""
+def corpus_entries(meta: dict) -> list[dict]:
+    """The corpora of a prepared directory (name, weight, dir, n_tokens); a single-corpus
+    directory (flat layout) has one, named after its source."""
+    if "corpora" in meta:
+        return meta["corpora"]
+    return [{"name": Path(meta.get("source", "data")).name, "weight": 1.0, "dir": "", "n_tokens": meta["n_tokens"]}]
 
-    def __init__(self, data_dir: str | os.PathLike, split: str):
+
+class TokenData:
+    """One split of a prepared directory (of its corpus `corpus`, in a mixture), memory-mapped;
+    hands out (input, target) windows."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, corpus: str | None = None):
         meta = load_meta(data_dir)
-        path = Path(data_dir) / f"{split}.bin"
-        if split not in meta["n_tokens"]:
-            raise DataError(f"{data_dir} has no split '{split}' (it has {', '.join(meta['n_tokens'])}); "
+        entries = corpus_entries(meta)
+        if corpus is None and len(entries) > 1:
+            raise DataError(f"{data_dir} holds a mixture ({', '.join(e['name'] for e in entries)}); name one corpus")
+        entry = next((e for e in entries if corpus in (None, e["name"])), None)
+        if entry is None:
+            raise DataError(f"{data_dir} has no corpus {corpus!r} (it has {', '.join(e['name'] for e in entries)})")
+        path = Path(data_dir) / entry["dir"] / f"{split}.bin"
+        if split not in entry["n_tokens"]:
+            raise DataError(f"{data_dir} has no split '{split}' (it has {', '.join(entry['n_tokens'])}); "
                             f"choose one of those, or evaluate a text file with --text")
         if not path.is_file():
             raise DataError(f"{path}: missing split '{split}'; re-run `gmtier prepare`")
         dtype = np.dtype(meta["dtype"])
-        expected = meta["n_tokens"][split] * dtype.itemsize
+        expected = entry["n_tokens"][split] * dtype.itemsize
         if path.stat().st_size != expected:
             raise DataError(f"{path}: {path.stat().st_size} bytes, meta.json says {expected}; the file is damaged, re-run `gmtier prepare`")
         self.tokens = np.memmap(path, dtype=dtype, mode="r")
         self.vocab_size: int = meta["vocab_size"]
         self.eot_id: int = meta["eot_id"]
         self.split = split
+        self.corpus: str | None = entry["name"] if len(entries) > 1 else None  # its name, in a mixture
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -284,19 +385,95 @@ class TokenData:
             yield self._windows(np.arange(first, first + batch_size) * seq_len, seq_len)
 
 
-def require_eval_batch(data: TokenData, batch_size: int, seq_len: int) -> None:
+class Mixture:
+    """One split of every corpus of a prepared directory, with the corpora's normalised weights:
+    `parts` = [(name, weight, TokenData)]. A single-corpus directory is a mixture of one."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        meta = load_meta(data_dir)
+        entries = corpus_entries(meta)
+        total = sum(e["weight"] for e in entries)
+        self.split = split
+        self.parts = [(e["name"], e["weight"] / total, TokenData(data_dir, split, e["name"] if len(entries) > 1 else None))
+                      for e in entries]
+        self.vocab_size: int = meta["vocab_size"]
+        self.eot_id: int = meta["eot_id"]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.parts]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([w for _, w, _ in self.parts])
+
+    def batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: each row's corpus drawn with probability its weight (`rng.choice`), then
+        each corpus's rows drawn from it (`TokenData.batch`) in corpus order, all from the caller's
+        `rng`, so the stream is reproducible and resumes with it. One corpus draws exactly as
+        `TokenData.batch` (a run from before mixtures sees the same batches)."""
+        if len(self.parts) == 1:
+            return self.parts[0][2].batch(batch_size, seq_len, rng)
+        corpus = rng.choice(len(self.parts), size=batch_size, p=self.weights)
+        x = torch.empty(batch_size, seq_len, dtype=torch.int64)
+        y = torch.empty_like(x)
+        for c, (_, _, data) in enumerate(self.parts):
+            rows = torch.from_numpy(np.flatnonzero(corpus == c))
+            if len(rows):
+                x[rows], y[rows] = data.batch(len(rows), seq_len, rng)
+        return x, y
+
+
+def require_eval_batch(data: TokenData | Mixture, batch_size: int, seq_len: int) -> None:
     """Refuse a split too short for one evaluation batch (found before training, not at its first evaluation)."""
+    for _, _, split in (data.parts if isinstance(data, Mixture) else [(None, None, data)]):
+        _require_eval_batch(split, batch_size, seq_len)
+
+
+def _require_eval_batch(data: TokenData, batch_size: int, seq_len: int) -> None:
     if (len(data) - 1) // seq_len < batch_size:
-        raise DataError(f"the {data.split} split has {len(data)} tokens, shorter than one batch of train.batch_size x "
+        what = f"the {data.split} split" + (f" of corpus {data.corpus}" if data.corpus else "")
+        raise DataError(f"{what} has {len(data)} tokens, shorter than one batch of train.batch_size x "
                         f"model.seq_len = {batch_size} x {seq_len} (+1) tokens; prepare more {data.split} text "
                         f"(data.max_val_chars) or use a smaller batch or seq_len")
 
 
-def ensure_data(cfg: Config, log=print) -> tuple[TokenData, TokenData]:
-    """The train and val splits of data.dir, prepared from data.source on first use
-    (README: `gmtier train` prepares RusLit itself)."""
-    if not (Path(cfg.data.dir) / "meta.json").is_file():
-        log(f"preparing {cfg.data.dir} from {cfg.data.source} (vocab {cfg.data.vocab_size}) ...")
-        prepare(cfg.data.source, cfg.data.dir, cfg.data.vocab_size,
-                cfg.data.max_train_chars or None, cfg.data.max_val_chars or None)
-    return TokenData(cfg.data.dir, "train"), TokenData(cfg.data.dir, "val")
+def ensure_data(cfg: Config, log=print) -> tuple[Mixture, Mixture]:
+    """The train and val splits of data.dir, prepared on first use from data.source or
+    data.corpora (README: `gmtier train` prepares RusLit itself). A mixture's directory must
+    hold the mixture the config asks for (`check_prepared`)."""
+    d = cfg.data
+    if not (Path(d.dir) / "meta.json").is_file():
+        limits = (d.max_train_chars or None, d.max_val_chars or None)
+        if d.corpora:
+            parts = ", ".join(f"{c.name} {c.weight:g}" for c in d.corpora)
+            log(f"preparing {d.dir} from the mixture {parts} (vocab {d.vocab_size}) ...")
+            prepare_mixture(d.corpora, d.dir, d.vocab_size, *limits)
+        else:
+            log(f"preparing {d.dir} from {d.source} (vocab {d.vocab_size}) ...")
+            prepare(d.source, d.dir, d.vocab_size, *limits)
+    check_prepared(cfg)
+    return Mixture(d.dir, "train"), Mixture(d.dir, "val")
+
+
+def check_prepared(cfg: Config) -> None:
+    """Refuse a prepared data.dir that holds another mixture than the config's data.corpora (or
+    a mixture where the config names one source). A single source's directory is taken as it is,
+    as before mixtures (data.source only says how to prepare a missing one)."""
+    d = cfg.data
+    meta = load_meta(d.dir)
+    fix = f"delete {d.dir} to prepare it again, or set data.dir to a new directory"
+    if not d.corpora:
+        if "corpora" in meta:
+            names = ", ".join(e["name"] for e in meta["corpora"])
+            raise DataError(f"{d.dir} holds a mixture ({names}) but the config names one source (data.source); "
+                            f"give the same [[data.corpora]], or {fix}")
+        return
+    want = mixture_request(d.corpora, d.vocab_size, d.max_train_chars or None, d.max_val_chars or None)
+    have = meta.get("request")
+    if have is None:
+        raise DataError(f"{d.dir} was prepared from one source ({meta.get('source')}), not the mixture "
+                        f"data.corpora asks for; {fix}")
+    if have != want:
+        diffs = [f"{k}: {have.get(k)!r} -> {want[k]!r}" for k in want if have.get(k) != want[k]]
+        raise DataError(f"{d.dir} was prepared for another mixture ({'; '.join(diffs)}); {fix}")

@@ -1,8 +1,13 @@
-"""Using a trained run: perplexity on a split or a text file, sampling, and parameter / tier byte counts."""
+"""Using a trained run: perplexity on a split (per corpus of a mixture) or a text file, the training
+log's validation record, sampling, and parameter / tier byte counts. (Zero-shot choice scoring:
+`gmtier.choice`.)"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -11,6 +16,7 @@ from gmtier import progress
 from gmtier.build import autocast_dtype, build_model
 from gmtier.checkpoint import RunDir
 from gmtier.config import Config, from_dict, parse_bytes
+from gmtier.data import Mixture, TokenData
 from gmtier.model import count_params
 
 
@@ -66,6 +72,69 @@ def perplexity(cfg: Config, model, batches, n_batches: int | None = None) -> tup
     if tokens == 0:
         raise ValueError("not enough text for one window of model.seq_len + 1 tokens")
     return total / tokens, tokens
+
+
+def split_perplexity(cfg: Config, model, split: str, batches: int | None = None) -> dict:
+    """Perplexity of a run's model on a split of its prepared data (the first `batches` batches,
+    or all of it), per corpus of a mixture: `tokens`, `loss`, `ppl`, and for a mixture
+    `corpora` = {name: {tokens, loss, ppl}} with `loss` their weighted mean (by data.corpora's
+    weights, as the training log)."""
+    bs, sl = cfg.train.batch_size, cfg.model.seq_len
+    data = Mixture(cfg.data.dir, split)
+    per = {}
+    for name, _, part in data.parts:
+        loss, tokens = perplexity(cfg, model, part.eval_batches(bs, sl, batches), part.eval_batch_count(bs, sl, batches))
+        per[name] = {"tokens": tokens, "loss": loss, "ppl": ppl(loss)}
+    mean = float(sum(w * per[n]["loss"] for n, w, _ in data.parts))
+    out = {"tokens": sum(p["tokens"] for p in per.values()), "loss": mean, "ppl": ppl(mean)}
+    if len(per) > 1:
+        out["corpora"] = per
+    return out
+
+
+@dataclass
+class Validation:
+    """Validation losses per corpus (`names`, `losses`, `batches`) with the corpora's weights;
+    `loss` is their weighted mean (one corpus: its loss)."""
+    names: list[str]
+    weights: list[float]
+    losses: list[float]
+    batches: list[int]
+
+    @property
+    def loss(self) -> float:
+        return float(sum(w * l for w, l in zip(self.weights, self.losses)))
+
+    def record(self) -> dict:
+        """The metrics.jsonl fields: `val_loss`, `val_ppl` (of the weighted mean loss), `val_batches`
+        and, for a mixture, `val_loss/NAME` and `val_ppl/NAME` per corpus."""
+        out = {"val_loss": self.loss, "val_ppl": ppl(self.loss), "val_batches": max(self.batches)}
+        if len(self.names) > 1:
+            for name, loss in zip(self.names, self.losses):
+                out[f"val_loss/{name}"], out[f"val_ppl/{name}"] = loss, ppl(loss)
+        return out
+
+    def summary(self) -> str:
+        """`val loss L | val ppl P`, then each corpus's loss for a mixture."""
+        line = f"val loss {self.loss:.4f} | val ppl {ppl(self.loss):.2f}"
+        if len(self.names) > 1:
+            line += " (weighted mean) | " + " | ".join(f"{n} {l:.4f} / {ppl(l):.2f}" for n, l in zip(self.names, self.losses))
+        return line
+
+    def sample_note(self) -> str:
+        """What was read: the training log evaluates the first train.eval_batches batches."""
+        each = " of each corpus's" if len(self.names) > 1 else " of"
+        return f"first {max(self.batches)} batches{each} val; `gmtier eval` reads the whole split"
+
+
+def ppl(loss: float) -> float:
+    return math.exp(min(loss, 50))
+
+
+def validate(val: Mixture, loss_of: Callable[[TokenData], tuple[float, int]]) -> Validation:
+    """`loss_of(split) -> (loss, batches read)` over each corpus's validation split."""
+    results = [loss_of(data) for _, _, data in val.parts]
+    return Validation(val.names, [float(w) for w in val.weights], [r[0] for r in results], [r[1] for r in results])
 
 
 def info(cfg: Config) -> dict:

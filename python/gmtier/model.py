@@ -83,7 +83,10 @@ class SwitchFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        r = route(self.router_logits(h, jitter=self.training), self.cfg.capacity_factor)
+        # Evaluation and generation route at their own factor (0 = dropless): a token is never
+        # dropped because of what else is in the batch.
+        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        r = route(self.router_logits(h, jitter=self.training), factor)
         order, counts = self.dispatch(r)
         y_sorted = self.experts(h[order], counts)
         y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))

@@ -2,7 +2,8 @@
 
 Panels: loss and validation loss against step, tokens and wall time; tokens/s; the tier hit rates;
 the learning rate. One colour per run (the legend names the runs); within a panel, training
-curves are solid and validation curves dashed with dots. matplotlib is an optional extra
+curves are solid and validation curves dashed with dots (for a mixture, the weighted mean; each
+corpus's validation loss is dotted beside it against step, a marker per corpus). matplotlib is an optional extra
 (`pip install "gmtier[plot]"`), imported only here."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from gmtier.checkpoint import CheckpointError, RunDir
 
 MISSING = 'gmtier plot needs matplotlib: pip install "gmtier[plot]"'
 DPI = 100
+CORPUS_MARKERS = "s^vD*x"
 
 
 @dataclass
@@ -32,6 +34,11 @@ class Curves:
         scale = self.tokens_per_step if x == "tokens" else 1
         return [r["wall_s"] if x == "wall_s" else r["step"] * scale for r in rows], [r[key] for r in rows]
 
+    def corpora(self) -> list[str]:
+        """The corpora of a mixture run, whose val losses are logged one by one (`val_loss/NAME`)."""
+        names = [k.split("/", 1)[1] for r in self.val for k in r if k.startswith("val_loss/")]
+        return list(dict.fromkeys(names))
+
 
 def load_curves(run_dir: str | Path, name: str) -> Curves:
     run = RunDir(run_dir)
@@ -49,8 +56,11 @@ def run_names(run_dirs: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else str(r) for n, r in zip(names, run_dirs)]
 
 
-def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: int = 900) -> Path:
-    """Write the PNG (`width` x `height` pixels) and return its path. ImportError without matplotlib."""
+def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: int = 900,
+              hline: tuple[float, str] | None = None) -> Path:
+    """Write the PNG (`width` x `height` pixels) and return its path. ImportError without matplotlib.
+    `hline` = (loss, label): a reference loss drawn across the loss panels (`gmtier bench-quality`:
+    the dense model's final validation loss)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -65,6 +75,9 @@ def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: i
         for ax, x, _ in loss_panels:
             ax.plot(*c.xy("train", "loss", x), "-", color=color, label=c.name if ax is by_step else None)
             ax.plot(*c.xy("val", "val_loss", x), "--o", color=color, markersize=3)
+        for k, corpus in enumerate(c.corpora()):  # a mixture's corpora, dotted beside their weighted mean
+            by_step.plot(*c.xy("val", f"val_loss/{corpus}"), ":", marker=CORPUS_MARKERS[k % len(CORPUS_MARKERS)],
+                         color=color, markersize=4, label=f"{c.name}: val {corpus}")
         rate.plot(*c.xy("train", "tokens_per_s"), "-", color=color)
         hits.plot(*c.xy("train", "ram_hit_rate"), "-", color=color)
         hits.plot(*c.xy("train", "gpu_hit_rate"), "--", color=color)
@@ -72,12 +85,14 @@ def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: i
 
     for ax, _, xlabel in loss_panels:
         ax.set(xlabel=xlabel, ylabel="loss (solid: train, dashed: val)")
+        if hline is not None:
+            ax.axhline(hline[0], color="0.4", linestyle=":", linewidth=1, label=hline[1] if ax is by_step else None)
     rate.set(xlabel="step", ylabel="tokens/s")
     hits.set(xlabel="step", ylabel="hit rate (solid: RAM, dashed: GPU)", ylim=(-0.02, 1.02))
     lr.set(xlabel="step", ylabel="learning rate")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    fig.legend(loc="upper center", ncol=min(len(runs), 6), frameon=False)
+    fig.legend(loc="upper center", ncol=min(len(by_step.get_legend_handles_labels()[1]), 6), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

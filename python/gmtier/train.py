@@ -19,6 +19,7 @@ from gmtier.checkpoint import CheckpointError, RunDir
 from gmtier.config import Config, ConfigError, parse_bytes
 from gmtier.layer_major import LayerMajorStep
 from gmtier.data import ensure_data, require_eval_batch
+from gmtier.evaluate import validate
 from gmtier.model import SwitchFFN
 from gmtier.optim import HostAdamW
 
@@ -214,10 +215,10 @@ class Trainer:
         return {"loss": loss.item(), "aux": aux.item(), "lr": lr}
 
     @torch.no_grad()
-    def evaluate(self, data=None, batches: int | None = None) -> float:
-        """Mean cross entropy over the split's first `batches` (train.eval_batches) batches of
-        fixed windows: a sample of the split (`gmtier eval` reads all of it). Sets `eval_batches_read`."""
-        data = data or self.val_data
+    def evaluate(self, data, batches: int | None = None) -> float:
+        """Mean cross entropy over one split's (`TokenData`'s) first `batches` (train.eval_batches)
+        batches of fixed windows: a sample of the split (`gmtier eval` reads all of it). Sets
+        `eval_batches_read`."""
         self.model.eval()
         total, n = 0.0, 0
         for x, y in data.eval_batches(self.cfg.train.batch_size, self.cfg.model.seq_len, batches or self.cfg.train.eval_batches):
@@ -286,13 +287,10 @@ class Trainer:
                     t0, tok0 = time.perf_counter(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
                     t_eval = time.perf_counter()
-                    val = self.evaluate()
-                    n = self.eval_batches_read
+                    val = validate(self.val_data, lambda d: (self.evaluate(d), self.eval_batches_read))
                     self.wall_s = wall0 + time.perf_counter() - start
-                    self._emit({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "val_batches": n,
-                                "wall_s": self.wall_s})
-                    self.log(f"step {self.step:6d} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f} "
-                             f"(first {n} batches of val; `gmtier eval` reads the whole split)")
+                    self._emit({"step": self.step, **val.record(), "wall_s": self.wall_s})
+                    self.log(f"step {self.step:6d} | {val.summary()} ({val.sample_note()})")
                     t0 += time.perf_counter() - t_eval
                 if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
                     t_ckpt = time.perf_counter()

@@ -1,0 +1,84 @@
+"""bench-quality: the comparison arithmetic on curves made by hand, the twin checks, and a whole
+tiny run (Switch and dense, a few steps on CPU) through the command."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gmtier import config
+from gmtier.bench import quality
+from gmtier.cli import main
+from test_train import _write_toml, data_dir, tiny  # noqa: F401  (data_dir is a fixture)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _curve(rows):
+    return [{"step": s, "wall_s": w, "val_loss": l} for s, w, l in rows]
+
+
+def test_interpolation_and_first_reach():
+    c = _curve([(0, 0.0, 8.0), (10, 4.0, 6.0), (20, 8.0, 5.0)])
+    assert quality.interpolate(c, "wall_s", 2.0) == pytest.approx(7.0)
+    assert quality.interpolate(c, "step", 20) == 5.0
+    assert quality.interpolate(c, "wall_s", 9.0) is None  # the run had stopped
+    assert quality.first_reach(c, 5.5) == {"step": pytest.approx(15.0), "wall_s": pytest.approx(6.0)}
+    assert quality.first_reach(c, 4.0) is None
+
+
+def test_compare_at_equal_steps_and_time():
+    switch = _curve([(0, 0.0, 8.0), (10, 4.0, 5.0), (20, 8.0, 4.0)])  # slower a step, better at equal steps
+    dense = _curve([(0, 0.0, 8.0), (10, 1.0, 6.0), (20, 2.0, 5.5)])
+    r = quality.compare(switch, dense)
+    assert [(p["step"], p["switch"], p["dense"]) for p in r["equal_steps"]] == [(0, 8.0, 8.0), (10, 5.0, 6.0), (20, 4.0, 5.5)]
+    at = {p["wall_s"]: p for p in r["equal_time"]}
+    assert sorted(at) == [1.0, 2.0, 4.0, 8.0]
+    assert at[2.0]["switch"] == pytest.approx(6.5) and at[2.0]["dense"] == 5.5
+    assert at[4.0]["dense"] is None and at[4.0]["switch"] == 5.0
+    # The dense final loss 5.5: the Switch curve falls from 8.0 (step 0, 0 s) to 5.0 (step 10, 4 s),
+    # passing 5.5 at 2.5/3 of the way: step 25/3, 10/3 s.
+    assert r["switch_reaches_dense_final"]["step"] == pytest.approx(25 / 3)
+    assert r["steps_ratio"] == pytest.approx(25 / 3 / 20) and r["time_ratio"] == pytest.approx((10 / 3) / 2.0)
+
+
+def test_the_shipped_twins_pass_and_unfair_pairs_are_refused():
+    switch, dense = config.load(CONFIGS / "small.toml"), config.load(CONFIGS / "small-dense.toml")
+    for c in (switch, dense):
+        c.model.vocab_size = 8192
+    quality.check_twins(switch, dense)
+    f_s, f_d = quality.forward_flops_per_token(switch.model), quality.forward_flops_per_token(dense.model)
+    assert 1 < f_s / f_d < 1.002  # the routers' FLOPs alone
+    with pytest.raises(config.ConfigError, match="has Switch layers"):
+        quality.check_twins(switch, switch)
+    wide = config.load(CONFIGS / "small-dense.toml", ["model.d_ff=4096", "model.vocab_size=8192"])
+    with pytest.raises(config.ConfigError, match="FLOPs per token differ"):
+        quality.check_twins(switch, wide)
+    other = config.load(CONFIGS / "small-dense.toml", ["train.seed=1", "model.vocab_size=8192"])
+    with pytest.raises(config.ConfigError, match=r"differ in train.seed \(1337 vs 1\)"):
+        quality.check_twins(switch, other)
+
+
+def test_bench_quality_tiny_on_cpu(data_dir, tmp_path):
+    toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "unused", experts=dict(mode="resident")))
+    work, png = tmp_path / "work", tmp_path / "q.png"
+    args = ["bench-quality", "--config", str(toml), "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--dir", str(work), "--plot", str(png), "--keep"]
+    r = CliRunner().invoke(main, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert [p["step"] for p in out["equal_steps"]] == [0, 2, 4]
+    assert out["names"] == {"switch": "tiny", "dense": "tiny-dense"} and out["dense_steps"] == 4
+    for name in ("switch", "dense"):
+        points = out["val_points"][name]
+        assert [p["step"] for p in points] == [0, 2, 4]
+        assert points[0]["wall_s"] == 0 and points[1]["wall_s"] < points[2]["wall_s"]
+        rows = [json.loads(l) for l in (work / out["names"][name] / "metrics.jsonl").read_text().splitlines()]
+        assert [r["val_loss"] for r in rows if "val_loss" in r] == [p["val_loss"] for p in points]
+        assert (work / out["names"][name] / "ckpt-4").is_dir()  # kept for gmtier eval
+    assert out["equal_steps"][0]["switch"] != out["equal_steps"][0]["dense"]  # two different models
+    pytest.importorskip("matplotlib")
+    assert out["plot"] == str(png) and png.stat().st_size > 10_000
+    text = CliRunner().invoke(main, args[:-1] + ["--dir", str(tmp_path / "w2")])
+    assert text.exit_code == 0 and "validation loss at equal steps" in text.output and not (tmp_path / "w2").exists()
