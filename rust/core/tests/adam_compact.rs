@@ -490,3 +490,46 @@ fn bad_arguments_are_refused() {
     let e = adamw_compact_step_groups(&mut p, &[1], &cfg(), 256, 0, None, 1).unwrap_err();
     assert!(e.to_string().contains("v_scales"), "{e}");
 }
+
+#[test]
+fn a_corrupt_block_scale_is_refused_before_anything_is_written() {
+    let mut rng = Rng::fresh();
+    let (n, block) = (3000, 256);
+    let g = G::new(GradDtype::F32, &vec![1e-3; n]);
+    for (which, bad) in [
+        ("m_scales", f32::NAN),
+        ("v_scales", -1.0),
+        ("m_scales", f32::INFINITY),
+    ] {
+        let mut s = random_state(&mut rng, n, block, 3);
+        let b = (rng.next() % compact_blocks(n, block) as u64) as usize;
+        if which == "m_scales" {
+            s.ms[b] = bad;
+        } else {
+            s.vs[b] = bad;
+        }
+        let before = s.clone();
+        let mut p = [CompactParam {
+            weight: &mut s.w,
+            m_codes: &mut s.mq,
+            v_codes: &mut s.vq,
+            m_scales: &mut s.ms,
+            v_scales: &mut s.vs,
+            grad: g.grad(),
+            step: &mut s.step,
+            stream: 0,
+        }];
+        let e = adamw_compact_step_groups(&mut p, &[1], &cfg(), block, 0, None, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{which}[{b}]")) && e.contains("corrupt"),
+            "{e}"
+        );
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let same = (&s.w, &s.mq, &s.vq, s.step) == (&before.w, &before.mq, &before.vq, before.step)
+            && bits(&s.ms) == bits(&before.ms)
+            && bits(&s.vs) == bits(&before.vs);
+        assert!(same, "nothing may be written ({which} = {bad})");
+    }
+}

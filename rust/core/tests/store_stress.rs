@@ -42,7 +42,7 @@ fn make(dir: &Path, nl: usize, ne: usize) -> usize {
         b.copy_from_slice(&content(l, e, 0, b.len()));
         Ok(())
     };
-    ExpertStore::create(dir, nl, ne, &schema(), Some(&mut init)).unwrap();
+    ExpertStore::create(dir, nl, ne, &schema(), None, Some(&mut init)).unwrap();
     8192
 }
 
@@ -168,8 +168,8 @@ fn all_slots_pinned_blocks_until_release() {
     assert!(s.metrics().stall_s > 0.05);
 }
 
-/// Shadow paging: a torn write into the uncommitted slot and a drop without commit leave
-/// exactly the committed records.
+/// Copy on write: a torn write into the slot of an uncommitted version and a drop without
+/// commit leave exactly the committed records.
 #[test]
 fn crash_during_writeback_keeps_committed_state() {
     let d = tempfile::tempdir().unwrap();
@@ -193,8 +193,8 @@ fn crash_during_writeback_keeps_committed_state() {
             .open(d.path().join("experts.safetensors"))
             .unwrap();
         for e in 0..ne {
-            let (o0, o1, committed) = record_location(&s, 0, e);
-            let off = if committed == 0 { o1 } else { o0 };
+            let (_, written) = record_location(&s, 0, e);
+            let off = written.expect("version 2 was written back");
             f.write_all_at(&vec![0xEE; rb / 2], off).unwrap();
         }
         // Dropped without commit.
