@@ -96,3 +96,25 @@ def test_a_corrupt_block_scale_stops_the_update_with_a_clear_error(data_dir, tmp
                 resume=True, log=quiet)
     with pytest.raises(Exception, match=r"v_scales\[0\] = -1 is not a finite non-negative block scale.*corrupt"):
         t.fit()
+
+
+def test_info_of_gm30b_shows_the_compact_footprint_without_making_a_store(tmp_path):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from gmtier.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = root / "configs" / "gm30b.toml"
+    run = tmp_path / "gm30b"
+    r = CliRunner().invoke(main, ["info", "--config", str(cfg), "--json", "--set", f'train.run_dir="{run}"'])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert 29.5e9 < d["params_total"] < 31e9 and d["expert_state"] == "compact"
+    assert d["record_bytes_per_param"] <= 4.3 and d["disk_bytes"] <= 145e9
+    assert d["disk_bytes"] <= 1.1 * d["experts"] * d["expert_record_bytes"]
+    assert d["step_disk_bytes_per_param"] < 10.1  # fp32 state: 28
+    assert not run.exists()
+    r = CliRunner().invoke(main, ["info", "--config", str(cfg), "--set", f'train.run_dir="{run}"'])
+    assert "B/param" in r.output and "spare slots" in r.output and "GB)" in r.output, r.output
