@@ -126,6 +126,20 @@ fn step(
     simd: Simd,
     threads: usize,
 ) -> bool {
+    try_step(s, g, cfg, block, seed, stream, Some(simd), threads).unwrap()[0]
+}
+
+/// One group of one tensor through the kernel, its result as the kernel gives it.
+fn try_step(
+    s: &mut State,
+    g: &G,
+    cfg: &AdamConfig,
+    block: usize,
+    seed: u64,
+    stream: u64,
+    simd: Option<Simd>,
+    threads: usize,
+) -> Result<Vec<bool>, gmtier_core::adam::AdamError> {
     let mut p = [CompactParam {
         weight: &mut s.w,
         m_codes: &mut s.mq,
@@ -136,7 +150,7 @@ fn step(
         step: &mut s.step,
         stream,
     }];
-    adamw_compact_step_groups(&mut p, &[1], cfg, block, seed, Some(simd), threads).unwrap()[0]
+    adamw_compact_step_groups(&mut p, &[1], cfg, block, seed, simd, threads)
 }
 
 /// Nearest code of `x` in f64 by search over the map's produced codes (ties: either).
@@ -509,17 +523,7 @@ fn a_corrupt_block_scale_is_refused_before_anything_is_written() {
             s.vs[b] = bad;
         }
         let before = s.clone();
-        let mut p = [CompactParam {
-            weight: &mut s.w,
-            m_codes: &mut s.mq,
-            v_codes: &mut s.vq,
-            m_scales: &mut s.ms,
-            v_scales: &mut s.vs,
-            grad: g.grad(),
-            step: &mut s.step,
-            stream: 0,
-        }];
-        let e = adamw_compact_step_groups(&mut p, &[1], &cfg(), block, 0, None, 2)
+        let e = try_step(&mut s, &g, &cfg(), block, 0, 0, None, 2)
             .unwrap_err()
             .to_string();
         assert!(

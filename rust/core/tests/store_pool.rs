@@ -7,7 +7,6 @@ use gmtier_core::store::format::{DATA_FILE, INDEX_FILE};
 use gmtier_core::store::test_hooks::{create_shadow_store, free_slots, record_location};
 use gmtier_core::store::{ExpertStore, StoreOptions};
 use std::path::Path;
-use std::time::Duration;
 
 fn opts(ram_slots: usize, rb: usize) -> StoreOptions {
     StoreOptions {
@@ -216,21 +215,12 @@ fn sigkill_with_few_spares_leaves_every_expert_whole() {
     let d = tempfile::tempdir().unwrap();
     let rb = make(d.path(), ne, 2);
     let mut last = 0;
-    for round in 0..3u64 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sigkill_with_few_spares_leaves_every_expert_whole",
-                "--nocapture",
-            ])
-            .env("GMTIER_POOL_CRASH_CHILD", d.path())
-            .env("GMTIER_POOL_CRASH_RB", rb.to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(150 + 70 * round));
-        child.kill().unwrap();
-        child.wait().unwrap();
+    let env = [
+        ("GMTIER_POOL_CRASH_CHILD", d.path().display().to_string()),
+        ("GMTIER_POOL_CRASH_RB", rb.to_string()),
+    ];
+    let test = "sigkill_with_few_spares_leaves_every_expert_whole";
+    common::kill_child_repeatedly(test, &env, |round| {
         let s = ExpertStore::open(d.path(), opts(2, rb)).unwrap();
         let v: u64 = s.user_meta().parse().unwrap_or(0);
         let ahead = s.interim_commits() > 0;
@@ -243,7 +233,7 @@ fn sigkill_with_few_spares_leaves_every_expert_whole() {
             );
         }
         last = v;
-    }
+    });
     assert!(last > 0, "the child committed nothing before the kill");
 }
 

@@ -1,4 +1,5 @@
 //! Store under concurrency and crashes: budgets, pins, coalescing, no deadlock, no torn records.
+mod common;
 use gmtier_core::store::format::TensorSpec;
 use gmtier_core::store::test_hooks::record_location;
 use gmtier_core::store::{ExpertStore, Key, StoreOptions};
@@ -227,30 +228,22 @@ fn sigkill_during_commits_leaves_no_torn_expert() {
     let d = tempfile::tempdir().unwrap();
     make(d.path(), 1, 6);
     let mut last = 0;
-    for round in 0..3u64 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sigkill_during_commits_leaves_no_torn_expert",
-                "--nocapture",
-            ])
-            .env("GMTIER_CRASH_CHILD", d.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(150 + 70 * round));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let s = ExpertStore::open(d.path(), opts(2 * 8192)).unwrap();
-        let v: u64 = s.user_meta().parse().unwrap_or(0);
-        for e in 0..6 {
-            assert_eq!(
-                version_of(0, e, &s.read_record(0, e).unwrap()),
-                Some(v),
-                "round {round} expert {e}"
-            );
-        }
-        last = v;
-    }
+    let env = [("GMTIER_CRASH_CHILD", d.path().display().to_string())];
+    common::kill_child_repeatedly(
+        "sigkill_during_commits_leaves_no_torn_expert",
+        &env,
+        |round| {
+            let s = ExpertStore::open(d.path(), opts(2 * 8192)).unwrap();
+            let v: u64 = s.user_meta().parse().unwrap_or(0);
+            for e in 0..6 {
+                assert_eq!(
+                    version_of(0, e, &s.read_record(0, e).unwrap()),
+                    Some(v),
+                    "round {round} expert {e}"
+                );
+            }
+            last = v;
+        },
+    );
     assert!(last > 0, "the child committed nothing before the kill");
 }
