@@ -109,3 +109,18 @@ def test_bench_train_sweeps_micro_batches(data_dir, tmp_path, monkeypatch):
     assert two["tokens_per_s"] == pytest.approx(two["tokens_per_step"] / two["step_s"])
     r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--micro-batches", "1,x"])
     assert r.exit_code != 0 and "--micro-batches" in r.output
+
+
+def test_bench_adam_has_the_compact_row():
+    """bench-adam times the compact state beside the fp32-state pipeline and rates both against
+    the copy bandwidth measured in the same run."""
+    r = CliRunner().invoke(main, ["bench-adam", "--params", "300000", "--tensors", "2", "--repeats", "1",
+                                  "--threads", "1", "--bw-bytes", str(8 << 20), "--no-deepspeed", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["compact_mparams_s"] > 0 and d["gmtier_mparams_s"] > 0 and d["compact_block"] >= 256
+    assert d["bandwidth_fraction_compact"] == pytest.approx(d["gbps_effective_compact"] / d["dram_copy_gbps"])
+    assert d["compact_speedup_vs_fp32_state"] == pytest.approx(d["compact_mparams_s"] / d["gmtier_mparams_s"])
+    r = CliRunner().invoke(main, ["bench-adam", "--params", "300000", "--tensors", "2", "--repeats", "1",
+                                  "--threads", "1", "--bw-bytes", str(8 << 20), "--no-deepspeed"])
+    assert "compact state, bf16 grad: gmtier" in r.output and "of the copy bandwidth" in r.output, r.output

@@ -1,5 +1,6 @@
 """The Python store API on CPU: round trips, commit/reopen, the safetensors view, clear errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,12 +84,14 @@ def test_safetensors_reads_the_file(store_dir):
         s.commit("x")
     import json
 
-    committed = json.loads((store_dir / "index.json").read_text())["experts"][1 * 4 + 2][0]
+    # The index maps each expert to its record slot; the file names the slots' tensors.
+    committed = json.loads((store_dir / "index.json").read_text())["experts"]
     with safe_open(str(store_dir / "experts.safetensors"), "pt") as f:
-        assert f.metadata()["format"] == "gmtier-store"
+        assert f.metadata()["format"] == "gmtier-store" and f.metadata()["version"] == "2"
+        assert committed[1 * 4 + 2][0] >= 8, "the changed record went to a spare slot"
         for n, t in rand_expert(1, 2, 5).items():
-            assert torch.equal(f.get_tensor(f"experts.1.2.{committed}.{n}"), t)
-        assert torch.equal(f.get_tensor("experts.0.3.0.w1"), rand_expert(0, 3)["w1"])
+            assert torch.equal(f.get_tensor(f"slots.{committed[1 * 4 + 2][0]}.{n}"), t)
+        assert torch.equal(f.get_tensor(f"slots.{committed[3][0]}.w1"), rand_expert(0, 3)["w1"])
 
 
 def test_views_are_zero_copy_and_layout(store_dir):
@@ -185,15 +188,20 @@ def test_bad_inputs(tmp_path, store_dir):
         s.release([(0, 0), (0, 1)])
 
 
+def committed_offset(store_dir, flat: int) -> int:
+    """File offset of expert `flat`'s committed record: its record slot from index.json."""
+    s = _core.ExpertStore.open(str(store_dir), record_bytes(store_dir))
+    start, rb = s.data_start, s.record_bytes
+    s.close()
+    return start + json.loads((store_dir / "index.json").read_text())["experts"][flat][0] * rb
+
+
 def test_truncated_and_corrupt_files(store_dir):
     rb = record_bytes(store_dir)
     data = store_dir / "experts.safetensors"
-    s = _core.ExpertStore.open(str(store_dir), rb)
-    start = s.data_start
-    s.close()
-    # Flip bytes in the committed slot of layer 1 expert 3.
+    # Flip bytes in the committed record of layer 1 expert 3.
     with open(data, "r+b") as f:
-        f.seek(start + ((1 * 4 + 3) * 2) * rb + 64)
+        f.seek(committed_offset(store_dir, 1 * 4 + 3) + 64)
         f.write(b"\xde\xad")
     with TieredExpertStore.open(store_dir, ram_bytes=2 * rb) as s:
         with pytest.raises(StoreError, match=r"checksum mismatch.*layer 1 expert 3"):
@@ -335,11 +343,8 @@ def test_section_requests(store_dir):
 def test_corrupt_state_section(store_dir):
     """One flipped byte in the state section: state and whole reads fail, a weights read works."""
     rb = record_bytes(store_dir)
-    s = _core.ExpertStore.open(str(store_dir), rb)
-    start = s.data_start
-    s.close()
     with open(store_dir / "experts.safetensors", "r+b") as f:
-        f.seek(start + ((1 * 4 + 1) * 2) * rb + 4096 + 10)
+        f.seek(committed_offset(store_dir, 1 * 4 + 1) + 4096 + 10)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))

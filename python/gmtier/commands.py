@@ -175,8 +175,14 @@ def info(config_path, run_dir, overrides, as_json):
     gib = lambda b: f"{b / 2**30:.3f} GiB"
     click.echo(f"parameters: {d['params_total']:,} total, {d['params_active_per_token']:,} active per token "
                f"({d['params_dense']:,} dense + {d['experts']} experts x {d['params_per_expert']:,})")
-    click.echo(f"expert record: {d['expert_record_bytes']:,} B ({d['expert_dtype']} weights {d['expert_weights_bytes']:,} B + fp32 state)")
-    click.echo(f"disk: {gib(d['disk_bytes'])} (2 shadow slots per expert)")
+    state = "fp32 state" if d["expert_state"] == "fp32" else "8-bit moments, the weights their own master"
+    click.echo(f"expert record: {d['expert_record_bytes']:,} B ({d['expert_dtype']} weights {d['expert_weights_bytes']:,} B "
+               f"+ {state}): {d['record_bytes_per_param']:.2f} B/param")
+    click.echo(f"disk: {gib(d['disk_bytes'])} ({d['disk_bytes'] / 1e9:.1f} GB) = {d['experts']} records + {d['spare_slots']} spare slots: "
+               f"{d['disk_bytes_per_param']:.2f} B/param")
+    t = d["step_disk_bytes_per_expert"]
+    click.echo(f"disk traffic of a step per paged expert: {d['step_disk_bytes_per_param']:.2f} B/param "
+               f"(forward reads {t['forward_read']:,} B, backward {t['backward_read']:,} B, write-back {t['write_back']:,} B)")
     click.echo(f"ram : budget {gib(d['ram_budget_bytes'])} = {d['ram_slots']} expert records (all fit: {d['experts_fit_in_ram']})")
     click.echo(f"gpu : budget {gib(d['gpu_budget_bytes'])} = {d['gpu_slots']} expert weight slots (all fit: {d['experts_fit_on_gpu']}), "
                f"dense part {gib(d['dense_bytes_on_device'])}")

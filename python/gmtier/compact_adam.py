@@ -10,14 +10,13 @@ in ``rust/core/src/adam/compact/quant.rs``; :func:`maps` returns their 256 value
 
 :class:`CompactTensors` is one tensor's state; :func:`compact_state` makes a fresh one from a
 weight; :func:`adamw_compact_step` steps groups of them (one group per expert, each skipped on
-its own, untouched, for an inf/NaN gradient with ``check_finite``). :func:`bench` times it next
-to the fp32-state path.
+its own, untouched, for an inf/NaN gradient with ``check_finite``). ``gmtier bench-adam`` times
+it next to the fp32-state path.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -30,7 +29,6 @@ __all__ = [
     "adamw_compact_step",
     "dequantize",
     "maps",
-    "bench",
     "MIN_BLOCK",
     "MAX_BLOCK",
     "DEFAULT_BLOCK",
@@ -158,62 +156,3 @@ def adamw_compact_step(
     return list(_core.adamw_compact_step_groups_raw(
         specs, ends, float(lr), beta1, beta2, float(eps), float(weight_decay), float(grad_scale),
         float(clip_coef), bool(check_finite), block, seed, adam._simd(simd), adam._threads(threads)))
-
-
-def bench(params: int = 1 << 26, threads: int | None = None, block: int = DEFAULT_BLOCK, repeats: int = 5,
-          grad_dtype: torch.dtype = torch.bfloat16, simd: str = "auto") -> dict:
-    """Time the compact path and the fp32-state path (with a bf16 copy) on ``params`` elements,
-    best of ``repeats``, next to ``memory_bandwidth`` in the same process.
-
-    Bytes moved per element: compact 2 (weight) + 1 + 1 (codes) read and written, the gradient
-    read, 16 / block for the scales; fp32 12 + 12 (master, m, v) + the gradient + 2 (the copy).
-    Returns params/s, GB/s and the fraction of the copy bandwidth of each, and their ratio."""
-    n = int(params)
-    g = (torch.randn(n) * 1e-2).to(grad_dtype)
-    gsize = g.element_size()
-    st = compact_state(torch.randn(n), block)
-    t = CompactTensors(st["weight"], st["m_codes"], st["v_codes"], st["m_scales"], st["v_scales"], g, st["step"])
-
-    def best(fn) -> float:
-        fn()  # warm-up: first touch, the pool's threads
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    tc = best(lambda: adamw_compact_step([[t]], lr=1e-3, block=block, simd=simd, threads=threads))
-    compact_bytes = n * (2 * 4 + gsize) + 16 * -(-n // block)
-    del st, t
-    fp = adam.AdamTensors(torch.randn(n), torch.zeros(n), torch.zeros(n), g, torch.zeros(1, dtype=torch.int64),
-                          torch.empty(n, dtype=torch.bfloat16))
-    tf = best(lambda: adam.adamw_step([fp], lr=1e-3, simd=simd, threads=threads))
-    fp32_bytes = n * (24 + gsize + 2)
-    del fp
-    bw = adam.memory_bandwidth(min(1 << 30, 4 * n), threads)
-    copy = bw["copy_gbps"]
-    out = {
-        "params": n,
-        "threads": bw["threads"],
-        "block": block,
-        "simd": adam.simd_best() if simd == "auto" else simd,
-        "compact_params_per_s": n / tc,
-        "compact_gbps": compact_bytes / tc / 1e9,
-        "fp32_params_per_s": n / tf,
-        "fp32_gbps": fp32_bytes / tf / 1e9,
-        "copy_gbps": copy,
-        "speedup": tf / tc,
-    }
-    out["compact_of_copy"] = out["compact_gbps"] / copy
-    out["fp32_of_copy"] = out["fp32_gbps"] / copy
-    return out
-
-
-def bench_line(r: dict) -> str:
-    """One line of :func:`bench`'s result."""
-    return (f"compact AdamW ({r['simd']}, {r['threads']} threads, block {r['block']}, {r['params'] / 1e6:.0f}M): "
-            f"{r['compact_params_per_s'] / 1e6:.0f} Mparam/s, {r['compact_gbps']:.1f} GB/s "
-            f"({r['compact_of_copy']:.0%} of copy) | fp32 state: {r['fp32_params_per_s'] / 1e6:.0f} Mparam/s, "
-            f"{r['fp32_gbps']:.1f} GB/s ({r['fp32_of_copy']:.0%}) | copy {r['copy_gbps']:.1f} GB/s | "
-            f"speedup {r['speedup']:.2f}x")

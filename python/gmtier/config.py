@@ -129,6 +129,14 @@ class ExpertsConfig:
     ram_budget: int | str = "256MB"
     gpu_budget: int | str = "1GB"
     dtype: str = "auto"  # expert weights: "auto" (= training precision), "fp32", "bf16", "fp16"
+    # The record's optimizer state (gmtier.record): "fp32" (fp32 master and moments, 14 B/param
+    # with bf16 weights) or "compact" (bf16 weights as their own master, 8-bit moments: 4 B/param).
+    state: str = "fp32"
+    # Record slots of the store file beyond one per expert. "auto": one per expert (2x the
+    # records on disk), so every checkpoint is exact whatever it changed. Fewer: a smaller file;
+    # where more experts change between two checkpoints than there are spares, the store commits
+    # on its own, and a run killed after that cannot resume exactly (it is refused).
+    spare_slots: int | str = "auto"
     prefetch: bool = True  # router-predicted read-ahead into RAM (skipped when RAM holds every record)
     gpu_prefetch: bool = True  # with prefetch: also copy the nearest layer's predicted experts to the GPU early
     prefetch_depth: int = 2  # how many following Switch layers the router predicts for
@@ -179,7 +187,13 @@ class Config:
         return p
 
     def expert_dtype(self) -> str:
-        return self.precision() if self.experts.dtype == "auto" else self.experts.dtype
+        if self.experts.dtype == "auto":
+            return "bf16" if self.experts.state == "compact" else self.precision()
+        return self.experts.dtype
+
+    def spare_slots(self) -> int | None:
+        """experts.spare_slots as the store takes it (None: one per expert)."""
+        return None if self.experts.spare_slots == "auto" else self.experts.spare_slots
 
     def expert_pad_rows(self) -> int:
         if self.experts.pad_rows == "auto":
@@ -191,7 +205,8 @@ class Config:
 
     def expert_schema(self) -> list[tuple[str, str, list[int], str]]:
         """The store record of one expert of this model (`gmtier.record.expert_schema`)."""
-        return record.expert_schema(self.model.d_model, self.model.d_ff, dtypes.from_config(self.expert_dtype()))
+        return record.expert_schema(self.model.d_model, self.model.d_ff, dtypes.from_config(self.expert_dtype()),
+                                    self.experts.state)
 
     def expert_bytes(self) -> tuple[int, int]:
         """(weights_bytes, record_bytes) of one expert record, as the Rust store lays it out."""
@@ -310,6 +325,7 @@ _CHOICES = {
     "train.dense_optimizer": ("torch", "cpu"),
     "experts.mode": ("tiered", "resident"),
     "experts.dtype": ("auto", *dtypes.CONFIG),
+    "experts.state": record.STATES,
 }
 
 
@@ -435,6 +451,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"experts.adam_threads = {e.adam_threads}: use 0 (the default: all cores, less two on 8+ cores) or a positive count")
     if e.pad_rows != "auto" and (isinstance(e.pad_rows, str) or e.pad_rows < 0):
         raise ConfigError(f"experts.pad_rows = {e.pad_rows!r}: use \"auto\", 0 (no padding) or a row multiple such as 128")
+    if e.state == "compact" and cfg.expert_dtype() != "bf16":
+        raise ConfigError(f"experts.state = 'compact' keeps bf16 weights as the master copy, but experts.dtype = "
+                          f"{e.dtype!r}; use experts.dtype = 'auto' or 'bf16' (or experts.state = 'fp32')")
+    if e.spare_slots != "auto" and (isinstance(e.spare_slots, str) or e.spare_slots < 1):
+        raise ConfigError(f"experts.spare_slots = {e.spare_slots!r}: use \"auto\" (one per expert) or a count >= 1")
     if e.prefetch_depth < 0 or e.io_threads <= 0:
         raise ConfigError("experts.prefetch_depth must be >= 0 and experts.io_threads > 0")
     ram = parse_bytes(e.ram_budget, "experts.ram_budget")

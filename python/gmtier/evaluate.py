@@ -145,11 +145,22 @@ def info(cfg: Config) -> dict:
     ram = parse_bytes(cfg.experts.ram_budget, "experts.ram_budget")
     gpu = parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
     dense_bytes = p["dense"] * 4 * (3 if cfg.train.dense_optimizer == "torch" else 1)  # fp32 weights (+ m, v)
+    spares = n_experts if cfg.spare_slots() is None else cfg.spare_slots()
+    # A paged expert's disk traffic in a step: forward reads its weights; backward reads what the
+    # AdamW needs (the state where the weights are a half copy of an fp32 master, else the whole
+    # record: an expert-major step evicts it in between); the write-back writes the whole record.
+    backward = record - weights if cfg.expert_dtype() != "fp32" and cfg.experts.state == "fp32" else record
+    per_expert = max(1, p["expert"])
     return {
         "params_total": p["total"], "params_active_per_token": p["active_per_token"],
         "params_dense": p["dense"], "params_per_expert": p["expert"], "experts": n_experts,
-        "expert_dtype": cfg.expert_dtype(), "expert_record_bytes": record, "expert_weights_bytes": weights,
-        "disk_bytes": 2 * n_experts * record,  # two shadow slots per expert
+        "expert_dtype": cfg.expert_dtype(), "expert_state": cfg.experts.state, "expert_record_bytes": record,
+        "expert_weights_bytes": weights, "spare_slots": spares,
+        "disk_bytes": (n_experts + spares) * record,  # the store file, less its header (< 0.1 %)
+        "record_bytes_per_param": record / per_expert,
+        "disk_bytes_per_param": (n_experts + spares) * record / (per_expert * max(1, n_experts)),
+        "step_disk_bytes_per_expert": {"forward_read": weights, "backward_read": backward, "write_back": record},
+        "step_disk_bytes_per_param": (weights + backward + record) / per_expert,
         "ram_budget_bytes": ram, "ram_slots": ram // record if record else 0,
         "gpu_budget_bytes": gpu, "gpu_slots": gpu // weights if weights else 0,
         "dense_bytes_on_device": dense_bytes,

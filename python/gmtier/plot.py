@@ -46,7 +46,8 @@ def load_curves(run_dir: str | Path, name: str) -> Curves:
     records = run.read_metrics()
     if not records:
         raise CheckpointError(f"{run_dir}: no metrics.jsonl records yet; train the run first (train.log_every > 0)")
-    tokens_per_step = raw["train"]["batch_size"] * raw["model"]["seq_len"]
+    t = raw["train"]
+    tokens_per_step = t.get("micro_batches", 1) * t["batch_size"] * raw["model"]["seq_len"]
     return Curves(name, tokens_per_step, [r for r in records if "loss" in r], [r for r in records if "val_loss" in r])
 
 

@@ -6,12 +6,15 @@ tensors), median of ``--repeats`` timed steps after warm-up:
 1. the offloaded-expert update: bf16 gradient -> fp32, ``torch.optim.AdamW(fused=True)``, fp32
    master -> bf16 weight copy (the torch pipeline) vs gmtier's single pass;
 2. plain fp32 AdamW: gmtier vs torch fused, torch foreach and DeepSpeedCPUAdam (when importable;
-   its JIT build failing is reported, not fatal).
+   its JIT build failing is reported, not fatal);
+3. the compact state (`experts.state = "compact"`, `gmtier.compact_adam`): bf16 gradient ->
+   8-bit m, v and the bf16 weight that is its own master, beside the fp32-state pipeline of 1.
 
 It also measures the machine's memory bandwidth in the same run (multi-threaded copy and triad
 over arrays far larger than the caches, bytes read + written per second) and reports gmtier's
-effective bandwidth: bytes the kernel must move (28 per parameter in both workloads: read grad,
-master, m, v; write master, m, v and the half copy) per second.
+effective bandwidth: bytes the kernel must move per second: 28 per parameter in workloads 1 and 2
+(read grad, master, m, v; write master, m, v and the half copy), 10 in the compact one (read the
+bf16 grad, weight and the m, v codes; write weight and codes; the block scales add 16 / block).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import click
 from gmtier import dtypes, progress
 from gmtier.user_errors import Command
 
-BYTES_PER_PARAM = {"pipeline": 2 + 12 + 12 + 2, "fp32": 4 + 12 + 12}
+BYTES_PER_PARAM = {"pipeline": 2 + 12 + 12 + 2, "fp32": 4 + 12 + 12, "compact": 2 + 2 * (2 + 1 + 1)}
 
 
 @contextlib.contextmanager
@@ -99,6 +102,23 @@ def _gmtier_fp32(sizes, threads, repeats, simd):
     items = [adam.AdamTensors(torch.randn(n), torch.zeros(n), torch.zeros(n), torch.randn(n) * 1e-3,
                               torch.zeros(1, dtype=torch.int64)) for n in sizes]
     return _time(lambda: adam.adamw_step(items, simd=simd, threads=threads, **HP), repeats)
+
+
+def _gmtier_compact(sizes, threads, repeats, simd) -> tuple[float, int]:
+    """(seconds a step, the block size) of the compact AdamW on a bf16 gradient, one group per tensor."""
+    import torch
+
+    from gmtier import compact_adam as ca
+    from gmtier.record import COMPACT_BLOCK
+
+    groups = []
+    for i, n in enumerate(sizes):
+        st = ca.compact_state(torch.randn(n), COMPACT_BLOCK)
+        grad = (torch.randn(n) * 1e-3).bfloat16()
+        groups.append([ca.CompactTensors(st["weight"], st["m_codes"], st["v_codes"], st["m_scales"], st["v_scales"],
+                                         grad, st["step"], stream=i)])
+    t = _time(lambda: ca.adamw_compact_step(groups, block=COMPACT_BLOCK, simd=simd, threads=threads, **HP), repeats)
+    return t, COMPACT_BLOCK
 
 
 def _torch_pipeline(sizes, repeats):
@@ -175,7 +195,7 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
     torch.set_num_threads(threads)
     sizes = _sizes(params, tensors)
     log = lambda line: progress.echo(line, err=as_json)  # noqa: E731  (--json: stdout holds the JSON only)
-    phases = progress.bar(total=8, desc="bench-adam", unit="phase")
+    phases = progress.bar(total=9, desc="bench-adam", unit="phase")
     load0 = os.getloadavg()[0]
     log(f"bench-adam: {params / 1e6:.1f}M params in {tensors} tensors, {threads} threads, simd={simd} "
         f"({adam.simd_best() if simd == 'auto' else simd}), {repeats} repeats, load avg {load0:.2f}")
@@ -191,6 +211,9 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
     log(f"  gmtier pipeline: {params / res['gmtier_pipeline_s'] / 1e6:.0f} Mparams/s")
     with progress.phase(phases, "gmtier pipeline, check_finite"):
         res["gmtier_pipeline_check_s"] = _gmtier_pipeline(sizes, threads, repeats, simd, check_finite=True)
+    with progress.phase(phases, "gmtier compact state"):
+        res["gmtier_compact_s"], block = _gmtier_compact(sizes, threads, repeats, simd)
+    log(f"  gmtier compact state: {params / res['gmtier_compact_s'] / 1e6:.0f} Mparams/s")
     with progress.phase(phases, "torch pipeline"):
         res["torch_pipeline_s"] = _torch_pipeline(sizes, repeats)
     log(f"  torch pipeline: {params / res['torch_pipeline_s'] / 1e6:.0f} Mparams/s")
@@ -209,6 +232,8 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
     g = mps(res["gmtier_pipeline_s"])
     eff = BYTES_PER_PARAM["pipeline"] * params / res["gmtier_pipeline_s"] / 1e9
     eff32 = BYTES_PER_PARAM["fp32"] * params / res["gmtier_fp32_s"] / 1e9
+    compact_bytes = BYTES_PER_PARAM["compact"] * params + 16 * sum(-(-n // block) for n in sizes)
+    eff_compact = compact_bytes / res["gmtier_compact_s"] / 1e9
     out = {
         "gmtier_mparams_s": g,
         "torch_pipeline_mparams_s": mps(res["torch_pipeline_s"]),
@@ -225,6 +250,11 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
         "check_finite_overhead": res["gmtier_pipeline_check_s"] / res["gmtier_pipeline_s"] - 1,
         "speedup_vs_deepspeed": None if ds_s is None else ds_s / res["gmtier_fp32_s"],
         "gbps_effective_fp32": eff32,
+        "compact_mparams_s": mps(res["gmtier_compact_s"]),
+        "compact_block": block,
+        "compact_speedup_vs_fp32_state": res["gmtier_pipeline_s"] / res["gmtier_compact_s"],
+        "gbps_effective_compact": eff_compact,
+        "bandwidth_fraction_compact": eff_compact / bw["copy_gbps"],
         "bandwidth_fraction": eff / bw["copy_gbps"],
         "dram_triad_gbps": bw["triad_gbps"],
         "dram_inplace_gbps": bw["inplace_gbps"],
@@ -256,10 +286,11 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
         ("  torch fused", out["torch_fused_mparams_s"], None),
         ("  torch foreach", out["torch_foreach_mparams_s"], None),
         ("  DeepSpeedCPUAdam", out["deepspeed_mparams_s"], None),
+        ("compact state, bf16 grad: gmtier", out["compact_mparams_s"], None),
     ]
     for name, v, _ in rows:
         ref = g if name.startswith(("bf16", "  gmtier, c", "  torch pipeline")) else out["gmtier_fp32_mparams_s"]
-        ratio = "" if v is None or name.startswith(("bf16", "fp32")) else f"{ref / v:.2f}x"
+        ratio = "" if v is None or name.startswith(("bf16", "fp32", "compact")) else f"{ref / v:.2f}x"
         print(f"{name:<34}{f(v):>12}{ratio:>11}")
     print()
     print(f"speedup vs torch pipeline {out['speedup_vs_torch_pipeline']:.2f}x (target >= 1.5), "
@@ -268,6 +299,9 @@ def bench_adam(params, tensors, threads, repeats, simd, bw_bytes, deepspeed, as_
     print(f"effective bandwidth {eff:.1f} GB/s (fp32 workload {eff32:.1f}) = {100 * out['bandwidth_fraction']:.0f}% "
           f"of the measured copy {bw['copy_gbps']:.1f} GB/s (target >= 85%); triad {bw['triad_gbps']:.1f} GB/s, "
           f"in-place read+write {bw['inplace_gbps']:.1f} GB/s ({100 * out['bandwidth_fraction_inplace']:.0f}% of it)")
+    print(f"compact state: {out['compact_speedup_vs_fp32_state']:.2f}x the fp32-state pipeline in params/s "
+          f"(target >= 2.5), {eff_compact:.1f} GB/s for its {compact_bytes / params:.2f} B/param = "
+          f"{100 * out['bandwidth_fraction_compact']:.0f}% of the copy bandwidth (target >= 85%), block {block}")
     print(f"check_finite costs {100 * out['check_finite_overhead']:.1f}%")
     if ds_err:
         print(f"DeepSpeed: {ds_err}")

@@ -223,7 +223,7 @@ def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_ba
             curves[key], _ = train_and_evaluate(cfg, every, batches, log)
             log(f"[{names[key]}] done in {time.perf_counter() - t0:.1f} s")
         result = {"names": names, **compare(curves["switch"], curves["dense"]),
-                  "tokens_per_step": switch.train.batch_size * switch.model.seq_len,
+                  "tokens_per_step": switch.train.micro_batches * switch.train.batch_size * switch.model.seq_len,
                   "flops_per_token": {"switch": forward_flops_per_token(switch.model),
                                       "dense": forward_flops_per_token(dense.model)},
                   "params": {"switch_total": count_params(switch.model)["total"],

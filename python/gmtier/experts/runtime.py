@@ -25,7 +25,7 @@ from gmtier.experts.bank import TieredExperts, expert_starts, from_gemm_rows, ge
 from gmtier.experts.metrics import RuntimeStats
 from gmtier.experts.prefetch import Prefetcher
 from gmtier.experts.updates import ExpertUpdates
-from gmtier.store import TieredExpertStore, emulated
+from gmtier.store import StoreError, TieredExpertStore, emulated
 
 
 class ExpertRuntime:
@@ -42,7 +42,9 @@ class ExpertRuntime:
         self.switch_layers = m.switch_layers()
         self.n_experts = m.n_experts
         self.dtype = dtypes.from_config(cfg.expert_dtype())
-        self.half = self.dtype != torch.float32
+        # Whether the weights are a half-precision copy of an fp32 master in the state section:
+        # then backward needs only the state in RAM. Compact weights are the master (like fp32).
+        self.half = self.dtype != torch.float32 and cfg.experts.state == "fp32"
         self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
         self.plan = cfg.plan(device, gpu_tier=self.device.type == "cuda" or emulated())
         path = cfg.store_dir()
@@ -78,6 +80,12 @@ class ExpertRuntime:
         """An existing store must have been made for this model (layers, experts, record schema)."""
         have = [(t.name, str(t.dtype).removeprefix("torch."), list(t.shape)) for t in self.store.layout]
         want = [(n, str(dtypes.STORE[d]).removeprefix("torch."), list(sh)) for n, d, sh, _ in self.cfg.expert_schema()]
+        state, wanted = record.state_of(n for n, _, _ in have), self.cfg.experts.state
+        if state != wanted:
+            self.store.close()
+            raise ConfigError(
+                f"the expert store {path} holds {state}-state records, but the config says experts.state = "
+                f"{wanted!r}; set experts.state = {state!r} to use it, or train with --fresh to make a new store")
         if (self.store.num_layers, self.store.num_experts) != (len(self.switch_layers), self.n_experts) or have != want:
             self.store.close()
             raise ConfigError(
@@ -93,13 +101,13 @@ class ExpertRuntime:
         def init(layer: int, expert: int) -> dict[str, torch.Tensor]:
             w1, w2 = expert_bank.init_expert(seed, self.switch_layers[layer], expert, m.d_model, m.d_ff,
                                              m.init_std, m.n_layer)
-            return record.initial_record(w1, w2, self.dtype)
+            return record.initial_record(w1, w2, self.dtype, self.cfg.experts.state)
 
         n_records = len(self.switch_layers) * m.n_experts
         with progress.bar(total=n_records, desc="creating expert store", unit="expert") as bar:
             TieredExpertStore.create(path, len(self.switch_layers), m.n_experts, self.cfg.expert_schema(),
                                      init=progress.counted(init, bar), user_meta=json.dumps({"step": 0}),
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, spare_slots=self.cfg.spare_slots())
         self.log(f"created expert store {path}: {len(self.switch_layers)} layers x {m.n_experts} experts "
                  f"in {time.perf_counter() - t0:.1f}s")
 
@@ -115,6 +123,14 @@ class ExpertRuntime:
             model.set_block_input_hook(None)
 
     def committed_step(self) -> int | None:
+        """The step of the store's last commit; refused where the store committed on its own
+        since (its spare slots ran out): its experts are then past that step."""
+        if n := self.store.interim_commits():
+            raise StoreError(
+                f"the expert store {self.cfg.store_dir()} made {n} commits of its own after its last checkpoint "
+                f"(more experts changed than its {self.store.spare_slots} spare record slots hold), so some "
+                f"experts are newer than that checkpoint and the run cannot resume exactly; start over with --fresh, "
+                f"and raise experts.spare_slots (or checkpoint more often) to keep checkpoints exact")
         meta = self.store.user_meta()
         return json.loads(meta).get("step") if meta else None
 

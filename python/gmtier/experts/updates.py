@@ -5,6 +5,10 @@ Where both tiers hold every record, the dW of up to `grad_group` experts in a ro
 one copy and are updated by one AdamW job (`config.grad_staging`). With `experts.async_adam`
 the jobs run on two worker threads while backward goes on, at most `max_pending` experts
 queued or running: their records stay pinned, and the budgets bound how many may be.
+
+The AdamW is the record's kind (`experts.state`): the fp32-state kernel through the store
+(`TieredExpertStore.adam_step`), or the compact kernel (`gmtier.compact_adam`) on the record's
+bf16 weights, 8-bit moments and block scales, its rounding keyed on (train.seed, expert, step).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from gmtier import record
+from gmtier.compact_adam import CompactTensors, adamw_compact_step
 from gmtier.config import Config, ExpertPlan
 from gmtier.experts.metrics import RuntimeStats
 from gmtier.store import GradsOnHost, TieredExpertStore
@@ -34,6 +40,7 @@ class ExpertUpdates:
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
                           threads=cfg.experts.adam_threads or default_adam_threads())
         self.lr, self.grad_scale = t.lr, 1.0
+        self.compact, self.seed = cfg.experts.state == "compact", t.seed
         self.group_size, self.max_pending = plan.grad_group, plan.max_pending
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
         # Records that stay in RAM are written at the commit only; otherwise each is written as
@@ -72,7 +79,8 @@ class ExpertUpdates:
             try:
                 host.wait()
                 t1 = time.perf_counter()
-                skipped = self.store.adam_step(keys, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
+                step = self._compact_step if self.compact else self.store.adam_step
+                skipped = step(keys, host.tensors, lr=lr, grad_scale=scale, **self.hyper)
                 t2 = time.perf_counter()
             finally:
                 host.release()
@@ -92,6 +100,23 @@ class ExpertUpdates:
             self._account(self.pending.pop(0)[0].result())
         self.stats.stats["adam_backlog_s"] += time.perf_counter() - t0
         self.pending.append((self.pool.submit(run), len(keys)))
+
+    def _compact_step(self, keys, grads, lr: float, grad_scale: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float, threads: int) -> list[bool]:
+        """The compact AdamW on the acquired records of `keys`, one group per expert, in one call
+        (each skipped on its own for an inf/NaN gradient). Each weight tensor of each expert has
+        its own rounding stream, so the bits depend on (seed, expert, tensor, step) only."""
+        groups = []
+        for key, g in zip(keys, grads, strict=True):
+            rec = self.store.record(key)
+            flat = key[0] * self.store.num_experts + key[1]
+            groups.append([
+                CompactTensors(rec[n].view(-1), *(rec[record.compact(n, p)] for p in record.COMPACT_PARTS),
+                               g[n].view(-1), rec[record.STEP], stream=flat * len(record.WEIGHTS) + i)
+                for i, n in enumerate(record.WEIGHTS)])
+        return adamw_compact_step(groups, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                                  grad_scale=grad_scale, check_finite=True, block=record.COMPACT_BLOCK,
+                                  seed=self.seed, threads=threads)
 
     def _account(self, result) -> None:
         times, skipped = result

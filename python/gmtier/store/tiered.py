@@ -64,11 +64,13 @@ class TieredExpertStore:
     # ---- construction --------------------------------------------------------------------------
     @staticmethod
     def create(path, num_layers: int, num_experts: int, schema, init: Callable | None = None,
-               user_meta: str | None = None, overwrite: bool = False) -> None:
+               user_meta: str | None = None, overwrite: bool = False, spare_slots: int | None = None) -> None:
         """Create a store directory. `init(layer, expert)` returns a dict name -> tensor (missing
         names are zero) or a bytes-like record; streamed: the next record is filled while the last
         is written. A directory that holds a store already (its data file or its index) is
-        refused with `StoreExistsError` unless `overwrite`, which deletes the directory first."""
+        refused with `StoreExistsError` unless `overwrite`, which deletes the directory first.
+        `spare_slots`: record slots beyond one per expert (None: one per expert; see
+        docs/design.md "The store on disk")."""
         path = Path(path)
         if (path / DATA_FILE).exists() or (path / INDEX_FILE).exists():
             if not overwrite:
@@ -95,7 +97,7 @@ class TieredExpertStore:
                                      f"bytes (see the store's layout)")
                 dst[:] = src
 
-        _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init_into=fill)
+        _core.ExpertStore.create(str(path), num_layers, num_experts, schema, init_into=fill, spare_slots=spare_slots)
         if user_meta:
             s = _core.ExpertStore.open(str(path), record_layout(schema)[1])
             s.commit(user_meta)
@@ -129,6 +131,7 @@ class TieredExpertStore:
         self.layout = tensor_infos(core.tensor_layout())
         self.record_bytes, self.weights_bytes = core.record_bytes, core.weights_bytes
         self.num_layers, self.num_experts, self.ram_slots = core.num_layers, core.num_experts, core.ram_slots
+        self.spare_slots = core.spare_slots
         ptr, nbytes = core.arena_address()
         self.arena = tensor_over(ptr, nbytes, core)  # the arena lives as long as any view of it
         self.pinned = False
@@ -250,6 +253,11 @@ class TieredExpertStore:
 
     def user_meta(self) -> str:
         return self.core.user_meta()
+
+    def interim_commits(self) -> int:
+        """Commits the store made on its own since the last `commit` (its spare slots ran out):
+        when not 0, some experts are newer than `user_meta` says."""
+        return self.core.interim_commits()
 
     # ---- the compute device ----------------------------------------------------------------------
     def acquire(self, key: Key, priority: int = 0, timeout: float | None = None,

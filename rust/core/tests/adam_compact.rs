@@ -126,6 +126,20 @@ fn step(
     simd: Simd,
     threads: usize,
 ) -> bool {
+    try_step(s, g, cfg, block, seed, stream, Some(simd), threads).unwrap()[0]
+}
+
+/// One group of one tensor through the kernel, its result as the kernel gives it.
+fn try_step(
+    s: &mut State,
+    g: &G,
+    cfg: &AdamConfig,
+    block: usize,
+    seed: u64,
+    stream: u64,
+    simd: Option<Simd>,
+    threads: usize,
+) -> Result<Vec<bool>, gmtier_core::adam::AdamError> {
     let mut p = [CompactParam {
         weight: &mut s.w,
         m_codes: &mut s.mq,
@@ -136,7 +150,7 @@ fn step(
         step: &mut s.step,
         stream,
     }];
-    adamw_compact_step_groups(&mut p, &[1], cfg, block, seed, Some(simd), threads).unwrap()[0]
+    adamw_compact_step_groups(&mut p, &[1], cfg, block, seed, simd, threads)
 }
 
 /// Nearest code of `x` in f64 by search over the map's produced codes (ties: either).
@@ -489,4 +503,37 @@ fn bad_arguments_are_refused() {
     }];
     let e = adamw_compact_step_groups(&mut p, &[1], &cfg(), 256, 0, None, 1).unwrap_err();
     assert!(e.to_string().contains("v_scales"), "{e}");
+}
+
+#[test]
+fn a_corrupt_block_scale_is_refused_before_anything_is_written() {
+    let mut rng = Rng::fresh();
+    let (n, block) = (3000, 256);
+    let g = G::new(GradDtype::F32, &vec![1e-3; n]);
+    for (which, bad) in [
+        ("m_scales", f32::NAN),
+        ("v_scales", -1.0),
+        ("m_scales", f32::INFINITY),
+    ] {
+        let mut s = random_state(&mut rng, n, block, 3);
+        let b = (rng.next() % compact_blocks(n, block) as u64) as usize;
+        if which == "m_scales" {
+            s.ms[b] = bad;
+        } else {
+            s.vs[b] = bad;
+        }
+        let before = s.clone();
+        let e = try_step(&mut s, &g, &cfg(), block, 0, 0, None, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{which}[{b}]")) && e.contains("corrupt"),
+            "{e}"
+        );
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let same = (&s.w, &s.mq, &s.vq, s.step) == (&before.w, &before.mq, &before.vq, before.step)
+            && bits(&s.ms) == bits(&before.ms)
+            && bits(&s.vs) == bits(&before.vs);
+        assert!(same, "nothing may be written ({which} = {bad})");
+    }
 }

@@ -23,7 +23,7 @@ fn make(dir: &Path) -> usize {
         b.copy_from_slice(&content(l, e, 0, b.len()));
         Ok(())
     };
-    ExpertStore::create(dir, 1, 3, &schema(), Some(&mut init)).unwrap();
+    ExpertStore::create(dir, 1, 3, &schema(), None, Some(&mut init)).unwrap();
     let s = ExpertStore::open(dir, opts(1 << 20)).unwrap();
     s.layout().record_bytes
 }
@@ -56,13 +56,13 @@ fn an_unknown_index_version_is_refused_naming_file_and_versions() {
     let path = d.path().join(INDEX_FILE);
     let mut index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(index["version"], 1);
+    assert_eq!(index["version"], 2);
     index["version"] = 7.into();
     std::fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
     let msg = open_err(d.path());
     assert!(msg.contains(&path.display().to_string()), "{msg}");
     assert!(msg.contains("index version 7"), "{msg}");
-    assert!(msg.contains("reads index version 1"), "{msg}");
+    assert!(msg.contains("reads index version 1, 2"), "{msg}");
     assert!(matches!(
         ExpertStore::open(d.path(), opts(1 << 20)),
         Err(StoreError::Corrupt(_))
@@ -80,7 +80,7 @@ fn the_tensor_table_checksum_is_written_and_checked() {
         "the header records it"
     );
     // Change one data offset in the table (still valid JSON, same length): refused.
-    let entry = "\"experts.0.2.1.w1\"";
+    let entry = "\"slots.4.w1\"";
     let at = text.find(entry).unwrap();
     let digit = at + text[at..].find("data_offsets\":[").unwrap() + "data_offsets\":[".len();
     let mut bad = json.clone();

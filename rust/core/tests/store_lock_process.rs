@@ -31,7 +31,7 @@ fn another_process_is_refused_and_a_dead_holder_leaves_no_lock() {
         b.copy_from_slice(&content(l, e, 0, b.len()));
         Ok(())
     };
-    ExpertStore::create(d.path(), 1, 3, &schema(), Some(&mut init)).unwrap();
+    ExpertStore::create(d.path(), 1, 3, &schema(), None, Some(&mut init)).unwrap();
     let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -63,7 +63,7 @@ fn another_process_is_refused_and_a_dead_holder_leaves_no_lock() {
 #[test]
 fn a_reopen_waits_for_a_fork_that_shares_the_closed_lock() {
     let d = tempfile::tempdir().unwrap();
-    ExpertStore::create(d.path(), 1, 2, &schema(), None).unwrap();
+    ExpertStore::create(d.path(), 1, 2, &schema(), None, None).unwrap();
     let s = ExpertStore::open(d.path(), opts()).unwrap();
     // A child forked while the store is open shares its lock until it exits (here after 200 ms,
     // as a fork + exec would at its exec).

@@ -1,4 +1,5 @@
 //! Store under concurrency and crashes: budgets, pins, coalescing, no deadlock, no torn records.
+mod common;
 use gmtier_core::store::format::TensorSpec;
 use gmtier_core::store::test_hooks::record_location;
 use gmtier_core::store::{ExpertStore, Key, StoreOptions};
@@ -42,7 +43,7 @@ fn make(dir: &Path, nl: usize, ne: usize) -> usize {
         b.copy_from_slice(&content(l, e, 0, b.len()));
         Ok(())
     };
-    ExpertStore::create(dir, nl, ne, &schema(), Some(&mut init)).unwrap();
+    ExpertStore::create(dir, nl, ne, &schema(), None, Some(&mut init)).unwrap();
     8192
 }
 
@@ -168,8 +169,8 @@ fn all_slots_pinned_blocks_until_release() {
     assert!(s.metrics().stall_s > 0.05);
 }
 
-/// Shadow paging: a torn write into the uncommitted slot and a drop without commit leave
-/// exactly the committed records.
+/// Copy on write: a torn write into the slot of an uncommitted version and a drop without
+/// commit leave exactly the committed records.
 #[test]
 fn crash_during_writeback_keeps_committed_state() {
     let d = tempfile::tempdir().unwrap();
@@ -193,8 +194,8 @@ fn crash_during_writeback_keeps_committed_state() {
             .open(d.path().join("experts.safetensors"))
             .unwrap();
         for e in 0..ne {
-            let (o0, o1, committed) = record_location(&s, 0, e);
-            let off = if committed == 0 { o1 } else { o0 };
+            let (_, written) = record_location(&s, 0, e);
+            let off = written.expect("version 2 was written back");
             f.write_all_at(&vec![0xEE; rb / 2], off).unwrap();
         }
         // Dropped without commit.
@@ -227,30 +228,22 @@ fn sigkill_during_commits_leaves_no_torn_expert() {
     let d = tempfile::tempdir().unwrap();
     make(d.path(), 1, 6);
     let mut last = 0;
-    for round in 0..3u64 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sigkill_during_commits_leaves_no_torn_expert",
-                "--nocapture",
-            ])
-            .env("GMTIER_CRASH_CHILD", d.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(150 + 70 * round));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let s = ExpertStore::open(d.path(), opts(2 * 8192)).unwrap();
-        let v: u64 = s.user_meta().parse().unwrap_or(0);
-        for e in 0..6 {
-            assert_eq!(
-                version_of(0, e, &s.read_record(0, e).unwrap()),
-                Some(v),
-                "round {round} expert {e}"
-            );
-        }
-        last = v;
-    }
+    let env = [("GMTIER_CRASH_CHILD", d.path().display().to_string())];
+    common::kill_child_repeatedly(
+        "sigkill_during_commits_leaves_no_torn_expert",
+        &env,
+        |round| {
+            let s = ExpertStore::open(d.path(), opts(2 * 8192)).unwrap();
+            let v: u64 = s.user_meta().parse().unwrap_or(0);
+            for e in 0..6 {
+                assert_eq!(
+                    version_of(0, e, &s.read_record(0, e).unwrap()),
+                    Some(v),
+                    "round {round} expert {e}"
+                );
+            }
+            last = v;
+        },
+    );
     assert!(last > 0, "the child committed nothing before the kill");
 }

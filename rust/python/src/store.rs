@@ -71,9 +71,11 @@ impl PyExpertStore {
     /// record's fill overlaps the writes). `init(layer, expert) -> bytes-like of record_bytes`,
     /// or `init_into(layer, expert, out)`, which fills `out`, a zeroed bytearray of
     /// record_bytes reused for every record (no new record object each time). Neither: every
-    /// record is zero.
+    /// record is zero. `spare_slots`: record slots beyond one per expert (None: one per
+    /// expert); see docs/design.md "The store on disk".
     #[staticmethod]
-    #[pyo3(signature = (path, num_layers, num_experts, schema, init=None, init_into=None))]
+    #[pyo3(signature = (path, num_layers, num_experts, schema, init=None, init_into=None, spare_slots=None))]
+    #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
         path: PathBuf,
@@ -82,6 +84,7 @@ impl PyExpertStore {
         schema: &Bound<'_, PyAny>,
         init: Option<Py<PyAny>>,
         init_into: Option<Py<PyAny>>,
+        spare_slots: Option<usize>,
     ) -> PyResult<()> {
         let schema = parse_schema(schema)?;
         let (f, into) = match (init, init_into) {
@@ -92,7 +95,14 @@ impl PyExpertStore {
             (None, f) => (f, true),
         };
         let res = py.detach(|| match f {
-            None => core::ExpertStore::create(&path, num_layers, num_experts, &schema, None),
+            None => core::ExpertStore::create(
+                &path,
+                num_layers,
+                num_experts,
+                &schema,
+                spare_slots,
+                None,
+            ),
             Some(f) => {
                 let mut scratch = None;
                 let mut cb = |l: usize, e: usize, buf: &mut [u8]| -> core::Result<()> {
@@ -115,7 +125,14 @@ impl PyExpertStore {
                         })
                     })
                 };
-                core::ExpertStore::create(&path, num_layers, num_experts, &schema, Some(&mut cb))
+                core::ExpertStore::create(
+                    &path,
+                    num_layers,
+                    num_experts,
+                    &schema,
+                    spare_slots,
+                    Some(&mut cb),
+                )
             }
         });
         res.map_err(error::store)
@@ -170,6 +187,16 @@ impl PyExpertStore {
     #[getter]
     fn ram_slots(&self) -> usize {
         self.inner.ram_slots()
+    }
+    /// Record slots beyond one per expert (the file holds records + spares).
+    #[getter]
+    fn spare_slots(&self) -> usize {
+        self.inner.geometry().spare_slots()
+    }
+    /// The data file's format version (1: two shadow slots per expert; 2: the slot pool).
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.inner.geometry().version
     }
     /// File offset of the first record.
     #[getter]
@@ -299,6 +326,12 @@ impl PyExpertStore {
         self.inner.commit_count()
     }
 
+    /// Interim commits since the last `commit(user_meta)`: when not 0, some experts are newer
+    /// than `user_meta()` says (the spare slots ran out between two commits).
+    fn interim_commits(&self) -> u64 {
+        self.inner.interim_commits()
+    }
+
     /// Counters as a dict.
     fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let m = self.inner.metrics();
@@ -319,6 +352,7 @@ impl PyExpertStore {
         d.set_item("stall_s", m.stall_s)?;
         d.set_item("queue_depth_max", m.queue_depth_max)?;
         d.set_item("commits", m.commits)?;
+        d.set_item("interim_commits", m.interim_commits)?;
         d.set_item("direct", m.direct)?;
         d.set_item("resident", self.inner.resident())?;
         d.set_item("pinned", self.inner.pinned())?;

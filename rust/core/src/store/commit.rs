@@ -1,5 +1,9 @@
-//! Write-backs of dirty records, flush and commit (shadow paging: a commit replaces index.json).
+//! Write-backs of dirty records, flush and commit: a changed record goes to a record slot no
+//! committed version uses, and a commit (an atomic replace of index.json) frees the slots of
+//! the versions it supersedes. When the spare slots run out the store commits on its own (an
+//! interim commit, keeping the caller's metadata) instead of stalling.
 
+use super::format::SHADOW_VERSION;
 use super::io::{record_chunks, Dir, JobPriority};
 use super::slots::SlotState;
 use super::{ExpertStore, Inner, Key, Result, Sections, Shared, StoreError};
@@ -20,7 +24,7 @@ impl ExpertStore {
         }
         for &k in keys {
             if let Some(s) = g.pool.lookup(k) {
-                if g.slots[s].dirty && g.slots[s].state == SlotState::Ready {
+                if g.slots[s].dirty && g.slots[s].state == SlotState::Ready && sh.writable(&g, k) {
                     sh.start_writeback(&mut g, s, None);
                 }
             }
@@ -40,34 +44,9 @@ impl ExpertStore {
         let sh = &self.sh;
         let _c = sh.commit_lock.lock().unwrap();
         sh.lock().committing = true;
-        let res = (|| {
-            sh.flush_locked()?;
-            sh.file
-                .sync_data()
-                .map_err(|e| StoreError::io(&sh.data_path, "fsync", e))?;
-            let (new_index, snapshot) = {
-                let g = sh.lock();
-                let mut idx = g.index.clone();
-                for (&flat, &(slot, crc, secs)) in &g.latest {
-                    let gen = idx.experts[flat].2 + 1;
-                    idx.experts[flat] = (slot, crc, gen);
-                    idx.section_crcs[flat] = Some(secs);
-                }
-                idx.commit += 1;
-                idx.user_meta = user_meta.to_string();
-                (idx, g.latest.clone())
-            };
-            new_index.store_atomic(&sh.dir)?;
-            let mut g = sh.lock();
-            for (flat, v) in snapshot {
-                if g.latest.get(&flat) == Some(&v) {
-                    g.latest.remove(&flat);
-                }
-            }
-            g.index = new_index;
-            g.m.commits += 1;
-            Ok(())
-        })();
+        let res = sh
+            .flush_locked()
+            .and_then(|()| sh.write_index(Some(user_meta)));
         let mut g = sh.lock();
         g.committing = false;
         sh.schedule(&mut g);
@@ -77,7 +56,132 @@ impl ExpertStore {
 }
 
 impl Shared {
-    /// Write slot `v`'s dirty record to its expert's uncommitted disk slot; then, if `evict_for`
+    /// Whether a write-back of `key` finds a record slot now: the one holding its version
+    /// written since the last commit, its other shadow slot (version 1), or a free one.
+    pub(super) fn writable(&self, g: &Inner, key: Key) -> bool {
+        self.geom.version == SHADOW_VERSION
+            || !g.free.is_empty()
+            || g.latest
+                .contains_key(&self.geom.flat(key.0 as usize, key.1 as usize))
+    }
+
+    /// The record slot a write-back of expert `flat` goes to (see [`Self::writable`]): never
+    /// one a committed version uses, so a kill mid-write leaves the last commit intact.
+    fn target_slot(&self, g: &mut Inner, flat: usize) -> u32 {
+        if let Some(&(slot, ..)) = g.latest.get(&flat) {
+            return slot; // an uncommitted version is overwritten: nothing committed is touched
+        }
+        if self.geom.version == SHADOW_VERSION {
+            return g.index.experts[flat].0 ^ 1;
+        }
+        g.free
+            .pop()
+            .expect("write-backs start only where a slot is free (writable)")
+    }
+
+    /// Give a record slot back to the free list (version 2; in version 1 each expert's shadow
+    /// pair is its own).
+    fn free_slot(&self, g: &mut Inner, slot: u32) {
+        if self.geom.version != SHADOW_VERSION {
+            g.free.push(slot);
+        }
+    }
+
+    /// Commit the versions written so far: wait for the write-backs in flight (none may start
+    /// meanwhile), fsync the data file, atomically replace index.json, then free the slots of
+    /// the versions it superseded. `user_meta`: the caller's commit; `None`: an interim commit
+    /// (spare slots ran out), which keeps the caller's metadata, counts itself in
+    /// `interim_commits`, and does nothing when nothing was written. The caller holds
+    /// `commit_lock`.
+    fn write_index(self: &Arc<Self>, user_meta: Option<&str>) -> Result<()> {
+        let was_committing = std::mem::replace(&mut self.lock().committing, true);
+        let res = (|| {
+            let mut g = self.lock();
+            while g.inflight_writes > 0 && !g.closed {
+                g = self.cv.wait(g).unwrap();
+            }
+            if g.closed {
+                return Err(StoreError::Closed);
+            }
+            if user_meta.is_none() && g.latest.is_empty() {
+                return Ok(());
+            }
+            drop(g);
+            self.file
+                .sync_data()
+                .map_err(|e| StoreError::io(&self.data_path, "fsync", e))?;
+            let (new_index, snapshot) = {
+                let g = self.lock();
+                let mut idx = g.index.clone();
+                for (&flat, &(slot, crc, secs)) in &g.latest {
+                    let gen = idx.experts[flat].2 + 1;
+                    idx.experts[flat] = (slot, crc, gen);
+                    idx.section_crcs[flat] = Some(secs);
+                }
+                idx.commit += 1;
+                match user_meta {
+                    Some(meta) => {
+                        idx.user_meta = meta.to_string();
+                        idx.interim_commits = 0;
+                    }
+                    None => idx.interim_commits += 1,
+                }
+                (idx, g.latest.clone())
+            };
+            new_index.store_atomic(&self.dir)?;
+            // From here on no index names the superseded versions: their slots may be reused.
+            let mut g = self.lock();
+            for (flat, v) in snapshot {
+                let old = g.index.experts[flat].0;
+                if g.latest.get(&flat) == Some(&v) {
+                    g.latest.remove(&flat);
+                }
+                if old != v.0 {
+                    self.free_slot(&mut g, old);
+                }
+            }
+            g.index = new_index;
+            g.m.commits += 1;
+            if user_meta.is_none() {
+                g.m.interim_commits += 1;
+            }
+            Ok(())
+        })();
+        let mut g = self.lock();
+        g.committing = was_committing;
+        self.schedule(&mut g);
+        self.cv.notify_all();
+        res
+    }
+
+    /// A load waits because every RAM slot it could take holds a dirty record and no record
+    /// slot is free: commit in the background (once at a time) so the slots free up.
+    pub(super) fn start_interim_commit(self: &Arc<Self>, g: &mut Inner) {
+        if g.interim_pending || g.closed {
+            return;
+        }
+        g.interim_pending = true;
+        let sh = self.clone();
+        std::thread::spawn(move || {
+            let res = {
+                let _c = sh.commit_lock.lock().unwrap();
+                sh.write_index(None)
+            };
+            let mut g = sh.lock();
+            g.interim_pending = false;
+            if let Err(e) = res {
+                if !g.closed && g.write_error.is_none() {
+                    g.write_error = Some((format!("interim commit: {e}"), None));
+                }
+            }
+            sh.schedule(&mut g);
+            sh.cv.notify_all();
+        });
+    }
+}
+
+impl Shared {
+    /// Write slot `v`'s dirty record to a record slot no commit uses ([`Self::target_slot`]); then, if `evict_for`
     /// is set, load that key into `v`.
     pub(super) fn start_writeback(
         self: &Arc<Self>,
@@ -88,14 +192,12 @@ impl Shared {
         let key = g.pool.key_of(v).expect("dirty slot holds a key");
         g.pool.pin(v);
         let flat = self.geom.flat(key.0 as usize, key.1 as usize);
-        let target = 1 - g.index.entry(flat).slot;
+        let target = self.target_slot(g, flat);
         let gen = g.slots[v].dirty_gen;
         let info = &mut g.slots[v];
         info.state = SlotState::Flushing;
         info.evict_for = evict_for;
-        let off = self
-            .geom
-            .record_offset(key.0 as usize, key.1 as usize, target);
+        let off = self.geom.slot_offset(target);
         let seq = g.next_seq();
         let sh = self.clone();
         // Only whole records are ever dirty; each section's crc32 comes out of the same pass.
@@ -127,7 +229,7 @@ impl Shared {
         self: &Arc<Self>,
         v: usize,
         key: Key,
-        target: u8,
+        target: u32,
         gen: u64,
         n: usize,
         res: std::io::Result<Vec<u32>>,
@@ -139,11 +241,11 @@ impl Shared {
         let _ = g.pool.unpin(v);
         let evict_for = g.slots[v].evict_for.take();
         g.slots[v].state = SlotState::Ready;
+        let flat = self.geom.flat(key.0 as usize, key.1 as usize);
         match res {
             Ok(crcs) => {
                 let (w, st) = layout.section_crcs_of_segments(&crcs);
                 let crc = layout.record_crc((w, st));
-                let flat = self.geom.flat(key.0 as usize, key.1 as usize);
                 g.latest.insert(flat, (target, crc, (w, st)));
                 g.m.bytes_written += rb as u64;
                 g.m.writebacks += 1;
@@ -152,6 +254,9 @@ impl Shared {
                 }
             }
             Err(e) => {
+                if g.latest.get(&flat).map(|x| x.0) != Some(target) {
+                    self.free_slot(&mut g, target); // a fresh slot: nothing valid was in it
+                }
                 let errno = e.raw_os_error();
                 g.write_error = Some((
                     format!(
@@ -179,6 +284,8 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    /// Write every dirty RAM record back; where the spare slots run out, commit what was
+    /// written so far (an interim commit) to free them. The caller holds `commit_lock`.
     pub(super) fn flush_locked(self: &Arc<Self>) -> Result<()> {
         let mut g = self.lock();
         g.write_error = None;
@@ -189,15 +296,27 @@ impl Shared {
             let dirty: Vec<usize> = (0..self.ram_slots)
                 .filter(|&s| g.slots[s].dirty && g.slots[s].state == SlotState::Ready)
                 .collect();
-            for s in &dirty {
-                self.start_writeback(&mut g, *s, None);
+            let mut blocked = false;
+            for &s in &dirty {
+                let key = g.pool.key_of(s).expect("dirty slot holds a key");
+                if self.writable(&g, key) {
+                    self.start_writeback(&mut g, s, None);
+                } else {
+                    blocked = true;
+                }
             }
             let any_dirty = g.slots.iter().any(|s| s.dirty);
-            if dirty.is_empty() && g.inflight_writes == 0 && !any_dirty {
+            if !blocked && g.inflight_writes == 0 && !any_dirty {
                 return Ok(());
             }
             if g.closed {
                 return Err(StoreError::Closed);
+            }
+            if blocked && g.inflight_writes == 0 {
+                drop(g);
+                self.write_index(None)?;
+                g = self.lock();
+                continue;
             }
             g = self.cv.wait(g).unwrap();
         }

@@ -1,5 +1,7 @@
-//! On-disk format: a safetensors-valid data file holding two record slots per expert, plus
-//! `index.json`, the last committed state. See docs/design.md "The store on disk".
+//! On-disk format: a safetensors-valid data file holding a pool of record slots (version 2:
+//! every expert's committed record plus spare slots for the versions written since; version 1:
+//! two shadow slots per expert), plus `index.json`, the last committed state. See
+//! docs/design.md "The store on disk".
 
 use crate::error::{Result, StoreError};
 use serde::{Deserialize, Serialize};
@@ -12,10 +14,12 @@ use std::path::{Path, PathBuf};
 pub const ALIGN: usize = 4096;
 /// Tensors inside a section start on this boundary, so SIMD loads and torch dtype views are aligned.
 pub const TENSOR_ALIGN: usize = 64;
-/// Version written into the header and the index.
-pub const FORMAT_VERSION: u32 = 1;
-/// Index versions this build reads.
-pub const INDEX_VERSIONS_READ: &[u32] = &[1];
+/// Version written into the header and the index of a new store: 2, the slot pool.
+pub const FORMAT_VERSION: u32 = 2;
+/// Version 1: two shadow slots per expert, slot `2 * flat + s`; still read and written.
+pub const SHADOW_VERSION: u32 = 1;
+/// Header and index versions this build reads.
+pub const INDEX_VERSIONS_READ: &[u32] = &[SHADOW_VERSION, FORMAT_VERSION];
 /// The `__metadata__` key of the header's tensor-table checksum (crc32 of the table's bytes, 8
 /// hex digits). Headers written before it existed lack it and are read without the check.
 pub const TABLE_CRC_KEY: &str = "tensor_table_crc32";
@@ -402,6 +406,11 @@ pub struct Geometry {
     pub layout: RecordLayout,
     /// File offset of the first record (8 + header length), a multiple of [`ALIGN`].
     pub data_start: u64,
+    /// Format version: [`SHADOW_VERSION`] or [`FORMAT_VERSION`].
+    pub version: u32,
+    /// Record slots in the file: `2 * num_records` in version 1; `num_records + spares` in
+    /// version 2.
+    pub disk_slots: usize,
 }
 
 impl Geometry {
@@ -413,14 +422,29 @@ impl Geometry {
     pub fn flat(&self, layer: usize, expert: usize) -> usize {
         layer * self.num_experts + expert
     }
-    /// File offset of record slot `slot` (0/1) of an expert.
-    pub fn record_offset(&self, layer: usize, expert: usize, slot: u8) -> u64 {
-        let i = (self.flat(layer, expert) * 2 + slot as usize) as u64;
-        self.data_start + i * self.layout.record_bytes as u64
+    /// File offset of record slot `slot` (in version 1, expert `flat`'s shadow slot `s` is
+    /// slot `2 * flat + s`).
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        self.data_start + slot as u64 * self.layout.record_bytes as u64
+    }
+    /// Spare record slots: those beyond one per expert.
+    pub fn spare_slots(&self) -> usize {
+        self.disk_slots - self.num_records()
     }
     /// Size the data file must have.
     pub fn file_size(&self) -> u64 {
-        self.data_start + (self.num_records() * 2 * self.layout.record_bytes) as u64
+        self.data_start + (self.disk_slots * self.layout.record_bytes) as u64
+    }
+    /// The safetensors name prefix of record slot `slot`'s tensors: `slots.{slot}` in version
+    /// 2; `experts.{layer}.{expert}.{shadow slot}` in version 1.
+    fn slot_name(&self, slot: usize) -> String {
+        if self.version == SHADOW_VERSION {
+            let flat = slot / 2;
+            let (l, e) = (flat / self.num_experts, flat % self.num_experts);
+            format!("experts.{l}.{e}.{}", slot % 2)
+        } else {
+            format!("slots.{slot}")
+        }
     }
     /// Check a (layer, expert) key against the geometry.
     pub fn check_key(&self, layer: usize, expert: usize) -> Result<()> {
@@ -444,8 +468,9 @@ struct SchemaEntry {
     section: String,
 }
 
-/// Build the safetensors header text (unpadded JSON) for a geometry whose data starts at `data_start`.
-fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> String {
+/// Build the safetensors header text (unpadded JSON) of a geometry (its `data_start` unused).
+fn header_json(g: &Geometry) -> String {
+    let (num_layers, num_experts, layout) = (g.num_layers, g.num_experts, &g.layout);
     let schema: Vec<SchemaEntry> = layout
         .tensors
         .iter()
@@ -458,13 +483,16 @@ fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> 
         .collect();
     let mut meta = BTreeMap::new();
     meta.insert("format", "gmtier-store".to_string());
-    meta.insert("version", FORMAT_VERSION.to_string());
+    meta.insert("version", g.version.to_string());
+    if g.version != SHADOW_VERSION {
+        meta.insert("disk_slots", g.disk_slots.to_string());
+    }
     meta.insert("schema", serde_json::to_string(&schema).unwrap());
     meta.insert("num_layers", num_layers.to_string());
     meta.insert("num_experts", num_experts.to_string());
     meta.insert("record_bytes", layout.record_bytes.to_string());
     meta.insert("weights_bytes", layout.weights_bytes.to_string());
-    let table = tensor_table_json(num_layers, num_experts, layout);
+    let table = tensor_table_json(g);
     meta.insert(
         TABLE_CRC_KEY,
         format!("{:08x}", crc32fast::hash(table.as_bytes())),
@@ -480,43 +508,41 @@ fn header_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> 
 
 /// The header's tensor table: every record slot's tensors (and padding) as safetensors entries,
 /// each starting with a comma (it follows `__metadata__`).
-fn tensor_table_json(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> String {
+fn tensor_table_json(g: &Geometry) -> String {
     // Built by hand: the header can hold ~10^5 entries and we want one pass, no intermediate Value tree.
-    let mut s = String::with_capacity(num_layers * num_experts * 2 * layout.tensors.len() * 96);
+    let layout = &g.layout;
+    let mut s = String::with_capacity(g.disk_slots * layout.tensors.len() * 96);
     let rb = layout.record_bytes;
-    for l in 0..num_layers {
-        for e in 0..num_experts {
-            for slot in 0..2usize {
-                let base = ((l * num_experts + e) * 2 + slot) * rb;
-                let mut pos = 0usize;
-                let mut k = 0usize;
-                let mut pad = |s: &mut String, from: usize, to: usize| {
-                    if to > from {
-                        s.push_str(&format!(
-                            ",\"experts.{l}.{e}.{slot}.__pad{k}\":{{\"dtype\":\"U8\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-                            to - from,
-                            base + from,
-                            base + to
-                        ));
-                        k += 1;
-                    }
-                };
-                for t in &layout.tensors {
-                    pad(&mut s, pos, t.offset);
-                    let shape: Vec<String> = t.spec.shape.iter().map(|d| d.to_string()).collect();
-                    s.push_str(&format!(
-                        ",\"experts.{l}.{e}.{slot}.{}\":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-                        t.spec.name,
-                        t.spec.dtype.safetensors_name(),
-                        shape.join(","),
-                        base + t.offset,
-                        base + t.offset + t.nbytes
-                    ));
-                    pos = t.offset + t.nbytes;
-                }
-                pad(&mut s, pos, rb);
+    for slot in 0..g.disk_slots {
+        let name = g.slot_name(slot);
+        let base = slot * rb;
+        let mut pos = 0usize;
+        let mut k = 0usize;
+        let mut pad = |s: &mut String, from: usize, to: usize| {
+            if to > from {
+                s.push_str(&format!(
+                    ",\"{name}.__pad{k}\":{{\"dtype\":\"U8\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+                    to - from,
+                    base + from,
+                    base + to
+                ));
+                k += 1;
             }
+        };
+        for t in &layout.tensors {
+            pad(&mut s, pos, t.offset);
+            let shape: Vec<String> = t.spec.shape.iter().map(|d| d.to_string()).collect();
+            s.push_str(&format!(
+                ",\"{name}.{}\":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+                t.spec.name,
+                t.spec.dtype.safetensors_name(),
+                shape.join(","),
+                base + t.offset,
+                base + t.offset + t.nbytes
+            ));
+            pos = t.offset + t.nbytes;
         }
+        pad(&mut s, pos, rb);
     }
     s
 }
@@ -558,9 +584,10 @@ fn check_table_crc(
     Ok(())
 }
 
-/// Header bytes (8-byte length + JSON padded with spaces so the data starts 4096-aligned).
-pub fn build_header(num_layers: usize, num_experts: usize, layout: &RecordLayout) -> Vec<u8> {
-    let json = header_json(num_layers, num_experts, layout);
+/// Header bytes (8-byte length + JSON padded with spaces so the data starts 4096-aligned) of a
+/// geometry; `data_start` is this header's length.
+pub fn build_header(g: &Geometry) -> Vec<u8> {
+    let json = header_json(g);
     let total = align_up(8 + json.len(), ALIGN);
     let n = total - 8;
     let mut out = Vec::with_capacity(total);
@@ -617,10 +644,10 @@ pub fn read_header(path: &Path, file: &File) -> Result<Geometry> {
     let version: u32 = get("version")?
         .parse()
         .map_err(|_| corrupt("bad version".into()))?;
-    if version != FORMAT_VERSION {
+    if !INDEX_VERSIONS_READ.contains(&version) {
         return Err(StoreError::Corrupt(format!(
-            "{}: store format version {version}, this gmtier reads version {FORMAT_VERSION}; \
-             use a matching gmtier or recreate the store",
+            "{}: store format version {version}, this gmtier reads versions {SHADOW_VERSION} and \
+             {FORMAT_VERSION}; use a matching gmtier or recreate the store",
             path.display()
         )));
     }
@@ -649,18 +676,32 @@ pub fn read_header(path: &Path, file: &File) -> Result<Geometry> {
             "data starts at byte {data_start}, not 4096-aligned"
         )));
     }
+    let disk_slots = if version == SHADOW_VERSION {
+        2 * nl * ne
+    } else {
+        num("disk_slots")?
+    };
+    if disk_slots <= nl * ne {
+        return Err(corrupt(format!(
+            "__metadata__.disk_slots is {disk_slots}, but {nl} x {ne} experts need more (one \
+             each, plus at least one spare)"
+        )));
+    }
     let g = Geometry {
         num_layers: nl,
         num_experts: ne,
         layout,
         data_start,
+        version,
+        disk_slots,
     };
     if size < g.file_size() {
         return Err(StoreError::Corrupt(format!(
-            "{}: file is truncated: it is {size} bytes but {nl} layers x {ne} experts x 2 slots x \
-             {} bytes need {} bytes; the file was cut short (incomplete copy or full disk) — \
-             restore it from a backup or recreate the store",
+            "{}: file is truncated: it is {size} bytes but {disk_slots} record slots ({nl} layers \
+             x {ne} experts and {} spares) x {} bytes need {} bytes; the file was cut short \
+             (incomplete copy or full disk) — restore it from a backup or recreate the store",
             path.display(),
+            g.spare_slots(),
             g.layout.record_bytes,
             g.file_size()
         )));
@@ -671,8 +712,8 @@ pub fn read_header(path: &Path, file: &File) -> Result<Geometry> {
 /// One expert's committed state in the index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexEntry {
-    /// Which record slot (0/1) holds the committed version.
-    pub slot: u8,
+    /// Which record slot of the file holds the committed version (see [`Geometry::slot_offset`]).
+    pub slot: u32,
     /// crc32 of that record.
     pub crc: u32,
     /// How many commits changed this expert.
@@ -687,7 +728,7 @@ pub struct IndexEntry {
 pub struct Index {
     /// Always "gmtier-index".
     pub format: String,
-    /// [`FORMAT_VERSION`].
+    /// The data file's format version ([`SHADOW_VERSION`] or [`FORMAT_VERSION`]).
     pub version: u32,
     /// Layers (must match the data file).
     pub num_layers: usize,
@@ -699,8 +740,15 @@ pub struct Index {
     pub commit: u64,
     /// The caller's metadata string from the last commit.
     pub user_meta: String,
-    /// Per expert, flat `layer * num_experts + expert`: [slot, crc, gen].
-    pub experts: Vec<(u8, u32, u64)>,
+    /// Commits the store made on its own since the caller's last commit, because the spare
+    /// slots ran out (see `docs/design.md`): when not 0, some experts are newer than
+    /// `user_meta` says. Absent (0) in older indexes.
+    #[serde(default)]
+    pub interim_commits: u64,
+    /// Per expert, flat `layer * num_experts + expert`: [slot, crc, gen]. In memory the slot is
+    /// always the file's record slot; a version 1 file stores the shadow slot (0/1) instead
+    /// ([`Index::load`] and [`Index::store_atomic`] convert).
+    pub experts: Vec<(u32, u32, u64)>,
     /// Per expert: [weights crc, state crc] of the committed record, or null where unknown
     /// (an index from before section reads lacks the field; older gmtier ignores it).
     #[serde(default)]
@@ -749,12 +797,27 @@ impl Index {
                 reads.join(", ")
             )));
         }
+        if idx.version != g.version {
+            return Err(StoreError::Corrupt(format!(
+                "{} has index version {} but {} has format version {}: the two files come from \
+                 different stores — restore the matching pair",
+                path.display(),
+                idx.version,
+                DATA_FILE,
+                g.version
+            )));
+        }
+        let slot_limit = if g.version == SHADOW_VERSION {
+            2
+        } else {
+            g.disk_slots as u32
+        };
         if idx.format != "gmtier-index"
             || idx.num_layers != g.num_layers
             || idx.num_experts != g.num_experts
             || idx.record_bytes != g.layout.record_bytes
             || idx.experts.len() != g.num_records()
-            || idx.experts.iter().any(|e| e.0 > 1)
+            || idx.experts.iter().any(|e| e.0 >= slot_limit)
             || !(idx.section_crcs.is_empty() || idx.section_crcs.len() == idx.experts.len())
         {
             return Err(StoreError::Corrupt(format!(
@@ -772,16 +835,55 @@ impl Index {
                 g.layout.record_bytes
             )));
         }
+        if g.version == SHADOW_VERSION {
+            for (flat, e) in idx.experts.iter_mut().enumerate() {
+                e.0 += 2 * flat as u32;
+            }
+        }
+        let mut used = vec![false; g.disk_slots];
+        for (flat, e) in idx.experts.iter().enumerate() {
+            if std::mem::replace(&mut used[e.0 as usize], true) {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: record slot {} is committed for two experts (the second is layer {} \
+                     expert {}); the index is damaged — restore it from a backup",
+                    path.display(),
+                    e.0,
+                    flat / g.num_experts,
+                    flat % g.num_experts
+                )));
+            }
+        }
         // An index from before section reads: every record is read whole until a commit or a
         // verified whole read records its section crcs.
         idx.section_crcs.resize(idx.experts.len(), None);
         Ok(idx)
     }
 
+    /// The record slots no committed version uses, lowest last (so they are taken in order).
+    pub fn free_slots(&self, g: &Geometry) -> Vec<u32> {
+        let mut used = vec![false; g.disk_slots];
+        for e in &self.experts {
+            used[e.0 as usize] = true;
+        }
+        (0..g.disk_slots as u32)
+            .rev()
+            .filter(|&s| !used[s as usize])
+            .collect()
+    }
+
     /// Replace `index.json` atomically: write a temp file, fsync it, rename, fsync the directory.
     pub fn store_atomic(&self, dir: &Path) -> Result<()> {
         let tmp: PathBuf = dir.join(format!("{INDEX_FILE}.tmp"));
-        let text = serde_json::to_vec(self).expect("index serializes");
+        let text = if self.version == SHADOW_VERSION {
+            let mut on_disk = self.clone();
+            for e in on_disk.experts.iter_mut() {
+                e.0 %= 2;
+            }
+            serde_json::to_vec(&on_disk)
+        } else {
+            serde_json::to_vec(self)
+        }
+        .expect("index serializes");
         let res = (|| -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&text)?;

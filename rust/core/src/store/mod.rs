@@ -1,4 +1,4 @@
-//! The tiered expert store: a data file on NVMe (two record slots per expert, shadow paging),
+//! The tiered expert store: a data file on NVMe (a pool of record slots, copy on write),
 //! a pinned-able RAM arena of `ram_bytes / record_bytes` slots, asynchronous reads and
 //! write-backs on an I/O thread pool, tickets that callers wait on without busy-waiting, and
 //! prefetch with priorities. See docs/design.md for the contracts.
@@ -112,8 +112,10 @@ pub struct Metrics {
     pub stall_s: f64,
     /// Largest number of read chunks in flight (what `queue_depth` bounds).
     pub queue_depth_max: u64,
-    /// Commits.
+    /// Commits (the caller's and interim ones).
     pub commits: u64,
+    /// Commits the store made on its own because the spare record slots ran out.
+    pub interim_commits: u64,
     /// Whether I/O bypasses the page cache.
     pub direct: bool,
 }
@@ -125,7 +127,11 @@ struct Inner {
     index: Index,
     /// Experts written back since the last commit: flat index -> (record slot, crc,
     /// (weights crc, state crc)).
-    latest: HashMap<usize, (u8, u32, (u32, u32))>,
+    latest: HashMap<usize, (u32, u32, (u32, u32))>,
+    /// Record slots neither committed nor in `latest` nor being written (version 2 only).
+    free: Vec<u32>,
+    /// An interim commit has been started and has not finished.
+    interim_pending: bool,
     pending: HashMap<Key, Pending>,
     heap: BinaryHeap<HeapItem>,
     seq: u64,
@@ -149,7 +155,7 @@ struct Inner {
 /// Where an expert's newest version lives on disk and its checksums.
 #[derive(Clone, Copy, Debug)]
 struct Source {
-    slot: u8,
+    slot: u32,
     crc: u32,
     /// (weights, state) crcs; `None` in an index from before section reads.
     sections: Option<(u32, u32)>,

@@ -57,8 +57,10 @@ impl ExpertStore {
         let inner = Inner {
             pool: SlotPool::new(ram_slots),
             slots: (0..ram_slots).map(|_| SlotInfo::empty()).collect(),
+            free: index.free_slots(&geom),
             index,
             latest: HashMap::new(),
+            interim_pending: false,
             pending: HashMap::new(),
             heap: BinaryHeap::new(),
             seq: 0,
@@ -139,6 +141,11 @@ impl ExpertStore {
         self.sh.lock().index.commit
     }
 
+    /// Interim commits since the caller's last commit (see [`Index::interim_commits`]).
+    pub fn interim_commits(&self) -> u64 {
+        self.sh.lock().index.interim_commits
+    }
+
     /// Counters.
     pub fn metrics(&self) -> Metrics {
         let g = self.sh.lock();
@@ -173,6 +180,9 @@ impl ExpertStore {
         }
         sh.cv.notify_all();
         drop(g);
+        // An interim commit running in the background finishes (or sees `closed`) before the
+        // directory lock goes: nobody else may write index.json while it could.
+        drop(sh.commit_lock.lock().unwrap_or_else(|e| e.into_inner()));
         sh.io.shutdown();
         // Nothing runs any more: another ExpertStore may open the directory now.
         sh.lock().dir_lock = None;

@@ -71,10 +71,7 @@ impl Shared {
             secs
         };
         let (start, lens) = self.geom.layout.span(secs);
-        let off = self
-            .geom
-            .record_offset(key.0 as usize, key.1 as usize, src.slot)
-            + start as u64;
+        let off = self.geom.slot_offset(src.slot) + start as u64;
         let prio = JobPriority {
             class: if demand {
                 JobPriority::DEMAND

@@ -64,14 +64,17 @@ impl Shared {
             } else {
                 Need::Prefetch(p.priority)
             };
-            let inner = &mut **g;
-            let (slots, committing, werr) =
-                (&inner.slots, inner.committing, inner.write_error.is_some());
-            // While committing (or after a failed write) dirty records stay put: no write-back may race the index.
-            let Some(v) = inner
-                .pool
-                .victim(need, |s| !(slots[s].dirty && (committing || werr)))
-            else {
+            let inner = &**g;
+            let (slots, pool) = (&inner.slots, &inner.pool);
+            // While committing (or after a failed write) dirty records stay put: no write-back
+            // may race the index. Nor may one start where no record slot is free.
+            let held = inner.committing || inner.write_error.is_some();
+            let writable = |s: usize| pool.key_of(s).is_some_and(|k| self.writable(inner, k));
+            let Some(v) = pool.victim(need, |s| !slots[s].dirty || (!held && writable(s))) else {
+                if !held && pool.victim(need, |_| true).is_some() {
+                    // Only dirty records without a free slot stand in the way.
+                    self.start_interim_commit(g);
+                }
                 return;
             };
             g.heap.pop();

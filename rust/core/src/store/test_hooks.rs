@@ -1,19 +1,52 @@
 //! Hooks for the integration tests in `rust/core/tests/`: not part of the API.
 
+use super::create::create_store;
+use super::format::{TensorSpec, SHADOW_VERSION};
 use super::io::JobPriority;
 use super::slots::SlotState;
 use super::{ExpertStore, Key};
+use super::{InitFn, Result};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
 #[doc(hidden)]
-/// Test hook: the file offset of an expert's record slot and the slot the index commits.
-pub fn record_location(store: &ExpertStore, layer: usize, expert: usize) -> (u64, u64, u8) {
+/// Test hook: the file offsets of an expert's committed record and of its version written
+/// since the last commit, if any.
+pub fn record_location(store: &ExpertStore, layer: usize, expert: usize) -> (u64, Option<u64>) {
     let g = store.sh.lock();
-    let e = g.index.entry(store.sh.geom.flat(layer, expert));
+    let flat = store.sh.geom.flat(layer, expert);
+    let geom = &store.sh.geom;
     (
-        store.sh.geom.record_offset(layer, expert, 0),
-        store.sh.geom.record_offset(layer, expert, 1),
-        e.slot,
+        geom.slot_offset(g.index.entry(flat).slot),
+        g.latest.get(&flat).map(|l| geom.slot_offset(l.0)),
+    )
+}
+
+#[doc(hidden)]
+/// Test hook: the record slots free now (version 2 stores).
+pub fn free_slots(store: &ExpertStore) -> usize {
+    store.sh.lock().free.len()
+}
+
+#[doc(hidden)]
+/// Test hook: create a store in the version 1 format (two shadow slots per expert), as gmtier
+/// before the slot pool did.
+pub fn create_shadow_store(
+    dir: &Path,
+    num_layers: usize,
+    num_experts: usize,
+    schema: &[TensorSpec],
+    init: Option<InitFn<'_>>,
+) -> Result<()> {
+    let slots = 2 * num_layers * num_experts;
+    create_store(
+        dir,
+        num_layers,
+        num_experts,
+        schema,
+        SHADOW_VERSION,
+        slots,
+        init,
     )
 }
 

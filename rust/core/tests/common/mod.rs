@@ -33,3 +33,21 @@ pub fn eventually(what: &str, f: impl Fn() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// Run this test binary's test `test` as a child process with `env` set (the child's branch of
+/// the test does the work in a loop), SIGKILL it after 150, 220 and 290 ms, and call
+/// `after_kill(round)` after each kill.
+pub fn kill_child_repeatedly(test: &str, env: &[(&str, String)], mut after_kill: impl FnMut(u64)) {
+    for round in 0..3u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["--exact", test, "--nocapture"]);
+        for (k, v) in env {
+            child.env(k, v);
+        }
+        let mut child = child.stdout(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150 + 70 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        after_kill(round);
+    }
+}

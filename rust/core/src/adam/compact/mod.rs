@@ -102,9 +102,34 @@ fn check_pointers(params: &[RawCompactParam]) -> Result<(), AdamError> {
     Ok(())
 }
 
+/// Every block scale must be a finite, non-negative number (an absmax): anything else is a
+/// damaged state, refused before a single element is stepped. Cheap: one scale per block.
+fn check_scales(params: &[RawCompactParam], block: usize) -> Result<(), AdamError> {
+    for (i, p) in params.iter().enumerate() {
+        let nb = compact_blocks(p.numel, block);
+        for (what, ptr) in [("m_scales", p.m_scales), ("v_scales", p.v_scales)] {
+            if nb == 0 {
+                continue;
+            }
+            // SAFETY: the caller vouches for `nb` scales at `ptr`.
+            let scales = unsafe { std::slice::from_raw_parts(ptr, nb) };
+            if let Some(b) = scales.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+                return Err(AdamError::Invalid(format!(
+                    "tensor {i}: {what}[{b}] = {} is not a finite non-negative block scale: the \
+                     compact optimizer state is corrupt (restore the store from a backup or \
+                     retrain the expert)",
+                    scales[b]
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One compact AdamW step over groups of tensors (one group per expert), each group skipped on
 /// its own, untouched, when its gradients hold an inf/NaN (with `cfg.check_finite`), as
-/// [`super::adamw_step_groups_raw`]. `cfg.stores` is ignored (regular stores). Each distinct
+/// [`super::adamw_step_groups_raw`]. A block scale that is negative or not finite is an error
+/// (a corrupt state), before anything is written. `cfg.stores` is ignored (regular stores). Each distinct
 /// step counter of a live group is incremented once. Returns whether each group was skipped.
 ///
 /// # Safety
@@ -125,6 +150,7 @@ pub unsafe fn adamw_compact_step_groups_raw(
     let simd = Simd::resolve(simd)?;
     check_group_ends(group_ends, params.len())?;
     check_pointers(params)?;
+    check_scales(params, block)?;
     let pool = thread_pool(threads)?;
     let parallel = params.iter().map(|p| p.numel).sum::<usize>() > INLINE_MAX;
     let run = || {
