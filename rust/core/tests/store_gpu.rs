@@ -14,7 +14,7 @@ fn open(dir: &Path, ram_records: usize, gpu_slots: usize) -> (ExpertStore, GpuSl
         b.copy_from_slice(&content(l, e, 0, b.len()));
         Ok(())
     };
-    ExpertStore::create(dir, 1, 8, &schema(), Some(&mut init)).unwrap();
+    ExpertStore::create(dir, 1, 8, &schema(), None, Some(&mut init)).unwrap();
     let rb = gmtier_core::store::format::RecordLayout::new(&schema())
         .unwrap()
         .record_bytes;
