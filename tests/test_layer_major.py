@@ -201,3 +201,20 @@ def test_sigkill_with_spilled_activations_then_resume(data_dir, tmp_path):
     assert p.returncode == 0, out
     ref, got = losses_of(tmp_path / "ref"), losses_of(tmp_path / "run")
     assert [got[s] for s in range(1, steps + 1)] == pytest.approx([ref[s] for s in range(1, steps + 1)], abs=1e-6)
+
+
+@needs_store
+def test_experts_run_in_chunks_of_rows_with_the_same_numbers(data_dir, tmp_path, monkeypatch):
+    """An expert with more rows than EXPERT_CHUNK_BYTES allows runs in chunks (dW added up): the
+    same losses as in one piece, here with chunks of 8 rows."""
+    import gmtier.experts.bank as bank
+
+    whole = train(_lm(data_dir, tmp_path / "whole"), log=lambda s: None)
+    monkeypatch.setattr(bank, "EXPERT_CHUNK_BYTES", 3 * 128 * 4 * 8)  # d_ff 128, fp32: 8 rows
+    assert bank.expert_chunk_rows(128, torch.float32, 0) == 8
+    calls = Counter()
+    real = bank.expert_ffn
+    monkeypatch.setattr(bank, "expert_ffn", lambda *a, **k: (calls.update(["fwd"]), real(*a, **k))[1])
+    chunked = train(_lm(data_dir, tmp_path / "chunked"), log=lambda s: None)
+    assert calls["fwd"] > 10 * 2 * 4  # more than one call per expert a step
+    assert chunked == pytest.approx(whole, abs=1e-5)

@@ -25,18 +25,43 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, out: torch.T
     return F.linear(h, w2) if out is None else torch.mm(h, w2.t(), out=out)
 
 
-def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None):
+def expert_ffn_backward(x, w1, w2, dy, out: dict | None = None, dx: torch.Tensor | None = None,
+                        accumulate: bool = False):
     """Gradients of `expert_ffn` by hand (no autograd graph over the store's views):
     returns (dx, {"w1": dW1, "w2": dW2}); dW is written into `out`'s tensors when given (a GPU
-    staging slot), dx into `dx` when given."""
+    staging slot), added to them with `accumulate` (the next chunk of an expert's rows), dx
+    into `dx` when given."""
     a = F.linear(x, w1)
     h = F.gelu(a)
     if out is None:
         out = {"w1": torch.empty_like(w1), "w2": torch.empty_like(w2)}
-    torch.mm(dy.t(), h, out=out["w2"])
     da = torch.ops.aten.gelu_backward(dy.mm(w2), a)
-    torch.mm(da.t(), x, out=out["w1"])
+    if accumulate:
+        out["w2"].addmm_(dy.t(), h)
+        out["w1"].addmm_(da.t(), x)
+    else:
+        torch.mm(dy.t(), h, out=out["w2"])
+        torch.mm(da.t(), x, out=out["w1"])
     return (da.mm(w1) if dx is None else torch.mm(da, w1, out=dx)), out
+
+
+# An expert's [rows, d_ff] intermediates (about three of them at once in backward) are kept under
+# this many bytes: an expert with more rows than that (a layer-major step gives each expert the
+# tokens of many micro-batches) runs in chunks of rows, whose dW add up.
+EXPERT_CHUNK_BYTES = 256 << 20
+
+
+def expert_chunk_rows(d_ff: int, dtype: torch.dtype, multiple: int) -> int:
+    """Rows an expert's GEMMs take at once (a multiple of the GEMM row multiple, so chunk shapes
+    repeat too)."""
+    rows = EXPERT_CHUNK_BYTES // (3 * d_ff * torch.empty((), dtype=dtype).element_size())
+    multiple = max(1, multiple)
+    return max(multiple, rows // multiple * multiple)
+
+
+def chunks(start: int, n: int, rows: int):
+    """(start, length) of the row chunks of an expert's `n` rows from `start`."""
+    return [(start + c, min(rows, n - c)) for c in range(0, n, rows)]
 
 
 def init_expert(seed: int, layer: int, expert: int, d_model: int, d_ff: int, std: float, n_layer: int):

@@ -21,7 +21,8 @@ import torch
 import gmtier.experts.bank as expert_bank  # the module: its expert_ffn is looked up at each call (tests count them)
 from gmtier import dtypes, progress, record
 from gmtier.config import Config, ConfigError
-from gmtier.experts.bank import TieredExperts, expert_starts, from_gemm_rows, gemm_row_layout, to_gemm_rows
+from gmtier.experts.bank import (TieredExperts, chunks, expert_chunk_rows, expert_starts, from_gemm_rows,
+                                 gemm_row_layout, to_gemm_rows)
 from gmtier.experts.metrics import RuntimeStats
 from gmtier.experts.prefetch import Prefetcher
 from gmtier.experts.updates import ExpertUpdates
@@ -46,6 +47,7 @@ class ExpertRuntime:
         # then backward needs only the state in RAM. Compact weights are the master (like fp32).
         self.half = self.dtype != torch.float32 and cfg.experts.state == "fp32"
         self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
+        self.chunk_rows = expert_chunk_rows(m.d_ff, self.dtype, self.pad_rows)  # see EXPERT_CHUNK_BYTES
         self.plan = cfg.plan(device, gpu_tier=self.device.type == "cuda" or emulated())
         path = cfg.store_dir()
         if create:
@@ -196,7 +198,8 @@ class ExpertRuntime:
 
         def compute(e, s, n, w1, w2):
             with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
-                expert_bank.expert_ffn(xs[s:s + n], w1, w2, out=out[s:s + n])
+                for c, k in chunks(s, n, self.chunk_rows):
+                    expert_bank.expert_ffn(xs[c:c + k], w1, w2, out=out[c:c + k])
 
         t0 = time.perf_counter()
         with self.figures.per_layer(layer):
@@ -227,8 +230,10 @@ class ExpertRuntime:
                 if gpu is not None and e == group[0]:
                     first_slot[e], views = gpu.grad_buffers(len(group))
                     staged.update(zip(group, views))
-                _, dw = expert_bank.expert_ffn_backward(xs[s:s + n], w1, w2, dys[s:s + n], out=staged.pop(e, None),
-                                                        dx=dx[s:s + n])
+                dw = staged.pop(e, None)
+                for i, (c, k) in enumerate(chunks(s, n, self.chunk_rows)):
+                    _, dw = expert_bank.expert_ffn_backward(xs[c:c + k], w1, w2, dys[c:c + k], out=dw, dx=dx[c:c + k],
+                                                            accumulate=i > 0)
                 if gpu is None:
                     grads[e] = dw
 
