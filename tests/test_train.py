@@ -315,3 +315,12 @@ def test_resume_with_a_different_model_is_refused(data_dir, tmp_path):
     train(cfg, log=lambda s: None)
     with pytest.raises(config.ConfigError, match="--fresh"):
         Trainer(tiny(data_dir, tmp_path / "run", model=dict(n_experts=8), train=dict(steps=4)), resume=True, log=lambda s: None)
+
+
+@needs_store
+def test_evaluation_does_not_change_training(data_dir, tmp_path):
+    """Validation between steps (tiered: it pages the experts' weights through the small RAM
+    tier) leaves the training that follows as it would have been."""
+    quiet = tiny(data_dir, tmp_path / "quiet", train=dict(steps=16, eval_every=0))
+    evaluated = tiny(data_dir, tmp_path / "evaluated", train=dict(steps=16, eval_every=4))
+    assert train(evaluated, log=lambda s: None) == train(quiet, log=lambda s: None)
