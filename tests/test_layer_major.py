@@ -136,6 +136,7 @@ def test_stash_puts_the_last_entries_on_the_device_and_spills_the_first(tmp_path
         stash.put(i, t)
     tiers = [("gpu" if e.device_tensor is not None else e.pieces[0].tier) for e in stash._entries.values()]
     assert tiers == ["disk", "disk", "ram", "ram", "gpu", "gpu"]
+    assert stash.ram_allocated_bytes == 2 * piece + 2 * piece  # the RAM pieces and the two staging buffers
     stash.expect(list(reversed(range(6))))
     for i in reversed(range(6)):
         assert torch.equal(stash.get(i), ts[i])
@@ -218,3 +219,20 @@ def test_experts_run_in_chunks_of_rows_with_the_same_numbers(data_dir, tmp_path,
     chunked = train(_lm(data_dir, tmp_path / "chunked"), log=lambda s: None)
     assert calls["fwd"] > 10 * 2 * 4  # more than one call per expert a step
     assert chunked == pytest.approx(whole, abs=1e-5)
+
+
+def test_the_host_pool_holds_what_the_step_uses_not_the_whole_budget(tmp_path):
+    """A 1 GiB RAM budget and three 4 KiB entries: one 16 KiB segment is allocated, and a later
+    step that needs more grows the pool by segments; the entries come back intact."""
+    stash = ActivationStash("cpu", 0, 1 << 30, tmp_path / "spill", 4096, segment_bytes=16384)
+    for n_entries in (3, 9):
+        ts = [torch.randn(1024) for _ in range(n_entries)]
+        stash.begin_step(n_entries * 4096)
+        for i, t in enumerate(ts):
+            stash.put(i, t)
+        assert stash.ram_allocated_bytes == 16384 * -(-n_entries // 4)
+        stash.expect(list(reversed(range(n_entries))))
+        for i in reversed(range(n_entries)):
+            assert torch.equal(stash.get(i), ts[i])
+        stash.end_step()
+    stash.close()

@@ -11,6 +11,8 @@ of staging buffers carved from the host pool, two pieces at a time, on I/O threa
 
 Entries that leave the device are cut into pieces of at most `piece_bytes`, so the staging
 buffers stay small however large a step-level entry (a Switch layer's sorted tokens) is.
+The host pool is allocated (and page-locked) in segments as a step first needs them, so the
+process holds what the steps used, within the budget, not the whole budget.
 Every entry is read once: `get` removes it. Nothing outlives the step (`end_step`).
 """
 
@@ -30,6 +32,7 @@ from gmtier.host_memory import tensor_over
 
 ALIGN = 4096  # O_DIRECT: offsets, addresses and lengths in multiples of a page
 STAGING_BUFFERS = 2  # pieces in flight between the host pool and the spill file
+SEGMENT_BYTES = 256 << 20  # the host pool grows by segments of this much (or of a piece, if larger)
 
 
 class ActivationBudgetError(ConfigError):
@@ -44,10 +47,11 @@ def _aligned(n: int) -> int:
 class _Piece:
     nbytes: int
     tier: str  # "ram" or "disk"
-    at: int  # offset in the host pool or the spill file
+    at: int  # offset in the spill file, or in the host pool's segment `segment`
     crc: int | None = None
     ready: concurrent.futures.Future | None = None  # a read ahead into staging buffer `staging`
     staging: int | None = None
+    segment: int = 0
 
 
 @dataclass
@@ -62,14 +66,16 @@ class ActivationStash:
     """The saved activations of one layer-major step, on three tiers (see the module doc)."""
 
     def __init__(self, device, gpu_bytes: int, ram_bytes: int, spill_dir: Path, piece_bytes: int,
-                 io_threads: int = 4, direct: bool = True):
+                 io_threads: int = 4, direct: bool = True, segment_bytes: int = SEGMENT_BYTES):
         self.device = torch.device(device)
         self.gpu_bytes, self.ram_bytes = int(gpu_bytes), int(ram_bytes)
         self.piece_bytes = _aligned(int(piece_bytes))
         self.spill_dir, self.io_threads, self.direct = Path(spill_dir), io_threads, direct
         self._cuda = self.device.type == "cuda"
-        self._pool = self._pool_buf = None  # the host pool (allocated at first use)
-        self._registered = None
+        self.segment_bytes = max(self.piece_bytes, _aligned(int(segment_bytes)))
+        self._segments: list[torch.Tensor] = []  # the host pool, allocated as first needed
+        self._staging_buf = None  # the spill's staging buffers (allocated at the first spill)
+        self._buffers: list = []  # every AlignedBuffer, and whether it was page-locked
         self._spill = None
         self._io = None
         self._entries: dict = {}
@@ -102,7 +108,7 @@ class ActivationStash:
     def _reset(self) -> None:
         self._put_bytes = 0  # bytes put so far this step
         self._gpu_used = self._ram_used = self._disk_used = 0
-        self._ram_free_at = self.staging_bytes  # bump allocator of the host pool past the staging buffers
+        self._ram_at = (0, 0)  # bump allocator of the host pool: (segment, offset)
         self._write_busy: list = [None] * STAGING_BUFFERS  # the write future using each staging buffer
         self._next_staging = 0
 
@@ -122,8 +128,7 @@ class ActivationStash:
         entry = _Entry(t.dtype, tuple(t.shape))
         # Filled from the end: what is put last is read first.
         to_host = self._plan_total - self.gpu_bytes
-        pieces_bytes = sum(_aligned(min(self.piece_bytes, n - off)) for off in range(0, n, self.piece_bytes))
-        ram_room = self._ram_free_at + pieces_bytes <= self.ram_bytes
+        ram_room = self._ram_fits([min(self.piece_bytes, n - off) for off in range(0, n, self.piece_bytes)])
         if not may_spill and self._gpu_used + n > self.gpu_bytes and not ram_room:
             entry.device_tensor = t  # beyond the device budget: as if it had not been put aside
         elif before + n > to_host and self._gpu_used + n <= self.gpu_bytes:
@@ -136,33 +141,70 @@ class ActivationStash:
             for off in range(0, n, self.piece_bytes):
                 part = flat[off: off + self.piece_bytes]
                 pos = before + off
-                if (pos + part.numel() > to_ram or not may_spill) and self._ram_free_at + _aligned(part.numel()) <= self.ram_bytes:
+                if (pos + part.numel() > to_ram or not may_spill) and self._ram_fits([part.numel()]):
                     entry.pieces.append(self._to_ram(part))
                 else:
                     entry.pieces.append(self._to_disk(part))
         self._entries[key] = entry
 
-    def _host(self) -> torch.Tensor:
-        if self._pool is None:
-            self._pool_buf = _core.AlignedBuffer(max(self.ram_bytes, ALIGN))
-            self._pool = tensor_over(self._pool_buf.address, self._pool_buf.nbytes, self._pool_buf)
-            if self._cuda:  # page-locked: the copies are DMA at full PCIe speed
-                err = torch.cuda.cudart().cudaHostRegister(self._pool_buf.address, self._pool_buf.nbytes, 0)
-                if int(err) == 0:
-                    self._registered = self._pool_buf.address
-        return self._pool
+    # ---- the host pool -----------------------------------------------------------------------------
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """Page-aligned host memory, page-locked on CUDA (the copies are then DMA at full PCIe speed)."""
+        buf = _core.AlignedBuffer(nbytes)
+        registered = self._cuda and int(torch.cuda.cudart().cudaHostRegister(buf.address, buf.nbytes, 0)) == 0
+        self._buffers.append((buf, registered))
+        return tensor_over(buf.address, buf.nbytes, buf)
+
+    @property
+    def _pool_capacity(self) -> int:
+        """Bytes the host pool may hold: the RAM budget less the staging buffers."""
+        return max(0, self.ram_bytes - self.staging_bytes)
+
+    def _segment_size(self, i: int) -> int:
+        return min(self.segment_bytes, self._pool_capacity - i * self.segment_bytes)
+
+    def _ram_place(self, sizes, commit: bool):
+        """Where pieces of `sizes` bytes go in the host pool, from the allocator's position (None
+        if they do not all fit the budget); with `commit`, taken (segments allocated as needed)."""
+        seg, off = self._ram_at
+        places = []
+        for n in sizes:
+            n = _aligned(n)
+            if off + n > self._segment_size(seg):
+                seg, off = seg + 1, 0
+                if n > self._segment_size(seg):
+                    return None
+            places.append((seg, off))
+            off += n
+        if commit:
+            self._ram_at = (seg, off)
+            while len(self._segments) <= seg:
+                self._segments.append(self._buffer(self._segment_size(len(self._segments))))
+        return places
+
+    def _ram_fits(self, sizes) -> bool:
+        return self._ram_place(sizes, commit=False) is not None
+
+    @property
+    def ram_allocated_bytes(self) -> int:
+        """Host memory the stash holds now (pool segments and staging buffers)."""
+        return sum(buf.nbytes for buf, _ in self._buffers)
 
     def _to_ram(self, part: torch.Tensor) -> _Piece:
-        at = self._ram_free_at
-        self._ram_free_at += _aligned(part.numel())
-        self._host()[at: at + part.numel()].copy_(part, non_blocking=self._cuda)
+        ((seg, at),) = self._ram_place([part.numel()], commit=True)
+        self._segments[seg][at: at + part.numel()].copy_(part, non_blocking=self._cuda)
         self._ram_used += part.numel()
         self.m["act_ram_bytes"] += part.numel()
         self.m["act_ram_peak_bytes"] = max(self.m["act_ram_peak_bytes"], self._ram_used)
-        return _Piece(part.numel(), "ram", at)
+        return _Piece(part.numel(), "ram", at, segment=seg)
 
     def _staging(self, i: int) -> torch.Tensor:
-        return self._host()[i * self.piece_bytes: (i + 1) * self.piece_bytes]
+        if self._staging_buf is None:
+            self._staging_buf = self._buffer(self.staging_bytes)
+        return self._staging_buf[i * self.piece_bytes: (i + 1) * self.piece_bytes]
+
+    def _staging_address(self, i: int) -> int:
+        return self._staging(i).data_ptr()
 
     def _to_disk(self, part: torch.Tensor) -> _Piece:
         if self.ram_bytes < self.staging_bytes:
@@ -180,7 +222,7 @@ class ActivationStash:
         buf = self._staging(i)
         buf[:part.numel()].copy_(part)  # a device-to-host copy waits for the kernels that made `part`
         n_io = _aligned(part.numel())
-        addr = self._pool_buf.address + i * self.piece_bytes
+        addr = self._staging_address(i)
 
         def write():
             piece.crc = self._spill.write(piece.at, addr, n_io)
@@ -211,7 +253,7 @@ class ActivationStash:
             piece = self._order.pop(0)
             i = self._free_staging.pop(0)
             piece.staging = i
-            addr = self._pool_buf.address + i * self.piece_bytes
+            addr = self._staging_address(i)
             piece.ready = self._io.submit(self._spill.read, piece.at, addr, _aligned(piece.nbytes), piece.crc)
 
     def get(self, key) -> torch.Tensor:
@@ -226,7 +268,7 @@ class ActivationStash:
         for piece in entry.pieces:
             dst = flat[off: off + piece.nbytes]
             if piece.tier == "ram":
-                dst.copy_(self._host()[piece.at: piece.at + piece.nbytes], non_blocking=self._cuda)
+                dst.copy_(self._segments[piece.segment][piece.at: piece.at + piece.nbytes], non_blocking=self._cuda)
             else:
                 if piece.ready is None:  # not expected: read now
                     self._order = [p for p in self._order if p is not piece]
@@ -261,6 +303,7 @@ class ActivationStash:
         copied to RAM (each comes back once), written to and read from disk, and the time spent
         waiting for the disk."""
         out = dict(self.m)
+        out["act_ram_allocated_bytes"] = self.ram_allocated_bytes
         if self._spill is not None:
             out["act_spill_direct"] = self._spill.direct
         self.m = {k: type(v)() for k, v in self.m.items()}
@@ -273,8 +316,9 @@ class ActivationStash:
         if self._spill is not None:
             self._spill.close()  # scratch: deletes the file
             self._spill = None
-        if self._registered is not None:
+        if any(registered for _, registered in self._buffers):
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
-            self._registered = None
-        self._pool = self._pool_buf = None
+        for buf, registered in self._buffers:
+            if registered:
+                torch.cuda.cudart().cudaHostUnregister(buf.address)
+        self._segments, self._staging_buf, self._buffers = [], None, []

@@ -273,9 +273,9 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     gpu_budget = config_mod.parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
     out.update({
         "micro_batches": cfg.train.micro_batches,
-        **{k: tiered.get(k, 0) / (1 if "peak" in k else steps) for k in (
-            "act_gpu_peak_bytes", "act_ram_peak_bytes", "act_ram_bytes", "act_disk_write_bytes", "act_disk_read_bytes",
-            "act_disk_wait_s")},
+        **{k: tiered.get(k, 0) / (1 if "peak" in k or "allocated" in k else steps) for k in (
+            "act_gpu_peak_bytes", "act_ram_peak_bytes", "act_ram_allocated_bytes", "act_ram_bytes",
+            "act_disk_write_bytes", "act_disk_read_bytes", "act_disk_wait_s")},
         "timed_steps": steps, "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
@@ -341,7 +341,7 @@ def _table(results: list[dict]) -> str:
         ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
         ("activations: peak on the GPU", "act_gpu_peak_bytes", "{:.2e}"),
-        ("  peak in pinned RAM", "act_ram_peak_bytes", "{:.2e}"), ("  to RAM and back/step", "act_ram_bytes", "{:.2e}"),
+        ("  peak in pinned RAM", "act_ram_peak_bytes", "{:.2e}"), ("  pinned RAM allocated", "act_ram_allocated_bytes", "{:.2e}"), ("  to RAM and back/step", "act_ram_bytes", "{:.2e}"),
         ("  spilled to disk/step (in the disk bytes)", "act_disk_write_bytes", "{:.2e}"),
         ("  waited for the spill (s)", "act_disk_wait_s", "{:.3f}"),
         ("DRAM copy GB/s", "dram_copy_gbps", "{:.1f}"), ("waited for experts (s)", "wait_for_experts_s", "{:.3f}"),
