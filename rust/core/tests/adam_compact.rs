@@ -198,8 +198,24 @@ fn maps_round_trip_and_encode_to_the_nearest_code() {
     }
 }
 
-/// The float64 reference of one step: (weights as f64 before rounding, rounded bf16 bits, new
-/// m and v in f64, new scales).
+/// The float64 reference of one step.
+struct Reference {
+    /// Rounded bf16 bits of the new weights.
+    w: Vec<u16>,
+    /// New m and v in f64.
+    m: Vec<f64>,
+    v: Vec<f64>,
+    /// New block scales.
+    ms: Vec<f64>,
+    vs: Vec<f64>,
+    /// Per element, the sum of the magnitudes of the terms that make the new weight, m and v: a
+    /// kernel computing in fp32 is off by a few fp32 ulps of that, which is far more than an
+    /// ulp of the result where the terms cancel.
+    w_terms: Vec<f64>,
+    m_terms: Vec<f64>,
+    v_terms: Vec<f64>,
+}
+
 fn reference(
     s: &State,
     g: &G,
@@ -207,7 +223,7 @@ fn reference(
     block: usize,
     seed: u64,
     stream: u64,
-) -> (Vec<u16>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+) -> Reference {
     let n = s.w.len();
     let t = s.step + 1;
     let key = sr_key(seed, stream, t);
@@ -216,6 +232,7 @@ fn reference(
     let bc2 = 1.0 - b2.powi(t as i32);
     let gs = cfg.clip_coef / cfg.grad_scale;
     let (mut w, mut m, mut v) = (vec![0u16; n], vec![0f64; n], vec![0f64; n]);
+    let (mut w_terms, mut m_terms, mut v_terms) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
     for i in 0..n {
         let b = i / block;
         let gi = g.value(i) * gs;
@@ -224,8 +241,12 @@ fn reference(
         let pi = bf16_to_f32(s.w[i]) as f64 * (1.0 - cfg.lr * cfg.weight_decay);
         m[i] = b1 * mi + (1.0 - b1) * gi;
         v[i] = b2 * vi + (1.0 - b2) * gi * gi;
-        let p = pi - cfg.lr / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + cfg.eps);
+        let update = cfg.lr / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + cfg.eps);
+        let p = pi - update;
         w[i] = sr_ref(p, sr_bits(key, i as u64) >> 16);
+        m_terms[i] = (b1 * mi).abs() + ((1.0 - b1) * gi).abs();
+        v_terms[i] = b2 * vi + (1.0 - b2) * gi * gi;
+        w_terms[i] = pi.abs() + update.abs();
     }
     let nb = compact_blocks(n, block);
     let ms = (0..nb)
@@ -242,7 +263,21 @@ fn reference(
                 .fold(0.0, |a: f64, &x| a.max(x))
         })
         .collect();
-    (w, m, v, ms, vs)
+    Reference {
+        w,
+        m,
+        v,
+        ms,
+        vs,
+        w_terms,
+        m_terms,
+        v_terms,
+    }
+}
+
+/// A few fp32 ulps of `terms`: how far fp32 arithmetic may be from f64 on them.
+fn fp32_slack(terms: f64) -> f64 {
+    16.0 * f32::EPSILON as f64 * terms
 }
 
 /// Stochastic rounding of an f64 to bf16 with 16 random bits `r`: up (in magnitude) iff
@@ -284,7 +319,8 @@ fn kernel_matches_the_float64_reference_on_every_path() {
                 let gv: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
                 let g = G::new(dtype, &gv);
                 let stream = rng.next();
-                let (w, m, v, ms, vs) = reference(&s0, &g, &cfg, block, 7, stream);
+                let r = reference(&s0, &g, &cfg, block, 7, stream);
+                let (w, m, v, ms, vs) = (&r.w, &r.m, &r.v, &r.ms, &r.vs);
                 let mut first: Option<State> = None;
                 for simd in Simd::available() {
                     let mut s = s0.clone();
@@ -297,11 +333,22 @@ fn kernel_matches_the_float64_reference_on_every_path() {
                         Some(f) => assert_eq!(&s, f, "{ctx}: differs from {:?}", Simd::best()),
                     }
                     // scales: the block absmax, fp32 vs f64 arithmetic
+                    // (and the fp32 slack of the block's largest terms, where m or v cancel)
+                    let block_slack = |terms: &[f64]| -> Vec<f64> {
+                        terms
+                            .chunks(block)
+                            .map(|c| fp32_slack(c.iter().fold(0.0, |a: f64, &x| a.max(x))))
+                            .collect()
+                    };
+                    let slack: Vec<f64> = block_slack(&r.m_terms)
+                        .into_iter()
+                        .chain(block_slack(&r.v_terms))
+                        .collect();
                     for (b, (&got, &want)) in
-                        s.ms.iter().zip(&ms).chain(s.vs.iter().zip(&vs)).enumerate()
+                        s.ms.iter().zip(ms).chain(s.vs.iter().zip(vs)).enumerate()
                     {
                         assert!(
-                            (got as f64 - want).abs() <= 1e-5 * want,
+                            (got as f64 - want).abs() <= 1e-5 * want + slack[b],
                             "{ctx}: scale {b}: {got} vs {want}"
                         );
                     }
@@ -312,10 +359,15 @@ fn kernel_matches_the_float64_reference_on_every_path() {
                             diff += 1;
                             let (a, b) = (bf16_to_f32(s.w[i]), bf16_to_f32(w[i]));
                             let ulp = 2f32.powi(a.abs().max(b.abs()).log2().floor() as i32 - 7);
-                            assert!((a - b).abs() <= ulp, "{ctx}: weight {i}: {a} vs {b}");
+                            let slack = fp32_slack(r.w_terms[i]);
+                            assert!(
+                                ((a - b).abs() as f64) <= ulp as f64 + slack,
+                                "{ctx}: weight {i}: {a} vs {b}"
+                            );
                         }
                     }
-                    assert!(diff * 1000 <= n, "{ctx}: {diff} weights differ");
+                    // (one in a thousand, and one in a small tensor, as for the codes below)
+                    assert!(diff * 1000 <= n.max(1000), "{ctx}: {diff} weights differ");
                     // codes: the nearest of the f64 moment, up to fp32's last bits at a tie
                     let mut diff = 0;
                     for i in 0..n {
@@ -330,7 +382,8 @@ fn kernel_matches_the_float64_reference_on_every_path() {
                         if em > bm || ev > bv {
                             diff += 1;
                             assert!(
-                                em <= bm + 1e-5 * xm.abs() && ev <= bv + 1e-5 * xv,
+                                em <= bm + 1e-5 * xm.abs() + fp32_slack(r.m_terms[i]) / ms[b]
+                                    && ev <= bv + 1e-5 * xv + fp32_slack(r.v_terms[i]) / vs[b],
                                 "{ctx}: codes of {i}: m {} ({em} vs {bm}), v {} ({ev} vs {bv})",
                                 s.mq[i],
                                 s.vq[i]
