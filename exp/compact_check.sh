@@ -12,14 +12,8 @@
 # Outputs under $OUT: bench-adam.json, seed-{fp32,compact}.json, metrics-{fp32,compact}.jsonl,
 # compact-summary.json (the val losses and their ratio; target: compact within 1 %).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-[ -d .carry/ruslit ] && export GMTIER_RUSLIT=${GMTIER_RUSLIT:-$PWD/.carry/ruslit}
-OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
-python3 -m pip install --no-deps --force-reinstall -q .carry/*.whl 2>&1 | grep -v WARNING
-mkdir -p data && cp -rn .carry/data/* data/ 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+. exp/gpu_setup.sh
 lscpu | grep -E "^CPU\(s\)|Model name|avx512f" -o | sort -u | tee -a "$OUT/gpu.txt"
-BENCH=${BENCH_DIR:-/root/gmtier-bench}
 gm() { python3 -m gmtier.cli "$@"; }
 for s in ${*:-adam seed quality}; do
   echo "=== $s $(date +%T)"

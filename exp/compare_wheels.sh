@@ -23,21 +23,23 @@ fi
 [ "${OVERLAY:-0}" = 1 ] && cp -r python/gmtier/. /tmp/site_new/gmtier/
 B=/root/bench
 gm() { local which=$1; shift; PYTHONPATH=/tmp/site_$which python3 -m gmtier.cli "$@"; }
+# A bench-train's JSON (/tmp/r.json) appended to $OUT/train.jsonl under the step's name.
+record() { python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" "$1" >> "$OUT/train.jsonl"; tail -c 300 /tmp/r.json; echo; }
 for s in "$@"; do
   echo "=== $s $(date +%T)"
   case $s in
     tests) PYTHONPATH=/tmp/site_new python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -15 ;;
     trainA-*) w=${s#trainA-}; gm $w bench-train --config configs/small.toml --dir $B/A-$w --no-prefetch-off \
-         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
+         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     trainB-*) w=${s#trainB-}; gm $w bench-train --config configs/small.toml --dir $B/B-$w \
-         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 200 /tmp/r.json; echo ;;
+         --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-small) gm new bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
-         --micro-batches 1,64 --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 300 /tmp/r.json; echo ;;
+         --micro-batches 1,64 --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-seed) gm new bench-train --config configs/seed-envelope.toml --dir $B/lm-seed --no-prefetch-off --no-resident --steps 2 --warmup 1 \
          --micro-batches ${SEED_M:-1,32} --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
          --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \
          --set 'train.activations_gpu_budget="0"' --set 'train.activations_ram_budget="40GB"' \
-         --json 2>>"$OUT/err.txt" > /tmp/r.json; python3 -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'r': json.load(open('/tmp/r.json'))}))" $s >> "$OUT/train.jsonl"; tail -c 300 /tmp/r.json; echo ;;
+         --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     paging-*) w=${s#paging-}; gm $w bench-paging --dir $B/paging --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
          --record-mb 64 2>&1 | tee -a "$OUT/paging-$w.txt" | tail -25 ;;
   esac

@@ -6,14 +6,7 @@
 # ~8 minutes). The seed steps write the disk timeline too (benches/disk_timeline.py prints it).
 # The wheel and the prepared data travel in .carry/.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-# The tests read the corpus from ../shared, or from GMTIER_RUSLIT (carried as .carry/ruslit).
-[ -d .carry/ruslit ] && export GMTIER_RUSLIT=${GMTIER_RUSLIT:-$PWD/.carry/ruslit}
-OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
-python3 -m pip install --no-deps --force-reinstall -q .carry/*.whl 2>&1 | grep -v WARNING
-mkdir -p data && cp -rn .carry/data/* data/ 2>/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-BENCH=${BENCH_DIR:-/root/gmtier-bench}
+. exp/gpu_setup.sh
 steps=${*:-tests paging adam train gpuprefetch}
 for s in $steps; do
   echo "=== $s"
