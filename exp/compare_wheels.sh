@@ -2,9 +2,9 @@
 # Two wheels of gmtier on one GPU box, side by side: .carry/old/*.whl and .carry/new/*.whl, the
 # prepared corpus in .carry/data/ruslit and the raw one in .carry/ruslit. Run from the repo root on
 # the GPU machine: bash exp/compare_wheels.sh tests trainA-old trainA-new trainB-old trainB-new paging-old paging-new
-# (tests runs pytest -m gpu with the new wheel; lm-small and lm-seed sweep the layer-major step's
-# micro-batches with the new wheel: small at 1 and 64, the scaled seed-envelope at $SEED_M, default
-# 1 and 32, in an 11 GB cap). Logs under $OUT.
+# (tests runs pytest -m gpu with the new wheel; lm-small-{old,new} and lm-seed sweep the layer-major
+# step's micro-batches: small at $SMALL_M (default 1 and 64), the scaled seed-envelope with the new
+# wheel at $SEED_M, default 1 and 32, in an 11 GB cap). Logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GMTIER_RUSLIT=$PWD/.carry/ruslit
@@ -33,8 +33,8 @@ for s in "$@"; do
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     trainB-*) w=${s#trainB-}; gm $w bench-train --config configs/small.toml --dir $B/B-$w \
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
-    lm-small) gm new bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
-         --micro-batches 1,64 --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
+    lm-small-*) w=${s#lm-small-}; gm $w bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
+         --micro-batches ${SMALL_M:-1,64} --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-seed) gm new bench-train --config configs/seed-envelope.toml --dir $B/lm-seed --no-prefetch-off --no-resident --steps 2 --warmup 1 \
          --micro-batches ${SEED_M:-1,32} --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
          --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \

@@ -175,6 +175,7 @@ def test_everything_spilled_equals_nothing_spilled(data_dir, tmp_path):
     assert spilled == kept
     assert rec["act_disk_write_bytes"] > 0 and rec["act_disk_read_bytes"] == rec["act_disk_write_bytes"]
     assert rec["act_gpu_peak_bytes"] == 0
+    assert rec["act_parked_peak_bytes"] > 0  # the residual stream and gradients set aside off the device
 
 
 @needs_store
@@ -235,4 +236,30 @@ def test_the_host_pool_holds_what_the_step_uses_not_the_whole_budget(tmp_path):
         for i in reversed(range(n_entries)):
             assert torch.equal(stash.get(i), ts[i])
         stash.end_step()
+    stash.close()
+
+
+def test_parked_tensors_leave_the_device_and_each_bank_is_reused_once_empty(tmp_path):
+    """Where a step's activations exceed the device budget, parked tensors are copies in the
+    scratch banks (intact while the other bank fills), and a bank emptied is reused from its
+    start; within the budget, parking holds the tensor itself."""
+    stash = ActivationStash("cpu", 0, 1 << 20, tmp_path / "spill", 4096, segment_bytes=16384)
+    stash.begin_step(1 << 20)
+    assert stash.parks_off_device
+    for round_ in range(2):
+        a = [torch.randn(1024) for _ in range(3)]
+        for m, t in enumerate(a):
+            stash.park(("a", m), t, 0)
+        b = [torch.randn(1024) for _ in range(3)]
+        for m, t in enumerate(b):
+            stash.park(("b", m), t, 1)
+        assert all(stash.peek(("a", m)) is not a[m] and torch.equal(stash.peek(("a", m)), a[m]) for m in range(3))
+        assert [torch.equal(stash.unpark(("a", m)), a[m]) for m in range(3)] == [True] * 3
+        assert [torch.equal(stash.unpark(("b", m)), b[m]) for m in range(3)] == [True] * 3
+        assert stash.ram_allocated_bytes == 2 * 16384  # one segment a bank, the second round reuses it
+    stash.end_step()
+    stash.begin_step(0)  # everything fits the device budget
+    t = torch.randn(8)
+    stash.park("t", t, 0)
+    assert not stash.parks_off_device and stash.unpark("t") is t
     stash.close()

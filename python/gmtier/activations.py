@@ -14,6 +14,12 @@ buffers stay small however large a step-level entry (a Switch layer's sorted tok
 The host pool is allocated (and page-locked) in segments as a step first needs them, so the
 process holds what the steps used, within the budget, not the whole budget.
 Every entry is read once: `get` removes it. Nothing outlives the step (`end_step`).
+
+Besides what backward needs, a step sets tensors of the size of its whole residual stream aside
+for a while (a Switch block's outputs before they are combined, its output gradients while the
+experts run): `park` holds them, off the device when the step's activations exceed the device
+budget, in one of two pinned scratch banks that are reused as soon as they are empty (one is
+read while the other fills), so the device holds one micro-batch of them at a time.
 """
 
 from __future__ import annotations
@@ -54,6 +60,39 @@ class _Piece:
     segment: int = 0
 
 
+class _ScratchBank:
+    """Pinned scratch for parked tensors: a bump allocator over segments that are allocated as
+    first needed and kept for the next steps (a parked tensor never moves; the bank is reused
+    from its start once every entry is unparked)."""
+
+    def __init__(self, allocate, segment_bytes: int):
+        self.allocate, self.segment_bytes = allocate, segment_bytes
+        self.segments: list[torch.Tensor] = []
+        self.entries = 0
+        self._at = (0, 0)  # (segment, offset) of the next free byte
+
+    @property
+    def used(self) -> int:
+        seg, off = self._at
+        return sum(s.numel() for s in self.segments[:seg]) + off
+
+    def reset(self) -> None:
+        self.entries, self._at = 0, (0, 0)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        n = _aligned(nbytes)
+        seg, off = self._at
+        if seg < len(self.segments) and off + n > self.segments[seg].numel():
+            seg, off = seg + 1, 0
+        while seg < len(self.segments) and self.segments[seg].numel() < n:
+            seg += 1  # a segment too small for this one (made for smaller tensors): skipped
+        if seg == len(self.segments):
+            self.segments.append(self.allocate(max(self.segment_bytes, n)))
+        self._at = (seg, off + n)
+        self.entries += 1
+        return self.segments[seg][off: off + nbytes]
+
+
 @dataclass
 class _Entry:
     dtype: torch.dtype
@@ -83,7 +122,9 @@ class ActivationStash:
         self._plan_total = 0
         # Peaks (bytes held at once) and totals (bytes moved) since the last `metrics()`.
         self.m = {"act_gpu_peak_bytes": 0, "act_ram_peak_bytes": 0, "act_ram_bytes": 0, "act_disk_write_bytes": 0,
-                  "act_disk_read_bytes": 0, "act_disk_wait_s": 0.0}
+                  "act_disk_read_bytes": 0, "act_disk_wait_s": 0.0, "act_parked_peak_bytes": 0}
+        self._banks = [_ScratchBank(self._buffer, self.segment_bytes) for _ in range(2)]  # see `park`
+        self._parked: dict = {}  # key -> (bank, host view) or the tensor itself (not off the device)
         self._reset()
 
     # ---- budgets ----------------------------------------------------------------------------------
@@ -117,6 +158,42 @@ class ActivationStash:
         self.check(total_bytes)
         self._reset()
         self._plan_total = int(total_bytes)
+
+    # ---- set aside within the step ----------------------------------------------------------------
+    @property
+    def parks_off_device(self) -> bool:
+        """Whether `park` moves tensors off the device: this step's activations exceed its budget."""
+        return self._plan_total > self.gpu_bytes
+
+    def park(self, key, t: torch.Tensor, bank: int) -> None:
+        """Hold `t` until `unpark(key)` (or `peek`), in scratch bank 0 or 1 when off the device.
+        A bank is reused once all its entries are unparked: alternate banks between a tensor set
+        read and the one being written."""
+        if not self.parks_off_device:
+            self._parked[key] = t
+            return
+        host = self._banks[bank].take(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+        host.copy_(t, non_blocking=self._cuda)  # stream-ordered: a bank reused later is written after this is read
+        self._parked[key] = (bank, host)
+        self.m["act_parked_peak_bytes"] = max(self.m["act_parked_peak_bytes"], sum(b.used for b in self._banks))
+
+    def peek(self, key) -> torch.Tensor:
+        """A parked tensor on the device, still parked."""
+        held = self._parked[key]
+        if isinstance(held, torch.Tensor):
+            return held
+        return held[1].to(self.device, non_blocking=self._cuda)
+
+    def unpark(self, key) -> torch.Tensor:
+        """A parked tensor on the device, no longer parked."""
+        out = self.peek(key)
+        held = self._parked.pop(key)
+        if not isinstance(held, torch.Tensor):
+            bank = self._banks[held[0]]
+            bank.entries -= 1
+            if not bank.entries:
+                bank.reset()
+        return out
 
     def put(self, key, t: torch.Tensor, may_spill: bool = True) -> None:
         """Keep `t` for backward (the stash owns it: do not write to it afterwards). Without
@@ -187,7 +264,7 @@ class ActivationStash:
 
     @property
     def ram_allocated_bytes(self) -> int:
-        """Host memory the stash holds now (pool segments and staging buffers)."""
+        """Host memory the stash holds now (pool segments, staging buffers, scratch banks)."""
         return sum(buf.nbytes for buf, _ in self._buffers)
 
     def _to_ram(self, part: torch.Tensor) -> _Piece:
@@ -296,6 +373,9 @@ class ActivationStash:
             torch.cuda.current_stream(self.device).synchronize()  # the host pool's copies are done
         self._entries.clear()
         self._order = []
+        self._parked.clear()
+        for bank in self._banks:
+            bank.reset()
         self._reset()
 
     def metrics(self) -> dict:
@@ -322,3 +402,6 @@ class ActivationStash:
             if registered:
                 torch.cuda.cudart().cudaHostUnregister(buf.address)
         self._segments, self._staging_buf, self._buffers = [], None, []
+        for bank in self._banks:
+            bank.segments = []
+            bank.reset()

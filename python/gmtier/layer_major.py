@@ -113,7 +113,7 @@ class LayerMajorStep:
             for x, g in zip(xs, grads):
                 with torch.enable_grad(), self.autocast():
                     e = model.embed(x)
-                torch.autograd.backward(e, g)
+                torch.autograd.backward(e, self._take(g))
         finally:
             self._saved.clear()
             stash.end_step()
@@ -148,7 +148,7 @@ class LayerMajorStep:
             h = self.stash.get(("in", i, m)).requires_grad_()
             with torch.enable_grad(), self.autocast():
                 out = _dense_block(block, h, rope)
-            torch.autograd.backward(out, g)
+            torch.autograd.backward(out, self._take(g))
             out_grads.append(h.grad)
             grads[m] = None
         return out_grads
@@ -158,14 +158,17 @@ class LayerMajorStep:
         """Block i over the step; takes the inputs out of `hs` as it goes (each is stashed)."""
         ffn, d, T = block.ffn, self.cfg.d_model, self.tokens
         jitter = self.cfg.router_jitter > 0
-        resid, logits, rng = [], [], []
+        stash, bank = self.stash, i % 2
+        logits, rng = [], []
         for m in range(len(hs)):
             a = block.attn_residual(hs[m], rope)
             hs[m] = None
             u = block.ln_2(a).reshape(-1, d)
             rng.append(_rng_state(u.device) if jitter else None)
             logits.append(ffn.router_logits(u, jitter=True))
-            resid.append(a)
+            # The step's residual stream waits for the routing of all its tokens: set aside (off
+            # the device where the step's activations exceed its budget) while the experts run.
+            stash.park(("a", i, m), a, bank)
         r = route(torch.cat(logits), self.cfg.capacity_factor)  # capacity and losses over the step
         order, counts = ffn.dispatch(r)
         # Each micro-batch's kept tokens: their rows in the experts' GEMMs (each expert's count
@@ -174,25 +177,27 @@ class LayerMajorStep:
         counts, rows = gemm_row_layout(counts, ffn.experts.pad_rows, order.device)
         mb = torch.div(order, T, rounding_mode="floor")
         by_mb = torch.argsort(mb, stable=True)
-        per_mb = torch.bincount(mb, minlength=len(resid)).tolist()
+        per_mb = torch.bincount(mb, minlength=len(hs)).tolist()
         local = [order[p] - m * T for m, p in enumerate(by_mb.split(per_mb))]
         pos = [p if rows is None else rows[p] for p in by_mb.split(per_mb)]
         # In the experts' compute dtype: the bank would convert it anyway, and it is half the bytes.
-        x_sorted = resid[0].new_zeros((sum(counts), d), dtype=self.expert_dtype)
-        for m, a in enumerate(resid):
-            u = block.ln_2(a).reshape(-1, d)  # recomputed rather than kept: a LayerNorm is cheap
+        x_sorted = logits[0].new_zeros((sum(counts), d), dtype=self.expert_dtype)
+        for m in range(len(hs)):
+            u = block.ln_2(stash.peek(("a", i, m))).reshape(-1, d)  # recomputed rather than kept: a LayerNorm is cheap
             x_sorted[pos[m]] = u[local[m]].to(x_sorted.dtype)
         y_sorted, bank_saved = ffn.experts.step_forward(x_sorted, counts)
+        stash.put(("xs", i), x_sorted)
+        del x_sorted  # the stash's now (and off the device, where it goes to RAM)
         out = []
-        for m, a in enumerate(resid):
+        for m in range(len(hs)):
+            a = stash.unpark(("a", i, m))
             shape, a = a.shape, a.reshape(-1, d)
             gate = r.gate[m * T + local[m]].to(a.dtype).unsqueeze(1)
             a.index_add_(0, local[m], y_sorted[pos[m]].to(a.dtype) * gate)  # a + gate * expert(x)
             out.append(a.view(shape))
         frac = torch.bincount(r.expert, minlength=self.cfg.n_experts).float() / len(r.expert)
         self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), frac, counts, pos, local, bank_saved, rng)
-        self.stash.put(("xs", i), x_sorted)
-        self.stash.put(("ys", i), y_sorted)
+        stash.put(("ys", i), y_sorted)
         return out, self.model.router_losses(r.aux_loss, r.z_loss)
 
     def _switch_backward(self, i: int, block, grads, rope, loss_scale: float):
@@ -201,20 +206,28 @@ class LayerMajorStep:
         x_sorted = self.stash.get(("xs", i))
         # d(loss)/d(expert output) = d(loss)/d(block output) x gate, in the sorted order.
         dy_sorted = torch.zeros_like(x_sorted)  # zero in the padding rows: they add nothing to dW
+        keys = []
         for m, g in enumerate(grads):
+            # The output gradients wait while the experts run (as much memory as the step's
+            # residual stream, which the experts' backward would otherwise share): parked, in the
+            # bank the Switch block above parked its own in.
+            if isinstance(g, tuple):
+                key, g = g, self.stash.peek(g)
+            else:
+                key = ("grad", i, m)
+                self.stash.park(key, g, (i + 1) % 2)
             gate = s.gate[m * T + s.local[m]].unsqueeze(1)
             dy_sorted[s.pos[m]] = (g.reshape(-1, d)[s.local[m]] * gate).to(dy_sorted.dtype)
-            # The output gradients wait in the stash while the experts run (as much memory as
-            # the step's residual stream, which the experts' backward would otherwise share).
-            self.stash.put(("grad", i, m), g, may_spill=False)
+            keys.append(key)
             grads[m] = None
+            del g
         with self.autocast():
             dx_sorted = ffn.experts.step_backward(x_sorted, dy_sorted, s.counts, s.bank_saved)
         del x_sorted, dy_sorted
         y_sorted = self.stash.get(("ys", i))
         out_grads = []
-        for m in range(len(grads)):
-            g = self.stash.get(("grad", i, m))
+        for m, key in enumerate(keys):
+            g = self.stash.unpark(key)
             h = self.stash.get(("in", i, m)).requires_grad_()
             with torch.enable_grad(), self.autocast(), _replayed_rng(h.device, s.rng[m]):
                 a = block.attn_residual(h, rope).reshape(-1, d)
@@ -230,8 +243,14 @@ class LayerMajorStep:
                                                torch.logsumexp(logits, -1).square().sum() / self.step_tokens)
                 dx = u.new_zeros(u.shape).index_copy(0, s.local[m], dx_sorted[s.pos[m]].to(u.dtype))
             torch.autograd.backward([out, u, aux * loss_scale], [g.reshape(-1, d), dx, None])
-            out_grads.append(h.grad)
+            # Set aside until the block below takes it (the other bank than the one read now).
+            self.stash.park(("grad_in", i, m), h.grad, i % 2)
+            out_grads.append(("grad_in", i, m))
         return out_grads
+
+    def _take(self, g):
+        """A gradient passed between blocks: a tensor, or the key it is parked under."""
+        return self.stash.unpark(g) if isinstance(g, tuple) else g
 
 
 def _dense_block(block, h, rope):

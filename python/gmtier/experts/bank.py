@@ -170,7 +170,7 @@ class TieredExperts(nn.Module):
         come in the GEMM layout already (counts multiples of `pad_rows`, zero rows between)."""
         self.runtime.observe(self.slot, counts)
         layout = (counts, None)
-        return self.runtime.forward(self.slot, x_sorted, counts, layout), layout
+        return self.runtime.forward(self.slot, x_sorted, counts, layout, training=True), layout
 
     def step_backward(self, x_sorted, dy_sorted, counts, layout) -> torch.Tensor:
         """dx of the step's sorted tokens; each expert paged once, its AdamW run on its dW."""
@@ -189,7 +189,7 @@ class ExpertLayerFn(torch.autograd.Function):
         # The GEMM row layout forward uses is the one backward needs: made once.
         layout = gemm_row_layout(counts, runtime.pad_rows, x_sorted.device)
         ctx.runtime, ctx.layer, ctx.counts, ctx.layout = runtime, layer, counts, layout
-        return runtime.forward(layer, x_sorted, counts, layout)
+        return runtime.forward(layer, x_sorted, counts, layout, training=True)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -187,9 +187,17 @@ class ExpertRuntime:
         if sections == "weights" and ready:
             done(list(ready))
 
-    def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int], layout=None) -> torch.Tensor:
-        """`layout`: `gemm_row_layout(counts, self.pad_rows, ...)` where the caller has it."""
+    def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int], layout=None,
+                training: bool = False) -> torch.Tensor:
+        """`layout`: `gemm_row_layout(counts, self.pad_rows, ...)` where the caller has it;
+        `training`: a backward of this layer follows in the step."""
         self.used[layer] = [e for e, c in enumerate(counts) if c]
+        # The last Switch layer's backward is the first one: its state is read from now, behind
+        # this layer's weights, while the disk has little else to do until backward (the head and
+        # the blocks after it run first).
+        last = training and layer == len(self.switch_layers) - 1
+        if last:
+            self.read_ahead_state(layer)
         # One dtype conversion (and row padding) per layer, not per expert: the loop is host-bound
         # at small experts, and each conversion is another kernel launch.
         counts_p, rows = layout or gemm_row_layout(counts, self.pad_rows, x_sorted.device)
@@ -205,6 +213,8 @@ class ExpertRuntime:
         with self.figures.per_layer(layer):
             self._each_expert(layer, counts_p, compute, self.store.release, "weights")
         self.figures.stats["expert_fwd_s"] += time.perf_counter() - t0
+        if last:
+            self.ahead_of_backward(layer)  # now also onto the GPU, the layer's own copies done
         return from_gemm_rows(out, rows).to(x_sorted.dtype)
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int],
@@ -264,14 +274,18 @@ class ExpertRuntime:
         layer's experts are done, when RAM has room and dense recompute is ahead)."""
         if layer < 0:
             return
-        pf, room = self.prefetcher, self.plan.prefetch_room
-        if pf.reads_ahead:
-            # Backward walks the layers in reverse, and forward already told us which experts the
-            # layer used: read them ahead exactly.
-            used = self.used.get(layer, [])[-room:] if room else []
-            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state" if self.half else "all")
+        self.read_ahead_state(layer)
         if self.plan.gpu_prefetch:
-            pf.want_on_gpu([(layer, e) for e in reversed(self.used.get(layer, []))], 1)
+            self.prefetcher.want_on_gpu([(layer, e) for e in reversed(self.used.get(layer, []))], 1)
+
+    def read_ahead_state(self, layer: int) -> None:
+        """Read into RAM what the backward of Switch layer `layer` pages in, as far as the RAM
+        budget's read-ahead room goes: backward walks the layers in reverse, and forward already
+        told us which experts the layer used, so the guess is exact."""
+        pf, room = self.prefetcher, self.plan.prefetch_room
+        if pf.reads_ahead and room:
+            used = self.used.get(layer, [])[-room:]
+            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state" if self.half else "all")
 
     # ---- steps --------------------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
