@@ -129,17 +129,20 @@ class LayerMajorStep:
         return keys
 
     def _head(self, hs, ys, loss_scale: float):
-        """The loss over the step's tokens and its gradient at the last block's output."""
+        """The loss over the step's tokens and its gradient at the last block's output (taken
+        out of `hs` as it goes; the gradients are parked as the last block's input gradients)."""
         loss, grads = 0.0, []
-        for h, y in zip(hs, ys):
-            h = h.detach().requires_grad_()
+        bank = len(self.model.blocks) % 2  # the bank a block after the last would park them in
+        for m, y in enumerate(ys):
+            h, hs[m] = hs[m].detach().requires_grad_(), None
             with torch.enable_grad(), self.autocast():
                 logits = self.model.head(h)
                 part = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
                                        reduction="sum") / self.step_tokens
             (part * loss_scale).backward()
             loss = loss + part.detach()
-            grads.append(h.grad)
+            self.stash.park(("grad_in", len(self.model.blocks), m), h.grad, bank)
+            grads.append(("grad_in", len(self.model.blocks), m))
         return loss, grads
 
     def _dense_backward(self, i: int, block, grads, rope):
