@@ -186,3 +186,66 @@ def test_gpt_step_grouped_equals_loop():
     assert runs[1][0] == pytest.approx(runs[0][0], abs=1e-6)
     for k, v in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+# ---- the tiered runtime: experts already on the device run grouped, paged ones in the loop ----
+
+from test_train import data_dir, needs_store, tiny  # noqa: E402,F401  (data_dir is a fixture)
+
+
+def _train(cfg):
+    from gmtier.train import train
+
+    return train(cfg, log=lambda s: None)
+
+
+def _count_grouped(monkeypatch):
+    calls = []
+    real = bank.grouped_ffn_dx
+    monkeypatch.setattr(bank, "grouped_ffn_dx", lambda x, *a: (calls.append(x.shape[0]), real(x, *a))[1])
+    real_fwd = bank.grouped_ffn
+    monkeypatch.setattr(bank, "grouped_ffn", lambda x, *a: (calls.append(-x.shape[0]), real_fwd(x, *a))[1])
+    return calls
+
+
+# (GPU tier emulated, its budget, RAM budget, forward grouped, backward grouped): every expert on
+# the "GPU" (forward and backward grouped); 12 weight slots for 16 experts x 2 layers (forward:
+# runs of the experts it holds grouped, the others paged in the loop; backward pages them all);
+# no GPU tier with every record in RAM (backward grouped).
+TIERED = [("1", "8MiB", "16MiB", True, True), ("1", 12 * 2 * 64 * 128 * 4, "16MiB", True, False),
+          ("0", "8MiB", "16MiB", False, True)]
+
+
+@needs_store
+@pytest.mark.parametrize("emulate,gpu_budget,ram_budget,fwd,bwd", TIERED)
+def test_tiered_grouped_matches_loop(data_dir, tmp_path, monkeypatch, emulate, gpu_budget, ram_budget, fwd, bwd):
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", emulate)
+    model, train = dict(n_layer=2, switch_every=1, n_experts=16), dict(steps=3)
+    experts = dict(gpu_budget=gpu_budget, ram_budget=ram_budget, async_adam=True)
+    loop = _train(tiny(data_dir, tmp_path / "loop", model=model, train=train, experts=dict(experts, gemm="loop")))
+    calls = _count_grouped(monkeypatch)
+    grouped = _train(tiny(data_dir, tmp_path / "grouped", model=model, train=train,
+                          experts=dict(experts, gemm="grouped")))
+    assert any(n > 0 for n in calls) == bwd and any(n < 0 for n in calls) == fwd
+    assert grouped == pytest.approx(loop, abs=1e-5)
+    if fwd and bwd:
+        res = _train(tiny(data_dir, tmp_path / "res", model=model, train=train, experts=dict(mode="resident")))
+        assert grouped == pytest.approx(res, abs=2e-4)
+
+
+@needs_store
+def test_layer_major_resident_and_tiered_grouped_match_loop(data_dir, tmp_path, monkeypatch):
+    """The layer-major step hands the banks rows in the GEMM layout with host counts: the grouped
+    resident bank and the grouped tiered runtime give the loop's losses."""
+    monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+    model = dict(n_layer=2, switch_every=1, n_experts=8)
+    train = dict(steps=3, micro_batches=2, batch_size=4)
+    runs = {}
+    for mode in ("resident", "tiered"):
+        for gemm in ("loop", "grouped"):
+            experts = dict(mode=mode, gemm=gemm, gpu_budget="8MiB", ram_budget="16MiB", pad_rows=8)
+            runs[mode, gemm] = _train(tiny(data_dir, tmp_path / f"{mode}-{gemm}", model=model, train=train,
+                                           experts=experts))
+    assert runs["resident", "grouped"] == pytest.approx(runs["resident", "loop"], abs=1e-5)
+    assert runs["tiered", "grouped"] == pytest.approx(runs["tiered", "loop"], abs=1e-5)
+    assert runs["tiered", "grouped"] == pytest.approx(runs["resident", "loop"], abs=2e-4)

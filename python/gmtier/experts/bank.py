@@ -138,8 +138,13 @@ def grouped_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch
     after another (expert g's are rows offs[g-1]:offs[g]; offs: int32 cumulative ends on x's
     device; an expert may have none), w1 [G, d_ff, d], w2 [G, d, d_ff]. Returns (y [R, d], the
     pre-activation a [R, d_ff] that backward needs); rows from offs[-1] on are unspecified."""
-    a = _grouped_mm(x, w1.transpose(-2, -1), offs)
+    a = grouped_pre_activation(x, w1, offs)
     return _grouped_mm(F.gelu(a), w2.transpose(-2, -1), offs), a
+
+
+def grouped_pre_activation(x: torch.Tensor, w1: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x w1^T of each expert's rows (what `grouped_ffn` calls a)."""
+    return _grouped_mm(x, w1.transpose(-2, -1), offs)
 
 
 def grouped_ffn_dx(x, a, w1, w2, dy, offs):
