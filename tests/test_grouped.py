@@ -249,3 +249,72 @@ def test_layer_major_resident_and_tiered_grouped_match_loop(data_dir, tmp_path, 
     assert runs["resident", "grouped"] == pytest.approx(runs["resident", "loop"], abs=1e-5)
     assert runs["tiered", "grouped"] == pytest.approx(runs["tiered", "loop"], abs=1e-5)
     assert runs["tiered", "grouped"] == pytest.approx(runs["resident", "loop"], abs=2e-4)
+
+
+# ---- on the GPU: torch's grouped kernel in bf16 -------------------------------------------------
+
+def _has_kernel() -> bool:
+    major, minor = torch.cuda.get_device_capability()
+    return (major, minor) == (9, 0) or major == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n_experts", [16, 64])
+def test_grouped_kernel_matches_loop_in_bf16_on_gpu(n_experts):
+    d, f = 512, 2048  # small's shapes
+    want = "grouped" if _has_kernel() else "loop"
+    assert resolve_gemm("auto", "cuda:0", torch.bfloat16, d, f) == want, bank.GEMM_FALLBACKS
+    layers = [_switch(n_experts, gemm, 128, d, f).cuda() for gemm in ("loop", "auto")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(4, 1024, d, device="cuda").abs()
+    outs = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            y = layer(xi)
+        y.float().square().mean().backward()
+        outs.append((y.float(), xi.grad))
+    assert layers[1].experts.gemm_used == want
+    for got, ref in zip(outs[1], outs[0]):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-2
+    for (name, p), q in zip(layers[0].named_parameters(), layers[1].parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None and p.grad.abs().max() > 0:
+            assert ((q.grad - p.grad).abs().max() / p.grad.abs().max()).item() < 3e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_switch_layer_forward_has_no_host_sync():
+    """Routing, the row layout, the grouped GEMMs and the way back: no host sync in forward."""
+    if not _has_kernel():
+        pytest.skip("no grouped GEMM kernel on this GPU")
+    layer = _switch(16, "grouped", 128, 512, 2048).cuda()
+    x = torch.randn(2048, 512, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        layer(x)  # first use: the probe (it syncs) and the caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(y).all() and layer.last_experts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["resident", "tiered"])
+def test_gpu_training_grouped_matches_loop(data_dir, tmp_path, mode):
+    """bf16 on the GPU: resident (every expert grouped) and tiered with every expert on the GPU
+    (grouped; the GPU tier refreshed after each AdamW) give the loop's losses to bf16 noise."""
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    model = dict(n_experts=8)
+    train = dict(device="cuda", precision="bf16", steps=12)
+    experts = dict(mode=mode, ram_budget="64MiB", gpu_budget="16MiB")
+    loop = _train(tiny(data_dir, tmp_path / "loop", model=model, train=train, experts=dict(experts, gemm="loop")))
+    auto = _train(tiny(data_dir, tmp_path / "auto", model=model, train=train, experts=experts))
+    assert auto[-1] < auto[0] - 0.3
+    assert auto == pytest.approx(loop, abs=0.05)
