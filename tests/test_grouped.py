@@ -312,9 +312,9 @@ def test_gpu_training_grouped_matches_loop(data_dir, tmp_path, mode):
     if not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
     model = dict(n_experts=8)
-    train = dict(device="cuda", precision="bf16", steps=12)
+    train = dict(device="cuda", precision="bf16")
     experts = dict(mode=mode, ram_budget="64MiB", gpu_budget="16MiB")
     loop = _train(tiny(data_dir, tmp_path / "loop", model=model, train=train, experts=dict(experts, gemm="loop")))
     auto = _train(tiny(data_dir, tmp_path / "auto", model=model, train=train, experts=experts))
-    assert auto[-1] < auto[0] - 0.3
+    assert auto[-1] < auto[0] - 0.4
     assert auto == pytest.approx(loop, abs=0.05)
