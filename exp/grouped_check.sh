@@ -4,7 +4,7 @@
 # first on the path, the prepared corpus in .carry/data/ruslit (and the raw one in .carry/ruslit
 # for the tests that prepare their own):
 #   PYTHONPATH=python bash exp/grouped_check.sh [tests] [layer] [steps] [bench] [bench64]
-# Expected GPU time: about 4 minutes for the default four steps; bench64 adds about 2.
+# Expected GPU time: about 4 minutes for the default four steps; bench64 adds about 2.5.
 #  tests    pytest -m gpu of tests/test_grouped.py and tests/test_train_gpu.py: grouped == loop in
 #           bf16 (16 and 64 experts), no host sync in a grouped Switch forward, resident == tiered ~90 s
 #  layer    exp/grouped_layer.py: one Switch layer of small fwd+bwd, loop vs grouped, 16 and 64
@@ -13,7 +13,7 @@
 #           small with 64 experts (grouped, loop); step / dense twin (targets 1.25 and 1.5)   ~60 s
 #  bench    gmtier bench-train of small with every record in RAM and on the GPU: tiered against
 #           resident (target >= 0.9) and the dense twin, in the same run                      ~90 s
-#  bench64  the same with 64 experts a layer (RAM 10 GiB, GPU 2 GiB)                          ~120 s
+#  bench64  the same with 64 experts a layer (RAM 10 GiB, GPU 2 GiB; two 7 GB stores made) ~150 s
 # Each step prints which GEMM path ran ("grouped"/"loop", and why where grouped fell back).
 # Outputs under $OUT: gpu.txt, pytest-grouped.log, layer.jsonl, steps.jsonl, bench-small.json,
 # bench-64.json, and summary.txt (the lines to read).
