@@ -12,7 +12,8 @@ run, every rate the bound needs:
 
 and reports step / bound, the share of transfer time hidden behind compute (1 - time the loop
 waited for experts / transfer time), prefetch precision/recall, peak GPU memory and RSS, and,
-where the whole model fits on the GPU, the same model fully resident for comparison.
+where the whole model fits on the GPU, the same model fully resident for comparison, beside its
+dense twin (`model.switch_every = 0`: equal FLOPs per token) and which path the expert GEMMs took.
 """
 
 from __future__ import annotations
