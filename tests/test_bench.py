@@ -74,6 +74,10 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     assert res["expert_updates_per_step"] > 0 and res["disk_read_bytes_per_step"] > 0  # the tiny budget pages
     assert res["rss_bytes"] >= res["rss_before_trainer_bytes"] > 0
     assert res["tiered_vs_resident"] > 0 and res["resident_step_s"] > 0
+    # The dense twin (model.switch_every=0), timed in the same run; the expert GEMMs' path.
+    assert res["dense_twin_step_s"] > 0
+    assert res["resident_over_dense_twin"] == pytest.approx(res["resident_step_s"] / res["dense_twin_step_s"])
+    assert res["expert_gemm_resident"] == res["expert_gemm_tiered"] == "loop"  # CPU, experts.gemm = "auto"
     # The phases tile the timed steps, so they split the step's disk bytes exactly; backward
     # reads the state of the experts the tiny RAM budget could not keep.
     phases = ("fwd", "bwd", "rest")
@@ -90,6 +94,7 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     assert [L["block"] for L in res["prefetch_off_per_layer"]] == [0, 1]
     table = bench._table([res])
     assert "Switch layer 1, prefetch off: recall, RAM/GPU hit, waited (s)" in table and "tiered / resident" in table
+    assert "resident step / dense twin step" in table
     assert not (tmp_path / "work").exists()  # stores removed without --keep
 
 
@@ -100,9 +105,10 @@ def test_bench_train_sweeps_micro_batches(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "disk_mixed_rate", lambda *a, **k: {"read_gbps": 1.0, "write_gbps": 1.0, "total_gbps": 1.5})
     toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "cfg", train=dict(batch_size=4)))
     r = CliRunner().invoke(main, ["bench-train", "--config", str(toml), "--steps", "1", "--warmup", "1", "--micro-batches",
-                                  "1,2", "--no-prefetch-off", "--dir", str(tmp_path / "work"), "--json"])
+                                  "1,2", "--no-prefetch-off", "--no-dense-twin", "--dir", str(tmp_path / "work"), "--json"])
     assert r.exit_code == 0, r.output
     one, two = json.loads(r.stdout)
+    assert one["dense_twin_step_s"] is None and one["resident_over_dense_twin"] is None
     assert (one["config"], two["config"]) == ("tiny", "tiny M=2")
     assert (one["micro_batches"], two["micro_batches"]) == (1, 2)
     assert two["tokens_per_step"] == 2 * one["tokens_per_step"] == 2 * 4 * 32

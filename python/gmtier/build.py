@@ -27,8 +27,8 @@ def build_model(cfg: Config, device: str, store_create: bool = False, store_over
         runtime = ExpertRuntime(cfg, device, create=store_create, log=log, overwrite=store_overwrite)
         model = GPT(cfg.model, cfg.train.seed, expert_bank=runtime.bank)
     else:
-        seed, pad_rows = cfg.train.seed, cfg.expert_pad_rows()
-        model = GPT(cfg.model, seed, expert_bank=lambda layer: ResidentExperts(cfg.model, layer, seed, pad_rows))
+        seed, pad_rows, gemm = cfg.train.seed, cfg.expert_pad_rows(), cfg.experts.gemm
+        model = GPT(cfg.model, seed, expert_bank=lambda layer: ResidentExperts(cfg.model, layer, seed, pad_rows, gemm))
     model.to(device)
     if runtime is not None:
         runtime.attach(model)

@@ -150,6 +150,12 @@ class ExpertsConfig:
     # GEMM shapes repeat from step to step and cuBLAS finds them in its cache. "auto": 128 on CUDA,
     # none on CPU (no such cache there: padding would only add work); 0 or 1: no padding.
     pad_rows: int | str = "auto"
+    # How the experts' GEMMs run: "grouped" (one torch._grouped_mm per matrix for all the experts
+    # of a layer on the GPU, forward, dx and dW), "loop" (a GEMM per expert, runs everywhere) or
+    # "auto" (grouped where torch has the kernel: sm90/sm100 GPUs in bf16). Experts the tiered
+    # store pages in one by one always run in the loop. Grouped GEMMs that raise or differ from
+    # the loop at their first use fall back to it, with a warning.
+    gemm: str = "auto"
 
 
 @dataclass
@@ -318,6 +324,7 @@ def parse_bytes(value: int | str, key: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+EXPERT_GEMMS = ("auto", "grouped", "loop")  # experts.gemm (see gmtier.experts.bank.resolve_gemm)
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "experts": ExpertsConfig}
 _CHOICES = {
     "model.positions": ("rope", "learned"),
@@ -326,6 +333,7 @@ _CHOICES = {
     "experts.mode": ("tiered", "resident"),
     "experts.dtype": ("auto", *dtypes.CONFIG),
     "experts.state": record.STATES,
+    "experts.gemm": EXPERT_GEMMS,
 }
 
 

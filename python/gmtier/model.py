@@ -5,7 +5,8 @@ A Switch layer routes every token of the step (fp32 router, load-balancing and z
 capacity with token dropping or dropless), sorts the kept tokens by expert and hands them to an
 *expert bank* (`gmtier.experts.bank`): `ResidentExperts` (experts as nn.Parameters, the
 reference, the default) or `TieredExperts` (experts paged from the tiered store, updated by the
-CPU AdamW during backward). A hook sees each block's input (`set_block_input_hook`), and
+CPU AdamW during backward). A bank that runs grouped GEMMs takes the routing as it is on the
+device instead (each token's GEMM row, `bank.token_rows`): no host sync in the layer. A hook sees each block's input (`set_block_input_hook`), and
 `route_votes` applies the routers ahead to it, which is what the tiered runtime predicts with.
 """
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gmtier.config import ModelConfig
-from gmtier.experts.bank import ResidentExperts, expert_ffn  # noqa: F401  (expert_ffn: the experts' math, re-exported)
+from gmtier.experts.bank import HostCopy, ResidentExperts, expert_ffn, token_rows  # noqa: F401  (expert_ffn: the experts' math, re-exported)
 
 
 # ---- routing ------------------------------------------------------------------------------
@@ -33,6 +34,7 @@ class Routing:
     keep: torch.Tensor  # [T] bool: False for tokens dropped by the capacity limit
     aux_loss: torch.Tensor  # Switch eq. 4 without alpha: N * sum_i f_i * P_i
     z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
+    rank: torch.Tensor  # [T] long: the token's place in its expert's queue (in token order)
 
 
 def capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
@@ -58,7 +60,7 @@ def route(logits: torch.Tensor, capacity_factor: float) -> Routing:
     # layer for 16K tokens on an H200, a tenth of the `small` step).
     rank = (onehot.t().contiguous().cumsum(1).t() * onehot).sum(-1) - 1
     keep = rank < capacity(T, N, capacity_factor)
-    return Routing(expert, gate, keep, aux, z)
+    return Routing(expert, gate, keep, aux, z, rank.long())
 
 
 class SwitchFFN(nn.Module):
@@ -68,8 +70,17 @@ class SwitchFFN(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = experts
         self.aux_loss = self.z_loss = None
-        self.last_experts: set[int] = set()  # experts that got tokens in the last forward (the routing trace)
-        self.last_drop_frac = 0.0
+        self._last: tuple[HostCopy, int] | None = None  # the last forward's kept tokens per expert, and its tokens
+
+    @property
+    def last_experts(self) -> set[int]:
+        """Experts that got tokens in the last forward (the routing trace)."""
+        return {e for e, c in enumerate(self._last[0].tolist()) if c} if self._last else set()
+
+    @property
+    def last_drop_frac(self) -> float:
+        """The share of the last forward's tokens dropped by the capacity limit."""
+        return 1.0 - sum(self._last[0].tolist()) / self._last[1] if self._last else 0.0
 
     def router_logits(self, x: torch.Tensor, jitter: bool = False) -> torch.Tensor:
         """fp32 router logits for tokens x [T, d], with autocast off."""
@@ -87,9 +98,17 @@ class SwitchFFN(nn.Module):
         # dropped because of what else is in the batch.
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         r = route(self.router_logits(h, jitter=self.training), factor)
-        order, counts = self.dispatch(r)
-        y_sorted = self.experts(h[order], counts)
-        y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))
+        if self.experts.takes_device_routing(h):
+            # Grouped GEMMs: each token's GEMM row from device counts, no host sync in the layer.
+            self.aux_loss, self.z_loss = r.aux_loss, r.z_loss
+            T, N = h.shape[0], self.cfg.n_experts
+            t = token_rows(r.expert, r.rank, r.keep, N, min(T, N * capacity(T, N, factor)), self.experts.pad_rows)
+            self._last = (t.counts, T)
+            y = self.experts.forward_tokens(h, t).to(h.dtype)
+        else:
+            order, counts = self.dispatch(r)
+            y_sorted = self.experts(h[order], counts)
+            y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))
         return (y * r.gate.to(h.dtype).unsqueeze(1)).view(shape)
 
     def dispatch(self, r: Routing) -> tuple[torch.Tensor, list[int]]:
@@ -99,8 +118,7 @@ class SwitchFFN(nn.Module):
         kept = r.keep.nonzero().squeeze(1)
         order = kept[torch.argsort(r.expert[kept], stable=True)]  # kept tokens, grouped by expert
         counts = torch.bincount(r.expert[order], minlength=self.cfg.n_experts).tolist()
-        self.last_experts = {e for e, c in enumerate(counts) if c}
-        self.last_drop_frac = 1.0 - len(kept) / r.expert.shape[0]
+        self._last = (HostCopy(counts), r.expert.shape[0])
         return order, counts
 
 

@@ -12,7 +12,8 @@ run, every rate the bound needs:
 
 and reports step / bound, the share of transfer time hidden behind compute (1 - time the loop
 waited for experts / transfer time), prefetch precision/recall, peak GPU memory and RSS, and,
-where the whole model fits on the GPU, the same model fully resident for comparison.
+where the whole model fits on the GPU, the same model fully resident for comparison, beside its
+dense twin (`model.switch_every = 0`: equal FLOPs per token) and which path the expert GEMMs took.
 """
 
 from __future__ import annotations
@@ -151,8 +152,15 @@ def _resident_fits(cfg) -> bool:
     return (expert_params + dense_params) * 16 < 0.5 * torch.cuda.get_device_properties(0).total_memory
 
 
+def _gemm_note(gemm: str | None) -> str | None:
+    """How the expert GEMMs ran ("grouped" / "loop"), with why where grouped ones fell back."""
+    from gmtier.experts.bank import GEMM_FALLBACKS
+
+    return gemm if gemm != "loop" or not GEMM_FALLBACKS else f"loop ({'; '.join(GEMM_FALLBACKS.values())})"
+
+
 def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, resident: bool, prefetch_off: bool,
-                 log, timeline: Path | None = None) -> dict:
+                 log, timeline: Path | None = None, dense_twin: bool = True) -> dict:
     from gmtier.adam import memory_bandwidth
     from gmtier.train import Trainer
 
@@ -188,6 +196,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     log(f"[{name}] tiered training, prefetch on ...")
     tiered, trainer = run_tiered(True, timeline)
     cfg = trainer.cfg
+    tiered_gemm = trainer.runtime.gemm if trainer.runtime is not None else None
     tokens = cfg.train.micro_batches * cfg.train.batch_size * cfg.model.seq_len
     store_file = cfg.store_dir() / "experts.safetensors"
     weights_bytes, record_bytes = cfg.expert_bytes()
@@ -241,10 +250,26 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
             full_resident = None
         resident_expert_bytes = len(m.switch_layers()) * fit_experts * 2 * m.d_model * m.d_ff * 16
         dense_peak = torch.cuda.max_memory_allocated() - resident_expert_bytes if device == "cuda" else None
+        switch = rtr.model.switch_blocks()
+        resident_gemm = switch[0].experts.gemm_used if switch else None
     finally:
         rtr.close()
         del rtr
         gc.collect()
+
+    twin = None
+    if dense_twin and m.switch_layers():
+        # The dense twin: the same model with one FFN of the same d_ff per block (equal FLOPs per
+        # token), whole training steps as the resident ones: what a Switch layer costs beyond its FLOPs.
+        log(f"[{name}] dense twin (model.switch_every=0) training steps ...")
+        ttr = Trainer(_load(path, overrides, work_dir, f"{name}-dense", extra + ["model.switch_every=0"]), fresh=True,
+                      log=quiet)
+        try:
+            twin = _time_steps(ttr, warmup, steps, desc="dense twin steps")
+        finally:
+            ttr.close()
+            del ttr
+            gc.collect()
 
     prefetch_off_res = again = None
     if prefetch_off:
@@ -326,6 +351,10 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "prefetch_off_wait_s": prefetch_off_res.get("wait_s", 0.0) / steps if prefetch_off_res else None,
         "prefetch_off_gpu_stall_s": prefetch_off_res.get("gpu_stall_s", 0.0) / steps if prefetch_off_res else None,
         "prefetch_off_gpu_hit_rate": prefetch_off_res.get("gpu_hit_rate") if prefetch_off_res else None,
+        "expert_gemm_resident": _gemm_note(resident_gemm), "expert_gemm_tiered": _gemm_note(tiered_gemm),
+        "dense_twin_step_s": twin["step_s"] if twin else None,
+        "resident_over_dense_twin": (full_resident["step_s"] / twin["step_s"]) if twin and full_resident else None,
+        "tiered_over_dense_twin": ((again or tiered)["step_s"] / twin["step_s"]) if twin else None,
     })
     return out
 
@@ -371,6 +400,10 @@ def _table(results: list[dict]) -> str:
         ("resident step (s)", "resident_step_s", "{:.3f}"), ("tiered step, run again (s)", "tiered_again_step_s", "{:.3f}"),
         ("tiered / resident speed", "tiered_vs_resident", "{:.2f}"),
         ("  first tiered run / resident", "tiered_vs_resident_first_run", "{:.2f}"),
+        ("dense twin step (s)", "dense_twin_step_s", "{:.3f}"),
+        ("resident step / dense twin step", "resident_over_dense_twin", "{:.2f}"),
+        ("tiered step / dense twin step", "tiered_over_dense_twin", "{:.2f}"),
+        ("expert GEMMs: resident", "expert_gemm_resident", "{}"), ("  tiered", "expert_gemm_tiered", "{}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
         ("  GPU stalled on copies (s)", "prefetch_off_gpu_stall_s", "{:.3f}"), ("  GPU hit rate", "prefetch_off_gpu_hit_rate", "{:.2f}"),
     ]
@@ -407,13 +440,16 @@ def _table(results: list[dict]) -> str:
               help="where the benchmark's stores go (put it on the NVMe disk)")
 @click.option("--resident/--no-resident", default=True, help="also time the model fully resident where it fits")
 @click.option("--prefetch-off/--no-prefetch-off", default=True, help="also time tiered training with prefetch off")
+@click.option("--dense-twin/--no-dense-twin", default=True,
+              help="also time the dense twin (model.switch_every=0: equal FLOPs per token), resident")
 @click.option("--micro-batches", "sweep", default="", metavar="M[,M...]",
               help="sweep the tokens a step: train.micro_batches for each run (e.g. 1,64); default: the config's")
 @click.option("--keep", is_flag=True, help="keep the stores afterwards")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON list instead of a table")
 @click.option("--timeline", type=click.Path(dir_okay=False), default=None,
               help="append the disk counters of the timed tiered steps, sampled every 50 ms, to this JSONL file")
-def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, sweep, keep, as_json, timeline):
+def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_off, dense_twin, sweep, keep, as_json,
+                timeline):
     """Time real training steps and compare them with their hardware lower bound."""
     work = Path(work_dir)
     log = (lambda s: progress.echo(s, err=True))
@@ -425,7 +461,8 @@ def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_
     def bench_or_error(c, o):
         """One run; in a sweep, a run that cannot go (out of memory, a budget) is a result too."""
         try:
-            return bench_config(c, o, work, warmup, steps, resident, prefetch_off, log, Path(timeline) if timeline else None)
+            return bench_config(c, o, work, warmup, steps, resident, prefetch_off, log, Path(timeline) if timeline else None,
+                                dense_twin)
         except (config_mod.ConfigError, torch.cuda.OutOfMemoryError) as e:
             if len(runs) == 1:
                 raise

@@ -4,17 +4,27 @@
 them from the tiered store through the `ExpertRuntime`, inside `ExpertLayerFn` (the autograd
 Function that saves only the layer's sorted input and updates the experts in backward). Both
 compute `expert_ffn` on the same GEMM row layout, so they agree to floating point.
+
+The experts' GEMMs run one of two ways (`experts.gemm`, resolved by `resolve_gemm`): a loop of
+per-expert GEMMs (`expert_ffn`, runs everywhere), or grouped GEMMs (`grouped_ffn`: one
+`torch._grouped_mm` per matrix for all the experts of a layer on the GPU, forward, dx and dW
+alike) where the GPU and dtype have them. The resident bank then routes without a host sync
+(`token_rows`: each token's GEMM row from a device cumsum of the counts).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gmtier.config import EXPERT_GEMMS as GEMM_CHOICES
 from gmtier.config import ModelConfig
 
 
@@ -92,9 +102,20 @@ def gemm_row_layout(counts: list[int], multiple: int, device) -> tuple[list[int]
     n = sum(counts)
     shift = torch.tensor(expert_starts(padded)) - torch.tensor(expert_starts(counts))
     rows = torch.arange(n) + shift.repeat_interleave(torch.tensor(counts), output_size=n)
-    if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
-        rows = rows.pin_memory().to(device, non_blocking=True)
-    return padded, rows
+    return padded, to_device(rows, device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync (CUDA: through pinned memory, as a
+    pageable copy would wait for the stream)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def group_ends(counts, device) -> torch.Tensor:
+    """The int32 cumulative ends of groups of `counts` rows (`torch._grouped_mm`'s offs) on `device`."""
+    return to_device(torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32), device)
 
 
 def to_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
@@ -106,26 +127,301 @@ def from_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
 
 
+# ---- grouped expert GEMMs ----------------------------------------------------------------
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def grouped_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor):
+    """`expert_ffn` of many experts in two grouped GEMMs: x [R, d] holds the experts' rows one
+    after another (expert g's are rows offs[g-1]:offs[g]; offs: int32 cumulative ends on x's
+    device; an expert may have none), w1 [G, d_ff, d], w2 [G, d, d_ff]. Returns (y [R, d], the
+    pre-activation a [R, d_ff] that backward needs); rows from offs[-1] on are unspecified."""
+    a = grouped_pre_activation(x, w1, offs)
+    return _grouped_mm(F.gelu(a), w2.transpose(-2, -1), offs), a
+
+
+def grouped_pre_activation(x: torch.Tensor, w1: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x w1^T of each expert's rows (what `grouped_ffn` calls a)."""
+    return _grouped_mm(x, w1.transpose(-2, -1), offs)
+
+
+def grouped_ffn_dx(x, a, w1, w2, dy, offs):
+    """dx of `grouped_ffn` (rows from offs[-1] on unspecified), with gelu(a) and d(loss)/da
+    for `grouped_ffn_dw`: (dx, h, da)."""
+    da = torch.ops.aten.gelu_backward(_grouped_mm(dy, w2, offs), a)
+    return _grouped_mm(da, w1, offs), F.gelu(a), da
+
+
+def grouped_ffn_dw(x, h, da, dy, offs):
+    """(dW1 [G, d_ff, d], dW2 [G, d, d_ff]) of groups of rows 0..offs[-1] of x [R, d], h and da
+    [R, d_ff], dy [R, d]. The groups here must all have rows: callers leave the empty ones out
+    (a K-grouped GEMM of an empty group is not defined on every version)."""
+    return _grouped_mm(da.t(), x, offs), _grouped_mm(dy.t(), h, offs)
+
+
+class HostCopy:
+    """A small device tensor (or a list) in host memory without a host sync: the copy goes to
+    pinned memory on the current stream, and `tolist()` waits for that copy only (by the time
+    backward or the end of the step asks, it finished long ago)."""
+
+    def __init__(self, values):
+        self._list, self._event = None, None
+        if not isinstance(values, torch.Tensor):
+            self._list = list(values)
+        elif values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def tolist(self) -> list:
+        if self._list is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._list = self._host.tolist()
+        return self._list
+
+
+@dataclass
+class TokenRows:
+    """Each token's row in the grouped GEMMs' input, made on the device (`token_rows`)."""
+    rows: torch.Tensor  # [T] long: the row of each kept token; dropped tokens: the spare last row
+    keep: torch.Tensor  # [T] bool
+    offs: torch.Tensor  # [n_experts] int32: the end of each expert's (padded) rows
+    counts: HostCopy  # kept tokens per expert, on its way to the host
+    n_rows: int  # rows of the GEMM input: at least every expert's padded rows, + the spare row
+    multiple: int  # each expert's rows are its count rounded up to this
+
+    def padded_counts(self) -> list[int]:
+        m = self.multiple
+        return [-(-c // m) * m for c in self.counts.tolist()]
+
+
+def token_rows(expert: torch.Tensor, rank: torch.Tensor, keep: torch.Tensor, n_experts: int, max_kept: int,
+               multiple: int) -> TokenRows:
+    """The GEMM row layout of `gemm_row_layout` (each expert's kept tokens in token order, its
+    count rounded up to `multiple`) without the counts on the host: `rank` is each token's place
+    in its expert's queue (route's), `max_kept` a bound of the kept tokens (sizes the input)."""
+    m = max(1, multiple)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(0, expert, keep.long())
+    padded = (counts + (m - 1)) // m * m
+    ends = padded.cumsum(0)
+    n_rows = max_kept + n_experts * (m - 1) + 1
+    rows = torch.where(keep, (ends - padded)[expert] + rank, n_rows - 1)
+    return TokenRows(rows, keep, ends.to(torch.int32), HostCopy(counts), n_rows, m)
+
+
+def to_token_rows(h: torch.Tensor, t: TokenRows) -> torch.Tensor:
+    """h [T, d] as the GEMM input [n_rows, d]: kept tokens at their rows, zeros elsewhere (the
+    dropped ones add zeros to the spare row; in backward their gradient is zero)."""
+    src = torch.where(t.keep.unsqueeze(1), h, 0)
+    return h.new_zeros((t.n_rows, h.shape[1])).index_copy(0, t.rows, src)
+
+
+def from_token_rows(y: torch.Tensor, t: TokenRows) -> torch.Tensor:
+    """The GEMM output back to the tokens [T, d]; zero for the dropped tokens."""
+    return torch.where(t.keep.unsqueeze(1), y.index_select(0, t.rows), 0)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs run in for input x: autocast's where it is on, else x's."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+def _side_by_side(ts) -> bool:
+    """Whether equal contiguous tensors lie one after another in one storage."""
+    t0, n = ts[0], ts[0].numel()
+    return all(
+        t.is_contiguous() and t.shape == t0.shape and t.dtype == t0.dtype and t.device == t0.device
+        and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
+        and t.storage_offset() == t0.storage_offset() + i * n for i, t in enumerate(ts))
+
+
+def stacked(ts) -> torch.Tensor:
+    """Equal tensors as one [n, ...] tensor: a view where they lie side by side in one storage
+    (as `ResidentExperts` lays its parameters out), else a copy."""
+    ts = [t.detach() for t in ts]
+    if _side_by_side(ts):
+        t0 = ts[0]
+        return t0.as_strided((len(ts), *t0.shape), (t0.numel(), *t0.stride()), t0.storage_offset())
+    return torch.stack(ts)
+
+
+GEMM_FALLBACKS: dict[tuple, str] = {}  # (setting, device, dtype) -> why grouped GEMMs were not used
+
+
+def _fast_grouped(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int) -> bool:
+    """Whether torch has a grouped GEMM kernel here (sm90 / sm100, bf16, 16-byte strides): else
+    `torch._grouped_mm` is a loop of GEMMs with a host sync, and our own loop is better."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    return ((major, minor) == (9, 0) or major == 10) and d_model % 8 == 0 and d_ff % 8 == 0
+
+
+def _grouped_problem(device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int) -> str | None:
+    """None where grouped GEMMs of these shapes run here and give the loop's numbers (a few small
+    problems, an empty expert among them, at both of torch's tile sizes), else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    g = torch.Generator().manual_seed(0)
+    try:
+        for counts in ([16, 0, 24], [256, 0, 320]):
+            rows, used = sum(counts), [e for e, c in enumerate(counts) if c]
+            x, dy = torch.randn(rows, d_model, generator=g), torch.randn(rows, d_model, generator=g)
+            w1 = torch.randn(len(counts), d_ff, d_model, generator=g) / math.sqrt(d_model)
+            w2 = torch.randn(len(counts), d_model, d_ff, generator=g) / math.sqrt(d_ff)
+            x, dy, w1, w2 = (t.to(device, dtype) for t in (x, dy, w1, w2))
+            offs = group_ends(counts, device)
+            y, a = grouped_ffn(x, w1, w2, offs)
+            dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
+            dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], device))
+            ref_y, ref_dx = torch.empty(rows, d_model), torch.empty(rows, d_model)
+            got, want = [y, dx], [ref_y, ref_dx]
+            for i, (e, s) in enumerate((e, expert_starts(counts)[e]) for e in used):
+                n = counts[e]
+                xe, w1e, w2e, dye = (t.float().cpu() for t in (x[s:s + n], w1[e], w2[e], dy[s:s + n]))
+                ref_y[s:s + n] = expert_ffn(xe, w1e, w2e)
+                ref_dx[s:s + n], dw = expert_ffn_backward(xe, w1e, w2e, dye)
+                got += [dw1[i], dw2[i]]
+                want += [dw["w1"], dw["w2"]]
+            for name, a_, b_ in zip(["y", "dx"] + ["dW1", "dW2"] * len(used), got, want):
+                err = ((a_.float().cpu() - b_).abs().max() / b_.abs().max().clamp_min(1e-6)).item()
+                if not err <= tol:
+                    return f"{name} differs from the per-expert loop's by {err:.1e} of its largest value"
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001  (whatever the op raises, the loop runs instead)
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_gemm(setting: str, device: str, dtype: torch.dtype, d_model: int, d_ff: int) -> str:
+    """How the expert GEMMs run: "grouped" or "loop". `setting` is experts.gemm: "loop"; "auto"
+    (grouped where torch has a grouped kernel: sm90/sm100 GPUs in bf16); "grouped" (wherever
+    torch._grouped_mm exists, e.g. on the CPU, where torch runs it as a loop). Grouped GEMMs are
+    tried on small problems first: where they raise or differ from the loop, the loop runs and
+    a RuntimeWarning says why (`GEMM_FALLBACKS` keeps it); a run never dies of it."""
+    if setting not in GEMM_CHOICES:
+        raise ValueError(f"experts.gemm = {setting!r}: choose one of {', '.join(map(repr, GEMM_CHOICES))}")
+    dev = torch.device(device)
+    if setting == "loop" or (setting == "auto" and not _fast_grouped(dev, dtype, d_model, d_ff)):
+        return "loop"
+    why = _grouped_problem(dev, dtype, d_model, d_ff)
+    if why is None:
+        return "grouped"
+    GEMM_FALLBACKS[(setting, str(dev), dtype)] = why
+    warnings.warn(f"experts.gemm = {setting!r}: grouped expert GEMMs failed their first use on {dev} in "
+                  f"{str(dtype).removeprefix('torch.')} ({why}); the per-expert loop runs instead",
+                  RuntimeWarning, stacklevel=2)
+    return "loop"
+
+
+class GroupedExpertsFn(torch.autograd.Function):
+    """All experts of a resident bank in grouped GEMMs over rows `x` (grouped as `offs` says),
+    its weights the bank's parameters; dW only for the experts with rows (the others get no
+    gradient, as in the loop, so their AdamW skips them): `counts()` gives each expert's rows
+    on the host, called in backward (from a `HostCopy`: its copy is done by then)."""
+
+    @staticmethod
+    def forward(ctx, x, offs, counts, dtype, n_experts: int, *weights):
+        with torch.autocast(x.device.type, enabled=False):
+            w1 = stacked(weights[:n_experts]).to(dtype)
+            w2 = stacked(weights[n_experts:]).to(dtype)
+            xc = x.to(dtype)
+            y, a = grouped_ffn(xc, w1, w2, offs)
+        ctx.save_for_backward(xc, a, w1, w2, offs)
+        ctx.counts, ctx.n_experts, ctx.in_dtype, ctx.w_dtype = counts, n_experts, x.dtype, weights[0].dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, a, w1, w2, offs = ctx.saved_tensors
+        E = ctx.n_experts
+        dy = dy.to(x.dtype).contiguous()
+        dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
+        grads = [None] * (2 * E)
+        if any(ctx.needs_input_grad[5:]):
+            counts = ctx.counts()
+            used = [e for e, c in enumerate(counts) if c]
+            if used:
+                dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], x.device))
+                dw1, dw2 = dw1.to(ctx.w_dtype), dw2.to(ctx.w_dtype)
+                for i, e in enumerate(used):
+                    grads[e], grads[E + e] = dw1[i], dw2[i]
+        return (dx.to(ctx.in_dtype), None, None, None, None, *grads)
+
+
 # ---- the banks ----------------------------------------------------------------------------
 
 class ResidentExperts(nn.Module):
-    """The reference expert bank: every expert is a pair of nn.Parameters on the model's device."""
+    """The reference expert bank: every expert is a pair of nn.Parameters on the model's device
+    (each weight's experts side by side in one tensor, so grouped GEMMs take them as they are).
+    `gemm`: experts.gemm (see `resolve_gemm`)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0, gemm: str = "auto"):
         super().__init__()
+        if gemm not in GEMM_CHOICES:
+            raise ValueError(f"experts.gemm = {gemm!r}: choose one of {', '.join(map(repr, GEMM_CHOICES))}")
         self.pad_rows = pad_rows  # see gemm_row_layout
+        self.gemm, self.d_model, self.d_ff = gemm, cfg.d_model, cfg.d_ff
+        self.gemm_used: str | None = None  # how the last forward ran its GEMMs: "grouped" or "loop"
         self.w1 = nn.ParameterList()
         self.w2 = nn.ParameterList()
         for e in range(cfg.n_experts):
             w1, w2 = init_expert(seed, layer, e, cfg.d_model, cfg.d_ff, cfg.init_std, cfg.n_layer)
             self.w1.append(nn.Parameter(w1))
             self.w2.append(nn.Parameter(w2))
+        self._lay_out()
+
+    def _lay_out(self) -> None:
+        """Each weight's experts as views of one [n_experts, ...] tensor (after init and after
+        every move: `.to(device)` gives each parameter a tensor of its own)."""
+        with torch.no_grad():
+            for params in (self.w1, self.w2):
+                if len(params) and not _side_by_side(list(params)):
+                    flat = torch.stack([p.data for p in params])
+                    for p, view in zip(params, flat):
+                        p.data = view
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._lay_out()
+        return out
+
+    def _mode(self, x: torch.Tensor) -> str:
+        self.gemm_used = resolve_gemm(self.gemm, str(x.device), compute_dtype(x), self.d_model, self.d_ff)
+        return self.gemm_used
+
+    def takes_device_routing(self, x: torch.Tensor) -> bool:
+        """Whether the Switch layer should hand over its routing as it is on the device
+        (`forward_tokens`, no host sync) rather than sorted tokens and host counts."""
+        return self._mode(x) == "grouped"
+
+    def _grouped(self, x: torch.Tensor, offs: torch.Tensor, counts) -> torch.Tensor:
+        return GroupedExpertsFn.apply(x, offs, counts, compute_dtype(x), len(self.w1), *self.w1, *self.w2)
+
+    def forward_tokens(self, h: torch.Tensor, t: TokenRows) -> torch.Tensor:
+        """The experts' outputs for every token of h [T, d] (zero for the dropped ones), routed by `t`."""
+        x = to_token_rows(h.to(compute_dtype(h)), t)
+        return from_token_rows(self._grouped(x, t.offs, t.padded_counts), t)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
         counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
+        xs = to_gemm_rows(x_sorted, rows, sum(counts_p))
+        if self._mode(x_sorted) == "grouped" and sum(counts_p):
+            y = self._grouped(xs.to(compute_dtype(x_sorted)), group_ends(counts_p, xs.device), lambda: counts_p)
+            return from_gemm_rows(y, rows)
         outs = []
-        for e, part in enumerate(torch.split(to_gemm_rows(x_sorted, rows, sum(counts_p)), counts_p)):
+        for e, part in enumerate(torch.split(xs, counts_p)):
             if counts_p[e]:
                 outs.append(expert_ffn(part, self.w1[e].to(part.dtype), self.w2[e].to(part.dtype)))
         return from_gemm_rows(torch.cat(outs), rows) if outs else x_sorted.new_zeros(x_sorted.shape)
@@ -164,6 +460,13 @@ class TieredExperts(nn.Module):
     @property
     def pad_rows(self) -> int:
         return self.runtime.pad_rows
+
+    @property
+    def gemm_used(self) -> str:
+        return self.runtime.gemm
+
+    def takes_device_routing(self, x: torch.Tensor) -> bool:
+        return False  # the paging loop needs each expert's count on the host
 
     def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
         """(outputs, what step_backward needs): each expert paged once for the step. The rows

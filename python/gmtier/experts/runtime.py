@@ -48,6 +48,9 @@ class ExpertRuntime:
         self.half = self.dtype != torch.float32 and cfg.experts.state == "fp32"
         self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
         self.chunk_rows = expert_chunk_rows(m.d_ff, self.dtype, self.pad_rows)  # see EXPERT_CHUNK_BYTES
+        # Experts already on the device when a layer's loop starts run in grouped GEMMs where
+        # experts.gemm resolves so ("grouped"), the ones paged in one by one in the loop.
+        self.gemm = expert_bank.resolve_gemm(cfg.experts.gemm, str(self.device), self.dtype, m.d_model, m.d_ff)
         self.plan = cfg.plan(device, gpu_tier=self.device.type == "cuda" or emulated())
         path = cfg.store_dir()
         if create:
@@ -140,16 +143,18 @@ class ExpertRuntime:
         self.prefetcher.observe(slot, counts)
 
     # ---- forward / backward of one layer ------------------------------------------------------
-    def _each_expert(self, layer: int, counts: list[int], compute, done, sections: str) -> None:
+    def _each_expert(self, layer: int, counts: list[int], compute, done, sections: str, compute_group=None) -> None:
         """For every expert with tokens, in order: `compute(e, start, n, w1, w2)` (enqueues its
         kernels), then `done([key])` (release, or hand over to the AdamW). `sections`: what of
         the record the step needs in RAM ("weights" in forward, "state"/"all" in backward).
 
         Experts that need no read are taken in one call up front: in forward those whose
         current weights are on the GPU (released together at the end), in backward all of them
-        when the RAM tier holds every record. The others are paged one ahead: the next one is
-        acquired after the current one's kernels are enqueued, so its read and H2D copy overlap
-        that compute."""
+        when the RAM tier holds every record. With `compute_group`, runs of them that follow
+        one another in the row order go to `compute_group([(e, start, n, w1, w2), ...])` in one
+        call instead (which calls `done` itself in backward). The others are paged one ahead:
+        the next one is acquired after the current one's kernels are enqueued, so its read and
+        H2D copy overlap that compute."""
         keys = [(layer, e) for e, c in enumerate(counts) if c]
         pf = self.prefetcher
         pf.layer_demanded(layer)
@@ -166,11 +171,19 @@ class ExpertRuntime:
             ready = self.store.acquire_many(keys, priority=10, sections=sections)
         else:
             ready = {}
+        runs = self._ready_runs(keys, ready, counts) if compute_group is not None else {}
+        in_runs = {k for run in runs.values() for k in run}
         paged = [k for k in keys if k not in ready]
         room = self.plan.prefetch_room if pf.reads_ahead else 0
         ahead = {paged[0]: self.store.acquire(paged[0], priority=10, sections=sections)} if paged else {}
         j = 0  # position in `paged` of the expert acquired ahead
         for key in keys:
+            if key in runs:
+                compute_group([(k[1], starts[k[1]], counts[k[1]], ready[k]["w1"], ready[k]["w2"]) for k in runs[key]])
+                pf.pump_gpu(reserve=max(0, len(paged) - j))
+                continue
+            if key in in_runs:
+                continue
             w = ready.get(key) or ahead.pop(key)
             if key not in ready and room:
                 pf.read_ahead(paged[j + 2: j + 2 + room], 5, sections)
@@ -186,6 +199,21 @@ class ExpertRuntime:
             pf.pump_gpu(reserve=max(0, len(paged) - j - 1))
         if sections == "weights" and ready:
             done(list(ready))
+
+    def _ready_runs(self, keys, ready, counts) -> dict:
+        """Runs of two or more experts of `ready` one after another in `keys`, of at most
+        `chunk_rows` rows together (one with more runs alone, in chunks): first key -> the run."""
+        runs, run, rows = {}, [], 0
+        for key in [*keys, None]:
+            n = counts[key[1]] if key is not None else 0
+            if key is None or key not in ready or n > self.chunk_rows or rows + n > self.chunk_rows:
+                if len(run) > 1:
+                    runs[run[0]] = run
+                run, rows = [], 0
+            if key is not None and key in ready and n <= self.chunk_rows:
+                run.append(key)
+                rows += n
+        return runs
 
     def forward(self, layer: int, x_sorted: torch.Tensor, counts: list[int], layout=None,
                 training: bool = False) -> torch.Tensor:
@@ -209,9 +237,17 @@ class ExpertRuntime:
                 for c, k in chunks(s, n, self.chunk_rows):
                     expert_bank.expert_ffn(xs[c:c + k], w1, w2, out=out[c:c + k])
 
+        def compute_group(items):
+            s0, end = items[0][1], items[-1][1] + items[-1][2]
+            with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
+                w1, w2 = (expert_bank.stacked([it[i] for it in items]) for i in (3, 4))
+                offs = expert_bank.group_ends([it[2] for it in items], xs.device)
+                out[s0:end] = expert_bank.grouped_ffn(xs[s0:end], w1, w2, offs)[0]
+
         t0 = time.perf_counter()
         with self.figures.per_layer(layer):
-            self._each_expert(layer, counts_p, compute, self.store.release, "weights")
+            self._each_expert(layer, counts_p, compute, self.store.release, "weights",
+                              compute_group if self.gemm == "grouped" else None)
         self.figures.stats["expert_fwd_s"] += time.perf_counter() - t0
         if last:
             self.ahead_of_backward(layer)  # now also onto the GPU, the layer's own copies done
@@ -259,12 +295,47 @@ class ExpertRuntime:
                     host = self.store.grads_to_host(group_keys, [grads.pop(e) for e in group])
                 self.updates.submit(group_keys, host)
 
+        def compute_group(items):
+            """Grouped GEMMs for dx of the run, then its dW update group by group: each group's dW
+            goes to its staging slots and leaves (done) before the next group takes slots."""
+            s0, end = items[0][1], items[-1][1] + items[-1][2]
+            with torch.no_grad(), torch.autocast(x_sorted.device.type, enabled=False):
+                w1, w2 = (expert_bank.stacked([it[i] for it in items]) for i in (3, 4))
+                x, dy = xs[s0:end], dys[s0:end]
+                offs = expert_bank.group_ends([it[2] for it in items], xs.device)
+                a = expert_bank.grouped_pre_activation(x, w1, offs)
+                dx[s0:end], h, da = expert_bank.grouped_ffn_dx(x, a, w1, w2, dy, offs)
+                i = 0
+                while i < len(items):
+                    group = group_of[items[i][0]]
+                    part = [it for it in items[i:] if it[0] in group]
+                    r0, r1 = part[0][1] - s0, part[-1][1] + part[-1][2] - s0
+                    dw1, dw2 = expert_bank.grouped_ffn_dw(x[r0:r1], h[r0:r1], da[r0:r1], dy[r0:r1],
+                                                          expert_bank.group_ends([it[2] for it in part], xs.device))
+                    dst, src = [], []
+                    for k, it in enumerate(part):
+                        e = it[0]
+                        if gpu is None:
+                            grads[e] = {"w1": dw1[k], "w2": dw2[k]}
+                            continue
+                        if e == group[0]:
+                            first_slot[e], views = gpu.grad_buffers(len(group))
+                            staged.update(zip(group, views))
+                        view = staged.pop(e)
+                        dst += [view["w1"], view["w2"]]
+                        src += [dw1[k], dw2[k]]
+                    if dst:
+                        torch._foreach_copy_(dst, src)
+                    done([(layer, it[0]) for it in part])
+                    i += len(part)
+
         t0 = time.perf_counter()
         with self.figures.per_layer(layer):
             # Half-precision experts: the AdamW writes the new weights from the fp32 master, so
             # backward needs only the state in RAM when the GPU holds the weights (fp32: the
             # weights are the master).
-            self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all")
+            self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all",
+                              compute_group if self.gemm == "grouped" else None)
         self.figures.stats["expert_bwd_s"] += time.perf_counter() - t0
         return from_gemm_rows(dx, rows).to(x_sorted.dtype)
 
