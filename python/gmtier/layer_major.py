@@ -166,7 +166,7 @@ class LayerMajorStep:
             rng.append(_rng_state(u.device) if jitter else None)
             logits.append(ffn.router_logits(u, jitter=True))
             resid.append(a)
-        r = route(torch.cat(logits), self.cfg.capacity_factor)  # capacity and losses over the step
+        r = route(torch.cat(logits), self.cfg.capacity_factor, ffn.route_sync)  # capacity and losses over the step
         order, counts = ffn.dispatch(r)
         # Each micro-batch's kept tokens: their rows in the experts' GEMMs (each expert's count
         # rounded up to the bank's row multiple, zero rows between; see gemm_row_layout), and
@@ -189,8 +189,7 @@ class LayerMajorStep:
             gate = r.gate[m * T + local[m]].to(a.dtype).unsqueeze(1)
             a.index_add_(0, local[m], y_sorted[pos[m]].to(a.dtype) * gate)  # a + gate * expert(x)
             out.append(a.view(shape))
-        frac = torch.bincount(r.expert, minlength=self.cfg.n_experts).float() / len(r.expert)
-        self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), frac, counts, pos, local, bank_saved, rng)
+        self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), r.frac, counts, pos, local, bank_saved, rng)
         self.stash.put(("xs", i), x_sorted)
         self.stash.put(("ys", i), y_sorted)
         return out, self.model.router_losses(r.aux_loss, r.z_loss)

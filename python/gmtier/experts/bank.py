@@ -111,12 +111,14 @@ def from_gemm_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 class ResidentExperts(nn.Module):
     """The reference expert bank: every expert is a pair of nn.Parameters on the model's device."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0, experts: list[int] | None = None):
+        """`experts`: which of the layer's experts this bank holds, in order (default: all; expert
+        parallelism gives each rank its share, `gmtier.distributed`)."""
         super().__init__()
         self.pad_rows = pad_rows  # see gemm_row_layout
         self.w1 = nn.ParameterList()
         self.w2 = nn.ParameterList()
-        for e in range(cfg.n_experts):
+        for e in (range(cfg.n_experts) if experts is None else experts):
             w1, w2 = init_expert(seed, layer, e, cfg.d_model, cfg.d_ff, cfg.init_std, cfg.n_layer)
             self.w1.append(nn.Parameter(w1))
             self.w2.append(nn.Parameter(w2))
