@@ -105,20 +105,18 @@ def test_two_ranks_equal_one_process(data_dir, tmp_path, mode, micro_batches):
 def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     """kill -9 of rank 1 mid-run (after the checkpoint of step 4), then a resume of both ranks
     (through `gmtier train --nproc 2`, torchrun): the losses of the uninterrupted run."""
-    steps = 16
+    steps = 12
     sections = _sections("tiered", batch_size=4, checkpoint_every=4)
     sections["train"]["steps"] = steps
     ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
-    _wait(_spawn_ranks(ref_cfg))
-    ref = losses_of(tmp_path / "ref")
-
     cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
+    ref_procs = _spawn_ranks(ref_cfg)  # the uninterrupted run, beside the one to kill
     procs = _spawn_ranks(cfg)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(losses_of(tmp_path / "run")) < 6:
-        if any(p.poll() is not None for p in procs):
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 60
+    while time.time() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 6:
             break
-        time.sleep(0.005) if (tmp_path / "run" / "metrics.jsonl").exists() else time.sleep(0.05)
+        time.sleep(0.005)
     assert all(p.poll() is None for p in procs), "finished before the kill:\n" + procs[0].communicate()[0]
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].wait()
@@ -129,6 +127,8 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
         procs[0].communicate()
     killed_at = max(losses_of(tmp_path / "run"))
     assert killed_at < steps
+    _wait(ref_procs)
+    ref = losses_of(tmp_path / "ref")
 
     code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
     p = subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
