@@ -338,13 +338,11 @@ class ExpertParallel(nn.Module):
         local += [0] * (self.n_local - len(local))
         perm = inv = None
         if self.ranks.world > 1 and sum(recv):
-            starts = list(itertools.accumulate(recv, initial=0))
-            pieces = []
-            for e in range(self.hi - self.lo):
-                for s, row in enumerate(mine):
-                    first = starts[s] + sum(row[:e])
-                    pieces.append(torch.arange(first, first + row[e]))
-            perm = torch.cat(pieces)
+            # The received rows come in segments (source rank, expert); taken by (expert, source).
+            c = torch.tensor(mine, dtype=torch.int64)  # [ranks, my experts]
+            first = (c.flatten().cumsum(0) - c.flatten()).view_as(c).t().flatten()  # each segment's first row
+            n = c.t().flatten()  # segment lengths in the new order
+            perm = torch.repeat_interleave(first - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(len(perm))
             device = self.ranks.device
