@@ -175,3 +175,23 @@ def test_placement_balances_experts_across_ranks_and_layers():
     sizes = [[b[r + 1] - b[r] for r in range(3)] for b in bounds]
     assert sizes == [[3, 2, 2], [2, 3, 2], [2, 2, 3]]
     assert all(b[0] == 0 and b[-1] == 7 for b in bounds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("mode,micro_batches", [("resident", 1), ("tiered", 1), ("tiered", 2)])
+def test_two_gpus_equal_one_gpu(data_dir, tmp_path, mode, micro_batches):
+    """NCCL, tokens GPU to GPU: 2 ranks on cuda:0 and cuda:1 equal one process on cuda:0 over the
+    same global batch (fp32; the expert GEMMs padded to 128 rows on both), dense part bitwise
+    the same on both ranks."""
+    gpu = dict(device="cuda", precision="fp32")
+    s = _sections(mode, batch_size=8 if micro_batches == 1 else 4, micro_batches=1 if micro_batches == 1 else 4,
+                  checkpoint_every=STEPS, **gpu)
+    ref = train(tiny(data_dir, tmp_path / "ref", **s), log=lambda m: None)
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **_sections(
+        mode, batch_size=4, micro_batches=micro_batches, checkpoint_every=STEPS, **gpu)))
+    _wait(_spawn_ranks(cfg), timeout=300)
+    got = losses_of(tmp_path / "run")
+    assert [got[k] for k in sorted(got)] == pytest.approx(ref, abs=1e-4)
+    d0, d1 = (_dense(tmp_path / "run" / f"rank-{r}" / f"ckpt-{STEPS}" / "model.safetensors") for r in (0, 1))
+    assert all(torch.equal(d0[k], d1[k]) for k in d0)
