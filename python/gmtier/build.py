@@ -16,20 +16,36 @@ def autocast_dtype(precision: str):
     return dtype if dtype in dtypes.HALF else None
 
 
-def build_model(cfg: Config, device: str, store_create: bool = False, store_overwrite: bool = False, log=print):
+def build_model(cfg: Config, device: str, store_create: bool = False, store_overwrite: bool = False, log=print,
+                ranks=None):
     """The model on `device` and, in tiered mode, the expert runtime (None in resident mode).
     `store_create`: make a new store (only a new training run does; over an existing one only
-    with `store_overwrite`); otherwise open the existing one."""
+    with `store_overwrite`); otherwise open the existing one. `ranks` (`gmtier.distributed.Ranks`,
+    None in a single process): this rank holds its share of the experts, the rest are reached
+    through the other ranks."""
     runtime = None
+    seed = cfg.train.seed
     if cfg.experts.mode == "tiered" and cfg.model.switch_layers():
         from gmtier.experts import ExpertRuntime
 
-        runtime = ExpertRuntime(cfg, device, create=store_create, log=log, overwrite=store_overwrite)
-        model = GPT(cfg.model, cfg.train.seed, expert_bank=runtime.bank)
+        if ranks is None:
+            runtime = ExpertRuntime(cfg, device, create=store_create, log=log, overwrite=store_overwrite)
+        else:
+            runtime = ExpertRuntime(ranks.store_config(cfg), device, create=store_create, log=log,
+                                    overwrite=store_overwrite, expert_id=ranks.expert_id)
+        bank = runtime.bank
     else:
-        seed, pad_rows, gemm = cfg.train.seed, cfg.expert_pad_rows(), cfg.experts.gemm
-        model = GPT(cfg.model, seed, expert_bank=lambda layer: ResidentExperts(cfg.model, layer, seed, pad_rows, gemm))
+        pad_rows, gemm = cfg.expert_pad_rows(), cfg.experts.gemm
+
+        def bank(layer):
+            return ResidentExperts(cfg.model, layer, seed, pad_rows, gemm,
+                                   experts=None if ranks is None else ranks.owned(layer))
+    if ranks is not None:
+        bank = ranks.parallel_bank(bank)
+    model = GPT(cfg.model, seed, expert_bank=bank)
     model.to(device)
     if runtime is not None:
         runtime.attach(model)
+    if ranks is not None:
+        ranks.attach(model, runtime)
     return model, runtime

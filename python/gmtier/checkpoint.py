@@ -98,6 +98,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.routing = self.path / "routing.jsonl"
         self._lock_fd: int | None = None
+        self.world_size = 1  # the processes (ranks) training the run; latest.json says how many made it
 
     # ---- the lock ---------------------------------------------------------------------------
     def lock(self) -> None:
@@ -170,11 +171,18 @@ class RunDir:
         """The step of the last complete checkpoint, by latest.json (None: no checkpoint)."""
         path = self.path / "latest.json"
         try:
-            return json.loads(path.read_text())["step"]
+            marker = json.loads(path.read_text())
+            step, world = marker["step"], marker.get("world_size", 1)
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: not a checkpoint marker ({e}); restore it from a backup") from None
+        if world != self.world_size:
+            raise CheckpointError(
+                f"{self.path} was trained by {world} process(es) (ranks, each with its own share of the experts) but "
+                f"this run has {self.world_size}: its checkpoint cannot be split otherwise; resume with the same count "
+                f"(gmtier train --nproc {world}, or torchrun --nproc-per-node {world}) or start over with --fresh")
+        return step
 
     def checkpoint_step(self) -> int:
         """`latest_step`, refusing a run without a checkpoint."""
@@ -208,6 +216,18 @@ class RunDir:
     # ---- save / load ---------------------------------------------------------------------------
     def save(self, step: int, model, opt, data_rng, scaler, device: str, runtime) -> Path:
         """Write checkpoint `step` (see the module docstring for the order that survives a kill)."""
+        final = self.write_dense(step, model, opt, data_rng, scaler, device)
+        if runtime is not None:
+            runtime.commit({"step": step})  # the experts' snapshot for this step
+        self.mark_latest(step)
+        self.prune(step)
+        return final
+
+    # The three parts of `save`, in the order that survives a kill (`gmtier.distributed` runs them
+    # on every rank with barriers between).
+    def write_dense(self, step: int, model, opt, data_rng, scaler, device: str) -> Path:
+        """ckpt-<step>: the dense weights (all of them in resident mode), optimizer and RNGs,
+        written as ckpt-<step>.tmp and renamed."""
         final, tmp = self.path / f"ckpt-{step}", self.path / f"ckpt-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         with _writing(tmp):
@@ -231,13 +251,21 @@ class RunDir:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(self.path)
-        if runtime is not None:
-            runtime.commit({"step": step})  # the experts' snapshot for this step
-        write_json(self.path / "latest.json", {"step": step, "dir": final.name})
+        return final
+
+    def mark_latest(self, step: int) -> None:
+        """latest.json: checkpoint `step` is complete (with the world size that made it, if not 1)."""
+        marker = {"step": step, "dir": f"ckpt-{step}"}
+        if self.world_size != 1:
+            marker["world_size"] = self.world_size
+        write_json(self.path / "latest.json", marker)
+
+    def prune(self, step: int) -> None:
+        """Delete the checkpoints other than `step`'s."""
+        final = self.path / f"ckpt-{step}"
         for old in self.path.glob("ckpt-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def load_dense(self, step: int, model) -> None:
         """Load checkpoint `step`'s dense weights into `model`, refusing one made for another model."""

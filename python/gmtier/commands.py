@@ -4,6 +4,7 @@ generate, info, plot. (The bench-* commands live in `gmtier.bench`; `gmtier.cli`
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -32,13 +33,33 @@ def prepare(source, out_dir, vocab_size, max_train_chars, max_val_chars):
 @click.option("--resume", is_flag=True, help="continue from the run directory's last checkpoint")
 @click.option("--fresh", is_flag=True, help="delete the run directory first")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a config value, e.g. --set train.steps=50")
-def train(config_path, resume, fresh, overrides):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="processes (ranks) on this machine, one per GPU, each with its share of the experts: "
+                   "launches torchrun --nproc-per-node N (see docs/training.md, 'Several GPUs')")
+def train(config_path, resume, fresh, overrides, nproc):
     """Train a Switch GPT; experts live in the tiered store (or resident, per the config)."""
     from gmtier import config
+    from gmtier.distributed import world_size_from_env
     from gmtier.train import train as run
 
-    cfg = config.load(config_path, overrides)
+    cfg = config.load(config_path, overrides)  # checked here before any process starts
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(_launch(nproc, config_path, resume, fresh, overrides))
+    if nproc > 1 and world_size_from_env() != nproc:
+        raise config.ConfigError(f"--nproc {nproc} under a launcher of {world_size_from_env()} processes; "
+                                 f"drop --nproc when launching with torchrun")
     run(cfg, resume=resume, fresh=fresh, log=progress.echo)
+
+
+def _launch(nproc: int, config_path, resume: bool, fresh: bool, overrides) -> int:
+    """`gmtier train` again under torchrun on this machine, `nproc` processes; its exit status."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "gmtier.cli", "train", "--config", str(config_path)]
+    args += ["--resume"] * resume + ["--fresh"] * fresh + [a for o in overrides for a in ("--set", o)]
+    return subprocess.call(args)
 
 
 @click.command("eval", cls=Command)

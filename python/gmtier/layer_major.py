@@ -172,7 +172,7 @@ class LayerMajorStep:
             # The step's residual stream waits for the routing of all its tokens: set aside (off
             # the device where the step's activations exceed its budget) while the experts run.
             stash.park(("a", i, m), a, bank)
-        r = route(torch.cat(logits), self.cfg.capacity_factor)  # capacity and losses over the step
+        r = route(torch.cat(logits), self.cfg.capacity_factor, ffn.route_sync)  # capacity and losses over the step
         order, counts = ffn.dispatch(r)
         # Each micro-batch's kept tokens: their rows in the experts' GEMMs (each expert's count
         # rounded up to the bank's row multiple, zero rows between; see gemm_row_layout), and
@@ -198,8 +198,7 @@ class LayerMajorStep:
             gate = r.gate[m * T + local[m]].to(a.dtype).unsqueeze(1)
             a.index_add_(0, local[m], y_sorted[pos[m]].to(a.dtype) * gate)  # a + gate * expert(x)
             out.append(a.view(shape))
-        frac = torch.bincount(r.expert, minlength=self.cfg.n_experts).float() / len(r.expert)
-        self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), frac, counts, pos, local, bank_saved, rng)
+        self._saved[i] = _SwitchSaved(r.expert, r.gate.detach(), r.frac, counts, pos, local, bank_saved, rng)
         stash.put(("ys", i), y_sorted)
         return out, self.model.router_losses(r.aux_loss, r.z_loss)
 

@@ -35,6 +35,7 @@ class Routing:
     aux_loss: torch.Tensor  # Switch eq. 4 without alpha: N * sum_i f_i * P_i
     z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
     rank: torch.Tensor  # [T] long: the token's place in its expert's queue (in token order)
+    frac: torch.Tensor | None = None  # [N] share of the tokens routed to each expert (before dropping)
 
 
 def capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
@@ -44,14 +45,25 @@ def capacity(n_tokens: int, n_experts: int, capacity_factor: float) -> int:
     return math.ceil(capacity_factor * n_tokens / n_experts)
 
 
-def route(logits: torch.Tensor, capacity_factor: float) -> Routing:
+def route(logits: torch.Tensor, capacity_factor: float, sync=None) -> Routing:
     """Top-1 routing of logits [T, N] (fp32). Over capacity, an expert keeps its first tokens
-    in order (the rest pass through the residual only)."""
+    in order (the rest pass through the residual only).
+
+    `sync` (expert parallelism, `gmtier.distributed`): these are one rank's tokens of a step that
+    is routed as a whole; `sync(counts)` takes this rank's tokens per expert and returns (the
+    step's tokens per expert, those of the ranks before this one, the step's token count), so
+    capacity, queue positions and the expert shares `f` are the step's. The losses stay this
+    rank's share (its mean router probabilities and z), whose mean over the ranks is the step's."""
     T, N = logits.shape
     probs = logits.softmax(-1)
     gate, expert = probs.max(-1)
     onehot = F.one_hot(expert, N).to(probs.dtype)
-    f = onehot.mean(0)  # fraction of tokens dispatched to each expert (before dropping)
+    before, T_all = 0, T
+    if sync is None:
+        f = onehot.mean(0)  # fraction of tokens dispatched to each expert (before dropping)
+    else:
+        total, before, T_all = sync(onehot.sum(0))
+        f = total / T_all
     P = probs.mean(0)  # mean router probability per expert
     aux = N * (f * P).sum()
     z = torch.logsumexp(logits, -1).square().mean()
@@ -59,8 +71,10 @@ def route(logits: torch.Tensor, capacity_factor: float) -> Routing:
     # transposed copy so it scans contiguous memory (the outer-dimension scan took 2.6 ms per
     # layer for 16K tokens on an H200, a tenth of the `small` step).
     rank = (onehot.t().contiguous().cumsum(1).t() * onehot).sum(-1) - 1
-    keep = rank < capacity(T, N, capacity_factor)
-    return Routing(expert, gate, keep, aux, z, rank.long())
+    if sync is not None:
+        rank = rank + (before * onehot).sum(-1)  # behind the tokens of the ranks before this one
+    keep = rank < capacity(T_all, N, capacity_factor)
+    return Routing(expert, gate, keep, aux, z, rank.long(), f)
 
 
 class SwitchFFN(nn.Module):
@@ -70,6 +84,7 @@ class SwitchFFN(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = experts
         self.aux_loss = self.z_loss = None
+        self.route_sync = None  # expert parallelism: see route() and gmtier.distributed
         self._last: tuple[HostCopy, int] | None = None  # the last forward's kept tokens per expert, and its tokens
 
     @property
@@ -97,8 +112,8 @@ class SwitchFFN(nn.Module):
         # Evaluation and generation route at their own factor (0 = dropless): a token is never
         # dropped because of what else is in the batch.
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        r = route(self.router_logits(h, jitter=self.training), factor)
-        if self.experts.takes_device_routing(h):
+        r = route(self.router_logits(h, jitter=self.training), factor, self.route_sync)
+        if self.route_sync is None and self.experts.takes_device_routing(h):
             # Grouped GEMMs: each token's GEMM row from device counts, no host sync in the layer.
             self.aux_loss, self.z_loss = r.aux_loss, r.z_loss
             T, N = h.shape[0], self.cfg.n_experts

@@ -19,6 +19,7 @@ from gmtier.checkpoint import CheckpointError, RunDir
 from gmtier.config import Config, ConfigError, parse_bytes
 from gmtier.layer_major import LayerMajorStep
 from gmtier.data import ensure_data, require_eval_batch
+from gmtier.distributed import RankRunDir, Ranks
 from gmtier.evaluate import validate
 from gmtier.model import SwitchFFN
 from gmtier.optim import HostAdamW
@@ -99,19 +100,28 @@ class Trainer:
     """One run being trained. Holds the run directory's lock from construction to `close`."""
 
     def __init__(self, cfg: Config, resume: bool = False, fresh: bool = False, log=print):
+        # Under torchrun (several ranks, gmtier.distributed) the trainer runs with its rank's view of
+        # the config (its budgets, store and GPU); the run's own config is what config.json keeps.
+        self.run_cfg = cfg
+        self.ranks = Ranks.start(cfg)
+        if self.ranks is not None:
+            cfg = self.ranks.rank_config(cfg)
+            if not self.ranks.leader:
+                log = _silent
         self.cfg, self.log = cfg, log
-        self.device = cfg.device()
+        self.leader = self.ranks is None or self.ranks.leader
+        self.device = self.ranks.device if self.ranks is not None else cfg.device()
         self.precision = cfg.precision()
         if self.precision == "bf16" and self.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
             raise ConfigError("train.precision = 'bf16' but this GPU has no bf16; use 'fp16' (with loss scaling) or 'auto'")
         self.run_dir = Path(cfg.train.run_dir)
-        self.run = RunDir(self.run_dir)
+        self.run = RunDir(self.run_dir) if self.ranks is None else RankRunDir(self.run_dir, self.ranks)
         self.runtime = self.tensorboard = self.layer_major = None
         writer_class = tensorboard_writer_class() if cfg.train.tensorboard else None
         self.run.lock()
         try:
             self._setup(resume, fresh)
-            if writer_class is not None:  # after _setup: --fresh clears the run directory
+            if writer_class is not None and self.leader:  # after _setup: --fresh clears the run directory
                 self.tensorboard = writer_class(log_dir=str(self.run_dir / "tensorboard"))
         except BaseException:
             self.close()
@@ -141,7 +151,7 @@ class Trainer:
         # checkpoint; one elsewhere (experts.store_dir) only with --fresh.
         own_store = cfg.store_dir().resolve().is_relative_to(self.run_dir.resolve())
         self.model, self.runtime = build_model(cfg, self.device, store_create=not resuming,
-                                               store_overwrite=fresh or own_store, log=log)
+                                               store_overwrite=fresh or own_store, log=log, ranks=self.ranks)
         self.model.set_checkpointing(cfg.train.activation_checkpointing)
         if cfg.train.micro_batches > 1:
             self.layer_major = LayerMajorStep(self.model, activation_stash(cfg, self.device), self.autocast)
@@ -165,7 +175,7 @@ class Trainer:
                 log(f"{self.run_dir}: no checkpoint yet, starting from step 0")
             self.run.metrics.unlink(missing_ok=True)
             self.run.routing.unlink(missing_ok=True)
-        self.run.write_config(cfg)  # only once the run is accepted: a refused resume leaves the run as it was
+        self.run.write_config(self.run_cfg)  # only once the run is accepted: a refused resume leaves the run as it was
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast(self):
@@ -198,13 +208,15 @@ class Trainer:
             self.scaler.scale(loss + aux).backward()  # expert AdamW runs inside, as each expert's grads appear
         if self.runtime is not None:
             self.runtime.end_step()
+        if self.ranks is not None:
+            self.ranks.average_dense_grads(self.model)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.opt)
         if cfg.train.grad_clip > 0:  # the dense part only: experts were already updated during backward
             dense = [p for n, p in self.model.named_parameters() if p.grad is not None and ".experts." not in n]
             torch.nn.utils.clip_grad_norm_(dense, cfg.train.grad_clip)
         self.scaler.step(self.opt)
-        if self.scaler.is_enabled() and self.runtime is not None and self.runtime.step_skipped:
+        if self.scaler.is_enabled() and self.runtime is not None and self._any_rank(self.runtime.step_skipped):
             # Expert gradients overflowed at this loss scale (the scaler only sees the dense
             # ones): back off as GradScaler would, or the experts could skip every step.
             self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
@@ -212,7 +224,20 @@ class Trainer:
             self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ranks is not None:  # each rank's are the means over its tokens
+            loss, aux = self.ranks.mean(loss, aux)
         return {"loss": loss.item(), "aux": aux.item(), "lr": lr}
+
+    def _any_rank(self, flag: bool) -> bool:
+        return flag if self.ranks is None else self.ranks.any(flag)
+
+    def next_batch(self):
+        """The step's sequences (micro_batches x batch_size of them on each rank): every rank
+        draws the step's batch for all ranks from the same generator and takes its share."""
+        t = self.cfg.train
+        world = 1 if self.ranks is None else self.ranks.world
+        x, y = self.train_data.batch(world * t.micro_batches * t.batch_size, self.cfg.model.seq_len, self.rng)
+        return (x, y) if self.ranks is None else (self.ranks.shard(x), self.ranks.shard(y))
 
     @torch.no_grad()
     def evaluate(self, data, batches: int | None = None) -> float:
@@ -233,13 +258,17 @@ class Trainer:
 
     def _record_routing(self) -> None:
         """Append the experts each Switch layer used this step to routing.jsonl: the trace
-        `gmtier bench-paging --trace` replays."""
+        `gmtier bench-paging --trace` replays (rank 0's tokens, with several ranks)."""
+        if not self.leader:
+            return
         layers = [sorted(m.last_experts) for m in self.model.modules() if isinstance(m, SwitchFFN)]
         if layers:
             with open(self.run.routing, "a") as f:
                 f.write(json.dumps({"step": self.step, "experts": layers}) + "\n")
 
     def _emit(self, record: dict) -> None:
+        if not self.leader:
+            return
         with open(self.run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -252,7 +281,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         losses = []
         until = t.steps if until is None else min(until, t.steps)
-        tokens_per_step = t.micro_batches * t.batch_size * cfg.model.seq_len
+        tokens_per_step = t.micro_batches * t.batch_size * cfg.model.seq_len * (1 if self.ranks is None else self.ranks.world)
         t0, tok0 = time.perf_counter(), 0
         start, start_step, wall0 = time.perf_counter(), self.step, self.wall_s
         # In a terminal one bar (steps, ETA, the last logged loss and tok/s) replaces the per-step
@@ -260,7 +289,7 @@ class Trainer:
         live = progress.interactive()
         with progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
             while self.step < until:
-                x, y = self.train_data.batch(t.micro_batches * t.batch_size, cfg.model.seq_len, self.rng)
+                x, y = self.next_batch()
                 out = self.train_step(x, y)
                 losses.append(out["loss"])
                 tok0 += tokens_per_step
@@ -338,6 +367,12 @@ class Trainer:
                 self.layer_major.stash.close()
         finally:
             self.run.unlock()
+            if self.ranks is not None:
+                self.ranks.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for the run)."""
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, log=print) -> list[float]:

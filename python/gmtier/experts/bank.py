@@ -366,7 +366,10 @@ class ResidentExperts(nn.Module):
     (each weight's experts side by side in one tensor, so grouped GEMMs take them as they are).
     `gemm`: experts.gemm (see `resolve_gemm`)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0, gemm: str = "auto"):
+    def __init__(self, cfg: ModelConfig, layer: int, seed: int, pad_rows: int = 0, gemm: str = "auto",
+                 experts: list[int] | None = None):
+        """`experts`: which of the layer's experts this bank holds, in order (default: all; expert
+        parallelism gives each rank its share, `gmtier.distributed`)."""
         super().__init__()
         if gemm not in GEMM_CHOICES:
             raise ValueError(f"experts.gemm = {gemm!r}: choose one of {', '.join(map(repr, GEMM_CHOICES))}")
@@ -375,7 +378,7 @@ class ResidentExperts(nn.Module):
         self.gemm_used: str | None = None  # how the last forward ran its GEMMs: "grouped" or "loop"
         self.w1 = nn.ParameterList()
         self.w2 = nn.ParameterList()
-        for e in range(cfg.n_experts):
+        for e in (range(cfg.n_experts) if experts is None else experts):
             w1, w2 = init_expert(seed, layer, e, cfg.d_model, cfg.d_ff, cfg.init_std, cfg.n_layer)
             self.w1.append(nn.Parameter(w1))
             self.w2.append(nn.Parameter(w2))

@@ -37,8 +37,13 @@ class ExpertRuntime:
     holds a store already is refused unless `overwrite`. Without `create` the store must exist:
     one whose index.json is missing is refused (`StoreIndexMissingError`), never re-created."""
 
-    def __init__(self, cfg: Config, device: str, create: bool = False, log=print, overwrite: bool = False):
+    def __init__(self, cfg: Config, device: str, create: bool = False, log=print, overwrite: bool = False,
+                 expert_id=None):
+        """`expert_id(layer, e)`: the model's expert that the store's expert `e` of Switch layer
+        `layer` (the store's layer index) is, for its initial weights (default: `e`; expert
+        parallelism gives each rank a store of its own share, `gmtier.distributed`)."""
         self.cfg, self.device, self.log = cfg, torch.device(device), log
+        self.expert_id = expert_id or (lambda layer, e: e)
         m = cfg.model
         self.switch_layers = m.switch_layers()
         self.n_experts = m.n_experts
@@ -104,7 +109,7 @@ class ExpertRuntime:
         t0 = time.perf_counter()
 
         def init(layer: int, expert: int) -> dict[str, torch.Tensor]:
-            w1, w2 = expert_bank.init_expert(seed, self.switch_layers[layer], expert, m.d_model, m.d_ff,
+            w1, w2 = expert_bank.init_expert(seed, self.switch_layers[layer], self.expert_id(layer, expert), m.d_model, m.d_ff,
                                              m.init_std, m.n_layer)
             return record.initial_record(w1, w2, self.dtype, self.cfg.experts.state)
 

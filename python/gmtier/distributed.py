@@ -1,0 +1,458 @@
+"""Several processes (ranks) training one run, one per GPU (`torchrun --nproc-per-node N -m
+gmtier.cli train ...`, or `gmtier train --nproc N`, which launches it): NCCL on GPUs, gloo on CPU.
+
+- Expert parallelism. Each rank owns a contiguous block of every Switch layer's experts
+  (`placement`): as many experts as the others, give or take one, the extra ones rotating from
+  layer to layer. Every expert moves the same bytes a step (its record: read, updated, written
+  back), so equal counts are equal bytes, and contiguous blocks keep a rank's tokens grouped by
+  owner in the order routing sorts them in. A rank has its own store (`<run_dir>/rank-<r>/store`,
+  or `experts.store_dir/rank-<r>`) holding only its experts, its own RAM and GPU tiers, I/O pool
+  and AdamW threads, pinned to its own share of the machine's cores.
+- Budgets. `experts.ram_budget` and `train.activations_ram_budget` are the machine's: each rank
+  gets its share (1/N of them); `experts.gpu_budget` and `train.activations_gpu_budget` are per
+  GPU, so per rank. A share too small to work is refused (`rank_config`).
+- Routing is over the step's tokens: the ranks exchange their tokens-per-expert counts
+  (`Ranks.route_sync`), so capacity, the drop order (rank 0's tokens first, then rank 1's, ...)
+  and the load-balancing shares are those of one process running the whole step. Rank r takes
+  the r-th contiguous share of the step's sequences (`Ranks.shard`).
+- Tokens move by all-to-all (`ExpertParallel`): the per-expert counts are exchanged, then one
+  variable-size `all_to_all_single` takes every kept token to its expert's rank and another
+  brings the outputs back; in backward the output gradients go the same way and the input
+  gradients come back (one exchange each way per Switch layer and direction).
+- The dense part is data-parallel: its gradients are averaged over the ranks in one all-reduce
+  of a flat buffer a step (`Ranks.average_dense_grads`), so it stays identical on every rank.
+  Each rank's loss is the mean over its tokens, so the mean over the ranks is the step's; the
+  experts' gradients, which gather the tokens of every rank, are divided by the world size on
+  their way back.
+- Checkpoints (`RankRunDir`): each rank writes `rank-<r>/ckpt-<S>` (dense weights, optimizer,
+  RNGs; in resident mode its experts too) and flushes its store; after a barrier each commits
+  its store at step S; after another, rank 0 writes `latest.json` (with the world size). A kill
+  before every rank has committed leaves every store at the previous checkpoint (resumed from
+  there); a kill after leaves every store at S with every dense half on disk (resumed from S).
+  Only a kill inside the commit window itself (index replacements, after every flush) can leave
+  the stores at different steps: the resume says so and refuses. Resuming with another world
+  size is refused (the experts are split by it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gmtier.checkpoint import CheckpointError, RunDir
+from gmtier.config import Config, ConfigError, parse_bytes
+from gmtier.experts.bank import from_gemm_rows, gemm_row_layout, to_gemm_rows
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def placement(n_experts: int, n_layers: int, world: int) -> list[list[int]]:
+    """Per Switch layer, the world + 1 bounds of the ranks' contiguous blocks of experts (rank r
+    owns experts bounds[r] .. bounds[r+1] - 1). Blocks differ by at most one expert; the ranks
+    that get one more rotate with the layer, so no rank takes the extra of every layer."""
+    q, rem = divmod(n_experts, world)
+    bounds = []
+    for layer in range(n_layers):
+        extra = {(layer * rem + k) % world for k in range(rem)}
+        bounds.append(list(itertools.accumulate((q + (r in extra) for r in range(world)), initial=0)))
+    return bounds
+
+
+class Ranks:
+    """This process's place among the ranks of a run, and the collectives the trainer uses."""
+
+    def __init__(self, rank: int, world: int, local_rank: int, local_world: int, device: str):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.device = device
+        self.bounds: list[list[int]] = []  # set by rank_config (placement)
+        self.switch_layers: list[int] = []
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    # ---- setup ----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, cfg: Config) -> "Ranks | None":
+        """Join the process group torchrun describes (None in a single process): NCCL where the
+        run is on CUDA (rank r on cuda:<local rank>), gloo on CPU. Pins the process to its share
+        of the cores (its AdamW and I/O threads inherit it)."""
+        world = world_size_from_env()
+        if world <= 1:
+            return None
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        device = cfg._device()
+        if device.startswith("cuda"):
+            if device != "cuda":
+                raise ConfigError(f"train.device = {device!r} names one GPU, but the run has {world} ranks, each on "
+                                  f"its own GPU (rank r on cuda:<local rank>); use train.device = 'cuda' or 'auto'")
+            cfg.device()  # CUDA must be there
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"rank {rank} is local rank {local_rank} but this machine has "
+                                  f"{torch.cuda.device_count()} GPU(s); launch at most that many processes per node")
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+        ranks = cls(rank, world, local_rank, local_world, device)
+        if not dist.is_initialized():
+            timeout = timedelta(seconds=float(os.environ.get("GMTIER_DIST_TIMEOUT_S", "600")))
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+        ranks._pin_cores()
+        return ranks
+
+    def _pin_cores(self) -> None:
+        """This rank's contiguous share of the cores the process may use (all of them where
+        there are fewer cores than ranks on the machine)."""
+        if not hasattr(os, "sched_setaffinity"):
+            return
+        cores = sorted(os.sched_getaffinity(0))
+        n = len(cores) // self.local_world
+        if n >= 1:
+            mine = cores[self.local_rank * n:(self.local_rank + 1) * n]
+            os.sched_setaffinity(0, mine)
+            torch.set_num_threads(len(mine))
+
+    def rank_config(self, cfg: Config) -> Config:
+        """This rank's view of the run's config: its share of the machine's RAM budgets, its own
+        store and spill directories, its GPU; the model and data sections are the run's own
+        objects (what the trainer learns of them, e.g. the vocabulary, holds for both)."""
+        m, e, t = cfg.model, cfg.experts, cfg.train
+        self.switch_layers = m.switch_layers()
+        if self.switch_layers and m.n_experts < self.world:
+            raise ConfigError(f"model.n_experts = {m.n_experts} is less than the {self.world} ranks: every rank needs "
+                              f"at least one expert of each Switch layer; use at most {m.n_experts} processes")
+        self.bounds = placement(m.n_experts, len(self.switch_layers), self.world)
+        r = self.rank
+        ram = parse_bytes(e.ram_budget, "experts.ram_budget")
+        act_ram = parse_bytes(t.activations_ram_budget, "train.activations_ram_budget")
+        run_dir = Path(t.run_dir)
+        store = Path(e.store_dir) / f"rank-{r}" if e.store_dir else run_dir / f"rank-{r}" / "store"
+        spill = Path(t.activations_dir) / f"rank-{r}" if t.activations_dir else run_dir / f"rank-{r}" / "activations"
+        experts = dataclasses.replace(e, ram_budget=ram // self.local_world, store_dir=str(store))
+        train = dataclasses.replace(t, activations_ram_budget=act_ram // self.local_world, activations_dir=str(spill),
+                                    device="cpu" if self.device == "cpu" else "cuda")
+        out = dataclasses.replace(cfg, experts=experts, train=train)
+        if e.mode == "tiered" and self.switch_layers:
+            _, record = self.store_config(out).expert_bytes()
+            if experts.ram_budget < 2 * record:
+                raise ConfigError(
+                    f"experts.ram_budget = {e.ram_budget!r} is the machine's, shared by its {self.local_world} ranks: "
+                    f"{experts.ram_budget} B each, fewer than the 2 expert records of {record} B a rank needs; raise it "
+                    f"to at least {2 * record * self.local_world} B "
+                    f"({-(-2 * record * self.local_world // 2**20)}MiB) or run fewer processes")
+        return out
+
+    # ---- placement ------------------------------------------------------------------------
+    def block(self, slot: int) -> tuple[int, int]:
+        """(first, end) of this rank's experts of Switch layer `slot` (the store's layer index)."""
+        b = self.bounds[slot]
+        return b[self.rank], b[self.rank + 1]
+
+    def owned(self, layer: int) -> list[int]:
+        """This rank's experts of the Switch layer in block `layer`."""
+        lo, hi = self.block(self.switch_layers.index(layer))
+        return list(range(lo, hi))
+
+    def store_experts(self) -> int:
+        """Experts per layer of this rank's store: its largest block (a smaller block leaves a
+        record unused)."""
+        return max(b[self.rank + 1] - b[self.rank] for b in self.bounds)
+
+    def store_config(self, cfg: Config) -> Config:
+        """The config of this rank's store and expert runtime: its experts only."""
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_experts=self.store_experts()))
+
+    def expert_id(self, slot: int, e: int) -> int:
+        """The model's expert that record `e` of layer `slot` of this rank's store is (an unused
+        record gets an id past the model's experts: its own seeded init, never trained)."""
+        lo, hi = self.block(slot)
+        return lo + e if lo + e < hi else self.bounds[slot][-1] + e
+
+    def parallel_bank(self, bank):
+        """`bank(layer)` (the local bank of block `layer`) wrapped to take the whole layer's tokens."""
+        return lambda layer: ExpertParallel(self, self.switch_layers.index(layer), bank(layer))
+
+    def attach(self, model, runtime=None) -> None:
+        """Route `model`'s Switch layers over the step's tokens; predict this rank's own experts
+        (the tiered runtime's prefetch, from this rank's tokens)."""
+        for ffn in model.switch_blocks():
+            ffn.route_sync = self.route_sync
+        if runtime is not None and runtime.prefetcher.route_votes is not None:
+            votes = runtime.prefetcher.route_votes
+            n_store = self.store_experts()
+
+            def local_votes(blocks, x):
+                v = votes(blocks, x)
+                out = v.new_zeros((len(blocks), n_store))
+                for k, b in enumerate(blocks):
+                    lo, hi = self.block(self.switch_layers.index(b))
+                    out[k, :hi - lo] = v[k, lo:hi]
+                return out
+
+            runtime.prefetcher.route_votes = local_votes
+
+    # ---- collectives ----------------------------------------------------------------------
+    def _comm(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` where the backend takes it (NCCL: the GPU; gloo: the CPU)."""
+        return t.to(self.device) if self.device.startswith("cuda") else t.cpu()
+
+    def route_sync(self, counts: torch.Tensor):
+        """For `route`: (the step's tokens per expert, those of the ranks before this one, the
+        step's token count) from this rank's tokens per expert."""
+        parts = [torch.empty_like(c) for c in [self._comm(counts)] * self.world]
+        dist.all_gather(parts, self._comm(counts))
+        parts = [p.to(counts.device) for p in parts]
+        total = torch.stack(parts).sum(0)
+        before = sum(parts[:self.rank], torch.zeros_like(counts))
+        return total, before, int(round(total.sum().item()))
+
+    def gather_counts(self, counts: list[int]) -> list[list[int]]:
+        """Every rank's tokens per expert of one layer (each rank's `counts`)."""
+        mine = self._comm(torch.tensor(counts, dtype=torch.int64))
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        return torch.stack(parts).tolist()
+
+    def all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        """Rows `in_splits[k]` of `x` (in order) to rank k; `out_splits[k]` rows from rank k."""
+        x = x.contiguous()
+        sent = self._comm(x)
+        out = sent.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, sent, out_splits, in_splits)
+        return out.to(x.device)
+
+    def average_dense_grads(self, model: nn.Module) -> None:
+        """Average the dense part's gradients over the ranks: one all-reduce of a flat buffer
+        (a parameter without a gradient on this rank counts zero)."""
+        params = [p for n, p in model.named_parameters() if p.requires_grad and ".experts." not in n]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self._comm(torch.cat([g.reshape(-1) for g in grads]))
+        dist.all_reduce(flat)
+        flat = flat.to(grads[0].device).div_(self.world)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def mean(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """The mean over the ranks of each 0-d tensor."""
+        both = self._comm(torch.stack([v.detach().float().reshape(()) for v in values]))
+        dist.all_reduce(both)
+        return list((both / self.world).cpu().unbind())
+
+    def any(self, flag: bool) -> bool:
+        t = self._comm(torch.tensor([int(flag)]))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a step's rows (sequences)."""
+        n = t.shape[0] // self.world
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def gather_object(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the token exchange -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Plan:
+    """Where one layer's tokens go and come from (see `ExpertParallel`)."""
+    send: list[int]  # rows this rank sends to each rank
+    recv: list[int]  # rows it receives from each rank
+    local_counts: list[int]  # tokens of each of its experts, from all ranks
+    perm: torch.Tensor | None  # received rows (by source rank, then expert) -> by expert, then source rank
+    inv: torch.Tensor | None  # the inverse
+
+
+class _Exchange(torch.autograd.Function):
+    """An all-to-all whose backward sends the gradients back the way the rows came, times
+    `grad_scale`. `keep` (a tensor or None): an input whose graph must reach backward even
+    where the rows of this rank have none (its gradient is zero): every rank's backward must
+    run the same exchanges."""
+
+    @staticmethod
+    def forward(ctx, x, keep, ranks, out_splits, in_splits, grad_scale):
+        ctx.ranks, ctx.out_splits, ctx.in_splits, ctx.grad_scale = ranks, out_splits, in_splits, grad_scale
+        ctx.keep_shape = None if keep is None else keep.shape
+        return ranks.all_to_all(x, out_splits, in_splits)
+
+    @staticmethod
+    def backward(ctx, g):
+        dx = ctx.ranks.all_to_all(g, ctx.in_splits, ctx.out_splits)
+        if ctx.grad_scale != 1:
+            dx = dx * ctx.grad_scale
+        keep = None if ctx.keep_shape is None else g.new_zeros(ctx.keep_shape)
+        return dx, keep, None, None, None, None
+
+
+class ExpertParallel(nn.Module):
+    """A Switch layer's expert bank across the ranks: takes this rank's kept tokens sorted by
+    expert (`counts` over all the layer's experts), runs each on its expert's rank, returns the
+    outputs in the same order. `inner` is this rank's bank (`ResidentExperts` of its experts, or
+    `TieredExperts` of its store), given the tokens of its experts from every rank, sorted by
+    expert and, within an expert, by rank (the order one process would have)."""
+
+    def __init__(self, ranks: Ranks, slot: int, inner: nn.Module):
+        super().__init__()
+        self.ranks, self.slot, self.inner = ranks, slot, inner
+        self.lo, self.hi = ranks.block(slot)
+        # ResidentExperts holds exactly its experts; a store may hold one record more.
+        self.n_local = len(inner.w1) if hasattr(inner, "w1") else ranks.store_experts()
+
+    # The layer-major step pads no rows for this bank: the inner bank's padding is done here.
+    pad_rows = 0
+    runtime = property(lambda self: getattr(self.inner, "runtime", None))
+
+    def _plan(self, counts: list[int]) -> _Plan:
+        every = self.ranks.gather_counts(counts)
+        bounds = self.ranks.bounds[self.slot]
+        send = [sum(counts[bounds[k]:bounds[k + 1]]) for k in range(self.ranks.world)]
+        mine = [row[self.lo:self.hi] for row in every]  # [source rank][my expert]
+        recv = [sum(row) for row in mine]
+        local = [sum(col) for col in zip(*mine)] if mine else []
+        local += [0] * (self.n_local - len(local))
+        perm = inv = None
+        if self.ranks.world > 1 and sum(recv):
+            # The received rows come in segments (source rank, expert); taken by (expert, source).
+            c = torch.tensor(mine, dtype=torch.int64)  # [ranks, my experts]
+            first = (c.flatten().cumsum(0) - c.flatten()).view_as(c).t().flatten()  # each segment's first row
+            n = c.t().flatten()  # segment lengths in the new order
+            perm = torch.repeat_interleave(first - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(len(perm))
+            device = self.ranks.device
+            perm, inv = perm.to(device), inv.to(device)
+        return _Plan(send, recv, local, perm, inv)
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        p = self._plan(counts)
+        w = self.ranks.world
+        x_in = _Exchange.apply(x_sorted, None, self.ranks, p.recv, p.send, float(w))
+        x_local = x_in if p.perm is None else x_in.index_select(0, p.perm)
+        y_local = self.inner(x_local, p.local_counts)
+        y_back = y_local if p.inv is None else y_local.index_select(0, p.inv)
+        keep = x_in if torch.is_grad_enabled() and x_in.requires_grad and not y_back.requires_grad else None
+        return _Exchange.apply(y_back.to(x_sorted.dtype), keep, self.ranks, p.send, p.recv, 1.0 / w)
+
+    # ---- the layer-major step (gmtier.layer_major) ----------------------------------------
+    def _to_local(self, t: torch.Tensor, p: _Plan) -> torch.Tensor:
+        t = self.ranks.all_to_all(t, p.recv, p.send)
+        return t if p.perm is None else t.index_select(0, p.perm)
+
+    def _from_local(self, t: torch.Tensor, p: _Plan) -> torch.Tensor:
+        return self.ranks.all_to_all(t if p.inv is None else t.index_select(0, p.inv), p.send, p.recv)
+
+    def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
+        p = self._plan(counts)
+        counts_in, rows = gemm_row_layout(p.local_counts, self.inner.pad_rows, x_sorted.device)
+        x_local = to_gemm_rows(self._to_local(x_sorted, p), rows, sum(counts_in))
+        y_local, saved = self.inner.step_forward(x_local, counts_in)
+        return self._from_local(from_gemm_rows(y_local, rows), p).to(x_sorted.dtype), (p, counts_in, rows, saved)
+
+    def step_backward(self, x_sorted, dy_sorted, counts, saved) -> torch.Tensor:
+        """The step's inputs travel again with their output gradients, in one exchange (rather
+        than kept on this rank through the step)."""
+        p, counts_in, rows, inner_saved = saved
+        d = x_sorted.shape[1]
+        both = self._to_local(torch.cat([x_sorted, dy_sorted.to(x_sorted.dtype)], 1), p)
+        x_local = to_gemm_rows(both[:, :d], rows, sum(counts_in))
+        dy_local = to_gemm_rows(both[:, d:] / self.ranks.world, rows, sum(counts_in))
+        dx = self.inner.step_backward(x_local, dy_local, counts_in, inner_saved)
+        return (self._from_local(from_gemm_rows(dx, rows), p) * self.ranks.world).to(x_sorted.dtype)
+
+
+# ---- the run directory of a rank ----------------------------------------------------------
+
+class RankRunDir(RunDir):
+    """A rank's part of a run directory: `<run_dir>/rank-<r>/` holds its lock, its store (by
+    default), its checkpoints `ckpt-<S>` and its spill directory; the run's `config.json`,
+    `latest.json`, `metrics.jsonl` and `routing.jsonl` stay at the top, written by rank 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, ranks: Ranks):
+        super().__init__(Path(run_dir) / f"rank-{ranks.rank}")
+        self.ranks = ranks
+        self.top = RunDir(run_dir)
+        self.top.world_size = self.world_size = ranks.world
+        if ranks.leader:
+            self.metrics, self.routing = self.top.metrics, self.top.routing
+
+    def clear(self) -> None:
+        """--fresh: each rank clears its own directory; rank 0 the run's files and the
+        directories of ranks this run does not have."""
+        super().clear()
+        if self.ranks.leader:
+            for entry in self.top.path.iterdir():
+                if entry.name.startswith("rank-") and entry.name[5:].isdigit() and int(entry.name[5:]) < self.world_size:
+                    continue
+                if entry.name != "lock":
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        self.ranks.barrier()
+
+    def saved_config(self) -> dict:
+        return self.top.saved_config()
+
+    def write_config(self, cfg: Config) -> None:
+        if self.ranks.leader:
+            self.top.write_config(cfg)
+
+    def latest_step(self) -> int | None:
+        return self.top.latest_step()
+
+    def resume_step(self, runtime) -> int:
+        """The step every rank resumes from; refused on every rank where one cannot."""
+        try:
+            mine, error = super().resume_step(runtime), None
+        except (CheckpointError, RuntimeError, ValueError) as e:  # StoreError is a RuntimeError
+            mine, error = None, str(e)
+        every = self.ranks.gather_object((mine, error))
+        errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(every) if e]
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        steps = [s for s, _ in every]
+        if len(set(steps)) > 1:
+            raise CheckpointError(
+                f"{self.top.path}: the ranks' expert stores are at different checkpoints "
+                f"({', '.join(f'rank {r}: step {s}' for r, s in enumerate(steps))}): the run was killed while its "
+                f"ranks were committing one checkpoint, so it cannot resume exactly; start over with --fresh")
+        return steps[0]
+
+    def save(self, step: int, model, opt, data_rng, scaler, device: str, runtime) -> Path:
+        """Checkpoint `step` on every rank (see the module docstring for the order)."""
+        final = self.write_dense(step, model, opt, data_rng, scaler, device)
+        if runtime is not None:
+            runtime.end_step()
+            runtime.store.flush()  # the slow part of the commit, before the barrier
+        self.ranks.barrier()
+        if runtime is not None:
+            runtime.commit({"step": step})
+        self.ranks.barrier()
+        if self.ranks.leader:
+            self.top.mark_latest(step)
+        self.ranks.barrier()
+        self.prune(step)
+        return final

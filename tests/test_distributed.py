@@ -1,0 +1,197 @@
+"""Several ranks (gmtier.distributed) on CPU with gloo, two processes: a 2-rank run equals the
+1-process run of the same global batch (resident, tiered, layer-major), the dense part is the same
+on every rank, kill -9 of a rank then resume gives the uninterrupted losses, and the clear errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gmtier import config
+from gmtier.checkpoint import CheckpointError
+from gmtier.distributed import Ranks, placement
+from gmtier.train import Trainer, train
+from test_train import _tiered_available, _write_toml, data_dir, losses_of, tiny  # noqa: F401 (fixture)
+
+STEPS = 10
+# One rank's process: one thread (the box has 2 cores for both), the trainer through the CLI.
+_RANK = ("import sys, torch; torch.set_num_threads(1); from gmtier.commands import train; "
+         "train(sys.argv[1:])")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(cfg_path: Path, world: int = 2, *extra: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GMTIER_DIST_TIMEOUT_S="60")
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, "--config", str(cfg_path), *extra], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait(procs, timeout=120) -> list[str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    return outs
+
+
+def _sections(mode: str, **train_keys):
+    experts = dict(mode=mode, io_threads=1, adam_threads=1)
+    if mode == "tiered":  # 6 records for the machine: 3 a rank, for its 2 layers x 2 experts (pages every step)
+        experts["ram_budget"] = 6 * 2 * 64 * 128 * 4 * 3 + 6 * 8192
+    return dict(train=dict(steps=STEPS, **train_keys), experts=experts)
+
+
+def _reference(data_dir, run, mode, batch_size, micro_batches=1):
+    s = _sections(mode, batch_size=batch_size, micro_batches=micro_batches, checkpoint_every=STEPS)
+    return train(tiny(data_dir, run, **s), log=lambda m: None)
+
+
+def _dense(path: Path) -> dict:
+    return {k: v for k, v in load_file(str(path)).items() if ".experts." not in k}
+
+
+@pytest.mark.parametrize("mode,micro_batches", [
+    ("resident", 1),
+    pytest.param("tiered", 1, marks=pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")),
+    pytest.param("tiered", 2, marks=pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")),
+])
+def test_two_ranks_equal_one_process(data_dir, tmp_path, mode, micro_batches):
+    """2 ranks x micro_batches x 4 sequences == 1 process over the same 8 x micro_batches sequences
+    (rank r takes the r-th contiguous half of the step), fp32, 1e-5 over 10 steps; the dense
+    weights are bitwise the same on both ranks, and close to the 1-process run's."""
+    # One process: the same sequences in the same order (with micro-batches: 2 x as many of 4).
+    if micro_batches == 1:
+        ref = _reference(data_dir, tmp_path / "ref", mode, batch_size=8)
+    else:
+        ref = _reference(data_dir, tmp_path / "ref", mode, batch_size=4, micro_batches=2 * micro_batches)
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **_sections(
+        mode, batch_size=4, micro_batches=micro_batches, checkpoint_every=STEPS)))
+    _wait(_spawn_ranks(cfg))
+    got = losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx(ref, abs=1e-5)
+    marker = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert marker["step"] == STEPS and marker["world_size"] == 2
+    d0, d1 = (_dense(tmp_path / "run" / f"rank-{r}" / f"ckpt-{STEPS}" / "model.safetensors") for r in (0, 1))
+    one = _dense(tmp_path / "ref" / f"ckpt-{STEPS}" / "model.safetensors")
+    assert d0.keys() == d1.keys() == one.keys()
+    for k in d0:
+        assert torch.equal(d0[k], d1[k]), k
+        torch.testing.assert_close(d0[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    if mode == "tiered":  # each rank's store holds its own experts only
+        for r in (0, 1):
+            index = json.loads((tmp_path / "run" / f"rank-{r}" / "store" / "index.json").read_text())
+            assert json.loads(index["user_meta"])["step"] == STEPS
+
+
+@pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")
+def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
+    """kill -9 of rank 1 mid-run (after the checkpoint of step 4), then a resume of both ranks
+    (through `gmtier train --nproc 2`, torchrun): the losses of the uninterrupted run."""
+    steps = 12
+    sections = _sections("tiered", batch_size=4, checkpoint_every=4)
+    sections["train"]["steps"] = steps
+    ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
+    ref_procs = _spawn_ranks(ref_cfg)  # the uninterrupted run, beside the one to kill
+    procs = _spawn_ranks(cfg)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 60
+    while time.time() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 6:
+            break
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in procs), "finished before the kill:\n" + procs[0].communicate()[0]
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[1].wait()
+    try:  # rank 0 fails on its next exchange with the dead rank
+        procs[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        procs[0].communicate()
+    killed_at = max(losses_of(tmp_path / "run"))
+    assert killed_at < steps
+    _wait(ref_procs)
+    ref = losses_of(tmp_path / "ref")
+
+    code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
+    p = subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
+
+
+def test_resume_with_another_world_size_is_refused(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "run", **_sections("resident", batch_size=4, checkpoint_every=2))
+    cfg.train.steps = 2
+    _wait(_spawn_ranks(_write_toml(tmp_path / "run.toml", cfg)))
+    with pytest.raises(CheckpointError, match=r"trained by 2 process.*this run has 1.*--nproc 2"):
+        Trainer(cfg, resume=True, log=lambda m: None)
+    # And the other way: a 1-process run resumed by 2 ranks (each says so and exits non-zero).
+    one = tiny(data_dir, tmp_path / "one", **_sections("resident", batch_size=4, checkpoint_every=2))
+    one.train.steps = 2
+    train(one, log=lambda m: None)
+    procs = _spawn_ranks(_write_toml(tmp_path / "one.toml", one), 2, "--resume")
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert all("trained by 1 process(es)" in out and "this run has 2" in out for out in outs), outs
+
+
+def test_budgets_that_cannot_be_split_are_refused(tmp_path):
+    cfg = tiny(Path("."), tmp_path / "run")  # 3 records of RAM for the machine: 1.5 a rank
+    with pytest.raises(config.ConfigError, match=r"experts.ram_budget = .* shared by its 2 ranks.*fewer than the 2"):
+        Ranks(0, 2, 0, 2, "cpu").rank_config(cfg)
+    with pytest.raises(config.ConfigError, match=r"model.n_experts = 4 is less than the 8 ranks"):
+        Ranks(0, 8, 0, 8, "cpu").rank_config(cfg)
+    cfg.experts.ram_budget = "64MiB"
+    mine = Ranks(1, 2, 1, 2, "cpu").rank_config(cfg)
+    assert mine.experts.ram_budget == 32 * 2**20 and mine.model is cfg.model
+    assert Path(mine.experts.store_dir) == tmp_path / "run" / "rank-1" / "store"
+    assert Path(mine.train.activations_dir) == tmp_path / "run" / "rank-1" / "activations"
+
+
+def test_placement_balances_experts_across_ranks_and_layers():
+    assert placement(8, 2, 2) == [[0, 4, 8], [0, 4, 8]]
+    bounds = placement(7, 3, 3)  # 2 or 3 experts a rank; the extra rotates
+    sizes = [[b[r + 1] - b[r] for r in range(3)] for b in bounds]
+    assert sizes == [[3, 2, 2], [2, 3, 2], [2, 2, 3]]
+    assert all(b[0] == 0 and b[-1] == 7 for b in bounds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("mode,micro_batches", [("resident", 1), ("tiered", 1), ("tiered", 2)])
+def test_two_gpus_equal_one_gpu(data_dir, tmp_path, mode, micro_batches):
+    """NCCL, tokens GPU to GPU: 2 ranks on cuda:0 and cuda:1 equal one process on cuda:0 over the
+    same global batch (fp32; the expert GEMMs padded to 128 rows on both), dense part bitwise
+    the same on both ranks."""
+    gpu = dict(device="cuda", precision="fp32")
+    s = _sections(mode, batch_size=8 if micro_batches == 1 else 4, micro_batches=1 if micro_batches == 1 else 4,
+                  checkpoint_every=STEPS, **gpu)
+    ref = train(tiny(data_dir, tmp_path / "ref", **s), log=lambda m: None)
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **_sections(
+        mode, batch_size=4, micro_batches=micro_batches, checkpoint_every=STEPS, **gpu)))
+    _wait(_spawn_ranks(cfg), timeout=300)
+    got = losses_of(tmp_path / "run")
+    assert [got[k] for k in sorted(got)] == pytest.approx(ref, abs=1e-4)
+    d0, d1 = (_dense(tmp_path / "run" / f"rank-{r}" / f"ckpt-{STEPS}" / "model.safetensors") for r in (0, 1))
+    assert all(torch.equal(d0[k], d1[k]) for k in d0)
