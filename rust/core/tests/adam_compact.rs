@@ -619,7 +619,21 @@ fn simd_paths_give_the_scalar_bits_on_edge_inputs() {
         .collect();
     let mut cases = 0;
     for &block in &[256usize, 2048] {
-        for &n in &[1usize, 7, 8, 9, 15, 16, 17, 33, 255, 257, 2047, 2049, 2 * block + 23] {
+        for &n in &[
+            1usize,
+            7,
+            8,
+            9,
+            15,
+            16,
+            17,
+            33,
+            255,
+            257,
+            2047,
+            2049,
+            2 * block + 23,
+        ] {
             for kind in 0..4 {
                 for dtype in [GradDtype::F32, GradDtype::Bf16, GradDtype::F16] {
                     let nb = compact_blocks(n, block);
@@ -655,12 +669,12 @@ fn simd_paths_give_the_scalar_bits_on_edge_inputs() {
                     }
                     if kind == 3 {
                         for x in gv.iter_mut() {
-                            if rng.next() % 50 == 0 {
+                            if rng.next().is_multiple_of(50) {
                                 *x = specials[(rng.next() % specials.len() as u64) as usize];
                             }
                         }
                         for w in s.w.iter_mut() {
-                            if rng.next() % 100 == 0 {
+                            if rng.next().is_multiple_of(100) {
                                 *w = f32_to_bf16(specials[(rng.next() % 11) as usize]);
                             }
                         }
