@@ -590,3 +590,130 @@ fn a_corrupt_block_scale_is_refused_before_anything_is_written() {
         assert!(same, "nothing may be written ({which} = {bad})");
     }
 }
+
+/// Every SIMD path gives the scalar path's bits on inputs chosen to reach every branch of the
+/// vector code: realistic moments (the second pass's normal-codes-only case) and uniformly random
+/// codes of all 256 values (its general case, codes the encoder never produces included), blocks
+/// of zeros, non-finite, subnormal and huge gradients and weights (no finiteness check), zero,
+/// subnormal and huge scales, every tail length around the vector widths, both lerp branches.
+#[test]
+fn simd_paths_give_the_scalar_bits_on_edge_inputs() {
+    let mut rng = Rng::fresh();
+    let seed = rng.0;
+    let specials = [
+        f32::NAN,
+        -f32::NAN,
+        f32::INFINITY,
+        -f32::INFINITY,
+        0.0,
+        -0.0,
+        1e-40,
+        -3e-39,
+        1e30,
+        -65504.0,
+        1e-20,
+    ];
+    let paths: Vec<Simd> = Simd::available()
+        .into_iter()
+        .filter(|&s| s != Simd::Scalar)
+        .collect();
+    let mut cases = 0;
+    for &block in &[256usize, 2048] {
+        for &n in &[
+            1usize,
+            7,
+            8,
+            9,
+            15,
+            16,
+            17,
+            33,
+            255,
+            257,
+            2047,
+            2049,
+            2 * block + 23,
+        ] {
+            for kind in 0..4 {
+                for dtype in [GradDtype::F32, GradDtype::Bf16, GradDtype::F16] {
+                    let nb = compact_blocks(n, block);
+                    let mut s = match kind {
+                        // codes of every value, odd scales
+                        0 => State {
+                            w: (0..n).map(|_| rng.next() as u16).collect(),
+                            mq: (0..n).map(|_| rng.next() as u8).collect(),
+                            vq: (0..n).map(|_| rng.next() as u8).collect(),
+                            ms: (0..nb)
+                                .map(|b| [0.0, 1e-40, 3e7, 0.5][b % 4] * rng.uniform() as f32)
+                                .collect(),
+                            vs: (0..nb)
+                                .map(|b| [1e-38, 0.0, 1e20, 0.01][b % 4] * rng.uniform() as f32)
+                                .collect(),
+                            step: (rng.next() % 30) as i64,
+                        },
+                        // zero moments: the first step (and blocks whose new m, v are all 0)
+                        1 => State {
+                            w: (0..n).map(|_| f32_to_bf16(rng.normal())).collect(),
+                            mq: vec![0; n],
+                            vq: vec![0; n],
+                            ms: vec![0.0; nb],
+                            vs: vec![0.0; nb],
+                            step: 0,
+                        },
+                        // realistic moments, then the specials sprinkled in
+                        _ => random_state(&mut rng, n, block, 5),
+                    };
+                    let mut gv: Vec<f32> = (0..n).map(|_| rng.normal() * 1e-3).collect();
+                    if kind == 1 && n > 40 {
+                        gv[..40].fill(0.0); // a zero run: m = v = 0 there
+                    }
+                    if kind == 3 {
+                        for x in gv.iter_mut() {
+                            if rng.next().is_multiple_of(50) {
+                                *x = specials[(rng.next() % specials.len() as u64) as usize];
+                            }
+                        }
+                        for w in s.w.iter_mut() {
+                            if rng.next().is_multiple_of(100) {
+                                *w = f32_to_bf16(specials[(rng.next() % 11) as usize]);
+                            }
+                        }
+                    }
+                    if kind == 2 {
+                        // realistic codes: every moment from a few steps of real updates
+                        let c = AdamConfig {
+                            check_finite: false,
+                            ..cfg()
+                        };
+                        for _ in 0..3 {
+                            let g = G::new(dtype, &gv);
+                            step(&mut s, &g, &c, block, 3, 4, Simd::Scalar, 1);
+                        }
+                    }
+                    let g = G::new(dtype, &gv);
+                    let beta1 = if rng.next() & 1 == 0 { 0.9 } else { 0.3 };
+                    let c = AdamConfig {
+                        beta1,
+                        check_finite: false,
+                        ..cfg()
+                    };
+                    let mut want = s.clone();
+                    step(&mut want, &g, &c, block, 21, 9, Simd::Scalar, 1);
+                    for &simd in &paths {
+                        let mut got = s.clone();
+                        step(&mut got, &g, &c, block, 21, 9, simd, 1);
+                        let ctx = format!("seed {seed} block {block} n {n} kind {kind} {dtype:?}");
+                        assert_eq!(got.w, want.w, "{ctx} {simd:?}: weights");
+                        assert_eq!(got.mq, want.mq, "{ctx} {simd:?}: m codes");
+                        assert_eq!(got.vq, want.vq, "{ctx} {simd:?}: v codes");
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got.ms), bits(&want.ms), "{ctx} {simd:?}: m scales");
+                        assert_eq!(bits(&got.vs), bits(&want.vs), "{ctx} {simd:?}: v scales");
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(paths.is_empty() || cases > 0);
+}

@@ -1,10 +1,10 @@
 //! One fused pass over a run of blocks: gradient in -> dequantize m, v -> AdamW in fp32 ->
 //! stochastic rounding of the new bf16 weight -> requantize m, v with fresh absmax scales.
 //!
-//! The body is plain Rust written to auto-vectorize (no table lookups, integer max for the
-//! absmax, branch-free selects), compiled three times: under AVX-512, under AVX2+FMA and
-//! portable. Every operation is IEEE-exact (`mul_add` is a fused multiply-add on every path), so
-//! the three paths give the same bits.
+//! This file's body is the portable path and the reference: plain Rust, one element at a time.
+//! The SIMD paths (`avx512`, `avx2`) are intrinsics doing the same operations in the same order
+//! on 16 or 8 elements at once. Every operation is IEEE-exact (`mul_add` is a fused
+//! multiply-add on every path), so the three paths give the same bits.
 
 use super::quant::{decode_m, decode_v, encode_m, encode_v, sr_bf16, sr_bits_lo, sr_lane_keys};
 use crate::adam::convert::bf16_to_f32;
@@ -14,9 +14,26 @@ use crate::adam::Simd;
 /// The largest block the kernel's stack buffers hold.
 pub const MAX_BLOCK: usize = 2048;
 
-const G_F32: u8 = 0;
-const G_BF16: u8 = 1;
-const G_F16: u8 = 2;
+pub(super) const G_F32: u8 = 0;
+pub(super) const G_BF16: u8 = 1;
+pub(super) const G_F16: u8 = 2;
+
+/// The new m and v of a block in fp32, requantized in a second pass once the block's absmax is
+/// known: 16 KiB that stay in L1, zeroed once per run rather than per block.
+#[repr(C, align(64))]
+pub(super) struct Bufs {
+    pub m: [f32; MAX_BLOCK],
+    pub v: [f32; MAX_BLOCK],
+}
+
+impl Bufs {
+    pub fn new() -> Bufs {
+        Bufs {
+            m: [0.0; MAX_BLOCK],
+            v: [0.0; MAX_BLOCK],
+        }
+    }
+}
 
 /// A run of whole blocks of one tensor (the last may be short), by raw pointers at its start.
 #[derive(Clone, Copy)]
@@ -35,6 +52,14 @@ pub(super) struct Run {
     pub block: usize,
     /// The rounding RNG's key (`quant::sr_key`).
     pub key: u64,
+}
+
+/// Whether a block's values times `inv` are all normal codes (>= `min_normal`, <= 1 + 2^-23):
+/// its smallest magnitude `min` times `inv` is (multiplying by a positive number is monotonic),
+/// and `inv` = 1 / absmax is finite, so that the largest is at most 1 + 2^-23. A NaN in the
+/// block makes the absmax NaN and `inv` NaN: no.
+pub(super) fn all_normal(min: u32, inv: f32, min_normal: f32) -> bool {
+    inv.is_finite() && f32::from_bits(min) * inv >= min_normal
 }
 
 /// IEEE half -> fp32 by integer arithmetic and selects (vectorizes; `half`'s does not here).
@@ -79,15 +104,14 @@ unsafe fn block<const G: u8>(
     g: *const u8,
     first: u64,
     key: u64,
-    bufs: &mut [[f32; MAX_BLOCK]; 2],
+    bufs: &mut Bufs,
 ) {
     let n = w.len();
     let (mq, vq) = (&mut mq[..n], &mut vq[..n]);
     let (m_scale, v_scale) = (*ms, *vs);
     let (k1, k2) = sr_lane_keys(key, first);
     let lo = first as u32;
-    let [mbuf, vbuf] = bufs;
-    let (mbuf, vbuf) = (&mut mbuf[..n], &mut vbuf[..n]);
+    let (mbuf, vbuf) = (&mut bufs.m[..n], &mut bufs.v[..n]);
     // max of |m| and of v as fp32 bit patterns: an integer max of non-negative floats orders as
     // the values and vectorizes as a reduction (a float max with NaN rules does not)
     let (mut m_max, mut v_max) = (0u32, 0u32);
@@ -122,9 +146,7 @@ unsafe fn block<const G: u8>(
 
 #[inline(always)]
 unsafe fn run_blocks<const G: u8>(c: &Coefs, r: &Run) {
-    // The new moments of a block in fp32, requantized in a second pass once the block's absmax
-    // is known: 16 KiB that stay in L1, zeroed once per run rather than per block.
-    let mut bufs = [[0f32; MAX_BLOCK]; 2];
+    let mut bufs = Bufs::new();
     let mut off = 0;
     let mut b = 0;
     while off < r.n {
@@ -146,25 +168,13 @@ unsafe fn run_blocks<const G: u8>(c: &Coefs, r: &Run) {
     }
 }
 
-#[inline(always)]
-unsafe fn run_any(c: &Coefs, r: &Run) {
+/// The portable path.
+unsafe fn run_scalar(c: &Coefs, r: &Run) {
     match r.grad_dtype {
         GradDtype::F32 => run_blocks::<G_F32>(c, r),
         GradDtype::Bf16 => run_blocks::<G_BF16>(c, r),
         GradDtype::F16 => run_blocks::<G_F16>(c, r),
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn run_avx512(c: &Coefs, r: &Run) {
-    run_any(c, r)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(c: &Coefs, r: &Run) {
-    run_any(c, r)
 }
 
 /// Update the run with path `simd`.
@@ -174,11 +184,11 @@ unsafe fn run_avx2(c: &Coefs, r: &Run) {
 /// available; `r.block` a power of two <= [`MAX_BLOCK`]; `r.first` a multiple of it.
 pub(super) unsafe fn run(simd: Simd, c: &Coefs, r: &Run) {
     match simd {
-        Simd::Scalar => run_any(c, r),
+        Simd::Scalar => run_scalar(c, r),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => run_avx2(c, r),
+        Simd::Avx2 => super::avx2::run(c, r),
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => run_avx512(c, r),
+        Simd::Avx512 => super::avx512::run(c, r),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("non-x86 SIMD paths are never resolved"),
     }

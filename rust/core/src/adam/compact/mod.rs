@@ -11,10 +11,15 @@
 //! m_code, v_code = nearest codes of m / m_scale, v / v_scale
 //! ```
 //!
-//! The maps and the RNG are in `quant`, the pass in `kernel`. Blocks are spread over the fp32
+//! The maps and the RNG are in `quant`, the pass in `kernel` (portable, the reference) and in
+//! `avx512` and `avx2` (intrinsics, the same bits). Blocks are spread over the fp32
 //! path's thread pool in tasks of about [`super::CHUNK`] elements; a block's result depends on
 //! that block only, so the output is the same bits for any thread count.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod kernel;
 pub mod quant;
 

@@ -19,14 +19,14 @@ pub const M_MAX_CODE: u32 = 120;
 pub const V_MAX_CODE: u32 = 248;
 
 // fp32 exponent offsets: code = (fp32 bits >> 20) - OFFSET << 3 for normal values.
-const M_EXP_OFFSET: u32 = 127 - 15;
-const V_EXP_OFFSET: u32 = 127 - 31;
+pub(super) const M_EXP_OFFSET: u32 = 127 - 15;
+pub(super) const V_EXP_OFFSET: u32 = 127 - 31;
 // Smallest normals and the magic addends whose fp32 ulp is the subnormal step (2^-17, 2^-33):
 // `(x + MAGIC).bits() - MAGIC.bits()` is the nearest subnormal code.
-const M_MIN_NORMAL: f32 = 1.0 / 16384.0; // 2^-14
-const M_MAGIC: f32 = 64.0; // 2^6: ulp 2^-17
-const V_MIN_NORMAL: f32 = 1.0 / 1_073_741_824.0; // 2^-30
-const V_MAGIC: f32 = 1.0 / 1024.0; // 2^-10: ulp 2^-33
+pub(super) const M_MIN_NORMAL: f32 = 1.0 / 16384.0; // 2^-14
+pub(super) const M_MAGIC: f32 = 64.0; // 2^6: ulp 2^-17
+pub(super) const V_MIN_NORMAL: f32 = 1.0 / 1_073_741_824.0; // 2^-30
+pub(super) const V_MAGIC: f32 = 1.0 / 1024.0; // 2^-10: ulp 2^-33
 
 /// Round the fp32 bits of a normal value to 3 mantissa bits, nearest even: `exp8 << 3 | mant3`.
 #[inline(always)]
@@ -42,8 +42,13 @@ pub fn encode_m(x: f32) -> u8 {
     let normal = round_e_m3(a.to_bits()).wrapping_sub(M_EXP_OFFSET << 3);
     let sub = (a + M_MAGIC).to_bits().wrapping_sub(M_MAGIC.to_bits());
     let mag = if a < M_MIN_NORMAL { sub } else { normal }.min(M_MAX_CODE);
-    // zero has one code (no -0): the sign only where the magnitude survived
-    let sign = if mag == 0 { 0 } else { (bits >> 24) & 0x80 };
+    // zero has one code (no -0): the sign only where the magnitude survived; a NaN (a block
+    // gone bad) is +1, whatever its sign bit (which the arithmetic before does not fix)
+    let sign = if mag == 0 || x.is_nan() {
+        0
+    } else {
+        (bits >> 24) & 0x80
+    };
     (mag | sign) as u8
 }
 
