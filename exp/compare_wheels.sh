@@ -35,8 +35,9 @@ for s in "$@"; do
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-small-*) w=${s#lm-small-}; gm $w bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
          --micro-batches ${SMALL_M:-1,64} --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
-    lm-seed) gm new bench-train --config configs/seed-envelope.toml --dir $B/lm-seed --no-prefetch-off --no-resident --steps 2 --warmup 1 \
-         --micro-batches ${SEED_M:-1,32} --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
+    lm-seed|lm-seed-compact) [ $s = lm-seed ] && state=fp32 || state=compact
+         gm new bench-train --config configs/seed-envelope.toml --dir $B/$s --no-prefetch-off --no-resident --steps 2 --warmup 1 \
+         --micro-batches ${SEED_M:-1,32} --set "experts.state=\"$state\"" --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
          --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \
          --set 'train.activations_gpu_budget="0"' --set 'train.activations_ram_budget="40GB"' \
          --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
