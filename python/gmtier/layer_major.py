@@ -60,6 +60,7 @@ class LayerMajorStep:
         self.model, self.stash, self.autocast = model, stash, autocast
         self.cfg = model.cfg
         self._saved: dict[int, _SwitchSaved] = {}
+        self.where = "before the step"  # the phase and block running now (named in errors)
 
     # ---- sizes -------------------------------------------------------------------------------
     def stash_bytes(self, micro_batches: int, tokens: int, act_bytes: int, expert_bytes: int) -> int:
@@ -92,6 +93,7 @@ class LayerMajorStep:
                 stash.begin_step(self.stash_bytes(len(xs), self.tokens, hs[0].element_size(), expert_bytes))
                 aux = hs[0].new_zeros((), dtype=torch.float32)
                 for i, block in enumerate(model.blocks):
+                    self.where = f"forward of block {i}"
                     model.block_input(i, hs)
                     for m, h in enumerate(hs):
                         stash.put(("in", i, m), h)
@@ -102,10 +104,12 @@ class LayerMajorStep:
                         for m in range(len(hs)):  # in place: each input goes as its output comes
                             hs[m] = _dense_block(block, hs[m], rope)
             stash.expect(self._backward_order(len(xs)))
+            self.where = "the head"
             loss, grads = self._head(hs, ys, loss_scale)
             del hs
             for i in reversed(range(len(model.blocks))):
                 block = model.blocks[i]
+                self.where = f"backward of block {i}"
                 if isinstance(block.ffn, SwitchFFN):
                     grads = self._switch_backward(i, block, grads, rope, loss_scale)
                 else:

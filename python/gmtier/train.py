@@ -84,6 +84,11 @@ def limit_gpu_memory(cfg: Config, device: str) -> None:
         raise ConfigError(f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r} is more than this GPU's "
                           f"{total / 1e9:.1f} GB; lower it or set it to \"\"")
     torch.cuda.set_per_process_memory_fraction(limit / total, dev)
+    # Under a cap, fragmentation decides what fits: a layer-major step allocates and frees tensors
+    # of the whole step's size (GBs) between micro-batch-sized ones, and fixed segments left split
+    # by the small ones cannot take the next large one. Expandable segments map memory as needed.
+    if hasattr(torch.cuda.memory, "_set_allocator_settings"):
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
 def activation_stash(cfg: Config, device: str) -> ActivationStash:
@@ -195,13 +200,14 @@ class Trainer:
             b = cfg.train.batch_size
             try:
                 loss, aux = self.layer_major.run(list(x.split(b)), list(y.split(b)), loss_scale=scale)
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as e:
                 limit = f"train.gpu_memory_limit = {cfg.train.gpu_memory_limit!r}" if cfg.train.gpu_memory_limit else "the GPU"
+                torch_says = str(e).strip().split("\n")[0][:400]
                 raise ConfigError(
                     f"a step of train.micro_batches = {cfg.train.micro_batches} x train.batch_size = {b} sequences ran out "
-                    f"of GPU memory under {limit}: a Switch block holds the whole step's residual stream and sorted "
-                    f"tokens at once. Lower train.micro_batches, train.activations_gpu_budget or experts.gpu_budget, "
-                    f"or set train.dense_optimizer = 'cpu'") from None
+                    f"of GPU memory under {limit} ({self.layer_major.where}; torch: {torch_says}): a Switch block "
+                    f"holds the step's sorted tokens and their outputs at once. Lower train.micro_batches, "
+                    f"train.activations_gpu_budget or experts.gpu_budget, or set train.dense_optimizer = 'cpu'") from None
         else:
             with self.autocast():
                 _, loss, aux = self.model(x, y)
