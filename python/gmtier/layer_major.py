@@ -156,8 +156,11 @@ class LayerMajorStep:
             with torch.enable_grad(), self.autocast():
                 out = _dense_block(block, h, rope)
             torch.autograd.backward(out, self._take(g))
-            out_grads.append(h.grad)
             grads[m] = None
+            # Parked as they come (the bank this block's inputs' gradients go to, the other than
+            # the one read now): a Switch block below sets out its sorted tokens beside them.
+            self.stash.park(("grad_in", i, m), h.grad, i % 2)
+            out_grads.append(("grad_in", i, m))
         return out_grads
 
     # ---- Switch blocks -----------------------------------------------------------------------
