@@ -284,6 +284,7 @@ def run_deepspeed(args, mode: str, ms: list[int], emit) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
     import numpy as np
+    import setuptools  # noqa: F401  (on Python 3.12 it provides the distutils that DeepSpeed's libaio probe imports)
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -322,6 +323,11 @@ def run_deepspeed(args, mode: str, ms: list[int], emit) -> None:
                         mod._buffers[k] = b.to(device)
             # Partitioned to NVMe one parameter at a time (the whole model never sits on the GPU).
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, remote_device="nvme", pin_memory=True)
+            # Parameters used outside their own module's forward: the tied head reads the
+            # embedding in GPT.forward, a Switch layer reads its router's weight itself.
+            deepspeed.zero.register_external_parameter(model, model.wte.weight)
+            for s in model.switch_blocks():
+                deepspeed.zero.register_external_parameter(s, s.router.weight)
         groups = dense_param_groups(model, cfg.train.weight_decay)
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731  gmtier's warmup + cosine
             opt, lambda s: lr_at(cfg, s) / cfg.train.lr)
