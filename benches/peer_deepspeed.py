@@ -304,6 +304,8 @@ def run_deepspeed(args, mode: str, ms: list[int], emit) -> None:
     model, _ = build_model(cfg, "cpu")  # gmtier's model with resident experts, on the CPU for now
     model.set_checkpointing(cfg.train.activation_checkpointing)
     stats = model_stats(model)
+    # gmtier's parameter groups (matrices decay), taken before ZeRO-3 empties the parameters' data.
+    groups = dense_param_groups(model, cfg.train.weight_decay)
     nvme = Path(args.nvme_dir) / f"{mode}-{os.getpid()}"
     ds_cfg = deepspeed_config(cfg, mode, ms[0], str(nvme), stats, args.ds_set or ())
     setup_t0 = time.perf_counter()
@@ -328,7 +330,6 @@ def run_deepspeed(args, mode: str, ms: list[int], emit) -> None:
             deepspeed.zero.register_external_parameter(model, model.wte.weight)
             for s in model.switch_blocks():
                 deepspeed.zero.register_external_parameter(s, s.router.weight)
-        groups = dense_param_groups(model, cfg.train.weight_decay)
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731  gmtier's warmup + cosine
             opt, lambda s: lr_at(cfg, s) / cfg.train.lr)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg,
@@ -431,6 +432,9 @@ def run_child(args, mode: str, ms: list[int], log) -> list[dict]:
         rc, stderr = None, (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
         stderr += f"\nTimeoutExpired: {mode} ran past --mode-timeout {args.mode_timeout} s"
     wall = time.perf_counter() - t0
+    # What a killed child (timeout, out of host memory) left on the disk.
+    for leftover in [*Path(args.nvme_dir).glob(f"{mode}-*"), *Path(args.work_dir).glob(f"peer-{mode}*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.log_dir) / f"{Path(args.config).stem}-{mode}-M{'_'.join(map(str, ms))}.err").write_text(stderr)

@@ -15,7 +15,9 @@
 #   seed (scaled seed-envelope: 8 experts a layer, 11 GB GPU cap, M = 1 and 16): zero3-nvme
 #     ~3 min (setup writes ~20 GB of swap files; ~25 s a step at M = 1, ~60 s at M = 16), gmtier
 #     M=1 and M=16 ~1 min each                                                  ~5 min
-# Over one call's 10 minutes with a first build: run `small` and `seed` in two calls then.
+# gmtier runs first in each pair; a mode past --mode-timeout is killed and reported as a result
+# (DeepSpeed's figures for the M it finished are kept). Over one call's 10 minutes with a first
+# build: run `small` and `seed` in two calls then.
 set -uo pipefail
 . exp/gpu_setup.sh                      # the gmtier wheel, data/, $OUT, $BENCH
 . exp/peer_setup.sh || exit 1           # DeepSpeed, libaio, the ops
@@ -33,13 +35,13 @@ for s in ${*:-small seed}; do
     # small as shipped (RAM 1 GiB, GPU 128 MiB for experts: gmtier pages every step) against
     # ZeRO-Offload; M = 64 is the layer-major step of docs/performance.md (48 GB of activations
     # on the GPU for gmtier).
-    small) peer small --config configs/small.toml --modes zero2-offload,gmtier --micro-batches 1,64 \
-             --steps 3 --warmup 1 --large-m-steps 2 --set 'train.activations_gpu_budget="48GB"' ;;
+    small) peer small --config configs/small.toml --modes gmtier,zero2-offload --micro-batches 1,64 \
+             --steps 3 --warmup 1 --large-m-steps 2 --mode-timeout 150 --set 'train.activations_gpu_budget="48GB"' ;;
     # The scaled seed-envelope of exp/compare_wheels.sh lm-seed (8 experts a layer, 15 GB of
     # records > RAM budget 4 GB; 11 GB GPU cap for every mode: the experts' fp32 state, 17 GB,
     # does not fit it) against ZeRO-Infinity.
-    seed)  peer seed --config configs/seed-envelope.toml --modes zero3-nvme,gmtier --micro-batches 1,16 \
-             --steps 2 --warmup 1 --large-m-steps 1 --set model.n_experts=8 --set 'experts.ram_budget="4GB"' \
+    seed)  peer seed --config configs/seed-envelope.toml --modes gmtier,zero3-nvme --micro-batches 1,16 \
+             --steps 2 --warmup 1 --large-m-steps 1 --mode-timeout 270 --set model.n_experts=8 --set 'experts.ram_budget="4GB"' \
              --set 'experts.gpu_budget="2GB"' --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' \
              --set 'train.dense_optimizer="cpu"' --set 'train.activations_gpu_budget="0"' \
              --set 'train.activations_ram_budget="40GB"' ;;

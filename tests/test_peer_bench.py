@@ -90,6 +90,7 @@ def test_table_gives_gmtier_over_each_peer_at_the_same_m():
     assert "3.0/8" in out and "4.0" in out  # experts with tokens; 400 B read / 100 params
 
 
+@pytest.mark.slow  # two child processes, each importing torch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the DeepSpeed modes")
 def test_peer_bench_runs_gmtier_and_reports_a_mode_that_cannot_run(data_dir, tmp_path):  # noqa: F811
     peer = _peer()
