@@ -42,6 +42,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -425,11 +426,15 @@ def run_child(args, mode: str, ms: list[int], log) -> list[dict]:
            "--micro-batches", ",".join(map(str, ms))] + args.passthrough
     t0 = time.perf_counter()
     log(f"[{Path(args.config).stem}] {mode} M={','.join(map(str, ms))} ...")
+    # Its own process group: a timeout ends the child and whatever it started (compilers, I/O helpers).
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=args.mode_timeout)
-        rc, stderr = p.returncode, p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, stderr = None, (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        _, stderr = p.communicate(timeout=args.mode_timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, stderr = p.communicate()
+        rc = None
         stderr += f"\nTimeoutExpired: {mode} ran past --mode-timeout {args.mode_timeout} s"
     wall = time.perf_counter() - t0
     # What a killed child (timeout, out of host memory) left on the disk.

@@ -6,7 +6,7 @@
 # The carry folder is .carry/ds (README there): wheels/*.whl (deepspeed built with DS_BUILD_OPS=0,
 # pydantic, hjson, ...), libaio/{include,lib} (Debian's libaio1 + libaio-dev, unpacked), and,
 # where an earlier call brought it back, torch_ext/ (the built ops: a later call skips the build).
-# The ops are built into $OUT/torch_ext, so they come back with the call's output.
+# The ops are built in /tmp/torch_ext; a copy without debug info goes to $OUT/torch_ext.
 # DeepSpeed is not a dependency of gmtier: nothing here touches the gmtier install.
 CARRY=${PEER_CARRY:-$PWD/.carry/ds}
 OUT=${OUT:-/tmp/gmtier-out}; mkdir -p "$OUT"
@@ -20,8 +20,12 @@ t0=$(date +%s)
 DS_SITE=${DS_SITE:-/tmp/ds_site}
 mkdir -p "$DS_SITE"
 need=("$CARRY"/wheels/deepspeed-*.whl)
-for pair in hjson:hjson pydantic:pydantic pydantic_core:pydantic_core annotated_types:annotated_types \
-            typing_inspection:typing_inspection tqdm:tqdm setuptools:setuptools msgpack:msgpack einops:einops \
+# pydantic 2 comes with its own core and helpers (a pydantic 1 on the box is shadowed by them).
+if ! "$PY" -c "import pydantic, sys; sys.exit(int(pydantic.VERSION.split('.')[0]) < 2)" 2>/dev/null; then
+  need+=("$CARRY"/wheels/pydantic-*.whl "$CARRY"/wheels/pydantic_core-*.whl "$CARRY"/wheels/annotated_types-*.whl \
+         "$CARRY"/wheels/typing_inspection-*.whl)
+fi
+for pair in hjson:hjson tqdm:tqdm setuptools:setuptools msgpack:msgpack einops:einops \
             cpuinfo:py_cpuinfo psutil:psutil ninja:ninja; do
   mod=${pair%%:*}; whl=${pair##*:}
   if ! "$PY" -c "import $mod" 2>/dev/null; then
@@ -31,10 +35,14 @@ for pair in hjson:hjson pydantic:pydantic pydantic_core:pydantic_core annotated_
 done
 # typing_extensions: pydantic 2.1x wants a recent one; carried only where the box's is older.
 "$PY" -c "import typing_extensions as t; t.TypeIs; t.deprecated" 2>/dev/null || need+=("$CARRY"/wheels/typing_extensions-*.whl)
-"$PY" -m pip install -q --no-deps --no-index --target "$DS_SITE" --upgrade "${need[@]}" 2>&1 | grep -v -i warning
+if "$PY" -m pip install -q --no-deps --no-index --target "$DS_SITE" --upgrade "${need[@]}" > "$OUT/peer_setup_pip.txt" 2>&1; then
+  echo "peer_setup: installed $(basename -a "${need[@]}" | tr '\n' ' ')in $(( $(date +%s) - t0 )) s"
+else
+  echo "peer_setup: pip install FAILED ($OUT/peer_setup_pip.txt):" >&2; grep -v -i warning "$OUT/peer_setup_pip.txt" >&2
+  return 1 2>/dev/null || exit 1
+fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DS_SITE"
 export PATH="$DS_SITE/bin:$PATH"  # ninja, if it came from the carried wheel
-echo "peer_setup: installed $(basename -a "${need[@]}" | tr '\n' ' ')in $(( $(date +%s) - t0 )) s"
 
 # libaio: headers and libaio.so for the build (CPATH, LIBRARY_PATH; CFLAGS/LDFLAGS for
 # DeepSpeed's own io_submit probe), libaio.so.1 for the loader (LD_LIBRARY_PATH).
@@ -49,39 +57,60 @@ export CFLAGS="-I$AIO/include ${CFLAGS:-}" LDFLAGS="-L$AIO/lib ${LDFLAGS:-}"
 # CUDA for the JIT build: the nvcc on PATH (or /usr/local/cuda); async_io links -lcuda, which
 # only the stubs provide where the driver's libcuda.so has no unversioned link.
 if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
+  nvcc_path=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+  if [ -n "$nvcc_path" ]; then export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
+  else echo "peer_setup: no nvcc on PATH or in /usr/local/cuda: set CUDA_HOME" >&2; fi
 fi
-export PATH="$CUDA_HOME/bin:$PATH"
-[ -d "$CUDA_HOME/lib64/stubs" ] && export LIBRARY_PATH="$LIBRARY_PATH:$CUDA_HOME/lib64/stubs"
+if [ -n "${CUDA_HOME:-}" ]; then
+  export PATH="$CUDA_HOME/bin:$PATH"
+  [ -d "$CUDA_HOME/lib64/stubs" ] && export LIBRARY_PATH="$LIBRARY_PATH:$CUDA_HOME/lib64/stubs"
+fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda} DS_SKIP_CUDA_CHECK=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}   # the H200 (sm_90)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export TORCH_EXTENSIONS_DIR="$OUT/torch_ext"
+# The ops build in /tmp/torch_ext. ninja decides what is up to date by times: the sources just
+# installed are dated back, and a carried build (.carry/ds/torch_ext, copied with its own
+# times) is then found up to date where its compile commands match (same paths, same CUDA).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
+find "$DS_SITE/deepspeed/ops" -type f -exec touch -h -d "2000-01-01" {} +
 if [ -d "$CARRY/torch_ext" ] && [ ! -d "$TORCH_EXTENSIONS_DIR" ]; then
-  cp -r "$CARRY/torch_ext" "$TORCH_EXTENSIONS_DIR"   # built by an earlier call: ninja finds it up to date
+  cp -rp "$CARRY/torch_ext" "$TORCH_EXTENSIONS_DIR"
+  find "$TORCH_EXTENSIONS_DIR" -name lock -delete  # a call killed mid-build: torch 2.11 would wait on it forever
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-echo "peer_setup: CUDA_HOME=$CUDA_HOME nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*'), free disk $(df -BG --output=avail /tmp | tail -1 | tr -d ' ') under /tmp"
+echo "peer_setup: CUDA_HOME=${CUDA_HOME:-} nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*'), free disk $(df -BG --output=avail /tmp | tail -1 | tr -d ' ') under /tmp"
 
-# The ops, each built (or found built) once here rather than inside the first timed mode.
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/peer_setup_ops.txt"
-import time, traceback
-import setuptools  # distutils for DeepSpeed's libaio probe on Python 3.12
-import deepspeed
-from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
-print(f"deepspeed {deepspeed.__version__}")
-for builder in (CPUAdamBuilder, AsyncIOBuilder):
-    t0 = time.perf_counter()
-    try:
-        b = builder()
-        if not b.is_compatible(verbose=True):
-            print(f"{b.NAME}: not compatible here: {b.error_log}")
-            continue
+# The ops, built (or found built) here rather than inside the first timed mode, in parallel:
+# cpu_adam has two large sources (-O3 -g), async_io and pin_memory a dozen small ones.
+build_op() {
+  "$PY" - "$1" <<'EOF'
+import sys, time, traceback
+import setuptools  # noqa: F401  (distutils, for DeepSpeed's libaio probe on Python 3.12)
+from deepspeed.ops import op_builder
+name = sys.argv[1]
+t0 = time.perf_counter()
+try:
+    b = getattr(op_builder, name)()
+    if not b.is_compatible(verbose=True):
+        print(f"{b.NAME}: not compatible here: {b.error_log}")
+    else:
         b.load(verbose=False)
         print(f"{b.NAME}: ready in {time.perf_counter() - t0:.1f} s")
-    except Exception:
-        traceback.print_exc()
-        print(f"{builder.NAME}: FAILED after {time.perf_counter() - t0:.1f} s")
+except Exception:
+    traceback.print_exc()
+    print(f"{name}: FAILED after {time.perf_counter() - t0:.1f} s")
 EOF
-echo "peer_setup: done in $(( $(date +%s) - t0 )) s"
+}
+build_op CPUAdamBuilder > "$OUT/peer_setup_cpu_adam.txt" 2>&1 &
+build_op AsyncIOBuilder > "$OUT/peer_setup_async_io.txt" 2>&1
+wait
+tail -n 3 "$OUT/peer_setup_cpu_adam.txt" "$OUT/peer_setup_async_io.txt"
+# A copy to carry back (.carry/ds/torch_ext): debug info stripped (cpu_adam is built with -g,
+# ~50 MB), each file's time kept, which is what ninja's records of the build compare.
+rm -rf "$OUT/torch_ext"
+cp -rp "$TORCH_EXTENSIONS_DIR" "$OUT/torch_ext"
+find "$OUT/torch_ext" -type f \( -name "*.o" -o -name "*.so" \) | while read -r f; do
+  strip --strip-debug "$f" -o "$f.tmp" && touch -r "$f" "$f.tmp" && mv "$f.tmp" "$f"
+done
+find "$OUT/torch_ext" -name lock -delete
+echo "peer_setup: done in $(( $(date +%s) - t0 )) s; ops to carry back: $OUT/torch_ext ($(du -sh "$OUT/torch_ext" | cut -f1))"
