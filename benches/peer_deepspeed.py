@@ -17,9 +17,9 @@ torch's per-process memory fraction) as gmtier's run of the config:
   2870), so the plain modules are trained with each `ResidentExperts` a ZeRO-3 leaf module
   (`deepspeed.utils.set_z3_leaf_modules`, as DeepSpeed documents for Mixtral): ZeRO-3 then
   gathers every expert of a layer in each micro-batch's forward and backward, whether it got
-  tokens or not, and its optimizer step swaps in and updates the whole partition (experts
-  without tokens get zero gradients: their moments decay and weight decay applies). The disk
-  bytes a step, against the parameter bytes, show it.
+  tokens or not, and its optimizer step swaps in and steps the whole flat fp32 partition,
+  the slices of experts that got no tokens included. The disk bytes a step, against the
+  parameter bytes, show it.
 
 DeepSpeed's gradient accumulation equals gmtier's micro-batches (train.micro_batches): the same
 tokens per optimizer step. Each mode runs in its own subprocess (peaks and out-of-memory errors
@@ -249,6 +249,7 @@ def run_gmtier(args, mode: str, m: int) -> dict:
         from gmtier.model import count_params
 
         counts = count_params(cfg.model)
+        own["experts_with_tokens_per_step"] = sum(len(s.last_experts) for s in tr.model.switch_blocks())  # the last step's
         return _result(cfg, mode, m, res["step_s_all"], (io1[0] - io0[0], io1[1] - io0[1]), res["rss_bytes"],
                        {**own, "params": counts["total"], "expert_params": counts["experts"],
                         "n_experts": len(cfg.model.switch_layers()) * cfg.model.n_experts,

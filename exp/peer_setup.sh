@@ -73,8 +73,9 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # times) is then found up to date where its compile commands match (same paths, same CUDA).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 find "$DS_SITE/deepspeed/ops" -type f -exec touch -h -d "2000-01-01" {} +
+reused=0
 if [ -d "$CARRY/torch_ext" ] && [ ! -d "$TORCH_EXTENSIONS_DIR" ]; then
-  cp -rp "$CARRY/torch_ext" "$TORCH_EXTENSIONS_DIR"
+  cp -rp "$CARRY/torch_ext" "$TORCH_EXTENSIONS_DIR"; reused=1
   find "$TORCH_EXTENSIONS_DIR" -name lock -delete  # a call killed mid-build: torch 2.11 would wait on it forever
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
@@ -101,16 +102,30 @@ except Exception:
     print(f"{name}: FAILED after {time.perf_counter() - t0:.1f} s")
 EOF
 }
-build_op CPUAdamBuilder > "$OUT/peer_setup_cpu_adam.txt" 2>&1 &
-build_op AsyncIOBuilder > "$OUT/peer_setup_async_io.txt" 2>&1
-wait
+build_ops() {
+  build_op CPUAdamBuilder > "$OUT/peer_setup_cpu_adam.txt" 2>&1 &
+  build_op AsyncIOBuilder > "$OUT/peer_setup_async_io.txt" 2>&1
+  wait
+}
+build_ops
+if [ "$reused" = 1 ] && grep -q FAILED "$OUT/peer_setup_cpu_adam.txt" "$OUT/peer_setup_async_io.txt"; then
+  echo "peer_setup: the carried build did not load; building afresh"
+  rm -rf "$TORCH_EXTENSIONS_DIR"; build_ops
+fi
 tail -n 3 "$OUT/peer_setup_cpu_adam.txt" "$OUT/peer_setup_async_io.txt"
-# A copy to carry back (.carry/ds/torch_ext): debug info stripped (cpu_adam is built with -g,
-# ~50 MB), each file's time kept, which is what ninja's records of the build compare.
+# A copy to carry back (.carry/ds/torch_ext, a few MB): the libraries without debug info
+# (cpu_adam is built with -g, ~50 MB), the object files emptied (~30 MB; only their times
+# matter: ninja compares them with its records and finds the libraries up to date), every
+# file's time kept. Should ninja still rebuild a part, the link fails and the build above
+# starts afresh.
 rm -rf "$OUT/torch_ext"
-cp -rp "$TORCH_EXTENSIONS_DIR" "$OUT/torch_ext"
-find "$OUT/torch_ext" -type f \( -name "*.o" -o -name "*.so" \) | while read -r f; do
+[ -d "$TORCH_EXTENSIONS_DIR" ] && cp -rp "$TORCH_EXTENSIONS_DIR" "$OUT/torch_ext" && {
+find "$OUT/torch_ext" -type f -name "*.so" | while read -r f; do
   strip --strip-debug "$f" -o "$f.tmp" && touch -r "$f" "$f.tmp" && mv "$f.tmp" "$f"
 done
-find "$OUT/torch_ext" -name lock -delete
-echo "peer_setup: done in $(( $(date +%s) - t0 )) s; ops to carry back: $OUT/torch_ext ($(du -sh "$OUT/torch_ext" | cut -f1))"
+find "$OUT/torch_ext" -type f -name "*.o" | while read -r f; do
+  touch -r "$f" "$f.time" && : > "$f" && touch -r "$f.time" "$f" && rm "$f.time"
+done
+find "$OUT/torch_ext" \( -name lock -o -name "*.o.d" \) -delete
+}
+echo "peer_setup: done in $(( $(date +%s) - t0 )) s; ops to carry back: $OUT/torch_ext ($(du -sh "$OUT/torch_ext" 2>/dev/null | cut -f1))"
