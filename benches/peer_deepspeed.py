@@ -249,7 +249,8 @@ def run_gmtier(args, mode: str, m: int) -> dict:
         from gmtier.model import count_params
 
         counts = count_params(cfg.model)
-        own["experts_with_tokens_per_step"] = sum(len(s.last_experts) for s in tr.model.switch_blocks())  # the last step's
+        # The experts that got tokens in the last timed step (the routing's trace of it).
+        own["experts_with_tokens_per_step"] = sum(len(s.last_experts) for s in tr.model.switch_blocks())
         return _result(cfg, mode, m, res["step_s_all"], (io1[0] - io0[0], io1[1] - io0[1]), res["rss_bytes"],
                        {**own, "params": counts["total"], "expert_params": counts["experts"],
                         "n_experts": len(cfg.model.switch_layers()) * cfg.model.n_experts,
@@ -566,7 +567,10 @@ def main(argv=None) -> list[dict]:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     results = []
     for mode in modes:
-        new = run_child(args, mode, ms, log) if mode in DS_MODES else [r for m in ms for r in run_child(args, mode, [m], log)]
+        if mode in DS_MODES:  # one process for all M
+            new = run_child(args, mode, ms, log)
+        else:  # one process for each M
+            new = [r for m in ms for r in run_child(args, mode, [m], log)]
         results += new
         if args.json_out:  # written as they come: a later mode that hangs the call leaves these
             with open(args.json_out, "a") as f:

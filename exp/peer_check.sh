@@ -8,8 +8,8 @@
 # (carry them back as .carry/ds/torch_ext and the next call skips the build).
 #
 # Expected time on the H200 box (16 cores, ~2 GB/s disk):
-#   setup: wheels ~10 s; the JIT build of cpu_adam and async_io ~1-2 min the first time, ~5 s with
-#     .carry/ds/torch_ext
+#   setup: wheels ~10 s; the JIT build of cpu_adam and async_io (in parallel) ~1-1.5 min the first
+#     time, ~5 s with .carry/ds/torch_ext ($OUT/torch_ext of an earlier call, a few MB)
 #   small (16k tokens a micro-batch; M = 1 and 64): zero2-offload ~60 s (one process, both M),
 #     gmtier M=1 ~25 s, gmtier M=64 ~40 s                                       ~2 min
 #   seed (scaled seed-envelope: 8 experts a layer, 11 GB GPU cap, M = 1 and 16): zero3-nvme
