@@ -245,7 +245,8 @@ def run_gmtier(args, mode: str, m: int) -> dict:
         keep = ("disk_read_bytes", "disk_write_bytes", "expert_updates", "wait_s", "act_ram_peak_bytes",
                 "act_disk_write_bytes", "act_disk_read_bytes")
         n = len(res["step_s_all"])
-        own = {f"gmtier_{k}_per_step": res[k] / n for k in keep if isinstance(res.get(k), (int, float))}
+        own = {(f"gmtier_{k}" if "peak" in k else f"gmtier_{k}_per_step"): res[k] / (1 if "peak" in k else n)
+               for k in keep if isinstance(res.get(k), (int, float))}
         from gmtier.model import count_params
 
         counts = count_params(cfg.model)
