@@ -3,7 +3,7 @@
 # the loader's paths, and DeepSpeed's ops (cpu_adam, async_io with pin_memory) built just in
 # time with the machine's nvcc, printing the seconds each took.
 #   . exp/peer_setup.sh
-# The carry folder is .carry/ds (README there): wheels/*.whl (deepspeed built with DS_BUILD_OPS=0,
+# The carry folder is .carry/ds (made by exp/peer_carry.sh): wheels/*.whl (deepspeed built with DS_BUILD_OPS=0,
 # pydantic, hjson, ...), libaio/{include,lib} (Debian's libaio1 + libaio-dev, unpacked), and,
 # where an earlier call brought it back, torch_ext/ (the built ops: a later call skips the build).
 # The ops are built in /tmp/torch_ext; a copy without debug info goes to $OUT/torch_ext.
