@@ -1,7 +1,9 @@
 //! The compact AdamW pass in AVX-512 (F + BW + VL) intrinsics: 16 elements a vector, masked
 //! tails. The same operations in the same order as the portable pass (`kernel::block`), so the
 //! same bits; where a step is computed differently (the maps' decoding through F16C and a masked
-//! FMA, the hash's last xor-shift that the rounding does not see), the result is the same value.
+//! FMA, the hash's last xor-shift that the rounding does not see, the second pass's encoders
+//! reduced to the normal codes' arithmetic where a block has no smaller magnitude), the result is
+//! the same value.
 
 use core::arch::x86_64::*;
 
@@ -47,17 +49,11 @@ unsafe fn ones(x: i32) -> __m512i {
     _mm512_set1_epi32(x)
 }
 
-/// 16 bf16 -> fp32: each into the high half of its lane, by a zero-masked word permute (a
-/// shuffle only, where a widening load and a shift are two uops).
+/// 16 bf16 -> fp32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 #[inline]
-unsafe fn bf16_to_f32(raw: __m256i) -> __m512 {
-    let idx = _mm512_set_epi16(
-        15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0,
-        1, 0, 0, 0,
-    );
-    let x = _mm512_maskz_permutexvar_epi16(0xAAAA_AAAA, idx, _mm512_castsi256_si512(raw));
-    _mm512_castsi512_ps(x)
+fn bf16_to_f32(raw: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
 }
 
 /// 16 gradient elements at element `i` as fp32; `k`: the lanes to load (the rest are 0).
