@@ -8,20 +8,20 @@ use super::dispatch::{Coefs, GradDtype};
 use super::dispatch::{G_BF16, G_F16, G_F32, H_BF16, H_NONE, STREAM_ALL, STREAM_NONE};
 
 #[derive(Clone, Copy)]
-struct V {
-    gscale: __m256,
-    decay: __m256,
-    lerp_coeff: __m256,
-    lerp_small: bool,
-    beta2: __m256,
-    omb2: __m256,
-    neg_step_size: __m256,
-    bc2_sqrt: __m256,
-    eps: __m256,
+pub(crate) struct V {
+    pub(crate) gscale: __m256,
+    pub(crate) decay: __m256,
+    pub(crate) lerp_coeff: __m256,
+    pub(crate) lerp_small: bool,
+    pub(crate) beta2: __m256,
+    pub(crate) omb2: __m256,
+    pub(crate) neg_step_size: __m256,
+    pub(crate) bc2_sqrt: __m256,
+    pub(crate) eps: __m256,
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn splat(c: &Coefs) -> V {
+pub(crate) fn splat(c: &Coefs) -> V {
     V {
         gscale: _mm256_set1_ps(c.gscale),
         decay: _mm256_set1_ps(c.decay),
@@ -37,7 +37,7 @@ fn splat(c: &Coefs) -> V {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load_grad<const G: u8>(g: *const u8, i: usize) -> __m256 {
+pub(crate) unsafe fn load_grad<const G: u8>(g: *const u8, i: usize) -> __m256 {
     if G == G_F32 {
         _mm256_loadu_ps((g as *const f32).add(i))
     } else {

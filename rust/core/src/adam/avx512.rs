@@ -7,20 +7,20 @@ use super::dispatch::{Coefs, GradDtype};
 use super::dispatch::{G_BF16, G_F16, G_F32, H_BF16, H_NONE, STREAM_ALL, STREAM_NONE};
 
 #[derive(Clone, Copy)]
-struct V {
-    gscale: __m512,
-    decay: __m512,
-    lerp_coeff: __m512,
-    lerp_small: bool,
-    beta2: __m512,
-    omb2: __m512,
-    neg_step_size: __m512,
-    bc2_sqrt: __m512,
-    eps: __m512,
+pub(crate) struct V {
+    pub(crate) gscale: __m512,
+    pub(crate) decay: __m512,
+    pub(crate) lerp_coeff: __m512,
+    pub(crate) lerp_small: bool,
+    pub(crate) beta2: __m512,
+    pub(crate) omb2: __m512,
+    pub(crate) neg_step_size: __m512,
+    pub(crate) bc2_sqrt: __m512,
+    pub(crate) eps: __m512,
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn splat(c: &Coefs) -> V {
+pub(crate) fn splat(c: &Coefs) -> V {
     V {
         gscale: _mm512_set1_ps(c.gscale),
         decay: _mm512_set1_ps(c.decay),

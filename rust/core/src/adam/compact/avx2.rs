@@ -7,58 +7,13 @@ use core::arch::x86_64::*;
 
 use super::kernel::{all_normal, Bufs, Run, G_BF16, G_F16, G_F32};
 use super::quant::{self, sr_lane_keys};
+use crate::adam::avx2::{load_grad, splat, V};
 use crate::adam::dispatch::{Coefs, GradDtype};
-
-/// The per-tensor coefficients, splat.
-#[derive(Clone, Copy)]
-struct V {
-    gscale: __m256,
-    decay: __m256,
-    lerp_coeff: __m256,
-    lerp_small: bool,
-    beta2: __m256,
-    omb2: __m256,
-    neg_step_size: __m256,
-    bc2_sqrt: __m256,
-    eps: __m256,
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn splat(c: &Coefs) -> V {
-    V {
-        gscale: _mm256_set1_ps(c.gscale),
-        decay: _mm256_set1_ps(c.decay),
-        lerp_coeff: _mm256_set1_ps(c.lerp_coeff),
-        lerp_small: c.lerp_small,
-        beta2: _mm256_set1_ps(c.beta2),
-        omb2: _mm256_set1_ps(c.omb2),
-        neg_step_size: _mm256_set1_ps(c.neg_step_size),
-        bc2_sqrt: _mm256_set1_ps(c.bc2_sqrt),
-        eps: _mm256_set1_ps(c.eps),
-    }
-}
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn ones(x: i32) -> __m256i {
     _mm256_set1_epi32(x)
-}
-
-/// 8 gradient elements at element `i` as fp32.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn load_grad<const G: u8>(g: *const u8, i: usize) -> __m256 {
-    if G == G_F32 {
-        _mm256_loadu_ps((g as *const f32).add(i))
-    } else {
-        let raw = _mm_loadu_si128((g as *const u16).add(i) as *const __m128i);
-        if G == G_BF16 {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
-        } else {
-            _mm256_cvtph_ps(raw)
-        }
-    }
 }
 
 /// `quant::decode_m` of the 8 codes in the low half of `codes` (see `avx512::decode_m`).

@@ -9,39 +9,8 @@ use core::arch::x86_64::*;
 
 use super::kernel::{all_normal, Bufs, Run, G_BF16, G_F16, G_F32};
 use super::quant::{self, sr_lane_keys};
+use crate::adam::avx512::{splat, V};
 use crate::adam::dispatch::{Coefs, GradDtype};
-
-/// The per-tensor coefficients, splat.
-#[derive(Clone, Copy)]
-struct V {
-    gscale: __m512,
-    decay: __m512,
-    lerp_coeff: __m512,
-    lerp_small: bool,
-    beta2: __m512,
-    omb2: __m512,
-    neg_step_size: __m512,
-    bc2_sqrt: __m512,
-    eps: __m512,
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-#[inline]
-fn splat(c: &Coefs) -> V {
-    {
-        V {
-            gscale: _mm512_set1_ps(c.gscale),
-            decay: _mm512_set1_ps(c.decay),
-            lerp_coeff: _mm512_set1_ps(c.lerp_coeff),
-            lerp_small: c.lerp_small,
-            beta2: _mm512_set1_ps(c.beta2),
-            omb2: _mm512_set1_ps(c.omb2),
-            neg_step_size: _mm512_set1_ps(c.neg_step_size),
-            bc2_sqrt: _mm512_set1_ps(c.bc2_sqrt),
-            eps: _mm512_set1_ps(c.eps),
-        }
-    }
-}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 #[inline]
