@@ -33,13 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_ranks(cfg_path: Path, world: int = 2, *extra: str) -> list[subprocess.Popen]:
+def _spawn_ranks(cfg_path: Path, world: int = 2, *extra: str, rank_code: str = _RANK) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GMTIER_DIST_TIMEOUT_S="60")
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, "--config", str(cfg_path), *extra], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", rank_code, "--config", str(cfg_path), *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -136,6 +136,47 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
     assert p.returncode == 0, p.stdout + p.stderr
     got = losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
+
+
+# A rank's process that dies (as kill -9 would: no cleanup) where rank 0 would commit its store
+# for step 8, after every rank flushed it: rank 1 commits step 8, rank 0 stays at step 4.
+_RANK_DIES_COMMITTING = (
+    "import os, sys, torch; torch.set_num_threads(1); from gmtier.experts.runtime import ExpertRuntime\n"
+    "commit = ExpertRuntime.commit\n"
+    "def dies(self, meta):\n"
+    "    if os.environ['RANK'] == '0' and meta['step'] == 8: os._exit(9)\n"
+    "    commit(self, meta)\n"
+    "ExpertRuntime.commit = dies\n"
+    "from gmtier.commands import train; train(sys.argv[1:])")
+
+
+@pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")
+def test_kill_inside_the_commit_window_resumes_from_the_checkpoint_before(data_dir, tmp_path):
+    """A kill between one rank's store commit and another's leaves the stores at different
+    steps (8 and 4); the resume puts rank 1's kept commit of step 4 back and every rank goes on
+    from step 4: the losses of the uninterrupted run."""
+    steps = 12
+    sections = _sections("tiered", batch_size=4, checkpoint_every=4)
+    sections["train"]["steps"] = steps
+    ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
+    ref_procs = _spawn_ranks(ref_cfg)
+    procs = _spawn_ranks(cfg, rank_code=_RANK_DIES_COMMITTING)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert procs[0].returncode == 9 and procs[1].returncode != 0, outs
+    _wait(ref_procs)
+
+    def store_step(r):
+        index = json.loads((tmp_path / "run" / f"rank-{r}" / "store" / "index.json").read_text())
+        return json.loads(index["user_meta"])["step"]
+
+    assert (store_step(0), store_step(1)) == (4, 8)
+    assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 4
+    _wait(_spawn_ranks(cfg, 2, "--resume"))
+    assert (store_step(0), store_step(1)) == (steps, steps)
+    got, ref = losses_of(tmp_path / "run"), losses_of(tmp_path / "ref")
     assert sorted(got) == list(range(1, steps + 1))
     assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
 

@@ -55,11 +55,16 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
+    """Replace `path` atomically with `obj` as JSON (see `write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` atomically (write a .tmp, fsync, rename, fsync the directory)."""
     tmp = path.with_name(path.name + ".tmp")
     with _writing(path):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -190,6 +195,10 @@ class RunDir:
         if step is None:
             raise CheckpointError(f"{self.path}: no checkpoint (latest.json); train with `gmtier train --config ...` first")
         return step
+
+    def align_stores(self, store_dir: Path) -> None:
+        """Before a resume opens the expert store: one process has one store, always at one
+        commit (`gmtier.distributed.RankRunDir` aligns the stores of several ranks)."""
 
     def resume_step(self, runtime) -> int:
         """The checkpoint to continue from (or evaluate): latest.json's, unless a kill landed between

@@ -29,15 +29,19 @@ gmtier.cli train ...`, or `gmtier train --nproc N`, which launches it): NCCL on 
   its store at step S; after another, rank 0 writes `latest.json` (with the world size). A kill
   before every rank has committed leaves every store at the previous checkpoint (resumed from
   there); a kill after leaves every store at S with every dense half on disk (resumed from S).
-  Only a kill inside the commit window itself (index replacements, after every flush) can leave
-  the stores at different steps: the resume says so and refuses. Resuming with another world
-  size is refused (the experts are split by it).
+  A kill inside the commit window itself (index replacements, after every flush) can leave
+  some stores at S and the others at the previous checkpoint: before it commits, each rank
+  keeps its store's last commit as `index.prev.json`, and a resume puts that back on the ranks
+  that are ahead (`align_stores`: nothing has been written since, so the records it names are
+  intact and checked by CRC on open), so every rank resumes from the previous checkpoint.
+  Resuming with another world size is refused (the experts are split by it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 from datetime import timedelta
@@ -47,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gmtier.checkpoint import CheckpointError, RunDir
+from gmtier.checkpoint import CheckpointError, RunDir, fsync_dir, write_atomic
 from gmtier.config import Config, ConfigError, parse_bytes
 from gmtier.experts.bank import from_gemm_rows, gemm_row_layout, to_gemm_rows
 
@@ -437,9 +441,25 @@ class RankRunDir(RunDir):
         if len(set(steps)) > 1:
             raise CheckpointError(
                 f"{self.top.path}: the ranks' expert stores are at different checkpoints "
-                f"({', '.join(f'rank {r}: step {s}' for r, s in enumerate(steps))}): the run was killed while its "
-                f"ranks were committing one checkpoint, so it cannot resume exactly; start over with --fresh")
+                f"({', '.join(f'rank {r}: step {s}' for r, s in enumerate(steps))}) and the ranks ahead kept no "
+                f"{_PREV_INDEX} of the step before (the run was killed while its ranks were committing one "
+                f"checkpoint, by a gmtier that kept none, or the stores were changed by hand), so it cannot "
+                f"resume exactly; restore the run directory from a backup or start over with --fresh")
         return steps[0]
+
+    def align_stores(self, store_dir: Path) -> None:
+        """Before a resume opens the stores: where a kill landed inside the commit window (some
+        ranks' stores committed at step S, the others' still at the checkpoint before), the
+        ranks ahead put back the commit they kept (`index.prev.json`, written just before they
+        committed S; no record has been written since), so all are at the checkpoint before.
+        Where that cannot be done, the stores are left as they are and `resume_step` refuses."""
+        index, prev = store_dir / _INDEX, store_dir / _PREV_INDEX
+        mine = _committed_step(index)
+        steps = [s for s in self.ranks.gather_object(mine) if s is not None]
+        if len(set(steps)) > 1 and mine is not None and mine > min(steps) and _committed_step(prev) == min(steps):
+            os.replace(prev, index)
+            fsync_dir(store_dir)
+        self.ranks.barrier()
 
     def save(self, step: int, model, opt, data_rng, scaler, device: str, runtime) -> Path:
         """Checkpoint `step` on every rank (see the module docstring for the order)."""
@@ -447,6 +467,9 @@ class RankRunDir(RunDir):
         if runtime is not None:
             runtime.end_step()
             runtime.store.flush()  # the slow part of the commit, before the barrier
+            # The last commit, for `align_stores` should another rank not reach this one.
+            store_dir = runtime.cfg.store_dir()
+            write_atomic(store_dir / _PREV_INDEX, (store_dir / _INDEX).read_bytes())
         self.ranks.barrier()
         if runtime is not None:
             runtime.commit({"step": step})
@@ -456,3 +479,17 @@ class RankRunDir(RunDir):
         self.ranks.barrier()
         self.prune(step)
         return final
+
+
+_INDEX, _PREV_INDEX = "index.json", "index.prev.json"
+
+
+def _committed_step(index: Path) -> int | None:
+    """The checkpoint step a store index was committed at (its caller's metadata), or None where
+    the file is missing or unreadable (the store's open reports that) or where the store has
+    committed on its own since (its records are then past that step)."""
+    try:
+        idx = json.loads(index.read_text())
+        return None if idx.get("interim_commits") else json.loads(idx["user_meta"]).get("step")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

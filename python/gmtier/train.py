@@ -155,6 +155,8 @@ class Trainer:
         # A new run may replace a store left in its own directory by a run that never reached a
         # checkpoint; one elsewhere (experts.store_dir) only with --fresh.
         own_store = cfg.store_dir().resolve().is_relative_to(self.run_dir.resolve())
+        if resuming and cfg.experts.mode == "tiered":
+            self.run.align_stores(cfg.store_dir())
         self.model, self.runtime = build_model(cfg, self.device, store_create=not resuming,
                                                store_overwrite=fresh or own_store, log=log, ranks=self.ranks)
         self.model.set_checkpointing(cfg.train.activation_checkpointing)
