@@ -178,6 +178,10 @@ def deepspeed_config(cfg, mode: str, micro_batches: int, nvme_dir: str, stats: d
             "offload_param": {"device": "nvme", "nvme_path": nvme_dir, "pin_memory": True,
                               "buffer_count": 2 * stats["bank_tensors"] + 16, "buffer_size": buffer_size},
             "offload_optimizer": {"device": "nvme", "nvme_path": nvme_dir, "pin_memory": True},
+            # No parameter prefetch: DeepSpeed 0.19.8's NVMe prefetch asks its swapper twice for a
+            # parameter that comes twice in its trace ("AssertionError: param N already assigned
+            # swap buffer id M" on the H200); parameters are then fetched as each module needs them.
+            "stage3_prefetch_bucket_size": 0,
         }
         # DeepSpeed's defaults are block 1 MiB, queue depth 8, one thread; gmtier's store keeps
         # experts.io_threads requests in flight, so DeepSpeed gets as many threads.
@@ -298,7 +302,8 @@ def run_deepspeed(args, mode: str, ms: list[int], emit) -> None:
     from gmtier.model import ResidentExperts
     from gmtier.train import dense_param_groups, limit_gpu_memory, lr_at
 
-    cfg = load_config(args, f"peer-{mode}", ["experts.mode='resident'", f"train.micro_batches={ms[0]}"])
+    cfg = load_config(args, f"peer-{mode}", ["experts.mode='resident'", f"train.micro_batches={ms[0]}",
+                                             f"experts.gemm={json.dumps(args.ds_gemm)}"])
     train_data, _ = ensure_data(cfg, _quiet)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = train_data.vocab_size
@@ -526,6 +531,10 @@ def parse_args(argv=None):
     p.add_argument("--nvme-dir", default="/tmp/gmtier-peer/nvme", help="ZeRO-Infinity's swap files (an NVMe disk)")
     p.add_argument("--ds-set", action="append", metavar="KEY.PATH=JSON",
                    help="DeepSpeed config override for the DeepSpeed modes (repeat), e.g. aio.queue_depth=16")
+    p.add_argument("--ds-gemm", default="loop", choices=("loop", "grouped", "auto"),
+                   help="experts.gemm of the DeepSpeed modes' model (default loop: one GEMM pair an expert, as "
+                        "DeepSpeed's own MoE layer runs its experts; ZeRO-2 failed on the grouped path's gradients, "
+                        "docs/performance.md)")
     p.add_argument("--mode-timeout", type=float, default=600, help="seconds a mode's process may take")
     p.add_argument("--json-out", default="", help="append one JSON line a result here")
     p.add_argument("--log-dir", default="", help="write each mode's stderr here")
@@ -537,7 +546,7 @@ def parse_args(argv=None):
     # What a child needs again (everything but the modes, the micro-batches and the outputs).
     args.passthrough = ["--config", args.config, "--data", args.data, "--steps", str(args.steps),
                         "--large-m-steps", str(args.large_m_steps), "--warmup", str(args.warmup),
-                        "--work-dir", args.work_dir, "--nvme-dir", args.nvme_dir]
+                        "--work-dir", args.work_dir, "--nvme-dir", args.nvme_dir, "--ds-gemm", args.ds_gemm]
     args.passthrough += [x for s in (args.set or []) for x in ("--set", s)]
     args.passthrough += [x for s in (args.ds_set or []) for x in ("--ds-set", s)]
     return p, args

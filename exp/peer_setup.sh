@@ -66,7 +66,9 @@ if [ -n "${CUDA_HOME:-}" ]; then
   [ -d "$CUDA_HOME/lib64/stubs" ] && export LIBRARY_PATH="$LIBRARY_PATH:$CUDA_HOME/lib64/stubs"
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda} DS_SKIP_CUDA_CHECK=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}   # the H200 (sm_90)
+# The H200 (sm_90). Set over the box's own TORCH_CUDA_ARCH_LIST: DeepSpeed 0.19.8's JIT builder
+# cannot parse an arch such as "9.0a" (ValueError: invalid literal for int() ... '0a').
+export TORCH_CUDA_ARCH_LIST=${PEER_CUDA_ARCH:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # The ops build in /tmp/torch_ext. ninja decides what is up to date by times: the sources just
 # installed are dated back, and a carried build (.carry/ds/torch_ext, copied with its own
