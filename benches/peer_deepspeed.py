@@ -469,13 +469,15 @@ def table(results: list[dict]) -> str:
     """Columns: each mode at each M; rows: the figures, then gmtier's tokens/s over each peer's at
     the same M."""
     cols = sorted(results, key=lambda r: (r["micro_batches"], MODES.index(r["mode"]) if r["mode"] in MODES else 9))
-    f = lambda v, fmt: "—" if v is None else fmt.format(v)  # noqa: E731
+    def f(v, fmt):  # "GB": bytes shown in GB
+        return "—" if v is None else f"{v / GB:.2f}" if fmt == "GB" else fmt.format(v)
+
     rows = [("tokens a step", "tokens_per_step", "{:,}"), ("step (s, median)", "step_s", "{:.3f}"),
-            ("tokens/s", "tokens_per_s", "{:,.0f}"), ("peak GPU allocated (GB)", "max_gpu_allocated_bytes", "{:.2e}"),
-            ("peak GPU reserved (GB)", "max_gpu_reserved_bytes", "{:.2e}"),
-            ("peak RSS, VmHWM", "vm_hwm_bytes", "{:.2e}"), ("RSS at a step's end (max)", "rss_steps_bytes", "{:.2e}"),
-            ("disk read a step", "disk_read_bytes_per_step", "{:.2e}"),
-            ("disk written a step", "disk_write_bytes_per_step", "{:.2e}"),
+            ("tokens/s", "tokens_per_s", "{:,.0f}"), ("peak GPU allocated (GB)", "max_gpu_allocated_bytes", "GB"),
+            ("peak GPU reserved (GB)", "max_gpu_reserved_bytes", "GB"),
+            ("peak RSS, VmHWM (GB)", "vm_hwm_bytes", "GB"), ("RSS at a step's end, max (GB)", "rss_steps_bytes", "GB"),
+            ("disk read a step (GB)", "disk_read_bytes_per_step", "GB"),
+            ("disk written a step (GB)", "disk_write_bytes_per_step", "GB"),
             ("  read, B a parameter", "_read_bpp", "{:.1f}"), ("  written, B a parameter", "_write_bpp", "{:.1f}"),
             ("experts with tokens a step / all", "_experts", "{}"), ("setup (s)", "setup_s", "{:.1f}")]
     cells = []

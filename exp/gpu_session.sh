@@ -8,6 +8,7 @@
 set -uo pipefail
 . exp/gpu_setup.sh
 steps=${*:-tests paging adam train gpuprefetch}
+ONE_BATCH="--set train.micro_batches=1 --set train.gpu_memory_limit=\"\" --set train.dense_optimizer=\"torch\""
 for s in $steps; do
   echo "=== $s"
   case $s in
@@ -24,21 +25,23 @@ for s in $steps; do
               --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' \
               2>"$OUT/bench-gpuprefetch.err" | tee "$OUT/bench-gpuprefetch.txt" | tail -60 ;;
     # seed-envelope scaled to the 64 GiB disk (15 GB of records; the full config needs ~180 GB).
+    # The seed steps time one batch a step without the GPU cap ($ONE_BATCH; exp/compare_wheels.sh
+    # lm-seed runs the config's layer-major step under it).
     seed)   python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed" --steps 3 --warmup 1 \
               --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
-              --set 'train.precision="bf16"' --timeline "$OUT/timeline-seed.jsonl" ${SEED_SET:-} \
+              --set 'train.precision="bf16"' $ONE_BATCH --timeline "$OUT/timeline-seed.jsonl" ${SEED_SET:-} \
               2>"$OUT/bench-seed.err" | tee "$OUT/bench-seed.txt" | tail -60 ;;
     # seed-envelope at 12 experts a layer (22.6 GB of records, 45 GB of store file), the budgets in
     # the full config's proportions: RAM 35 % of the records, GPU ~85 % of the weights.
     seed12) python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seed12" --steps 2 \
               --warmup 1 --no-prefetch-off --no-resident --set model.n_experts=12 --set 'experts.ram_budget="8GB"' \
-              --set 'experts.gpu_budget="2.9GB"' --set 'train.precision="bf16"' --timeline "$OUT/timeline-seed12.jsonl" \
+              --set 'experts.gpu_budget="2.9GB"' --set 'train.precision="bf16"' $ONE_BATCH --timeline "$OUT/timeline-seed12.jsonl" \
               ${SEED_SET:-} 2>"$OUT/bench-seed12.err" | tee "$OUT/bench-seed12.txt" | tail -60 ;;
     # The full seed-envelope: ~180 GB of store, ~3 minutes to make, 80-85 s a step on the 4xH200 box.
     seedfull) avail=$(df -BG --output=avail "$(dirname "$BENCH")" | tail -1 | tr -dc 0-9)
               if [ "$avail" -lt 200 ]; then echo "seedfull needs ~200 GB free, $BENCH has ${avail} GB"; continue; fi
               python3 -m gmtier.cli bench-train --config configs/seed-envelope.toml --dir "$BENCH/seedfull" --steps 1 \
-              --warmup 1 --no-prefetch-off --no-resident --set 'train.precision="bf16"' \
-              --timeline "$OUT/timeline-seedfull.jsonl" ${SEED_SET:-} 2>"$OUT/bench-seedfull.err" | tee "$OUT/bench-seedfull.txt" | tail -80 ;;
+              --warmup 1 --no-prefetch-off --no-resident --set 'train.precision="bf16"' $ONE_BATCH \
+              --set 'experts.ram_budget="32GB"' --set 'experts.gpu_budget="11GB"' --timeline "$OUT/timeline-seedfull.jsonl" ${SEED_SET:-} 2>"$OUT/bench-seedfull.err" | tee "$OUT/bench-seedfull.txt" | tail -80 ;;
   esac
 done
