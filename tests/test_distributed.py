@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from gmtier import config
 from gmtier.checkpoint import CheckpointError
 from gmtier.distributed import Ranks, placement
+from gmtier.evaluate import load_run, split_perplexity
 from gmtier.train import Trainer, train
 from test_train import _tiered_available, _write_toml, data_dir, losses_of, tiny  # noqa: F401 (fixture)
 
@@ -99,6 +100,21 @@ def test_two_ranks_equal_one_process(data_dir, tmp_path, mode, micro_batches):
         for r in (0, 1):
             index = json.loads((tmp_path / "run" / f"rank-{r}" / "store" / "index.json").read_text())
             assert json.loads(index["user_meta"])["step"] == STEPS
+    # Evaluated in one process (each rank's experts from its checkpoint or store): the perplexity
+    # of the 1-process run, and the same greedy continuation.
+    evals = []
+    for run in (tmp_path / "run", tmp_path / "ref"):
+        cfg, model, runtime, step = load_run(run, overrides={"train": {"batch_size": 4}})  # the same batches
+        try:
+            assert step == STEPS
+            idx = torch.tensor([[1, 2, 3]])
+            evals.append((split_perplexity(cfg, model, "val", 3)["loss"], model.generate(idx, 8, 0.0, None).tolist()))
+        finally:
+            if runtime is not None:
+                runtime.close()
+    (loss_2, text_2), (loss_1, text_1) = evals
+    assert loss_2 == pytest.approx(loss_1, rel=1e-4)
+    assert text_2 == text_1
 
 
 @pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")

@@ -172,16 +172,28 @@ class RunDir:
                     f"resume with {key} = {old!r} (a resume may change train.steps, the lr schedule, eval, "
                     f"checkpoints and budgets) or start over with --fresh")
 
-    def latest_step(self) -> int | None:
-        """The step of the last complete checkpoint, by latest.json (None: no checkpoint)."""
+    def _marker(self) -> tuple[int, int] | None:
+        """(step, world size) of latest.json (None: no checkpoint)."""
         path = self.path / "latest.json"
         try:
             marker = json.loads(path.read_text())
-            step, world = marker["step"], marker.get("world_size", 1)
+            return marker["step"], marker.get("world_size", 1)
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: not a checkpoint marker ({e}); restore it from a backup") from None
+
+    def trained_world_size(self) -> int:
+        """How many processes (ranks) made the last checkpoint (1 where there is none)."""
+        marker = self._marker()
+        return 1 if marker is None else marker[1]
+
+    def latest_step(self) -> int | None:
+        """The step of the last complete checkpoint, by latest.json (None: no checkpoint)."""
+        marker = self._marker()
+        if marker is None:
+            return None
+        step, world = marker
         if world != self.world_size:
             raise CheckpointError(
                 f"{self.path} was trained by {world} process(es) (ranks, each with its own share of the experts) but "
@@ -276,15 +288,22 @@ class RunDir:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load_dense(self, step: int, model) -> None:
-        """Load checkpoint `step`'s dense weights into `model`, refusing one made for another model."""
+    def read_dense(self, step: int) -> dict[str, torch.Tensor]:
+        """Checkpoint `step`'s model weights (the dense part; in resident mode the experts too)."""
         path = self.path / f"ckpt-{step}" / "model.safetensors"
         try:
-            weights = load_file(str(path))
+            return load_file(str(path))
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing; restore the run directory from a backup") from None
         except SafetensorError as e:
             raise CheckpointError(f"{path}: unreadable ({e}); restore the run directory from a backup") from None
+
+    def load_dense(self, step: int, model, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Load checkpoint `step`'s weights (or `weights`, read from it and renamed) into `model`,
+        refusing one made for another model."""
+        path = self.path / f"ckpt-{step}" / "model.safetensors"
+        if weights is None:
+            weights = self.read_dense(step)
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # a shape mismatch

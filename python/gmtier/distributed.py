@@ -35,6 +35,8 @@ gmtier.cli train ...`, or `gmtier train --nproc N`, which launches it): NCCL on 
   that are ahead (`align_stores`: nothing has been written since, so the records it names are
   intact and checked by CRC on open), so every rank resumes from the previous checkpoint.
   Resuming with another world size is refused (the experts are split by it).
+- Evaluation of such a run takes one process (`load_ranks_checkpoint`): every rank's experts,
+  from its checkpoint (resident) or its store (tiered, `StitchedExperts`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -479,6 +482,111 @@ class RankRunDir(RunDir):
         self.ranks.barrier()
         self.prune(step)
         return final
+
+
+# ---- a run of several ranks, in one process (evaluation, generation) ------------------------
+
+class StitchedExperts(nn.Module):
+    """A Switch layer of a run trained by several ranks, in one process: each rank's bank (its
+    store's `TieredExperts`) holds its contiguous block of the layer's experts (`bounds`, as
+    `placement` made them); the tokens sorted by expert go to the bank that holds theirs and the
+    outputs come back in the same order. Forward only."""
+
+    pad_rows = 0
+
+    def __init__(self, bounds: list[int], banks: list[nn.Module], n_local: list[int]):
+        """`n_local[r]`: the experts a layer of rank r's store holds (its largest block)."""
+        super().__init__()
+        self.bounds, self.banks, self.n_local = bounds, nn.ModuleList(banks), n_local
+
+    def takes_device_routing(self, x: torch.Tensor) -> bool:
+        return False
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for r, bank in enumerate(self.banks):
+            mine = list(counts[self.bounds[r]:self.bounds[r + 1]])
+            n = sum(mine)
+            if n:
+                outs.append(bank(x_sorted[start:start + n], mine + [0] * (self.n_local[r] - len(mine))).to(x_sorted.dtype))
+            start += n
+        return torch.cat(outs) if outs else x_sorted[:0]
+
+
+class _Runtimes:
+    """The expert runtimes of every rank's store, closed together."""
+
+    def __init__(self, runtimes: list):
+        self.runtimes = runtimes
+
+    def close(self) -> None:
+        for runtime in self.runtimes:
+            runtime.close()
+
+
+_RANK_EXPERT = re.compile(r"blocks\.(\d+)\.ffn\.experts\.inner\.(w[12])\.(\d+)")
+
+
+def load_ranks_checkpoint(cfg: Config, run: RunDir):
+    """(model, runtimes, step): the last checkpoint of a run trained by `run.world_size` ranks, in
+    one process on cfg's device, for evaluation. The dense weights are rank 0's (the same on every
+    rank). Resident: each rank's checkpoint holds its experts, which go to one resident bank;
+    tiered: each rank's store is opened (with its share of the RAM budget, as in training) and
+    a `StitchedExperts` reads each layer's experts from the stores that hold them (runtimes:
+    None in resident mode)."""
+    from gmtier.build import build_model
+    from gmtier.experts import ExpertRuntime
+    from gmtier.model import GPT
+
+    world, device = run.world_size, cfg.device()
+    step = run.checkpoint_step()
+    ranks = [Ranks(r, world, r, world, device) for r in range(world)]
+    rank_cfgs = [rk.rank_config(cfg) for rk in ranks]
+    rank_dirs = [RunDir(run.path / f"rank-{r}") for r in range(world)]
+    quiet = lambda *_: None  # noqa: E731
+    if cfg.experts.mode != "tiered" or not cfg.model.switch_layers():
+        model, _ = build_model(cfg, device, log=quiet)
+        weights = {}
+        for rk, rank_dir in zip(ranks, rank_dirs):
+            for name, w in rank_dir.read_dense(step).items():
+                m = _RANK_EXPERT.fullmatch(name)
+                if m:  # this rank's k-th expert of the layer is the layer's expert owned(layer)[k]
+                    weights[f"blocks.{m[1]}.ffn.experts.{m[2]}.{rk.owned(int(m[1]))[int(m[3])]}"] = w
+                elif rk.leader:
+                    weights[name] = w
+        rank_dirs[0].load_dense(step, model, weights)
+        return model, None, step
+    runtimes = _Runtimes([])
+    try:
+        for rk, rank_cfg in zip(ranks, rank_cfgs):
+            runtimes.runtimes.append(ExpertRuntime(rk.store_config(rank_cfg), device, create=False, log=quiet,
+                                                   expert_id=rk.expert_id))
+        step = _stores_step(run, step, runtimes.runtimes)
+        n_local = [rk.store_experts() for rk in ranks]
+
+        def bank(layer):
+            slot = ranks[0].switch_layers.index(layer)
+            return StitchedExperts(ranks[0].bounds[slot], [rt.bank(layer) for rt in runtimes.runtimes], n_local)
+
+        model = GPT(cfg.model, cfg.train.seed, expert_bank=bank)
+        model.to(device)
+        rank_dirs[0].load_dense(step, model)
+    except BaseException:
+        runtimes.close()
+        raise
+    return model, runtimes, step
+
+
+def _stores_step(run: RunDir, step: int, runtimes: list) -> int:
+    """The checkpoint the ranks' stores are at (see `RunDir.resume_step`): latest.json's, or the
+    one after it where every store committed it and the kill came before latest.json."""
+    steps = [rt.committed_step() for rt in runtimes]
+    if len(set(steps)) == 1 and (steps[0] == step or (run.path / "rank-0" / f"ckpt-{steps[0]}" / "state.json").exists()):
+        return steps[0]
+    raise CheckpointError(
+        f"{run.path}: the ranks' expert stores are at steps {', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))} "
+        f"and the last checkpoint is step {step}: the run was killed while it committed a checkpoint; resume "
+        f"it once (gmtier train --resume --nproc {run.world_size}), which settles the stores, then evaluate")
 
 
 _INDEX, _PREV_INDEX = "index.json", "index.prev.json"

@@ -26,6 +26,7 @@ def load_run(run_dir: str | Path, device: str | None = None, overrides: dict | N
     to), and its dense checkpoint and store commit must be of the same step, as on resume."""
     run = RunDir(run_dir)
     raw = run.saved_config()
+    run.world_size = run.trained_world_size()
     run.checkpoint_step()  # refuse a run without one before opening its store
     raw["train"]["run_dir"] = str(run.path)
     if device:
@@ -33,6 +34,12 @@ def load_run(run_dir: str | Path, device: str | None = None, overrides: dict | N
     for section, values in (overrides or {}).items():
         raw[section].update(values)
     cfg = from_dict(raw)
+    if run.world_size > 1:  # trained by several ranks: their shares of the experts, in this process
+        from gmtier.distributed import load_ranks_checkpoint
+
+        model, runtime, step = load_ranks_checkpoint(cfg, run)
+        model.eval()
+        return cfg, model, runtime, step
     model, runtime = build_model(cfg, cfg.device(), store_create=False, log=lambda *_: None)
     try:
         step = run.resume_step(runtime)
