@@ -218,8 +218,11 @@ class RunDir:
         checkpoint's dense half is complete on disk. Any other disagreement between the dense
         checkpoint and the store (`runtime`; None in resident mode) is refused."""
         step = self.checkpoint_step()
-        if runtime is None:
-            return step
+        return step if runtime is None else self.step_with_store(step, runtime)
+
+    def step_with_store(self, step: int, runtime) -> int:
+        """Checkpoint `step` (latest.json's), or the one after it where the store (`runtime`)
+        committed that one and its dense half here is complete; refused otherwise."""
         try:
             store_step = runtime.committed_step()
         except ValueError as e:

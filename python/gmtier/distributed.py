@@ -492,8 +492,6 @@ class StitchedExperts(nn.Module):
     `placement` made them); the tokens sorted by expert go to the bank that holds theirs and the
     outputs come back in the same order. Forward only."""
 
-    pad_rows = 0
-
     def __init__(self, bounds: list[int], banks: list[nn.Module], n_local: list[int]):
         """`n_local[r]`: the experts a layer of rank r's store holds (its largest block)."""
         super().__init__()
@@ -561,7 +559,14 @@ def load_ranks_checkpoint(cfg: Config, run: RunDir):
         for rk, rank_cfg in zip(ranks, rank_cfgs):
             runtimes.runtimes.append(ExpertRuntime(rk.store_config(rank_cfg), device, create=False, log=quiet,
                                                    expert_id=rk.expert_id))
-        step = _stores_step(run, step, runtimes.runtimes)
+        steps = [d.step_with_store(step, rt) for d, rt in zip(rank_dirs, runtimes.runtimes)]
+        if len(set(steps)) > 1:
+            raise CheckpointError(
+                f"{run.path}: the ranks' expert stores are at different checkpoints "
+                f"({', '.join(f'rank {r}: step {s}' for r, s in enumerate(steps))}): the run was killed while it "
+                f"committed one; resume it once (gmtier train --resume --nproc {world}), which settles the "
+                f"stores, then evaluate")
+        step = steps[0]
         n_local = [rk.store_experts() for rk in ranks]
 
         def bank(layer):
@@ -575,18 +580,6 @@ def load_ranks_checkpoint(cfg: Config, run: RunDir):
         runtimes.close()
         raise
     return model, runtimes, step
-
-
-def _stores_step(run: RunDir, step: int, runtimes: list) -> int:
-    """The checkpoint the ranks' stores are at (see `RunDir.resume_step`): latest.json's, or the
-    one after it where every store committed it and the kill came before latest.json."""
-    steps = [rt.committed_step() for rt in runtimes]
-    if len(set(steps)) == 1 and (steps[0] == step or (run.path / "rank-0" / f"ckpt-{steps[0]}" / "state.json").exists()):
-        return steps[0]
-    raise CheckpointError(
-        f"{run.path}: the ranks' expert stores are at steps {', '.join(f'rank {r}: {s}' for r, s in enumerate(steps))} "
-        f"and the last checkpoint is step {step}: the run was killed while it committed a checkpoint; resume "
-        f"it once (gmtier train --resume --nproc {run.world_size}), which settles the stores, then evaluate")
 
 
 _INDEX, _PREV_INDEX = "index.json", "index.prev.json"
