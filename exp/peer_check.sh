@@ -13,8 +13,8 @@
 #   small (16k tokens a micro-batch; M = 1 and 64): zero2-offload ~60 s (one process, both M),
 #     gmtier M=1 ~25 s, gmtier M=64 ~40 s                                       ~2 min
 #   seed (scaled seed-envelope: 8 experts a layer, 11 GB GPU cap, M = 1 and 16): zero3-nvme
-#     ~3 min (setup writes ~20 GB of swap files; ~25 s a step at M = 1, ~60 s at M = 16), gmtier
-#     M=1 and M=16 ~1 min each                                                  ~5 min
+#     ~4 min (setup writes ~20 GB of swap files; ~30 s a step at M = 1, ~80 s at M = 16), gmtier
+#     M=1 and M=16 ~1.2 min each                                                ~6 min
 # gmtier runs first in each pair; a mode past --mode-timeout is killed and reported as a result
 # (DeepSpeed's figures for the M it finished are kept). Over one call's 10 minutes with a first
 # build: run `small` and `seed` in two calls then.
