@@ -3,8 +3,9 @@
 # prepared corpus in .carry/data/ruslit and the raw one in .carry/ruslit. Run from the repo root on
 # the GPU machine: bash exp/compare_wheels.sh tests trainA-old trainA-new trainB-old trainB-new paging-old paging-new
 # (tests runs pytest -m gpu with the new wheel; lm-small-{old,new} and lm-seed sweep the layer-major
-# step's micro-batches: small at $SMALL_M (default 1 and 64), the scaled seed-envelope with the new
-# wheel at $SEED_M, default 1 and 32, in an 11 GB cap). Logs under $OUT.
+# step's micro-batches: small at $SMALL_M (default 1 and 64); lm-seed, lm-seed-compact (the expert
+# state) and their -old / -new forms (the wheel; default new) the scaled seed-envelope at $SEED_M,
+# default 1 and 32, in an 11 GB cap, with its disk timeline in $OUT/timeline-<name>.jsonl). Logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GMTIER_RUSLIT=$PWD/.carry/ruslit
@@ -35,12 +36,13 @@ for s in "$@"; do
          --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="128MiB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-small-*) w=${s#lm-small-}; gm $w bench-train --config configs/small.toml --dir $B/lm-small --no-prefetch-off --steps 2 --warmup 1 \
          --micro-batches ${SMALL_M:-1,64} --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
-    lm-seed|lm-seed-compact) [ $s = lm-seed ] && state=fp32 || state=compact
-         gm new bench-train --config configs/seed-envelope.toml --dir $B/$s --no-prefetch-off --no-resident --steps 2 --warmup 1 \
+    lm-seed*) case $s in *compact*) state=compact ;; *) state=fp32 ;; esac
+         case $s in *-old) w=old ;; *) w=new ;; esac
+         gm $w bench-train --config configs/seed-envelope.toml --dir $B/$s --no-prefetch-off --no-resident --steps 2 --warmup 1 \
          --micro-batches ${SEED_M:-1,32} --set "experts.state=\"$state\"" --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
          --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \
          --set 'train.activations_gpu_budget="0"' --set 'train.activations_ram_budget="40GB"' \
-         --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
+         --timeline "$OUT/timeline-$s.jsonl" --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     paging-*) w=${s#paging-}; gm $w bench-paging --dir $B/paging --data-mb 8192 --ram-mb 2048 --gpu-mb 4096 \
          --record-mb 64 2>&1 | tee -a "$OUT/paging-$w.txt" | tail -25 ;;
   esac

@@ -263,3 +263,53 @@ def test_parked_tensors_leave_the_device_and_each_bank_is_reused_once_empty(tmp_
     stash.park("t", t, 0)
     assert not stash.parks_off_device and stash.unpark("t") is t
     stash.close()
+
+
+@needs_store
+def test_the_next_backward_reads_its_first_records_before_its_forward(data_dir, tmp_path):
+    """From the end of a backward to the next one (the dense optimizer step, the forward) no update
+    holds RAM: the records the next backward pages first (the last Switch layer's first experts)
+    are read then, and are still in RAM when its forward starts and when its backward starts."""
+    from gmtier.experts.runtime import ExpertRuntime
+
+    def make(run, ram_budget):
+        return _lm(data_dir, run, train=dict(steps=3), experts=dict(ram_budget=ram_budget, async_adam=True))
+
+    record_bytes = make(tmp_path / "probe", "1GB").expert_bytes()[1]
+    t = Trainer(make(tmp_path / "run", 6 * record_bytes), log=lambda s: None)
+    rt = t.runtime
+    assert not rt.plan.all_in_ram and rt.plan.ahead_room == 2, rt.plan
+    last = len(rt.switch_layers) - 1
+    sections = "state" if rt.half else "all"
+    seen: list[tuple[str, bool]] = []
+
+    def first_records_resident(when: str) -> None:
+        first = [(last, e) for e in rt.used.get(last, [])[:rt.plan.ahead_room]]
+        if not first:
+            return
+        deadline = time.monotonic() + 10  # a read still in flight may finish; an evicted record never comes back
+        while True:
+            slots = rt.store.pin_resident(first, sections)
+            rt.store.unpin([k for k, s in zip(first, slots) if s is not None])
+            if None not in slots or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        seen.append((when, None not in slots))
+
+    real_begin, real_backward = ExpertRuntime.begin_step, ExpertRuntime.backward
+
+    def begin_step(self, *a, **k):
+        first_records_resident("forward")
+        return real_begin(self, *a, **k)
+
+    def backward(self, layer, *a, **k):
+        if layer == last:
+            first_records_resident("backward")
+        return real_backward(self, layer, *a, **k)
+
+    rt.begin_step = begin_step.__get__(rt)
+    rt.backward = backward.__get__(rt)
+    t.fit()
+    t.close()
+    assert [w for w, _ in seen] == ["backward", "forward", "backward", "forward", "backward"], seen
+    assert all(ok for _, ok in seen), seen
