@@ -44,6 +44,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,11 +78,6 @@ def vm_hwm() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def _cuda_peaks_reset() -> None:
@@ -220,7 +216,7 @@ def _quiet(_msg) -> None:
 
 def _result(cfg, mode: str, m: int, times: list[float], io: tuple[int, int], rss_steps: int, extra: dict) -> dict:
     tokens = m * cfg.train.batch_size * cfg.model.seq_len
-    step = _median(times)
+    step = statistics.median(times)  # of an even count, the mean of the middle two
     return {"mode": mode, "micro_batches": m, "tokens_per_step": tokens, "step_s": step,
             "step_s_all": times, "tokens_per_s": tokens / step, "timed_steps": len(times),
             "disk_read_bytes_per_step": io[0] / len(times), "disk_write_bytes_per_step": io[1] / len(times),

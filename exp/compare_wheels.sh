@@ -5,7 +5,7 @@
 # (tests runs pytest -m gpu with the new wheel; lm-small-{old,new} and lm-seed sweep the layer-major
 # step's micro-batches: small at $SMALL_M (default 1 and 64); lm-seed, lm-seed-compact (the expert
 # state) and their -old / -new forms (the wheel; default new) the scaled seed-envelope at $SEED_M,
-# default 1 and 32, in an 11 GB cap, with its disk timeline in $OUT/timeline-<name>.jsonl). Logs under $OUT.
+# default 1 and 32, $SEED_STEPS timed steps (default 2), in an 11 GB cap, with its disk timeline in $OUT/timeline-<name>.jsonl). Logs under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export GMTIER_RUSLIT=$PWD/.carry/ruslit
@@ -38,7 +38,8 @@ for s in "$@"; do
          --micro-batches ${SMALL_M:-1,64} --set 'train.activations_gpu_budget="48GB"' --json 2>>"$OUT/err.txt" > /tmp/r.json; record $s ;;
     lm-seed*) case $s in *compact*) state=compact ;; *) state=fp32 ;; esac
          case $s in *-old) w=old ;; *) w=new ;; esac
-         gm $w bench-train --config configs/seed-envelope.toml --dir $B/$s --no-prefetch-off --no-resident --steps 2 --warmup 1 \
+         gm $w bench-train --config configs/seed-envelope.toml --dir $B/$s --no-prefetch-off --no-resident --no-dense-twin \
+         --steps ${SEED_STEPS:-2} --warmup 1 \
          --micro-batches ${SEED_M:-1,32} --set "experts.state=\"$state\"" --set model.n_experts=8 --set 'experts.ram_budget="4GB"' --set 'experts.gpu_budget="2GB"' \
          --set 'train.precision="bf16"' --set 'train.gpu_memory_limit="11GB"' --set 'train.dense_optimizer="cpu"' \
          --set 'train.activations_gpu_budget="0"' --set 'train.activations_ram_budget="40GB"' \

@@ -273,7 +273,6 @@ class ExpertPlan:
     gpu_prefetch: bool
     max_pending: int  # expert updates that may be queued or running
     prefetch_room: int  # RAM slots left for read-ahead
-    ahead_room: int  # RAM slots for reading the next backward's first records while no update is in flight
 
     @classmethod
     def build(cls, cfg: Config, device: str, gpu_tier: bool) -> "ExpertPlan":
@@ -298,13 +297,8 @@ class ExpertPlan:
         # Prefetching more than the RAM slots left once those pins are counted would only evict
         # records before their use and read them twice.
         prefetch_room = max(0, ram_slots - in_copy - 2 - max_pending)
-        # From the end of one backward to the start of the next (the dense optimizer step, the
-        # whole forward) no update holds a slot and the disk has little to do: the records the
-        # next backward pages first are read then, into the slots the forward's own paging
-        # (its copies in flight, or the two paged one ahead) and its read-ahead leave.
-        ahead_room = max(0, ram_slots - max(in_copy, 2) - prefetch_room)
         return cls(weights, record, ram_bytes, gpu_bytes, n_records, ram_slots, gpu_slots, group, grad_slots,
-                   gpu_prefetch, max_pending, prefetch_room, ahead_room)
+                   gpu_prefetch, max_pending, prefetch_room)
 
     @property
     def all_in_ram(self) -> bool:

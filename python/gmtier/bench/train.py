@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -138,8 +139,9 @@ def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False,
         traffic["per_layer"] = m.get("per_layer")
     if stash is not None:
         traffic.update(stash.metrics())
-    times.sort()
-    return {"step_s": times[len(times) // 2], "step_s_all": times, "rss_bytes": rss, **traffic}
+    # statistics.median: an even count averages the middle two (the upper one alone would be
+    # the slower of two timed steps)
+    return {"step_s": statistics.median(times), "step_s_all": times, "rss_bytes": rss, **traffic}
 
 
 def _resident_fits(cfg) -> bool:
@@ -301,7 +303,8 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         **{k: tiered.get(k, 0) / (1 if "peak" in k or "allocated" in k else steps) for k in (
             "act_gpu_peak_bytes", "act_ram_peak_bytes", "act_ram_allocated_bytes", "act_ram_bytes",
             "act_disk_write_bytes", "act_disk_read_bytes", "act_disk_wait_s")},
-        "timed_steps": steps, "tokens_per_step": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "timed_steps": steps, "tokens_per_step": tokens, "step_s": step_s, "step_s_all": tiered["step_s_all"],
+        "tokens_per_s": tokens / step_s,
         "bound_s": bound, "bound_term": max(parts, key=parts.get), "step_over_bound": step_s / bound, **parts,
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
         "disk_mixed_total_gbps": mixed["total_gbps"], "disk_mixed_read_gbps": mixed["read_gbps"],

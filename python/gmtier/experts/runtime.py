@@ -71,7 +71,6 @@ class ExpertRuntime:
         self.updates = ExpertUpdates(cfg, p, self.store, self.half, self.figures)
         self.prefetcher = Prefetcher(cfg, p, self.store, self.figures)
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
-        self.guessed_ahead: list[tuple[int, int]] = []  # read for the next backward before its forward (a guess)
 
     # ---- what the plan decided (read by the trainer, benches and tests) -------------------
     max_pending = property(lambda self: self.plan.max_pending)
@@ -226,15 +225,12 @@ class ExpertRuntime:
         """`layout`: `gemm_row_layout(counts, self.pad_rows, ...)` where the caller has it;
         `training`: a backward of this layer follows in the step."""
         self.used[layer] = [e for e, c in enumerate(counts) if c]
-        # The last Switch layer's backward is the first one: its state is read from now (as far
-        # as it was not since the last backward, on a guess), behind this layer's weights, while
-        # the disk has little else to do until backward (the head and the blocks after it run first).
+        # The last Switch layer's backward is the first one: its state is read from now, behind
+        # this layer's weights, while the disk has little else to do until backward (the head and
+        # the blocks after it run first).
         last = training and layer == len(self.switch_layers) - 1
         if last:
-            if wrong := [e for _, e in self.guessed_ahead if e not in self.used[layer]]:
-                self.prefetcher.demote(layer, wrong)
-            self.guessed_ahead = []
-            self.read_ahead_state(layer, self.plan.ahead_room)
+            self.read_ahead_state(layer)
         # One dtype conversion (and row padding) per layer, not per expert: the loop is host-bound
         # at small experts, and each conversion is another kernel launch.
         counts_p, rows = layout or gemm_row_layout(counts, self.pad_rows, x_sorted.device)
@@ -259,7 +255,7 @@ class ExpertRuntime:
                               compute_group if self.gemm == "grouped" else None)
         self.figures.stats["expert_fwd_s"] += time.perf_counter() - t0
         if last:
-            self.ahead_of_backward(layer, self.plan.ahead_room)  # now also onto the GPU, the layer's own copies done
+            self.ahead_of_backward(layer)  # now also onto the GPU, the layer's own copies done
         return from_gemm_rows(out, rows).to(x_sorted.dtype)
 
     def backward(self, layer: int, x_sorted: torch.Tensor, grad_out: torch.Tensor, counts: list[int],
@@ -346,38 +342,26 @@ class ExpertRuntime:
             self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all",
                               compute_group if self.gemm == "grouped" else None)
         self.figures.stats["expert_bwd_s"] += time.perf_counter() - t0
-        if layer == 0:
-            self.read_ahead_next_backward()
         return from_gemm_rows(dx, rows).to(x_sorted.dtype)
 
-    def ahead_of_backward(self, layer: int, room: int | None = None) -> None:
+    def ahead_of_backward(self, layer: int) -> None:
         """Read ahead what the backward of Switch layer `layer` will page in (called as the
         backward of the layer after it starts, and, in a layer-major step, again once that
         layer's experts are done, when RAM has room and dense recompute is ahead)."""
         if layer < 0:
             return
-        self.read_ahead_state(layer, self.plan.prefetch_room if room is None else room)
+        self.read_ahead_state(layer)
         if self.plan.gpu_prefetch:
             self.prefetcher.want_on_gpu([(layer, e) for e in reversed(self.used.get(layer, []))], 1)
 
-    def read_ahead_state(self, layer: int, room: int) -> None:
-        """Read into RAM what the backward of Switch layer `layer` pages in first, `room`
-        records: backward walks the layers in reverse and each layer's experts in order, and
-        forward already told us which experts the layer used, so the guess is exact."""
-        if self.prefetcher.reads_ahead and room:
-            used = self.used.get(layer, [])[:room]
-            self.prefetcher.read_ahead([(layer, e) for e in used], 1, "state" if self.half else "all")
-
-    def read_ahead_next_backward(self) -> None:
-        """The step's last expert loop is done: read the records the next step's backward pages
-        first (the last Switch layer's), guessing that it uses the experts this one did, while
-        the dense optimizer step and the next forward leave the disk idle. The guesses the next
-        forward proves wrong are demoted there."""
-        last = len(self.switch_layers) - 1
-        room = self.plan.ahead_room
-        if self.prefetcher.reads_ahead and room and self.used.get(last):
-            self.read_ahead_state(last, room)
-            self.guessed_ahead = [(last, e) for e in self.used[last][:room]]
+    def read_ahead_state(self, layer: int) -> None:
+        """Read into RAM what the backward of Switch layer `layer` pages in, as far as the RAM
+        budget's read-ahead room goes: backward walks the layers in reverse, and forward already
+        told us which experts the layer used, so the guess is exact."""
+        pf, room = self.prefetcher, self.plan.prefetch_room
+        if pf.reads_ahead and room:
+            used = self.used.get(layer, [])[-room:]
+            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state" if self.half else "all")
 
     # ---- steps --------------------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:
