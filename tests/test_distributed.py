@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from gmtier import config
+from gmtier.cli import main
 from gmtier.checkpoint import CheckpointError
 from gmtier.distributed import Ranks, placement
 from gmtier.evaluate import load_run, split_perplexity
@@ -100,6 +102,19 @@ def test_two_ranks_equal_one_process(data_dir, tmp_path, mode, micro_batches):
         for r in (0, 1):
             index = json.loads((tmp_path / "run" / f"rank-{r}" / "store" / "index.json").read_text())
             assert json.loads(index["user_meta"])["step"] == STEPS
+        # `gmtier info --run` tells the ranks apart: each one's experts, RAM share, store and its step.
+        r = CliRunner().invoke(main, ["info", "--run", str(tmp_path / "run"), "--json"])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.output)
+        ranks = d["ranks"]
+        assert [x["rank"] for x in ranks] == [0, 1]
+        n_switch = len(config.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())).model.switch_layers())
+        assert [a + b for a, b in zip(ranks[0]["experts_per_layer"], ranks[1]["experts_per_layer"])] == [4] * n_switch
+        stores = [tmp_path / "run" / f"rank-{k}" / "store" / "experts.safetensors" for k in (0, 1)]
+        assert [x["disk_bytes_actual"] for x in ranks] == [f.stat().st_size for f in stores]
+        assert d["disk_bytes_actual"] == sum(f.stat().st_size for f in stores)
+        assert all(x["store_committed_step"] == STEPS for x in ranks)
+        assert ranks[0]["ram_budget_bytes"] == ranks[1]["ram_budget_bytes"] == d["ram_budget_bytes"] // 2
     # Evaluated in one process (each rank's experts from its checkpoint or store): the perplexity
     # of the 1-process run, and the same greedy continuation.
     evals = []

@@ -187,7 +187,13 @@ def info(config_path, run_dir, overrides, as_json):
         meta = Path(cfg.data.dir) / "meta.json"
         cfg.model.vocab_size = json.loads(meta.read_text())["vocab_size"] if meta.exists() else cfg.data.vocab_size
     d = compute(cfg)
-    if run_dir:
+    world = RunDir(run_dir).trained_world_size() if run_dir else 1
+    if world > 1:  # each rank's store holds its own experts (gmtier.distributed)
+        from gmtier.distributed import ranks_info
+
+        d["ranks"] = ranks_info(cfg, world)
+        d["disk_bytes_actual"] = sum(r["disk_bytes_actual"] for r in d["ranks"])
+    elif run_dir:
         store = Path(cfg.store_dir()) / "experts.safetensors"
         d["disk_bytes_actual"] = store.stat().st_size if store.exists() else 0
     if as_json:
@@ -207,6 +213,12 @@ def info(config_path, run_dir, overrides, as_json):
     click.echo(f"ram : budget {gib(d['ram_budget_bytes'])} = {d['ram_slots']} expert records (all fit: {d['experts_fit_in_ram']})")
     click.echo(f"gpu : budget {gib(d['gpu_budget_bytes'])} = {d['gpu_slots']} expert weight slots (all fit: {d['experts_fit_on_gpu']}), "
                f"dense part {gib(d['dense_bytes_on_device'])}")
+    if "disk_bytes_actual" in d:
+        click.echo(f"on disk now: {gib(d['disk_bytes_actual'])}")
+    for r in d.get("ranks", []):
+        click.echo(f"rank {r['rank']}: experts per Switch layer {r['experts_per_layer']}, RAM share "
+                   f"{gib(r['ram_budget_bytes'])}, store {r['store_dir']}: {gib(r['disk_bytes_actual'])} on disk "
+                   f"(planned {gib(r['disk_bytes'])}), committed at step {r['store_committed_step']}")
 
 
 @click.command("plot", cls=Command)

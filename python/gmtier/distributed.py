@@ -582,6 +582,29 @@ def load_ranks_checkpoint(cfg: Config, run: RunDir):
     return model, runtimes, step
 
 
+def ranks_info(cfg: Config, world: int) -> list[dict]:
+    """Per rank of a run trained by `world` ranks on one machine (as `load_ranks_checkpoint`
+    assumes): its experts of each Switch layer, its share of the RAM budget, its store and what
+    that holds on disk, and the checkpoint step its store was last committed at."""
+    from gmtier.evaluate import info as tier_info
+
+    out = []
+    for r in range(world):
+        rk = Ranks(r, world, r, world, "cpu")
+        rank_cfg = rk.rank_config(cfg)
+        store = Path(rank_cfg.store_dir())
+        data = store / "experts.safetensors"
+        own = tier_info(rk.store_config(rank_cfg)) if rk.switch_layers else None
+        out.append({
+            "rank": r, "experts_per_layer": [b[r + 1] - b[r] for b in rk.bounds],
+            "ram_budget_bytes": rank_cfg.experts.ram_budget, "store_dir": str(store),
+            "disk_bytes": own["disk_bytes"] if own else 0,
+            "disk_bytes_actual": data.stat().st_size if data.exists() else 0,
+            "store_committed_step": _committed_step(store / _INDEX),
+        })
+    return out
+
+
 _INDEX, _PREV_INDEX = "index.json", "index.prev.json"
 
 
