@@ -139,6 +139,7 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     steps = 12
     sections = _sections("tiered", batch_size=4, checkpoint_every=4)
     sections["train"]["steps"] = steps
+    sections["model"] = dict(router_jitter=0.1)  # each rank's own noise stream, restored by the resume
     ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
     cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
     ref_procs = _spawn_ranks(ref_cfg)  # the uninterrupted run, beside the one to kill
@@ -171,6 +172,21 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
 
 
+def test_each_rank_draws_its_own_router_jitter(data_dir, tmp_path):
+    """With router jitter, the ranks' torch generators differ after a step (their noise is not
+    one draw repeated on every rank), while the dense weights stay the same on both."""
+    sections = _sections("resident", batch_size=4, checkpoint_every=2)
+    sections["train"]["steps"] = 2
+    sections["model"] = dict(router_jitter=0.1)
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
+    _wait(_spawn_ranks(cfg))
+    ckpt = [tmp_path / "run" / f"rank-{r}" / "ckpt-2" for r in (0, 1)]
+    rng = [load_file(str(c / "optim.safetensors"))["rng.torch_cpu"] for c in ckpt]
+    assert not torch.equal(rng[0], rng[1])
+    d0, d1 = (_dense(c / "model.safetensors") for c in ckpt)
+    assert all(torch.equal(d0[k], d1[k]) for k in d0)
+
+
 # A rank's process that dies (as kill -9 would: no cleanup) where rank 0 would commit its store
 # for step 8, after every rank flushed it: rank 1 commits step 8, rank 0 stays at step 4.
 _RANK_DIES_COMMITTING = (
@@ -191,6 +207,7 @@ def test_kill_inside_the_commit_window_resumes_from_the_checkpoint_before(data_d
     steps = 12
     sections = _sections("tiered", batch_size=4, checkpoint_every=4)
     sections["train"]["steps"] = steps
+    sections["model"] = dict(router_jitter=0.1)  # each rank's own noise stream, restored by the resume
     ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
     cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
     ref_procs = _spawn_ranks(ref_cfg)

@@ -160,6 +160,11 @@ class Trainer:
         self.model, self.runtime = build_model(cfg, self.device, store_create=not resuming,
                                                store_overwrite=fresh or own_store, log=log, ranks=self.ranks)
         self.model.set_checkpointing(cfg.train.activation_checkpointing)
+        if self.ranks is not None and self.ranks.rank:
+            # Every rank builds the dense part from the same seed; what torch draws from then on
+            # (the router's jitter) is each rank's own stream, or every rank would put the same
+            # noise on its own tokens. Rank 0 keeps the seed's stream; checkpoints keep each one's.
+            torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, self.ranks.rank]).generate_state(1)[0]))
         if cfg.train.micro_batches > 1:
             self.layer_major = LayerMajorStep(self.model, activation_stash(cfg, self.device), self.autocast)
         groups = dense_param_groups(self.model, cfg.train.weight_decay)
