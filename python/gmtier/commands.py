@@ -194,8 +194,9 @@ def info(config_path, run_dir, overrides, as_json):
         d["ranks"] = ranks_info(cfg, world)
         d["disk_bytes_actual"] = sum(r["disk_bytes_actual"] for r in d["ranks"])
     elif run_dir:
-        store = Path(cfg.store_dir()) / "experts.safetensors"
-        d["disk_bytes_actual"] = store.stat().st_size if store.exists() else 0
+        from gmtier.store.tiered import data_file_bytes
+
+        d["disk_bytes_actual"] = data_file_bytes(cfg.store_dir())
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return

@@ -57,6 +57,7 @@ import torch.nn as nn
 from gmtier.checkpoint import CheckpointError, RunDir, fsync_dir, write_atomic
 from gmtier.config import Config, ConfigError, parse_bytes
 from gmtier.experts.bank import from_gemm_rows, gemm_row_layout, to_gemm_rows
+from gmtier.store.tiered import INDEX_FILE, data_file_bytes
 
 
 def world_size_from_env() -> int:
@@ -593,19 +594,18 @@ def ranks_info(cfg: Config, world: int) -> list[dict]:
         rk = Ranks(r, world, r, world, "cpu")
         rank_cfg = rk.rank_config(cfg)
         store = Path(rank_cfg.store_dir())
-        data = store / "experts.safetensors"
         own = tier_info(rk.store_config(rank_cfg)) if rk.switch_layers else None
         out.append({
             "rank": r, "experts_per_layer": [b[r + 1] - b[r] for b in rk.bounds],
             "ram_budget_bytes": rank_cfg.experts.ram_budget, "store_dir": str(store),
             "disk_bytes": own["disk_bytes"] if own else 0,
-            "disk_bytes_actual": data.stat().st_size if data.exists() else 0,
+            "disk_bytes_actual": data_file_bytes(store),
             "store_committed_step": _committed_step(store / _INDEX),
         })
     return out
 
 
-_INDEX, _PREV_INDEX = "index.json", "index.prev.json"
+_INDEX, _PREV_INDEX = INDEX_FILE, "index.prev.json"
 
 
 def _committed_step(index: Path) -> int | None:

@@ -39,6 +39,12 @@ Key = tuple[int, int]
 DATA_FILE, INDEX_FILE = "experts.safetensors", "index.json"
 
 
+def data_file_bytes(store_dir) -> int:
+    """The size of a store directory's data file (0 where there is none)."""
+    f = Path(store_dir) / DATA_FILE
+    return f.stat().st_size if f.exists() else 0
+
+
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """No store where one is opened: the data file is missing."""
 
