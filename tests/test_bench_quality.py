@@ -82,3 +82,22 @@ def test_bench_quality_tiny_on_cpu(data_dir, tmp_path):
     assert out["plot"] == str(png) and png.stat().st_size > 10_000
     text = CliRunner().invoke(main, args[:-1] + ["--dir", str(tmp_path / "w2")])
     assert text.exit_code == 0 and "validation loss at equal steps" in text.output and not (tmp_path / "w2").exists()
+    # --runs compares the kept runs from their metrics.jsonl, without training: the same curves
+    again = CliRunner().invoke(main, ["bench-quality", "--runs", str(work / "tiny"), str(work / "tiny-dense"),
+                                      "--plot", str(tmp_path / "again.png"), "--json"])
+    assert again.exit_code == 0, again.output
+    again = json.loads(again.output[again.output.index("{"):])
+    assert again["equal_steps"] == out["equal_steps"] and again["val_points"] == out["val_points"]
+    assert again["steps_ratio"] == out["steps_ratio"] and again["params"] == out["params"]
+
+
+def test_bench_quality_runs_needs_evaluations(tmp_path):
+    from gmtier.checkpoint import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    RunDir(run).write_config(config.load(CONFIGS / "small.toml", ["model.vocab_size=8192"]))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "loss": 5.0}) + "\n"
+                                       + json.dumps({"step": 250, "val_loss": 4.0, "wall_s": 9.0}) + "\n")
+    r = CliRunner().invoke(main, ["bench-quality", "--runs", str(run), str(run)])
+    assert r.exit_code != 0 and "1 evaluation(s)" in r.output and "train.eval_every" in r.output

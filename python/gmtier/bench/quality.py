@@ -7,6 +7,11 @@ of a mixture, and their weighted mean) every `--eval-every` steps and at step 0.
 `Trainer.fit` in stretches between evaluations, so the wall time it reports (`wall_s` in each
 run's metrics.jsonl) is training alone: evaluation and the final checkpoint are outside it.
 
+`--runs SWITCH_DIR DENSE_DIR` compares two runs already trained (by `gmtier train`, e.g. at the
+same time on one GPU, or on two machines) from the evaluations in their metrics.jsonl, without
+training: their `wall_s` is then the runs' own (evaluations and checkpoints included), and the
+time comparison is only fair for runs that had a machine each.
+
 It prints validation loss at equal steps, at equal wall time (each run's curve interpolated
 linearly at the other's evaluation times), the step and the time at which the Switch model first
 reaches the dense model's final validation loss (interpolated between evaluations), and writes
@@ -138,6 +143,20 @@ def train_and_evaluate(cfg: config_mod.Config, eval_every: int, eval_batches: in
         trainer.close()
 
 
+def finished_run(run_dir: str | Path) -> tuple[config_mod.Config, list[dict]]:
+    """(config, validation points) of a run trained by `gmtier train`: the evaluations of its
+    metrics.jsonl by step (of a step evaluated twice, across a resume, the later one)."""
+    from gmtier.checkpoint import RunDir
+
+    run = RunDir(run_dir)
+    cfg = config_mod.from_dict(run.saved_config())
+    points = {r["step"]: r for r in run.read_metrics() if "val_loss" in r}
+    if len(points) < 2:
+        raise config_mod.ConfigError(f"bench-quality --runs: {run_dir} has {len(points)} evaluation(s) in its "
+                                     "metrics.jsonl, two are needed; train it with train.eval_every > 0")
+    return cfg, [points[s] for s in sorted(points)]
+
+
 def _configs(path: str, dense_path: str | None, overrides, steps: int | None, work: Path):
     extra = [f"train.steps={steps}"] if steps else []
     switch = config_mod.load(path, list(overrides) + extra)
@@ -199,14 +218,24 @@ def _report(r: dict) -> str:
               help="the PNG to write (needs matplotlib; skipped with a note without it)")
 @click.option("--keep", is_flag=True, help="keep the two run directories (for gmtier eval) instead of deleting them")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the tables")
-def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_batches, work_dir, plot_path, keep, as_json):
+@click.option("--runs", nargs=2, type=click.Path(file_okay=False, exists=True), default=None,
+              metavar="SWITCH_DIR DENSE_DIR", help="compare two runs trained already (their metrics.jsonl evaluations) "
+                                                   "instead of training; --config and the training options are unused")
+def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_batches, work_dir, plot_path, keep, as_json,
+                  runs):
     """Train a Switch config and its dense twin on the same data; compare validation loss at equal
     steps and equal wall time, and when the Switch model reaches the dense model's final loss."""
     from gmtier.data import ensure_data
-    from gmtier.model import count_params
 
-    work = Path(work_dir)
     log = lambda s: progress.echo(s, err=True)  # noqa: E731
+    if runs:
+        (switch, switch_points), (dense, dense_points) = finished_run(runs[0]), finished_run(runs[1])
+        check_twins(switch, dense)
+        result = _result(switch, dense, switch_points, dense_points, list(runs), kept=True)
+        result["plot"] = _plot(result, plot_path, log)
+        click.echo(json.dumps(result, indent=1) if as_json else _report(result))
+        return
+    work = Path(work_dir)
     switch, dense = _configs(config_path, dense_path, overrides, steps, work)
     vocab = ensure_data(switch, log)[0].vocab_size  # prepared once, before either run; sizes the FLOPs
     for cfg in (switch, dense):
@@ -222,19 +251,28 @@ def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_ba
             t0 = time.perf_counter()
             curves[key], _ = train_and_evaluate(cfg, every, batches, log)
             log(f"[{names[key]}] done in {time.perf_counter() - t0:.1f} s")
-        result = {"names": names, **compare(curves["switch"], curves["dense"]),
-                  "tokens_per_step": switch.train.micro_batches * switch.train.batch_size * switch.model.seq_len,
-                  "flops_per_token": {"switch": forward_flops_per_token(switch.model),
-                                      "dense": forward_flops_per_token(dense.model)},
-                  "params": {"switch_total": count_params(switch.model)["total"],
-                             "switch_active": count_params(switch.model)["active_per_token"],
-                             "dense_total": count_params(dense.model)["total"]},
-                  "val_points": curves, "run_dirs": [switch.train.run_dir, dense.train.run_dir], "kept": keep}
+        result = _result(switch, dense, curves["switch"], curves["dense"], [switch.train.run_dir, dense.train.run_dir],
+                         keep)
         result["plot"] = _plot(result, plot_path, log)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     click.echo(json.dumps(result, indent=1) if as_json else _report(result))
+
+
+def _result(switch: config_mod.Config, dense: config_mod.Config, switch_points: list[dict], dense_points: list[dict],
+            run_dirs: list[str], kept: bool) -> dict:
+    from gmtier.model import count_params
+
+    return {"names": {"switch": Path(run_dirs[0]).name, "dense": Path(run_dirs[1]).name},
+            **compare(switch_points, dense_points),
+            "tokens_per_step": switch.train.micro_batches * switch.train.batch_size * switch.model.seq_len,
+            "flops_per_token": {"switch": forward_flops_per_token(switch.model),
+                                "dense": forward_flops_per_token(dense.model)},
+            "params": {"switch_total": count_params(switch.model)["total"],
+                       "switch_active": count_params(switch.model)["active_per_token"],
+                       "dense_total": count_params(dense.model)["total"]},
+            "val_points": {"switch": switch_points, "dense": dense_points}, "run_dirs": run_dirs, "kept": kept}
 
 
 def _plot(result: dict, path: str, log) -> str | None:
