@@ -178,3 +178,22 @@ def test_training_on_ruslit_and_ru_docs_logs_each_corpus(tmp_path):
     assert plot.load_curves(tmp_path / "run", "mix").corpora() == ["ruslit", "ru-docs"]
     pytest.importorskip("matplotlib")
     assert plot.plot_runs([str(tmp_path / "run")], tmp_path / "mix.png").stat().st_size > 10_000
+
+
+def test_prepare_command_prepares_a_configs_mixture(corpora, tmp_path):
+    from click.testing import CliRunner
+
+    from gmtier.cli import main
+    from test_train import _write_toml
+
+    out = tmp_path / "mix"
+    toml = _write_toml(tmp_path / "mix.toml", _mix_cfg(out, corpora, tmp_path / "run"))
+    r = CliRunner().invoke(main, ["prepare", "--config", str(toml)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "meta.json").read_text())
+    for e in meta["corpora"]:  # one line per corpus, with the counts that training will read
+        assert f"prepared {out}/{e['name']}: vocab 300, train {e['n_tokens']['train']:,} tokens" in r.output
+    assert ensure_data(config.load(toml), log=lambda s: None)[0].names == ["poems", "docs"]
+    (tmp_path / "mix.toml").write_text((tmp_path / "mix.toml").read_text().replace("weight = 3.0", "weight = 2.0"))
+    r = CliRunner().invoke(main, ["prepare", "--config", str(toml)])  # a prepared dir of another mixture: refused
+    assert r.exit_code != 0 and "another mixture" in r.output

@@ -19,13 +19,28 @@ from gmtier.user_errors import Command
 @click.option("--vocab-size", type=int, default=8192, show_default=True)
 @click.option("--max-train-chars", type=click.IntRange(min=1), default=None, help="use only the first N characters of the train split")
 @click.option("--max-val-chars", type=click.IntRange(min=1), default=None)
-def prepare(source, out_dir, vocab_size, max_train_chars, max_val_chars):
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="prepare a training config's data.dir as `gmtier train` would on first use (from data.source or "
+                   "the mixture data.corpora) instead of --source/--out; e.g. before starting several runs on it")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="with --config: override a config value")
+def prepare(source, out_dir, vocab_size, max_train_chars, max_val_chars, config_path, overrides):
     """Train a byte-level BPE tokenizer and tokenize a corpus into memory-mapped token files."""
+    from gmtier.data import load_meta
     from gmtier.data import prepare as run
 
-    meta = run(source, out_dir, vocab_size, max_train_chars, max_val_chars)
-    n = meta["n_tokens"]
-    click.echo(f"prepared {out_dir}: vocab {meta['vocab_size']}, train {n['train']:,} tokens, val {n['val']:,} tokens")
+    if config_path:
+        from gmtier import config
+        from gmtier.data import ensure_data
+
+        cfg = config.load(config_path, overrides)
+        ensure_data(cfg, lambda s: progress.echo(s, err=True))  # a prepared data.dir is checked, not redone
+        out_dir, meta = cfg.data.dir, load_meta(cfg.data.dir)
+    else:
+        meta = run(source, out_dir, vocab_size, max_train_chars, max_val_chars)
+    counts = [(c["name"], c["n_tokens"]) for c in meta["corpora"]] if "corpora" in meta else [("", meta["n_tokens"])]
+    for name, n in counts:
+        where = f"{out_dir}/{name}" if name else out_dir
+        click.echo(f"prepared {where}: vocab {meta['vocab_size']}, train {n['train']:,} tokens, val {n['val']:,} tokens")
 
 
 @click.command("train", cls=Command)
