@@ -214,6 +214,37 @@ def test_sigkill_then_resume_matches_uninterrupted(data_dir, tmp_path, mode):
     assert [got[s] for s in range(1, steps + 1)] == pytest.approx([ref[s] for s in range(1, steps + 1)], abs=1e-6)
 
 
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted(data_dir, tmp_path):
+    """SIGTERM (a preemption, `timeout`) mid-run: the step finishes, a checkpoint of that step is
+    written although train.checkpoint_every never comes, the exit status is 143, and --resume
+    gives the uninterrupted run's losses from the next step on."""
+    steps = 40
+    ref = train(tiny(data_dir, tmp_path / "ref", train=dict(steps=steps), experts=dict(mode="resident")),
+                log=lambda s: None)
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", train=dict(steps=steps, checkpoint_every=0),
+                                                   experts=dict(mode="resident")))
+    p = _spawn_train(cfg)
+    deadline = time.time() + 240
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and len(losses_of(tmp_path / "run")) >= 10):
+        time.sleep(0.005)
+    assert p.poll() is None, "the run finished before it could be stopped:\n" + p.communicate()[0]
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, out
+    stopped_at = max(losses_of(tmp_path / "run"))
+    assert 10 <= stopped_at < steps and f"step {stopped_at:6d} | stopped by SIGTERM" in out and "--resume" in out
+    assert (tmp_path / "run" / f"ckpt-{stopped_at}").is_dir()
+
+    p = _spawn_train(cfg, "--resume")
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert f"resumed {tmp_path / 'run'} at step {stopped_at}" in out
+    got = losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [got[s] for s in range(1, steps + 1)] == pytest.approx(ref, abs=1e-6)
+
+
 def test_commands_eval_generate_info(data_dir, tmp_path):
     from gmtier.commands import eval_, generate, info
 

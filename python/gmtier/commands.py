@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import click
 
@@ -55,6 +56,7 @@ def train(config_path, resume, fresh, overrides, nproc):
     """Train a Switch GPT; experts live in the tiered store (or resident, per the config)."""
     from gmtier import config
     from gmtier.distributed import world_size_from_env
+    from gmtier.train import StoppedBySignal
     from gmtier.train import train as run
 
     cfg = config.load(config_path, overrides)  # checked here before any process starts
@@ -63,7 +65,10 @@ def train(config_path, resume, fresh, overrides, nproc):
     if nproc > 1 and world_size_from_env() != nproc:
         raise config.ConfigError(f"--nproc {nproc} under a launcher of {world_size_from_env()} processes; "
                                  f"drop --nproc when launching with torchrun")
-    run(cfg, resume=resume, fresh=fresh, log=progress.echo)
+    try:
+        run(cfg, resume=resume, fresh=fresh, log=progress.echo)
+    except StoppedBySignal:
+        raise SystemExit(128 + signal.SIGTERM) from None  # checkpointed; the shell's status for SIGTERM
 
 
 def _launch(nproc: int, config_path, resume: bool, fresh: bool, overrides) -> int:
@@ -74,7 +79,13 @@ def _launch(nproc: int, config_path, resume: bool, fresh: bool, overrides) -> in
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "gmtier.cli", "train", "--config", str(config_path)]
     args += ["--resume"] * resume + ["--fresh"] * fresh + [a for o in overrides for a in ("--set", o)]
-    return subprocess.call(args)
+    proc = subprocess.Popen(args)
+    # SIGTERM to this launcher reaches torchrun, which passes it to the ranks: they checkpoint and stop.
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("eval", cls=Command)

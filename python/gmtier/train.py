@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +41,32 @@ def _malloc_trim():
 
 
 release_host_memory = _malloc_trim()
+
+
+class StopOnSigterm:
+    """While training, SIGTERM (a scheduler's notice, a preemption, `timeout`) asks the loop to
+    finish its step, write a checkpoint and return, so `--resume` loses no step. A second
+    SIGTERM ends the process at once, as it would without this."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -179,6 +208,7 @@ class Trainer:
         self.rng = np.random.default_rng(t.seed)
         self.step = 0
         self.wall_s = 0.0  # wall time of the run so far (eval and checkpoints included), over resumes
+        self.stopped_by_signal = False  # the last fit() stopped on SIGTERM (StopOnSigterm)
         if resuming:
             self.load_checkpoint()
             self.wall_s = max((r.get("wall_s", 0.0) for r in self.run.read_metrics()), default=0.0)
@@ -300,7 +330,8 @@ class Trainer:
         # In a terminal one bar (steps, ETA, the last logged loss and tok/s) replaces the per-step
         # log lines; elsewhere the log lines are written as they always were.
         live = progress.interactive()
-        with progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
+        self.stopped_by_signal = False
+        with StopOnSigterm() as stop, progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
             while self.step < until:
                 x, y = self.next_batch()
                 out = self.train_step(x, y)
@@ -334,11 +365,20 @@ class Trainer:
                     self._emit({"step": self.step, **val.record(), "wall_s": self.wall_s})
                     self.log(f"step {self.step:6d} | {val.summary()} ({val.sample_note()})")
                     t0 += time.perf_counter() - t_eval
-                if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+                saved = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
+                if saved:
                     t_ckpt = time.perf_counter()
                     self.save_checkpoint()
                     self.log(f"step {self.step:6d} | checkpoint {self.run_dir}/ckpt-{self.step}")
                     t0 += time.perf_counter() - t_ckpt  # tokens/s counts training time only
+                # Every rank stops after the same step (one flag reduced over the ranks).
+                if stop.requested if self.ranks is None else self.ranks.any(stop.requested):
+                    if not saved:
+                        self.save_checkpoint()
+                    self.log(f"step {self.step:6d} | stopped by SIGTERM: checkpoint {self.run_dir}/ckpt-{self.step}; "
+                             f"continue with gmtier train --resume")
+                    self.stopped_by_signal = True
+                    break
         if self.step > start_step:
             wall = time.perf_counter() - start
             self.log(f"done: {self.step - start_step} steps in {wall:.1f}s "
@@ -388,9 +428,16 @@ def _silent(*args, **kwargs) -> None:
     """The log of ranks other than 0 (rank 0 speaks for the run)."""
 
 
+class StoppedBySignal(Exception):
+    """`train` stopped early on SIGTERM, after writing a checkpoint (`gmtier train` exits 143)."""
+
+
 def train(cfg: Config, resume: bool = False, fresh: bool = False, log=print) -> list[float]:
     trainer = Trainer(cfg, resume=resume, fresh=fresh, log=log)
     try:
-        return trainer.fit()
+        losses = trainer.fit()
     finally:
         trainer.close()
+    if trainer.stopped_by_signal:
+        raise StoppedBySignal(trainer.step)
+    return losses
