@@ -37,7 +37,7 @@ EOT = "<|endoftext|>"
 # Long works are cut into pieces at line breaks so `encode_batch` can spread them over threads
 # and memory stays bounded; byte-level BPE never merges across a newline-led pre-token anyway.
 PIECE_CHARS = 1 << 16
-ENCODE_BATCH = 64
+ENCODE_BATCH = 512  # pieces a call to the tokenizer (over its threads)
 
 
 class DataError(ValueError):
@@ -147,22 +147,30 @@ def tokenize_to_file(tokenizer, docs: Iterable[str], out_path: Path, dtype: np.d
     with open(tmp, "wb") as f, progress.bar(total=total_chars, desc=f"tokenizing {out_path.stem}", unit="char",
                                             unit_scale=True) as bar:
         batch: list[str] = []
+        ends: list[bool] = []  # the piece is its document's last: the end-of-text token follows it
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # fast: no offsets
 
         def flush_batch() -> int:
-            ids = [i for enc in tokenizer.encode_batch(batch) for i in enc.ids]
+            ids: list[int] = []
+            for enc, end in zip(encode(batch), ends):
+                ids += enc.ids
+                if end:
+                    ids.append(eot_id)
             np.asarray(ids, dtype=dtype).tofile(f)
             bar.update(sum(map(len, batch)))
-            batch.clear()
+            batch.clear(), ends.clear()
             return len(ids)
 
+        # A batch spans documents (short ones, as ru-docs', would otherwise give the tokenizer's
+        # threads one piece each).
         for doc in docs:
-            for piece in _pieces(doc):
-                batch.append(piece)
-                if len(batch) >= ENCODE_BATCH:
-                    n_tokens += flush_batch()
+            pieces = list(_pieces(doc)) or [""]
+            batch += pieces
+            ends += [False] * (len(pieces) - 1) + [True]
+            if len(batch) >= ENCODE_BATCH:
+                n_tokens += flush_batch()
+        if batch:
             n_tokens += flush_batch()
-            np.asarray([eot_id], dtype=dtype).tofile(f)
-            n_tokens += 1
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)
