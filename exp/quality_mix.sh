@@ -14,6 +14,7 @@
 #   going QUALITY_S seconds after the start gets SIGTERM, checkpoints and stops; running the script
 #   again on the warm box resumes it. A finished Switch run named in $CHOICE_RUN (default s16) is
 #   scored on a 506-item choice file (the 22-item smoke set 23 times) for the time it takes.
+#   NO_COMPARE=1: no dense twin among the runs (curves compared with an earlier call's by hand).
 # $OUT: quality-runs.txt (progress and evaluations), quality-compare.txt (the reports),
 #   quality.json (the comparisons), quality-<run>.png for the first Switch run, gpu.txt.
 set -uo pipefail
@@ -66,6 +67,7 @@ wait
 dense=${names[0]}
 : > "$OUT/quality-compare.txt"; echo "{" > "$OUT/quality.json"
 first=1
+[ -n "${NO_COMPARE:-}" ] && names=("$dense")  # variants to read off against an earlier call's curves
 for n in "${names[@]:1}"; do
   plot=/tmp/q-$n.png; [ $first = 1 ] && plot=$OUT/quality-$n.png
   echo "=== $n vs $dense" >> "$OUT/quality-compare.txt"
