@@ -90,6 +90,9 @@ def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: i
             ax.axhline(hline[0], color="0.4", linestyle=":", linewidth=1, label=hline[1] if ax is by_step else None)
     rate.set(xlabel="step", ylabel="tokens/s")
     hits.set(xlabel="step", ylabel="hit rate (solid: RAM, dashed: GPU)", ylim=(-0.02, 1.02))
+    if not any(len(line.get_xdata()) for line in hits.get_lines()):
+        hits.text(0.5, 0.5, "no hit rates: every run's experts resident", ha="center", va="center",
+                  transform=hits.transAxes, color="0.4")
     lr.set(xlabel="step", ylabel="learning rate")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
