@@ -172,6 +172,39 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
 
 
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data_dir, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks finish the same step, checkpoint it and exit 143 (the
+    flag is reduced over the ranks); a resume of both gives the uninterrupted run's losses."""
+    steps = 40
+    sections = _sections("resident", batch_size=4, checkpoint_every=0)
+    sections["train"]["steps"] = steps
+    ref_cfg = _write_toml(tmp_path / "ref.toml", tiny(data_dir, tmp_path / "ref", **sections))
+    cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
+    ref_procs = _spawn_ranks(ref_cfg)
+    procs = _spawn_ranks(cfg)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 6:
+            break
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in procs), "finished before the signal:\n" + procs[0].communicate()[0]
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs
+    stopped_at = max(losses_of(tmp_path / "run"))
+    assert stopped_at < steps and f"step {stopped_at:6d} | stopped by SIGTERM" in outs[0]
+    _wait(ref_procs)
+
+    code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
+    p = subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    ref, got = losses_of(tmp_path / "ref"), losses_of(tmp_path / "run")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)], abs=1e-6)
+
+
 def test_each_rank_draws_its_own_router_jitter(data_dir, tmp_path):
     """With router jitter, the ranks' torch generators differ after a step (their noise is not
     one draw repeated on every rank), while the dense weights stay the same on both."""
