@@ -364,3 +364,14 @@ def test_evaluation_does_not_change_training(data_dir, tmp_path):
     quiet = tiny(data_dir, tmp_path / "quiet", train=dict(steps=16, eval_every=0))
     evaluated = tiny(data_dir, tmp_path / "evaluated", train=dict(steps=16, eval_every=4))
     assert train(evaluated, log=lambda s: None) == train(quiet, log=lambda s: None)
+
+
+def test_sigterm_handler_is_only_installed_while_training():
+    from gmtier.train import StopOnSigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSigterm() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)  # the first one only asks
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) == (signal.SIG_DFL if before is None else before)

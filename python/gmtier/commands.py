@@ -56,7 +56,6 @@ def train(config_path, resume, fresh, overrides, nproc):
     """Train a Switch GPT; experts live in the tiered store (or resident, per the config)."""
     from gmtier import config
     from gmtier.distributed import world_size_from_env
-    from gmtier.train import StoppedBySignal
     from gmtier.train import train as run
 
     cfg = config.load(config_path, overrides)  # checked here before any process starts
@@ -65,10 +64,7 @@ def train(config_path, resume, fresh, overrides, nproc):
     if nproc > 1 and world_size_from_env() != nproc:
         raise config.ConfigError(f"--nproc {nproc} under a launcher of {world_size_from_env()} processes; "
                                  f"drop --nproc when launching with torchrun")
-    try:
-        run(cfg, resume=resume, fresh=fresh, log=progress.echo)
-    except StoppedBySignal:
-        raise SystemExit(128 + signal.SIGTERM) from None  # checkpointed; the shell's status for SIGTERM
+    run(cfg, resume=resume, fresh=fresh, log=progress.echo)  # on SIGTERM: StoppedBySignal, exit 143 (Command)
 
 
 def _launch(nproc: int, config_path, resume: bool, fresh: bool, overrides) -> int:
@@ -85,7 +81,7 @@ def _launch(nproc: int, config_path, resume: bool, fresh: bool, overrides) -> in
     try:
         return proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @click.command("eval", cls=Command)

@@ -26,6 +26,7 @@ from gmtier.distributed import RankRunDir, Ranks
 from gmtier.evaluate import validate
 from gmtier.model import SwitchFFN
 from gmtier.optim import HostAdamW
+from gmtier.user_errors import StoppedBySignal
 
 
 def _malloc_trim():
@@ -50,11 +51,13 @@ class StopOnSigterm:
 
     def __init__(self):
         self.requested = False
+        self._installed = False
         self._previous = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -64,9 +67,9 @@ class StopOnSigterm:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:  # None: a handler not set from Python, which stands for the default here
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -426,10 +429,6 @@ class Trainer:
 
 def _silent(*args, **kwargs) -> None:
     """The log of ranks other than 0 (rank 0 speaks for the run)."""
-
-
-class StoppedBySignal(Exception):
-    """`train` stopped early on SIGTERM, after writing a checkpoint (`gmtier train` exits 143)."""
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, log=print) -> list[float]:

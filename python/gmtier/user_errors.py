@@ -5,8 +5,14 @@ exception it does not know is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import errno
+import signal
 
 import click
+
+
+class StoppedBySignal(Exception):
+    """Training stopped early on SIGTERM after writing a checkpoint (`gmtier.train.StopOnSigterm`);
+    a command ends with the shell's status for SIGTERM, 143."""
 
 
 def user_message(e: BaseException) -> str | None:
@@ -41,6 +47,8 @@ class Command(click.Command):
             return super().invoke(ctx)
         except click.ClickException:
             raise
+        except StoppedBySignal:
+            raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as e:
             message = user_message(e)
             if message is None:

@@ -120,6 +120,7 @@ def train_and_evaluate(cfg: config_mod.Config, eval_every: int, eval_batches: in
     final checkpoint step (saved after the last evaluation, for `gmtier eval`)."""
     from gmtier.evaluate import validate
     from gmtier.train import Trainer
+    from gmtier.user_errors import StoppedBySignal
 
     cfg.train.eval_every = cfg.train.checkpoint_every = 0
     trainer = Trainer(cfg, fresh=True, log=lambda s: None)
@@ -136,6 +137,8 @@ def train_and_evaluate(cfg: config_mod.Config, eval_every: int, eval_batches: in
         evaluate()
         while trainer.step < cfg.train.steps:
             trainer.fit(until=trainer.step + eval_every)
+            if trainer.stopped_by_signal:  # checkpointed by fit; the bench stops with it
+                raise StoppedBySignal(trainer.step)
             evaluate()
         trainer.save_checkpoint()
         return points, trainer.step
