@@ -71,6 +71,11 @@ def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):
     assert res["device"] == "cpu" and res["step_s"] > 0 and res["bound_s"] > 0
     assert res["bound_s"] == max(res[k] for k in ("gpu_compute_s", "pcie_s", "disk_s", "adam_s"))
     assert res["step_over_bound"] == pytest.approx(res["step_s"] / res["bound_s"])
+    # The disk is probed before and after the timed steps; the bound takes the mean of each rate.
+    for k in ("read", "write", "mixed_total"):
+        before, after = res[f"disk_{k}_gbps_before"], res[f"disk_{k}_gbps_after"]
+        assert before > 0 and after > 0
+        assert res["disk_mixed_total_gbps" if k == "mixed_total" else f"disk_{k}_gbps"] == pytest.approx((before + after) / 2)
     assert res["expert_updates_per_step"] > 0 and res["disk_read_bytes_per_step"] > 0  # the tiny budget pages
     assert res["rss_bytes"] >= res["rss_before_trainer_bytes"] > 0
     assert res["tiered_vs_resident"] > 0 and res["resident_step_s"] > 0

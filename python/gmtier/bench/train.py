@@ -95,6 +95,25 @@ class DiskTimeline:
             f.writelines(json.dumps(r) + "\n" for r in self._rows)
 
 
+def disk_probes(cfg) -> dict:
+    """The disk's read, write and read+write-at-once rates on the store's own file and directory,
+    with as many requests in flight as the store's I/O pool keeps (experts.io_threads)."""
+    store_file = cfg.store_dir() / "experts.safetensors"
+    io = cfg.experts.io_threads
+    read_gbps, direct = disk_read_rate(store_file, threads=io)
+    write_gbps = disk_write_rate(store_file.parent, threads=io)
+    mixed = disk_mixed_rate(store_file, store_file.parent, read_gbps, write_gbps, threads=io)
+    return {"read_gbps": read_gbps, "direct": direct, "write_gbps": write_gbps, "mixed": mixed}
+
+
+def mean_probes(sets: list[dict]) -> dict:
+    """The mean of probe sets, rate by rate (O_DIRECT only if every set had it)."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"read_gbps": mean([p["read_gbps"] for p in sets]), "direct": all(p["direct"] for p in sets),
+            "write_gbps": mean([p["write_gbps"] for p in sets]),
+            "mixed": {k: mean([p["mixed"][k] for p in sets]) for k in sets[0]["mixed"]}}
+
+
 def _time_steps(trainer, warmup: int, steps: int, fwd_bwd_only: bool = False,
                 sampler: DiskTimeline | None = None, desc: str = "steps") -> dict:
     """Median step time over `steps` after `warmup`, plus the expert traffic of the timed steps;
@@ -175,7 +194,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out["device"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
-    def run_tiered(prefetch: bool, timeline: Path | None = None) -> tuple[dict, object]:
+    def run_tiered(prefetch: bool, timeline: Path | None = None, probe_first: bool = False) -> tuple[dict, object]:
         cfg = _load(path, overrides, work_dir, f"{name}-tiered", [f"experts.prefetch={str(prefetch).lower()}"])
         if device == "cuda":
             torch.cuda.init()
@@ -184,31 +203,33 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         rss_before = rss_bytes()  # interpreter, torch, CUDA context: before the trainer exists
         tr = Trainer(cfg, fresh=True, log=quiet)
         try:
+            # The disk's rates drift within a run on some virtual disks: probe them before the
+            # timed steps as well as after, and bound the steps by the mean.
+            before = disk_probes(tr.cfg) if probe_first and tr.runtime else None
             sampler = DiskTimeline(tr.runtime, timeline, name) if timeline and tr.runtime else None
             res = _time_steps(tr, warmup, steps, sampler=sampler, desc="tiered steps")
             res["max_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
             res["rss_before_bytes"] = rss_before
             res["host_grad_ring_bytes"] = tr.runtime.store.gpu.host_grad_bytes if tr.runtime else 0
+            res["disk_probes_before"] = before
             return res, tr
         except BaseException:
             tr.close()
             raise
 
-    log(f"[{name}] tiered training, prefetch on ...")
-    tiered, trainer = run_tiered(True, timeline)
+    log(f"[{name}] disk probes, tiered training with prefetch on, disk probes again ...")
+    tiered, trainer = run_tiered(True, timeline, probe_first=True)
     cfg = trainer.cfg
     tiered_gemm = trainer.runtime.gemm if trainer.runtime is not None else None
     tokens = cfg.train.micro_batches * cfg.train.batch_size * cfg.model.seq_len
-    store_file = cfg.store_dir() / "experts.safetensors"
     weights_bytes, record_bytes = cfg.expert_bytes()
     try:
         log(f"[{name}] hardware ceilings ...")
-        # As many requests in flight as the store's own I/O pool keeps (experts.io_threads).
-        io = cfg.experts.io_threads
-        disk_gbps, direct = disk_read_rate(store_file, threads=io)
-        disk_write_gbps = disk_write_rate(store_file.parent, threads=io)
-        mixed = disk_mixed_rate(store_file, store_file.parent, disk_gbps, disk_write_gbps, threads=io)
+        probes = {"before": tiered["disk_probes_before"], "after": disk_probes(cfg)}
+        disk = mean_probes([p for p in probes.values() if p])
+        disk_gbps, direct, disk_write_gbps = disk["read_gbps"], disk["direct"], disk["write_gbps"]
+        mixed = disk["mixed"]
         h2d_gbps = h2d_rate()
         dram_gbps = memory_bandwidth(1 << 30, threads=os.cpu_count())["copy_gbps"]
     finally:
@@ -309,6 +330,9 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "h2d_gbps": h2d_gbps, "disk_read_gbps": disk_gbps, "disk_write_gbps": disk_write_gbps, "disk_direct": direct,
         "disk_mixed_total_gbps": mixed["total_gbps"], "disk_mixed_read_gbps": mixed["read_gbps"],
         "disk_mixed_write_gbps": mixed["write_gbps"],
+        # Each probe set alone (before and after the timed steps); the rates above are their mean.
+        **{f"disk_{k}_gbps_{when}": p["mixed"]["total_gbps"] if k == "mixed_total" else p[f"{k}_gbps"]
+           for when, p in probes.items() if p for k in ("read", "write", "mixed_total")},
         "dram_copy_gbps": dram_gbps, "disk_read_bytes_per_step": read_bytes, "disk_write_bytes_per_step": write_bytes,
         "disk_serial_s": read_bytes / (disk_gbps * GB) + write_bytes / (disk_write_gbps * GB), "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
         "expert_updates_per_step": tiered.get("expert_updates", 0) / steps,
@@ -368,8 +392,10 @@ def _table(results: list[dict]) -> str:
         ("tokens a step", "tokens_per_step", "{:,}"), ("tokens/s", "tokens_per_s", "{:,.0f}"), ("step (s)", "step_s", "{:.3f}"),
         ("bound (s)", "bound_s", "{:.3f}"), ("bound term", "bound_term", "{}"), ("step / bound", "step_over_bound", "{:.2f}"),
         ("  GPU compute (s)", "gpu_compute_s", "{:.3f}"), ("  PCIe (s)", "pcie_s", "{:.3f}"), ("  disk (s)", "disk_s", "{:.3f}"),
-        ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s", "disk_read_gbps", "{:.2f}"),
-        ("disk write GB/s", "disk_write_gbps", "{:.2f}"),
+        ("  Adam (s)", "adam_s", "{:.3f}"), ("H2D GB/s", "h2d_gbps", "{:.1f}"), ("disk read GB/s (mean of the probes before and after the steps)", "disk_read_gbps", "{:.2f}"),
+        ("  before the timed steps", "disk_read_gbps_before", "{:.2f}"), ("  after them", "disk_read_gbps_after", "{:.2f}"),
+        ("disk write GB/s (mean)", "disk_write_gbps", "{:.2f}"),
+        ("  before the timed steps", "disk_write_gbps_before", "{:.2f}"), ("  after them", "disk_write_gbps_after", "{:.2f}"),
         ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
         ("activations: peak on the GPU", "act_gpu_peak_bytes", "{:.2e}"),
