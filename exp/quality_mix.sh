@@ -71,10 +71,16 @@ first=1
 for n in "${names[@]:1}"; do
   plot=/tmp/q-$n.png; [ $first = 1 ] && plot=$OUT/quality-$n.png
   echo "=== $n vs $dense" >> "$OUT/quality-compare.txt"
-  python3 -m gmtier.cli bench-quality --runs "runs/q/$n" "runs/q/$dense" --plot "$plot" >> "$OUT/quality-compare.txt" 2>&1
+  # One comparison: its JSON kept, its report printed from it.
+  if python3 -m gmtier.cli bench-quality --runs "runs/q/$n" "runs/q/$dense" --plot "$plot" --json > /tmp/q.json 2>> "$OUT/quality-compare.txt"; then
+    python3 -c 'import json, sys; from gmtier.bench.quality import _report; print(_report(json.load(open(sys.argv[1]))))' \
+      /tmp/q.json >> "$OUT/quality-compare.txt"
+  else
+    echo null > /tmp/q.json
+  fi
   [ $first = 1 ] || echo "," >> "$OUT/quality.json"
   echo "\"$n\":" >> "$OUT/quality.json"
-  python3 -m gmtier.cli bench-quality --runs "runs/q/$n" "runs/q/$dense" --plot /tmp/q.png --json 2>/dev/null >> "$OUT/quality.json" || echo null >> "$OUT/quality.json"
+  cat /tmp/q.json >> "$OUT/quality.json"
   first=0
 done
 echo "}" >> "$OUT/quality.json"

@@ -54,6 +54,24 @@ def _wait(procs, timeout=120) -> list[str]:
     return outs
 
 
+def _wait_for_steps(procs, run_dir: Path, n: int, timeout: float) -> None:
+    """Until the run has logged `n` steps; every rank must still be running then."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and not any(p.poll() is not None for p in procs):
+        if metrics.exists() and len(losses_of(run_dir)) >= n:
+            break
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in procs), "finished too soon:\n" + procs[0].communicate()[0]
+
+
+def _resume_two_ranks(cfg: Path) -> subprocess.CompletedProcess:
+    """`gmtier train --resume --nproc 2` (torchrun) of the run."""
+    code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
+                          capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
+
+
 def _sections(mode: str, **train_keys):
     experts = dict(mode=mode, io_threads=1, adam_threads=1)
     if mode == "tiered":  # 6 records for the machine: 3 a rank, for its 2 layers x 2 experts (pages every step)
@@ -144,12 +162,7 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
     ref_procs = _spawn_ranks(ref_cfg)  # the uninterrupted run, beside the one to kill
     procs = _spawn_ranks(cfg)
-    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 60
-    while time.time() < deadline and not any(p.poll() is not None for p in procs):
-        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 6:
-            break
-        time.sleep(0.005)
-    assert all(p.poll() is None for p in procs), "finished before the kill:\n" + procs[0].communicate()[0]
+    _wait_for_steps(procs, tmp_path / "run", 6, timeout=60)
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].wait()
     try:  # rank 0 fails on its next exchange with the dead rank
@@ -162,10 +175,7 @@ def test_kill_one_rank_then_resume_matches_uninterrupted(data_dir, tmp_path):
     _wait(ref_procs)
     ref = losses_of(tmp_path / "ref")
 
-    code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
-    p = subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
-                       capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
+    p = _resume_two_ranks(cfg)
     assert p.returncode == 0, p.stdout + p.stderr
     got = losses_of(tmp_path / "run")
     assert sorted(got) == list(range(1, steps + 1))
@@ -182,12 +192,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data_dir, tmp_
     cfg = _write_toml(tmp_path / "run.toml", tiny(data_dir, tmp_path / "run", **sections))
     ref_procs = _spawn_ranks(ref_cfg)
     procs = _spawn_ranks(cfg)
-    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
-    while time.time() < deadline and not any(p.poll() is not None for p in procs):
-        if metrics.exists() and len(losses_of(tmp_path / "run")) >= 6:
-            break
-        time.sleep(0.005)
-    assert all(p.poll() is None for p in procs), "finished before the signal:\n" + procs[0].communicate()[0]
+    _wait_for_steps(procs, tmp_path / "run", 6, timeout=120)
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs
@@ -195,10 +200,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data_dir, tmp_
     assert stopped_at < steps and f"step {stopped_at:6d} | stopped by SIGTERM" in outs[0]
     _wait(ref_procs)
 
-    code = "import sys; from gmtier.cli import main; main(sys.argv[1:])"
-    p = subprocess.run([sys.executable, "-c", code, "train", "--config", str(cfg), "--resume", "--nproc", "2"],
-                       capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", GMTIER_DIST_TIMEOUT_S="60"))
+    p = _resume_two_ranks(cfg)
     assert p.returncode == 0, p.stdout + p.stderr
     ref, got = losses_of(tmp_path / "ref"), losses_of(tmp_path / "run")
     assert sorted(got) == list(range(1, steps + 1))

@@ -212,6 +212,7 @@ class Trainer:
         self.step = 0
         self.wall_s = 0.0  # wall time of the run so far (eval and checkpoints included), over resumes
         self.stopped_by_signal = False  # the last fit() stopped on SIGTERM (StopOnSigterm)
+        self._stop: StopOnSigterm | None = None  # while fit() runs: whether SIGTERM came (train_step reads it)
         if resuming:
             self.load_checkpoint()
             self.wall_s = max((r.get("wall_s", 0.0) for r in self.run.read_metrics()), default=0.0)
@@ -270,9 +271,11 @@ class Trainer:
             self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        if self.ranks is not None:  # each rank's are the means over its tokens
-            loss, aux = self.ranks.mean(loss, aux)
-        return {"loss": loss.item(), "aux": aux.item(), "lr": lr}
+        stop = self._stop is not None and self._stop.requested
+        if self.ranks is not None:  # each rank's are the means over its tokens; a stop asked on any rank is every rank's
+            loss, aux, asked = self.ranks.mean(loss, aux, torch.full((), float(stop), device=loss.device))
+            stop = bool(asked > 0)
+        return {"loss": loss.item(), "aux": aux.item(), "lr": lr, "stop": stop}
 
     def _any_rank(self, flag: bool) -> bool:
         return flag if self.ranks is None else self.ranks.any(flag)
@@ -334,7 +337,7 @@ class Trainer:
         # log lines; elsewhere the log lines are written as they always were.
         live = progress.interactive()
         self.stopped_by_signal = False
-        with StopOnSigterm() as stop, progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
+        with StopOnSigterm() as self._stop, progress.bar(total=until, initial=self.step, desc="training", unit="step") as bar:
             while self.step < until:
                 x, y = self.next_batch()
                 out = self.train_step(x, y)
@@ -374,14 +377,14 @@ class Trainer:
                     self.save_checkpoint()
                     self.log(f"step {self.step:6d} | checkpoint {self.run_dir}/ckpt-{self.step}")
                     t0 += time.perf_counter() - t_ckpt  # tokens/s counts training time only
-                # Every rank stops after the same step (one flag reduced over the ranks).
-                if stop.requested if self.ranks is None else self.ranks.any(stop.requested):
+                if out["stop"]:  # every rank stops after the same step (train_step reduces the flag)
                     if not saved:
                         self.save_checkpoint()
                     self.log(f"step {self.step:6d} | stopped by SIGTERM: checkpoint {self.run_dir}/ckpt-{self.step}; "
                              f"continue with gmtier train --resume")
                     self.stopped_by_signal = True
                     break
+        self._stop = None
         if self.step > start_step:
             wall = time.perf_counter() - start
             self.log(f"done: {self.step - start_step} steps in {wall:.1f}s "

@@ -34,6 +34,7 @@ from gmtier import progress
 from gmtier.bench.ceilings import (GB, _sync, disk_mixed_rate, disk_read_rate, disk_time, disk_write_rate, h2d_rate,
                                    rss_bytes)
 from gmtier.experts import PHASES
+from gmtier.store.tiered import DATA_FILE
 from gmtier.user_errors import Command
 
 
@@ -98,7 +99,7 @@ class DiskTimeline:
 def disk_probes(cfg) -> dict:
     """The disk's read, write and read+write-at-once rates on the store's own file and directory,
     with as many requests in flight as the store's I/O pool keeps (experts.io_threads)."""
-    store_file = cfg.store_dir() / "experts.safetensors"
+    store_file = cfg.store_dir() / DATA_FILE
     io = cfg.experts.io_threads
     read_gbps, direct = disk_read_rate(store_file, threads=io)
     write_gbps = disk_write_rate(store_file.parent, threads=io)
