@@ -39,8 +39,9 @@ def test_grouped_ffn_matches_the_loop_with_empty_and_padded_experts():
     dy = to_gemm_rows(torch.randn(n, d, generator=g), rows, sum(counts_p))
     w1, w2 = _weights(len(counts), d, f)
     offs = group_ends(counts_p, "cpu")
-    y, a = grouped_ffn(x, w1, w2, offs)
-    dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
+    y, a, h = grouped_ffn(x, w1, w2, offs)
+    dx, h2, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
+    assert torch.equal(h, h2) and torch.equal(grouped_ffn_dx(x, a, w1, w2, dy, offs, h)[0], dx)
     used = [e for e, c in enumerate(counts_p) if c]
     dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts_p[e] for e in used], "cpu"))
     s = 0
@@ -78,8 +79,20 @@ def test_token_rows_are_the_host_layout_made_on_the_device(factor, multiple):
     h = torch.randn(T, 3)
     x = to_token_rows(h, t)
     assert torch.equal(x[rows], h[order]) and torch.count_nonzero(x.abs().sum(1)) == len(order)  # zeros elsewhere
-    back = from_token_rows(x, t)
-    assert torch.equal(back[r.keep], h[r.keep]) and (back[~r.keep] == 0).all()
+    x[-1] = float("nan")  # the spare row is unspecified: nothing of it reaches a token
+    gate = torch.rand(T, dtype=torch.float64).requires_grad_()
+    xg = x.double().requires_grad_()
+    back = from_token_rows(xg, t, gate)
+    assert torch.equal(back[r.keep], h[r.keep].double() * gate[r.keep, None]) and (back[~r.keep] == 0).all()
+    # Its gradients against index_select's: the token rows' gradient and the gates'.
+    g = torch.randn(T, 3, dtype=torch.float64)
+    back.backward(g)
+    ref_x = x.double().detach().requires_grad_()
+    ref_gate = gate.detach().clone().requires_grad_()
+    ref = torch.where(r.keep.unsqueeze(1), ref_x[t.rows], 0) * ref_gate.unsqueeze(1)
+    ref.backward(g)
+    torch.testing.assert_close(xg.grad, torch.nan_to_num(ref_x.grad), rtol=0, atol=0)
+    torch.testing.assert_close(gate.grad, ref_gate.grad, rtol=1e-12, atol=1e-12)
 
 
 def _switch(n_experts=6, gemm="loop", pad_rows=0, d=16, f=32):
@@ -116,6 +129,28 @@ def test_resident_grouped_matches_loop_forward_and_backward(pad_rows):
         else:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-6, msg=name)
     assert loop.experts.w1[5].grad is None
+
+
+def test_grouped_backward_accumulates_like_the_loop_when_an_expert_has_rows_in_one_pass_only():
+    """dW of every expert, the empty ones' taken back at the end of the pass: an expert with
+    rows in the first backward only keeps that gradient through the second (as in the loop)."""
+    loop = _switch(gemm="loop", pad_rows=4)
+    grouped = _switch(gemm="grouped", pad_rows=4)
+    grouped.load_state_dict(loop.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    first = torch.randn(2, 20, 16, generator=gen)
+    second = torch.randn(2, 20, 16, generator=gen).abs()  # > 0: fewer experts than the first
+    used = []
+    for layer in (loop, grouped):
+        for x in (first, second):
+            layer(x).square().sum().backward()
+            used.append(layer.last_experts)
+    assert used[:2] == used[2:] and 5 in used[0] and 5 not in used[1]  # expert 5: rows in the first pass only
+    assert grouped.experts.w1[5].grad is not None
+    for (name, p), q in zip(loop.named_parameters(), grouped.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_resident_weights_stay_side_by_side_through_moves_and_loads():

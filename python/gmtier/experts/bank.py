@@ -136,10 +136,12 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 def grouped_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor):
     """`expert_ffn` of many experts in two grouped GEMMs: x [R, d] holds the experts' rows one
     after another (expert g's are rows offs[g-1]:offs[g]; offs: int32 cumulative ends on x's
-    device; an expert may have none), w1 [G, d_ff, d], w2 [G, d, d_ff]. Returns (y [R, d], the
-    pre-activation a [R, d_ff] that backward needs); rows from offs[-1] on are unspecified."""
+    device; an expert may have none), w1 [G, d_ff, d], w2 [G, d, d_ff]. Returns (y [R, d], and
+    what backward needs: the pre-activation a and h = gelu(a), [R, d_ff]); rows from offs[-1]
+    on are unspecified."""
     a = grouped_pre_activation(x, w1, offs)
-    return _grouped_mm(F.gelu(a), w2.transpose(-2, -1), offs), a
+    h = F.gelu(a)
+    return _grouped_mm(h, w2.transpose(-2, -1), offs), a, h
 
 
 def grouped_pre_activation(x: torch.Tensor, w1: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -147,18 +149,40 @@ def grouped_pre_activation(x: torch.Tensor, w1: torch.Tensor, offs: torch.Tensor
     return _grouped_mm(x, w1.transpose(-2, -1), offs)
 
 
-def grouped_ffn_dx(x, a, w1, w2, dy, offs):
-    """dx of `grouped_ffn` (rows from offs[-1] on unspecified), with gelu(a) and d(loss)/da
-    for `grouped_ffn_dw`: (dx, h, da)."""
+def grouped_ffn_dx(x, a, w1, w2, dy, offs, h=None):
+    """dx of `grouped_ffn` (rows from offs[-1] on unspecified), with h = gelu(a) (computed
+    here unless given) and d(loss)/da for `grouped_ffn_dw`: (dx, h, da)."""
     da = torch.ops.aten.gelu_backward(_grouped_mm(dy, w2, offs), a)
-    return _grouped_mm(da, w1, offs), F.gelu(a), da
+    return _grouped_mm(da, w1, offs), F.gelu(a) if h is None else h, da
 
 
-def grouped_ffn_dw(x, h, da, dy, offs):
+def grouped_ffn_dw(x, h, da, dy, offs, out_dtype: torch.dtype | None = None):
     """(dW1 [G, d_ff, d], dW2 [G, d, d_ff]) of groups of rows 0..offs[-1] of x [R, d], h and da
-    [R, d_ff], dy [R, d]. The groups here must all have rows: callers leave the empty ones out
-    (a K-grouped GEMM of an empty group is not defined on every version)."""
-    return _grouped_mm(da.t(), x, offs), _grouped_mm(dy.t(), h, offs)
+    [R, d_ff], dy [R, d], in `out_dtype` (default x's: where the GEMM can write fp32 from bf16
+    inputs it does, else they are converted). The groups here must all have rows: callers
+    leave the empty ones out (a K-grouped GEMM of an empty group is not defined on every
+    version)."""
+    out_dtype = out_dtype or x.dtype
+    if out_dtype != x.dtype and _writes_dtype(x.device.type, x.dtype, out_dtype):
+        return (torch._grouped_mm(da.t(), x, offs=offs, out_dtype=out_dtype),
+                torch._grouped_mm(dy.t(), h, offs=offs, out_dtype=out_dtype))
+    return _grouped_mm(da.t(), x, offs).to(out_dtype), _grouped_mm(dy.t(), h, offs).to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_dtype(device_type: str, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` takes `out_dtype` here (bf16 in, fp32 out: the dW straight
+    into the parameters' dtype, without a conversion pass over them) and gets the converted
+    product's numbers."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=g).to(device_type, dtype) for shape in ((32, 48), (48, 16)))
+    offs = torch.tensor([16, 48], dtype=torch.int32, device=device_type)
+    try:
+        got = torch._grouped_mm(a, b, offs=offs, out_dtype=out_dtype)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    want = _grouped_mm(a, b, offs).to(out_dtype)
+    return got.dtype == out_dtype and bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
 
 
 class HostCopy:
@@ -222,9 +246,35 @@ def to_token_rows(h: torch.Tensor, t: TokenRows) -> torch.Tensor:
     return h.new_zeros((t.n_rows, h.shape[1])).index_copy(0, t.rows, src)
 
 
-def from_token_rows(y: torch.Tensor, t: TokenRows) -> torch.Tensor:
-    """The GEMM output back to the tokens [T, d]; zero for the dropped tokens."""
-    return torch.where(t.keep.unsqueeze(1), y.index_select(0, t.rows), 0)
+class _GatedTokens(torch.autograd.Function):
+    """y [n_rows, d] (the GEMM output, rows as `TokenRows` lays them out) back to the tokens,
+    each times its gate (0 for the dropped tokens): [T, d] in the gate's dtype. Its backward
+    puts the tokens' gradients back on their rows with one index_copy: each kept token has a
+    row of its own, the dropped ones all write zeros to the spare row (index_select's own
+    backward would index_add, with atomics, ~5x the time on an H200)."""
+
+    @staticmethod
+    def forward(ctx, y, rows, gate_kept):
+        # The dropped tokens read row 0 (the spare row is unspecified and may hold NaN; any row
+        # of a kept token is finite) and are multiplied by their gate of 0.
+        y_tok = y.index_select(0, torch.where(gate_kept != 0, rows, 0))
+        ctx.save_for_backward(y_tok, rows, gate_kept)
+        ctx.n_rows = y.shape[0]
+        return y_tok * gate_kept.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        y_tok, rows, gate_kept = ctx.saved_tensors
+        dy = g.new_zeros((ctx.n_rows, g.shape[1]), dtype=y_tok.dtype)
+        dy.index_copy_(0, rows, (g * gate_kept.unsqueeze(1)).to(y_tok.dtype))
+        d_gate = (g * y_tok).sum(1) if ctx.needs_input_grad[2] else None
+        return dy, None, d_gate
+
+
+def from_token_rows(y: torch.Tensor, t: TokenRows, gate: torch.Tensor) -> torch.Tensor:
+    """The GEMM output back to the tokens [T, d], each times its `gate` [T]; zero for the
+    dropped ones. In the dtype of y and gate promoted (fp32 for a bf16 GEMM and an fp32 gate)."""
+    return _GatedTokens.apply(y, t.rows, torch.where(t.keep, gate, 0))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -279,7 +329,7 @@ def _grouped_problem(device: torch.device, dtype: torch.dtype, d_model: int, d_f
             w2 = torch.randn(len(counts), d_model, d_ff, generator=g) / math.sqrt(d_ff)
             x, dy, w1, w2 = (t.to(device, dtype) for t in (x, dy, w1, w2))
             offs = group_ends(counts, device)
-            y, a = grouped_ffn(x, w1, w2, offs)
+            y, a, _ = grouped_ffn(x, w1, w2, offs)
             dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
             dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], device))
             ref_y, ref_dx = torch.empty(rows, d_model), torch.empty(rows, d_model)
@@ -324,11 +374,34 @@ def resolve_gemm(setting: str, device: str, dtype: torch.dtype, d_model: int, d_
     return "loop"
 
 
+@functools.lru_cache(maxsize=None)
+def _empty_groups_are_zero(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether a K-grouped `torch._grouped_mm` (the dW GEMMs) writes zeros for a group of no
+    rows here (not so on every version). Its output block is first filled with NaN and freed,
+    so that a kernel that skips the group leaves NaN where the allocator hands the block back."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=g).to(device_type, dtype) for shape in ((32, 48), (48, 16)))
+    offs = torch.tensor([16, 16, 48], dtype=torch.int32, device=device_type)  # group 1 has no rows
+    try:
+        for _ in range(2):
+            torch.full((3, 32, 16), float("nan"), device=device_type, dtype=dtype)
+            got = _grouped_mm(a, b, offs)
+            if not (torch.equal(got[1], torch.zeros_like(got[1])) and bool(torch.isfinite(got).all())):
+                return False
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
 class GroupedExpertsFn(torch.autograd.Function):
     """All experts of a resident bank in grouped GEMMs over rows `x` (grouped as `offs` says),
-    its weights the bank's parameters; dW only for the experts with rows (the others get no
-    gradient, as in the loop, so their AdamW skips them): `counts()` gives each expert's rows
-    on the host, called in backward (from a `HostCopy`: its copy is done by then)."""
+    its weights the bank's parameters. The experts without rows get no gradient, as in the loop,
+    so their AdamW skips them: `counts()` gives each expert's rows on the host (from a
+    `HostCopy` where routing ran on the device). Where the dW GEMMs write zeros for an empty
+    group, backward computes every expert's dW and reads the counts only at the end of the
+    backward pass, to take the empty experts' gradients back (`_drop_empty_grads`): a host
+    wait in the middle of backward would drain the GPU's queue of launched work, and the rest of
+    backward would run at the pace of the host's launches."""
 
     @staticmethod
     def forward(ctx, x, offs, counts, dtype, n_experts: int, *weights):
@@ -336,27 +409,44 @@ class GroupedExpertsFn(torch.autograd.Function):
             w1 = stacked(weights[:n_experts]).to(dtype)
             w2 = stacked(weights[n_experts:]).to(dtype)
             xc = x.to(dtype)
-            y, a = grouped_ffn(xc, w1, w2, offs)
-        ctx.save_for_backward(xc, a, w1, w2, offs)
+            y, a, h = grouped_ffn(xc, w1, w2, offs)
+        ctx.save_for_backward(xc, a, h, w1, w2, offs)
         ctx.counts, ctx.n_experts, ctx.in_dtype, ctx.w_dtype = counts, n_experts, x.dtype, weights[0].dtype
+        ctx.weights = weights
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, w1, w2, offs = ctx.saved_tensors
+        x, a, h, w1, w2, offs = ctx.saved_tensors
         E = ctx.n_experts
         dy = dy.to(x.dtype).contiguous()
-        dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs)
+        dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs, h)
         grads = [None] * (2 * E)
         if any(ctx.needs_input_grad[5:]):
-            counts = ctx.counts()
-            used = [e for e, c in enumerate(counts) if c]
-            if used:
-                dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], x.device))
-                dw1, dw2 = dw1.to(ctx.w_dtype), dw2.to(ctx.w_dtype)
-                for i, e in enumerate(used):
-                    grads[e], grads[E + e] = dw1[i], dw2[i]
+            if _empty_groups_are_zero(x.device.type, x.dtype):
+                dw1, dw2 = grouped_ffn_dw(x, h, da, dy, offs, ctx.w_dtype)
+                grads = [*dw1.unbind(), *dw2.unbind()]
+                had_grad = [w.grad is not None for w in ctx.weights]
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    functools.partial(_drop_empty_grads, ctx.weights, had_grad, ctx.counts, E))
+            else:
+                counts = ctx.counts()
+                used = [e for e, c in enumerate(counts) if c]
+                if used:
+                    dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], x.device), ctx.w_dtype)
+                    for i, e in enumerate(used):
+                        grads[e], grads[E + e] = dw1[i], dw2[i]
         return (dx.to(ctx.in_dtype), None, None, None, None, *grads)
+
+
+def _drop_empty_grads(weights, had_grad: list[bool], counts, n_experts: int) -> None:
+    """At the end of a backward pass: the experts that had no rows lose the zero gradient that
+    pass gave them (those with a gradient from an earlier pass keep it, unchanged by the zero)."""
+    for e, c in enumerate(counts()):
+        if not c:
+            for w, had in ((weights[e], had_grad[e]), (weights[n_experts + e], had_grad[n_experts + e])):
+                if not had:
+                    w.grad = None
 
 
 # ---- the banks ----------------------------------------------------------------------------
@@ -411,10 +501,11 @@ class ResidentExperts(nn.Module):
     def _grouped(self, x: torch.Tensor, offs: torch.Tensor, counts) -> torch.Tensor:
         return GroupedExpertsFn.apply(x, offs, counts, compute_dtype(x), len(self.w1), *self.w1, *self.w2)
 
-    def forward_tokens(self, h: torch.Tensor, t: TokenRows) -> torch.Tensor:
-        """The experts' outputs for every token of h [T, d] (zero for the dropped ones), routed by `t`."""
+    def forward_tokens(self, h: torch.Tensor, t: TokenRows, gate: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for every token of h [T, d], each times its `gate` (zero for the
+        dropped ones), routed by `t`."""
         x = to_token_rows(h.to(compute_dtype(h)), t)
-        return from_token_rows(self._grouped(x, t.offs, t.padded_counts), t)
+        return from_token_rows(self._grouped(x, t.offs, t.padded_counts), t, gate)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
