@@ -9,8 +9,9 @@
 #           bf16 (16 and 64 experts), no host sync in a grouped Switch forward, resident == tiered ~90 s
 #  layer    exp/grouped_layer.py: one Switch layer of small fwd+bwd, loop vs grouped, 16 and 64
 #           experts, beside a dense FFN of the same d_ff (CUDA events)                        ~20 s
-#  steps    exp/grouped_steps.py: resident training steps of small (grouped, loop), small-dense,
-#           small with 64 experts (grouped, loop); step / dense twin (targets 1.25 and 1.5)   ~60 s
+#  steps    exp/grouped_steps.py: resident training steps of small (grouped as CUDA graphs, grouped
+#           eagerly, loop), small-dense, small with 64 experts (the same); step / dense twin
+#           (targets 1.25 and 1.5); STEPS_ROUNDS=N alternates N rounds, STEPS_ONLY picks runs   ~80 s
 #  bench    gmtier bench-train of small with every record in RAM and on the GPU: tiered against
 #           resident (target >= 0.9) and the dense twin, in the same run                      ~90 s
 #  bench64  the same with 64 experts a layer (RAM 10 GiB, GPU 2 GiB; two 7 GB stores made) ~150 s
@@ -33,6 +34,7 @@ import json, sys
 (r,) = json.load(open(sys.argv[1]))
 keys = ("step_s", "resident_step_s", "tiered_again_step_s", "tiered_vs_resident", "dense_twin_step_s",
         "resident_over_dense_twin", "tiered_over_dense_twin", "expert_gemm_resident", "expert_gemm_tiered",
+        "resident_switch_launches",
         "gpu_hit_rate", "ram_hit_rate", "expert_fwd_s", "expert_bwd_s")
 print(sys.argv[2], json.dumps({k: r.get(k) for k in keys}))
 PY
@@ -47,8 +49,8 @@ for s in ${*:-tests layer steps bench}; do
            tail -1 "$OUT/pytest-grouped.log" >> "$SUM" ;;
     layer) timeout 200 python3 exp/grouped_layer.py > "$OUT/layer.txt" 2>"$OUT/layer.err"; grep '^{' "$OUT/layer.txt" > "$OUT/layer.jsonl"
            sed -n '/^case/,$p' "$OUT/layer.txt" | tee -a "$SUM" ;;
-    steps) timeout 300 python3 exp/grouped_steps.py --dir "$BENCH/grouped-steps" > "$OUT/steps.txt" 2>"$OUT/steps.err"
-           grep '^{' "$OUT/steps.txt" > "$OUT/steps.jsonl"; sed -n '/^run/,$p' "$OUT/steps.txt" | tee -a "$SUM"
+    steps) timeout 400 python3 exp/grouped_steps.py --rounds "${STEPS_ROUNDS:-1}" --only "${STEPS_ONLY:-}" --dir "$BENCH/grouped-steps" > "$OUT/steps.txt" 2>"$OUT/steps.err"
+           grep '^{' "$OUT/steps.txt" > "$OUT/steps.jsonl"; sed -n '/^round/,$p' "$OUT/steps.txt" | tee -a "$SUM"
            rm -rf "$BENCH/grouped-steps" ;;
     bench) timeout 400 python3 -m gmtier.cli bench-train --config configs/small.toml --dir "$BENCH/grouped-small" \
              --no-prefetch-off --set 'experts.ram_budget="4GiB"' --set 'experts.gpu_budget="1GiB"' --json \

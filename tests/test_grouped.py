@@ -223,6 +223,50 @@ def test_gpt_step_grouped_equals_loop():
         torch.testing.assert_close(runs[1][1][k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
+
+def test_what_a_cuda_graph_captures_is_the_eager_layer():
+    """The function `SwitchGraphs` captures (every expert's dW in backward, the empty experts'
+    taken back at the end of backward): the eager layer's output, losses and gradients, and no
+    gradient for the expert without tokens. (The capture itself needs a GPU: see below.)"""
+    from gmtier.experts.bank import HostCopy
+    from gmtier.experts.graphed import _AtBackwardEnd, _layer_callable, _params
+
+    eager = _switch(6, "grouped", 4)
+    graphed = copy.deepcopy(eager)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(3)).abs()  # the last expert gets no token
+    xe, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = eager(xe)
+    (y.square().sum() + eager.aux_loss + eager.z_loss).backward()
+    yg, aux, z, kept = _layer_callable(graphed, torch.float32)(xg, *_params(graphed))
+    yg = _AtBackwardEnd.apply(yg, graphed.experts.weights(), HostCopy(kept), 6)
+    (yg.square().sum() + aux + z).backward()
+    torch.testing.assert_close(yg, y, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(aux, eager.aux_loss)
+    torch.testing.assert_close(z, eager.z_loss)
+    torch.testing.assert_close(xg.grad, xe.grad, atol=1e-6, rtol=1e-6)
+    assert kept.tolist() == eager._last[0].tolist() and kept[5] == 0 < kept.sum()
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert graphed.experts.w1[5].grad is None and graphed.experts.w2[5].grad is None
+
+
+def test_switch_layers_run_eagerly_where_no_graph_applies():
+    """On the CPU, in evaluation and without autograd, a layer with `SwitchGraphs` runs eagerly."""
+    from gmtier.experts.graphed import SwitchGraphs
+
+    layer = _switch(6, "grouped", 4)
+    layer.graphs = SwitchGraphs([layer])
+    x = torch.randn(40, 16, requires_grad=True)
+    y = layer(x)
+    assert layer.graphs.captures == 0 and layer.graphs.replays == 0 and y.requires_grad
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.graphs.captures == 0
+
+
 # ---- the tiered runtime: experts already on the device run grouped, paged ones in the loop ----
 
 from test_train import data_dir, needs_store, tiny  # noqa: E402,F401  (data_dir is a fixture)
@@ -353,3 +397,34 @@ def test_gpu_training_grouped_matches_loop(data_dir, tmp_path, mode):
     auto = _train(tiny(data_dir, tmp_path / "auto", model=model, train=train, experts=experts))
     assert auto[-1] < auto[0] - 0.4
     assert auto == pytest.approx(loop, abs=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_with_cuda_graphs_equals_eager(data_dir, tmp_path):
+    """Resident bf16 training on the GPU, the Switch layers replayed as CUDA graphs
+    (experts.graphs = "auto") against every kernel launched eagerly ("off"): the same losses and
+    weights (the same kernels run), one capture, a replay every layer and step."""
+    if not (_has_kernel() and torch.cuda.is_bf16_supported()):
+        pytest.skip("no grouped GEMM kernel on this GPU")
+    from gmtier.experts.graphed import CAPTURE_FAILURES
+    from gmtier.train import Trainer
+
+    model = dict(n_experts=8, n_layer=4, switch_every=2)
+    train = dict(device="cuda", precision="bf16", steps=12)
+    runs = {}
+    for graphs in ("off", "auto"):
+        cfg = tiny(data_dir, tmp_path / graphs, model=model, train=train, experts=dict(mode="resident", graphs=graphs))
+        tr = Trainer(cfg, fresh=True, log=lambda s: None)
+        try:
+            losses = tr.fit()
+            g = tr.model.switch_blocks()[0].graphs
+            runs[graphs] = (losses, {k: v.float().cpu() for k, v in tr.model.state_dict().items()},
+                            None if g is None else (g.captures, g.replays))
+        finally:
+            tr.close()
+    assert not CAPTURE_FAILURES, CAPTURE_FAILURES
+    assert runs["off"][2] is None and runs["auto"][2] == (1, 12 * 2)
+    assert runs["auto"][0] == pytest.approx(runs["off"][0], abs=1e-5)
+    for k, v in runs["off"][1].items():
+        torch.testing.assert_close(runs["auto"][1][k], v, atol=1e-5, rtol=1e-4, msg=k)

@@ -7,6 +7,7 @@ import torch
 
 from gmtier import dtypes
 from gmtier.config import Config
+from gmtier.experts.graphed import SwitchGraphs
 from gmtier.model import GPT, ResidentExperts
 
 
@@ -44,6 +45,10 @@ def build_model(cfg: Config, device: str, store_create: bool = False, store_over
         bank = ranks.parallel_bank(bank)
     model = GPT(cfg.model, seed, expert_bank=bank)
     model.to(device)
+    if runtime is None and ranks is None and cfg.experts.graphs == "auto" and torch.device(device).type == "cuda":
+        graphs = SwitchGraphs(model.switch_blocks())
+        for ffn in model.switch_blocks():
+            ffn.graphs = graphs
     if runtime is not None:
         runtime.attach(model)
     if ranks is not None:

@@ -156,6 +156,10 @@ class ExpertsConfig:
     # store pages in one by one always run in the loop. Grouped GEMMs that raise or differ from
     # the loop at their first use fall back to it, with a warning.
     gemm: str = "auto"
+    # Resident Switch layers with grouped GEMMs: "auto" replays each layer's training forward and
+    # backward as CUDA graphs where they give the eager layer's numbers (gmtier.experts.graphed);
+    # "off" launches every kernel eagerly.
+    graphs: str = "auto"
 
 
 @dataclass
@@ -334,6 +338,7 @@ _CHOICES = {
     "experts.dtype": ("auto", *dtypes.CONFIG),
     "experts.state": record.STATES,
     "experts.gemm": EXPERT_GEMMS,
+    "experts.graphs": ("auto", "off"),
 }
 
 

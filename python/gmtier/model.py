@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gmtier.config import ModelConfig
-from gmtier.experts.bank import HostCopy, ResidentExperts, expert_ffn, token_rows  # noqa: F401  (expert_ffn: the experts' math, re-exported)
+from gmtier.experts.bank import HostCopy, ResidentExperts, compute_dtype, expert_ffn, token_rows  # noqa: F401  (expert_ffn: the experts' math, re-exported)
 
 
 # ---- routing ------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ class SwitchFFN(nn.Module):
         self.experts = experts
         self.aux_loss = self.z_loss = None
         self.route_sync = None  # expert parallelism: see route() and gmtier.distributed
+        self.graphs = None  # the model's SwitchGraphs where training steps replay CUDA graphs (gmtier.experts.graphed)
         self._last: tuple[HostCopy, int] | None = None  # the last forward's kept tokens per expert, and its tokens
 
     @property
@@ -114,18 +115,29 @@ class SwitchFFN(nn.Module):
         # Evaluation and generation route at their own factor (0 = dropless): a token is never
         # dropped because of what else is in the batch.
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        r = route(self.router_logits(h, jitter=self.training), factor, self.route_sync)
+        if self.graphs is not None and (out := self.graphs.run(self, h)) is not None:
+            y, self.aux_loss, self.z_loss, counts = out  # a training step's layer: its CUDA graph replayed
+            self._last = (counts, h.shape[0])
+            return y.view(shape)
         if self.route_sync is None and self.experts.takes_device_routing(h):
-            # Grouped GEMMs: each token's GEMM row from device counts, no host sync in the layer.
-            self.aux_loss, self.z_loss = r.aux_loss, r.z_loss
-            T, N = h.shape[0], self.cfg.n_experts
-            t = token_rows(r.expert, r.rank, r.keep, N, min(T, N * capacity(T, N, factor)), self.experts.pad_rows)
-            self._last = (t.counts, T)
-            return self.experts.forward_tokens(h, t, r.gate).to(h.dtype).view(shape)
+            y, self.aux_loss, self.z_loss, t = self.routed_on_device(h, factor, compute_dtype(h))
+            self._last = (t.counts, h.shape[0])
+            return y.view(shape)
+        r = route(self.router_logits(h, jitter=self.training), factor, self.route_sync)
         order, counts = self.dispatch(r)
         y_sorted = self.experts(h[order], counts)
         y = torch.zeros_like(h).index_copy(0, order, y_sorted.to(h.dtype))
         return (y * r.gate.to(h.dtype).unsqueeze(1)).view(shape)
+
+    def routed_on_device(self, h: torch.Tensor, factor: float, dtype: torch.dtype, to_host: bool = True):
+        """The layer without a host sync, for a bank that takes the routing as it is on the device
+        (grouped GEMMs: each token's GEMM row from device counts): (the output [T, d] in h's
+        dtype, aux loss, z loss, the `TokenRows`). The experts' GEMMs run in `dtype` whatever
+        autocast says, so a CUDA graph captured without autocast gives the same numbers."""
+        r = route(self.router_logits(h, jitter=self.training), factor)
+        T, N = h.shape[0], self.cfg.n_experts
+        t = token_rows(r.expert, r.rank, r.keep, N, min(T, N * capacity(T, N, factor)), self.experts.pad_rows, to_host)
+        return self.experts.forward_tokens(h, t, r.gate, dtype).to(h.dtype), r.aux_loss, r.z_loss, t
 
     def dispatch(self, r: Routing) -> tuple[torch.Tensor, list[int]]:
         """The kept tokens grouped by expert (stable: in token order within an expert) and each

@@ -181,6 +181,16 @@ def _gemm_note(gemm: str | None) -> str | None:
     return gemm if gemm != "loop" or not GEMM_FALLBACKS else f"loop ({'; '.join(GEMM_FALLBACKS.values())})"
 
 
+def _graphs_note(switch) -> str | None:
+    """How the resident Switch layers launched their kernels: replayed CUDA graphs or eagerly."""
+    from gmtier.experts.graphed import CAPTURE_FAILURES
+
+    graphs = switch[0].graphs if switch else None
+    if graphs is not None and graphs.replays:
+        return f"CUDA graphs ({graphs.captures} capture, {graphs.replays} layer replays)"
+    return f"eager ({'; '.join(CAPTURE_FAILURES.values())})" if CAPTURE_FAILURES else "eager"
+
+
 def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, resident: bool, prefetch_off: bool,
                  log, timeline: Path | None = None, dense_twin: bool = True) -> dict:
     from gmtier.adam import memory_bandwidth
@@ -276,6 +286,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         dense_peak = torch.cuda.max_memory_allocated() - resident_expert_bytes if device == "cuda" else None
         switch = rtr.model.switch_blocks()
         resident_gemm = switch[0].experts.gemm_used if switch else None
+        resident_graphs = _graphs_note(switch)
     finally:
         rtr.close()
         del rtr
@@ -380,6 +391,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "prefetch_off_gpu_stall_s": prefetch_off_res.get("gpu_stall_s", 0.0) / steps if prefetch_off_res else None,
         "prefetch_off_gpu_hit_rate": prefetch_off_res.get("gpu_hit_rate") if prefetch_off_res else None,
         "expert_gemm_resident": _gemm_note(resident_gemm), "expert_gemm_tiered": _gemm_note(tiered_gemm),
+        "resident_switch_launches": resident_graphs,
         "dense_twin_step_s": twin["step_s"] if twin else None,
         "resident_over_dense_twin": (full_resident["step_s"] / twin["step_s"]) if twin and full_resident else None,
         "tiered_over_dense_twin": ((again or tiered)["step_s"] / twin["step_s"]) if twin else None,
@@ -434,6 +446,7 @@ def _table(results: list[dict]) -> str:
         ("resident step / dense twin step", "resident_over_dense_twin", "{:.2f}"),
         ("tiered step / dense twin step", "tiered_over_dense_twin", "{:.2f}"),
         ("expert GEMMs: resident", "expert_gemm_resident", "{}"), ("  tiered", "expert_gemm_tiered", "{}"),
+        ("resident Switch layers launched as", "resident_switch_launches", "{}"),
         ("prefetch off: step (s)", "prefetch_off_step_s", "{:.3f}"), ("prefetch off: waited (s)", "prefetch_off_wait_s", "{:.3f}"),
         ("  GPU stalled on copies (s)", "prefetch_off_gpu_stall_s", "{:.3f}"), ("  GPU hit rate", "prefetch_off_gpu_hit_rate", "{:.2f}"),
     ]

@@ -216,7 +216,8 @@ class TokenRows:
     rows: torch.Tensor  # [T] long: the row of each kept token; dropped tokens: the spare last row
     keep: torch.Tensor  # [T] bool
     offs: torch.Tensor  # [n_experts] int32: the end of each expert's (padded) rows
-    counts: HostCopy  # kept tokens per expert, on its way to the host
+    kept: torch.Tensor  # [n_experts] long: kept tokens per expert, on the device
+    counts: HostCopy | None  # the same on its way to the host (None: not asked for, see token_rows)
     n_rows: int  # rows of the GEMM input: at least every expert's padded rows, + the spare row
     multiple: int  # each expert's rows are its count rounded up to this
 
@@ -226,17 +227,19 @@ class TokenRows:
 
 
 def token_rows(expert: torch.Tensor, rank: torch.Tensor, keep: torch.Tensor, n_experts: int, max_kept: int,
-               multiple: int) -> TokenRows:
+               multiple: int, to_host: bool = True) -> TokenRows:
     """The GEMM row layout of `gemm_row_layout` (each expert's kept tokens in token order, its
     count rounded up to `multiple`) without the counts on the host: `rank` is each token's place
-    in its expert's queue (route's), `max_kept` a bound of the kept tokens (sizes the input)."""
+    in its expert's queue (route's), `max_kept` a bound of the kept tokens (sizes the input).
+    `to_host`: start the counts' copy to the host (not inside a CUDA graph capture: the caller
+    copies `kept` after the replay)."""
     m = max(1, multiple)
     counts = torch.zeros(n_experts, dtype=torch.long, device=expert.device).scatter_add_(0, expert, keep.long())
     padded = (counts + (m - 1)) // m * m
     ends = padded.cumsum(0)
     n_rows = max_kept + n_experts * (m - 1) + 1
     rows = torch.where(keep, (ends - padded)[expert] + rank, n_rows - 1)
-    return TokenRows(rows, keep, ends.to(torch.int32), HostCopy(counts), n_rows, m)
+    return TokenRows(rows, keep, ends.to(torch.int32), counts, HostCopy(counts) if to_host else None, n_rows, m)
 
 
 def to_token_rows(h: torch.Tensor, t: TokenRows) -> torch.Tensor:
@@ -401,7 +404,9 @@ class GroupedExpertsFn(torch.autograd.Function):
     group, backward computes every expert's dW and reads the counts only at the end of the
     backward pass, to take the empty experts' gradients back (`_drop_empty_grads`): a host
     wait in the middle of backward would drain the GPU's queue of launched work, and the rest of
-    backward would run at the pace of the host's launches."""
+    backward would run at the pace of the host's launches. `counts` None (a CUDA graph's
+    capture, `gmtier.experts.graphed`, where only that probe's answer lets it): every expert's
+    dW, zeros for the empty ones, which the caller takes back."""
 
     @staticmethod
     def forward(ctx, x, offs, counts, dtype, n_experts: int, *weights):
@@ -423,7 +428,10 @@ class GroupedExpertsFn(torch.autograd.Function):
         dx, h, da = grouped_ffn_dx(x, a, w1, w2, dy, offs, h)
         grads = [None] * (2 * E)
         if any(ctx.needs_input_grad[5:]):
-            if _empty_groups_are_zero(x.device.type, x.dtype):
+            if ctx.counts is None:
+                dw1, dw2 = grouped_ffn_dw(x, h, da, dy, offs, ctx.w_dtype)
+                grads = [*dw1.unbind(), *dw2.unbind()]
+            elif _empty_groups_are_zero(x.device.type, x.dtype):
                 dw1, dw2 = grouped_ffn_dw(x, h, da, dy, offs, ctx.w_dtype)
                 grads = [*dw1.unbind(), *dw2.unbind()]
                 had_grad = [w.grad is not None for w in ctx.weights]
@@ -499,13 +507,18 @@ class ResidentExperts(nn.Module):
         return self._mode(x) == "grouped"
 
     def _grouped(self, x: torch.Tensor, offs: torch.Tensor, counts) -> torch.Tensor:
-        return GroupedExpertsFn.apply(x, offs, counts, compute_dtype(x), len(self.w1), *self.w1, *self.w2)
+        """The grouped GEMMs in x's dtype (the compute dtype already)."""
+        return GroupedExpertsFn.apply(x, offs, counts, x.dtype, len(self.w1), *self.w1, *self.w2)
 
-    def forward_tokens(self, h: torch.Tensor, t: TokenRows, gate: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, h: torch.Tensor, t: TokenRows, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The experts' outputs for every token of h [T, d], each times its `gate` (zero for the
-        dropped ones), routed by `t`."""
-        x = to_token_rows(h.to(compute_dtype(h)), t)
-        return from_token_rows(self._grouped(x, t.offs, t.padded_counts), t, gate)
+        dropped ones), routed by `t`, their GEMMs in `dtype`. Without `t.counts` on their way to
+        the host, the experts without tokens get zero gradients (see GroupedExpertsFn)."""
+        x = to_token_rows(h.to(dtype), t)
+        return from_token_rows(self._grouped(x, t.offs, t.padded_counts if t.counts is not None else None), t, gate)
+
+    def weights(self) -> list[nn.Parameter]:
+        return [*self.w1, *self.w2]
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""
