@@ -7,6 +7,7 @@
 # pytest -m gpu of tests/test_grouped.py, exp/profile_resident.py (kernel totals and traces) and
 # bench-train of small with every record in RAM and on the GPU. Run from the repo root:
 #   bash exp/grouped_compare.sh [rounds]       (about 6 minutes for 2 rounds)
+# STEPS_ONLY picks grouped_steps.py's runs, STEPS its timed steps; LAYER=0 skips grouped_layer.py.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,10 +19,12 @@ SUM="$OUT/summary.txt"
 for round in $(seq "${1:-2}"); do
   for w in old new; do
     echo "=== round $round $w steps $(date +%T)" | tee -a "$SUM"
-    PYTHONPATH=/tmp/site_cmp_$w timeout 240 python3 exp/grouped_steps.py --only "small-dense,small grouped,small 64 experts grouped" \
-      2>>"$OUT/err.txt" | sed -n '/^run/,$p' | tee -a "$SUM"
-    echo "=== round $round $w layer" | tee -a "$SUM"
-    PYTHONPATH=/tmp/site_cmp_$w timeout 120 python3 exp/grouped_layer.py 2>>"$OUT/err.txt" | sed -n '/^case/,$p' | tee -a "$SUM"
+    PYTHONPATH=/tmp/site_cmp_$w timeout 240 python3 exp/grouped_steps.py --steps "${STEPS:-10}" \
+      --only "${STEPS_ONLY:-small-dense,small grouped,small 64 experts grouped}" 2>>"$OUT/err.txt" | sed -n '/^round/,$p' | tee -a "$SUM"
+    if [ "${LAYER:-1}" = 1 ]; then
+      echo "=== round $round $w layer" | tee -a "$SUM"
+      PYTHONPATH=/tmp/site_cmp_$w timeout 120 python3 exp/grouped_layer.py 2>>"$OUT/err.txt" | sed -n '/^case/,$p' | tee -a "$SUM"
+    fi
   done
 done
 export PYTHONPATH=/tmp/site_cmp_new
@@ -36,5 +39,5 @@ timeout 300 python3 -m gmtier.cli bench-train --config configs/small.toml --dir 
 python3 -c "
 import json,sys
 (r,) = json.load(open(sys.argv[1]))
-print({k: r.get(k) for k in ('step_s','resident_step_s','tiered_vs_resident','dense_twin_step_s','resident_over_dense_twin','expert_gemm_resident','expert_gemm_tiered')})" "$OUT/bench-small.json" | tee -a "$SUM"
+print({k: r.get(k) for k in ('step_s','resident_step_s','tiered_vs_resident','dense_twin_step_s','resident_over_dense_twin','expert_gemm_resident','expert_gemm_tiered','resident_switch_launches')})" "$OUT/bench-small.json" | tee -a "$SUM"
 echo "=== end $(date +%T)" | tee -a "$SUM"

@@ -1,5 +1,6 @@
-"""Where a resident training step's time goes: `small` (grouped expert GEMMs) against its dense
-twin `small-dense`, in one process on the GPU. For each: the median wall step of --steps
+"""Where a resident training step's time goes: `small` (grouped expert GEMMs, its Switch layers
+replayed as CUDA graphs; and launched eagerly, `small-eager`) against its dense twin
+`small-dense`, in one process on the GPU. For each: the median wall step of --steps
 (no profiler), then torch.profiler over --prof-steps: the GPU's kernel time a step, kernel
 launches a step, the GPU-busy share of the wall step, and the kernels by total time; then
 cProfile's top host functions of the Switch model's step. Run from the repo root:
@@ -25,7 +26,8 @@ from gmtier.bench.train import _load
 from gmtier.model import SwitchFFN
 from gmtier.train import Trainer
 
-RUNS = [("small-dense", "configs/small-dense.toml", []), ("small", "configs/small.toml", [])]
+RUNS = [("small-dense", "configs/small-dense.toml", []), ("small", "configs/small.toml", []),
+        ("small-eager", "configs/small.toml", ["experts.graphs='off'"])]
 
 
 def sync() -> None:
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[], help="override for both runs")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gmtier-prof-"))
+    if args.trace_dir:
+        Path(args.trace_dir).mkdir(parents=True, exist_ok=True)
     forward = SwitchFFN.forward
 
     def labelled(self, x):  # the Switch layers' forward as a named range in the profile

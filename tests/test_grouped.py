@@ -225,11 +225,13 @@ def test_gpt_step_grouped_equals_loop():
 
 
 def test_what_a_cuda_graph_captures_is_the_eager_layer():
-    """The function `SwitchGraphs` captures (every expert's dW in backward, the empty experts'
-    taken back at the end of backward): the eager layer's output, losses and gradients, and no
-    gradient for the expert without tokens. (The capture itself needs a GPU: see below.)"""
+    """What `SwitchGraphs` captures (the layer as a function of its input and parameters, every
+    expert's dW taken by autograd.grad as in the backward capture) and then does with it (the
+    dW handed to the experts with tokens at the end of backward): the eager layer's output,
+    losses and gradients, and no gradient for the expert without tokens. The capture itself
+    needs a GPU (see the GPU tests below)."""
     from gmtier.experts.bank import HostCopy
-    from gmtier.experts.graphed import _AtBackwardEnd, _layer_callable, _params
+    from gmtier.experts.graphed import _hand_over_expert_grads, _layer_callable, _params
 
     eager = _switch(6, "grouped", 4)
     graphed = copy.deepcopy(eager)
@@ -237,19 +239,24 @@ def test_what_a_cuda_graph_captures_is_the_eager_layer():
     xe, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
     y = eager(xe)
     (y.square().sum() + eager.aux_loss + eager.z_loss).backward()
-    yg, aux, z, kept = _layer_callable(graphed, torch.float32)(xg, *_params(graphed))
-    yg = _AtBackwardEnd.apply(yg, graphed.experts.weights(), HostCopy(kept), 6)
-    (yg.square().sum() + aux + z).backward()
+    params = _params(graphed)
+    yg, aux, z, kept = _layer_callable(graphed, torch.float32)(xg, *params)
+    grads = torch.autograd.grad([yg, aux, z], [xg, *params], [2 * yg, torch.ones(()), torch.ones(())])
+    graphed.router.weight.grad = grads[1]
+    _hand_over_expert_grads(graphed.experts.weights(), grads[2:], HostCopy(kept), aliased := [])
     torch.testing.assert_close(yg, y, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(aux, eager.aux_loss)
     torch.testing.assert_close(z, eager.z_loss)
-    torch.testing.assert_close(xg.grad, xe.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], xe.grad, atol=1e-6, rtol=1e-6)
     assert kept.tolist() == eager._last[0].tolist() and kept[5] == 0 < kept.sum()
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
     assert graphed.experts.w1[5].grad is None and graphed.experts.w2[5].grad is None
+    assert len(aliased) == 2 * 5  # the buffers handed over as they are, to be copied out before a second pass
+    _hand_over_expert_grads(graphed.experts.weights(), grads[2:], HostCopy(kept), [])  # a second pass adds
+    torch.testing.assert_close(graphed.experts.w1[0].grad, 2 * eager.experts.w1[0].grad, atol=1e-6, rtol=1e-5)
 
 
 def test_switch_layers_run_eagerly_where_no_graph_applies():
@@ -428,3 +435,30 @@ def test_gpu_training_with_cuda_graphs_equals_eager(data_dir, tmp_path):
     assert runs["auto"][0] == pytest.approx(runs["off"][0], abs=1e-5)
     for k, v in runs["off"][1].items():
         torch.testing.assert_close(runs["auto"][1][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphed_layer_accumulates_two_passes_like_the_eager_one():
+    """Two forward/backward passes before a step (the second on other tokens): the graphed layer's
+    gradients add up as the eager layer's do, though its first pass handed over the graph's own
+    buffers (copied out before the second replay)."""
+    if not (_has_kernel() and torch.cuda.is_bf16_supported()):
+        pytest.skip("no grouped GEMM kernel on this GPU")
+    from gmtier.experts.graphed import CAPTURE_FAILURES, SwitchGraphs
+
+    eager = _switch(16, "auto", 128, 512, 2048).cuda()
+    graphed = copy.deepcopy(eager)
+    graphed.graphs = SwitchGraphs([graphed])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(2048, 512, device="cuda", generator=g).abs() for _ in range(2)]
+    for layer in (eager, graphed):
+        for x in xs:
+            with torch.autocast("cuda", torch.bfloat16):
+                y = layer(x.clone().requires_grad_())
+            (y.float().square().mean() + layer.aux_loss + layer.z_loss).backward()
+    assert not CAPTURE_FAILURES and graphed.graphs.replays == 2
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -491,6 +491,8 @@ class ResidentExperts(nn.Module):
                     flat = torch.stack([p.data for p in params])
                     for p, view in zip(params, flat):
                         p.data = view
+        # Indexing a ParameterList costs microseconds of Python an item: a step reads them from here.
+        self._weights = [*self.w1, *self.w2]
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -508,7 +510,7 @@ class ResidentExperts(nn.Module):
 
     def _grouped(self, x: torch.Tensor, offs: torch.Tensor, counts) -> torch.Tensor:
         """The grouped GEMMs in x's dtype (the compute dtype already)."""
-        return GroupedExpertsFn.apply(x, offs, counts, x.dtype, len(self.w1), *self.w1, *self.w2)
+        return GroupedExpertsFn.apply(x, offs, counts, x.dtype, len(self.w1), *self._weights)
 
     def forward_tokens(self, h: torch.Tensor, t: TokenRows, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The experts' outputs for every token of h [T, d], each times its `gate` (zero for the
@@ -518,7 +520,8 @@ class ResidentExperts(nn.Module):
         return from_token_rows(self._grouped(x, t.offs, t.padded_counts if t.counts is not None else None), t, gate)
 
     def weights(self) -> list[nn.Parameter]:
-        return [*self.w1, *self.w2]
+        """Every expert's w1, then every expert's w2."""
+        return self._weights
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x_sorted: the kept tokens sorted by expert; counts[e] tokens go to expert e."""

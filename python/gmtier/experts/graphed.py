@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from gmtier.experts.bank import HostCopy, ResidentExperts, _drop_empty_grads, _empty_groups_are_zero, compute_dtype
+from gmtier.experts.bank import HostCopy, ResidentExperts, _empty_groups_are_zero, compute_dtype
 
 CAPTURE_FAILURES: dict[str, str] = {}  # device -> why capturing failed (its layers then run eagerly)
 
@@ -37,26 +37,8 @@ def _params(ffn) -> list[torch.nn.Parameter]:
     return [ffn.router.weight, *ffn.experts.weights()]
 
 
-def _pointers(ffn) -> tuple[int, ...]:
-    return tuple(p.data_ptr() for p in _params(ffn))
-
-
-class _AtBackwardEnd(torch.autograd.Function):
-    """y as it is; in backward (which reaches it before the layer's graph), the experts that got
-    no tokens are marked to lose at the end of the backward pass the zero dW the graph gives them,
-    keeping any gradient an earlier pass left (`_drop_empty_grads`, as the eager layer does)."""
-
-    @staticmethod
-    def forward(ctx, y, weights, counts: HostCopy, n_experts: int):
-        ctx.weights, ctx.counts, ctx.n_experts = weights, counts, n_experts
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        had_grad = [w.grad is not None for w in ctx.weights]
-        torch.autograd.Variable._execution_engine.queue_callback(
-            functools.partial(_drop_empty_grads, ctx.weights, had_grad, ctx.counts.tolist, ctx.n_experts))
-        return g, None, None, None
+def _pointers(params) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in params)
 
 
 def _layer_callable(ffn, dtype: torch.dtype):
@@ -78,6 +60,8 @@ class _LayerGraphs:
     def __init__(self, graph, inputs, outputs):
         self.fwd, self.inputs, self.outputs = graph, inputs, outputs
         self.bwd = self.grad_outputs = self.grads = None
+        self.aliased: list = []  # (parameter, buffer): expert gradients handed over as the graph's buffers
+        self.counts: HostCopy | None = None  # the last replay's kept tokens per expert
 
 
 def _capture(callables, samples) -> list[_LayerGraphs]:
@@ -113,16 +97,34 @@ def _capture(callables, samples) -> list[_LayerGraphs]:
     return layers
 
 
+def _hand_over_expert_grads(weights, grads, counts: HostCopy, aliased: list) -> None:
+    """At the end of a backward pass: each expert with tokens gets the dW the graph computed
+    (the buffer itself where it had no gradient, else added to its gradient); the experts
+    without tokens get none, as in the eager layer. Setting them here instead of returning them
+    to autograd spares each expert parameter its AccumulateGrad node."""
+    n = len(weights) // 2
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            for w, dw in ((weights[e], grads[e]), (weights[n + e], grads[n + e])):
+                if w.grad is None:
+                    w.grad = dw
+                    aliased.append((w, dw))
+                else:
+                    w.grad += dw
+
+
 class _Replay(torch.autograd.Function):
-    """A layer's forward graph replayed on input h; its backward replays the backward graph and
-    returns the static gradients (h's, then the parameters')."""
+    """A layer's forward graph replayed on input h. Its backward replays the backward graph and
+    returns the static gradients of h and the router; the experts' dW reach their parameters at
+    the end of the backward pass (`_hand_over_expert_grads`)."""
 
     @staticmethod
-    def forward(ctx, graphs: _LayerGraphs, h, *params):
+    def forward(ctx, graphs: _LayerGraphs, h, router, *experts):
         graphs.inputs[0].copy_(h)
         graphs.fwd.replay()
-        ctx.graphs, ctx.params = graphs, params
         y, aux, z, kept = (o.detach() for o in graphs.outputs)
+        graphs.counts = HostCopy(kept)  # this replay's kept tokens per expert, on their way to the host
+        ctx.graphs, ctx.counts, ctx.router, ctx.experts = graphs, graphs.counts, router, experts
         ctx.mark_non_differentiable(kept)
         return y, aux, z, kept
 
@@ -130,13 +132,20 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, daux, dz, _):
         g = ctx.graphs
-        for p, grad in zip(ctx.params, g.grads[1:]):
-            if p.grad is not None and p.grad.data_ptr() == grad.data_ptr():
-                p.grad = p.grad.clone()  # an earlier pass's gradient is this buffer: the replay would overwrite it
+        # Gradients an earlier pass of this step left as the graph's own buffers are copied out
+        # before the replay overwrites them.
+        for w, buf in g.aliased:
+            if w.grad is not None and w.grad.data_ptr() == buf.data_ptr():
+                w.grad = buf.clone()
+        g.aliased.clear()
+        if ctx.router.grad is not None and ctx.router.grad.data_ptr() == g.grads[1].data_ptr():
+            ctx.router.grad = ctx.router.grad.clone()
         for buf, grad in zip(g.grad_outputs, (dy, daux, dz)):
             buf.copy_(grad)
         g.bwd.replay()
-        return (None, *(t.detach() for t in g.grads))
+        torch.autograd.Variable._execution_engine.queue_callback(
+            functools.partial(_hand_over_expert_grads, ctx.experts, g.grads[2:], ctx.counts, g.aliased))
+        return (None, g.grads[0].detach(), g.grads[1].detach(), *([None] * len(ctx.experts)))
 
 
 class SwitchGraphs:
@@ -145,14 +154,11 @@ class SwitchGraphs:
     def __init__(self, layers):
         self._layers = [weakref.ref(f) for f in layers]  # the layers hold this object: no cycle
         self._graphed: dict[int, _LayerGraphs] = {}  # id(layer) -> its graphs
-        self._pointers: dict[int, tuple[int, ...]] = {}  # id(layer) -> its parameters when captured
+        self._params: dict[int, list] = {}  # id(layer) -> the parameters its graphs read (`_params`)
+        self._pointers: dict[int, tuple[int, ...]] = {}  # id(layer) -> their data pointers when captured
         self._key = None  # (shape, dtypes, device) of the input they were captured for
         self.captures = 0  # how many times the layers were captured
         self.replays = 0  # forward replays so far
-
-    @property
-    def failed(self) -> str | None:
-        return next(iter(CAPTURE_FAILURES.values()), None)
 
     def applies(self, ffn, h: torch.Tensor) -> bool:
         """Whether this forward of `ffn` may replay a graph (see the module's docstring)."""
@@ -172,18 +178,18 @@ class SwitchGraphs:
         if not self.applies(ffn, h):
             return None
         key = (tuple(h.shape), h.dtype, compute_dtype(h), str(h.device))
-        if key != self._key or self._pointers.get(id(ffn)) != _pointers(ffn):
+        if key != self._key or self._pointers.get(id(ffn)) != _pointers(self._params.get(id(ffn), ())):
             if not self._capture(h, key):
                 return None
-        y, aux, z, kept = _Replay.apply(self._graphed[id(ffn)], h, *_params(ffn))
-        counts = HostCopy(kept)
+        graphs = self._graphed[id(ffn)]
+        y, aux, z, _ = _Replay.apply(graphs, h, *self._params[id(ffn)])
         self.replays += 1
-        return _AtBackwardEnd.apply(y, ffn.experts.weights(), counts, len(ffn.experts.w1)), aux, z, counts
+        return y, aux, z, graphs.counts
 
     def _capture(self, h: torch.Tensor, key) -> bool:
         layers = [f for f in (ref() for ref in self._layers) if f is not None]
         dtype = compute_dtype(h)
-        self._graphed, self._pointers, self._key = {}, {}, None
+        self._graphed, self._params, self._pointers, self._key = {}, {}, {}, None
         callables = [_layer_callable(f, dtype) for f in layers]
         samples = [(torch.randn_like(h).requires_grad_(), *_params(f)) for f in layers]
         try:
@@ -199,7 +205,8 @@ class SwitchGraphs:
                           f"eagerly (experts.graphs = 'off' skips the attempt)", RuntimeWarning, stacklevel=3)
             return False
         for f, g in zip(layers, graphed):
-            self._graphed[id(f)], self._pointers[id(f)] = g, _pointers(f)
+            self._graphed[id(f)], self._params[id(f)] = g, _params(f)
+            self._pointers[id(f)] = _pointers(self._params[id(f)])
         self._key = key
         self.captures += 1
         return True
