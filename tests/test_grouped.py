@@ -178,6 +178,9 @@ def test_gemm_choice_is_validated_and_resolved():
     assert resolve_gemm("loop", "cpu", torch.float32, 16, 32) == "loop"
     with pytest.raises(ValueError, match="experts.gemm"):
         ResidentExperts(ModelConfig(), 0, 0, gemm="fast")
+    with pytest.raises(config.ConfigError, match="experts.graphs"):
+        config.from_dict({"experts": {"graphs": "on"}})
+    assert config.from_dict({}).experts.graphs == "auto"
 
 
 def test_grouped_gemms_that_fail_at_first_use_fall_back_to_the_loop(monkeypatch):
@@ -458,7 +461,31 @@ def test_gpu_graphed_layer_accumulates_two_passes_like_the_eager_one():
                 y = layer(x.clone().requires_grad_())
             (y.float().square().mean() + layer.aux_loss + layer.z_loss).backward()
     assert not CAPTURE_FAILURES and graphed.graphs.replays == 2
+    # Within fp32 rounding of the sum of the two passes (the captured cuBLAS calls may pick other
+    # algorithms than the eager ones): a gradient overwritten by the second replay would be off
+    # by about the whole first pass.
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+            err = ((q.grad - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item()
+            assert err < 1e-3, (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_switch_layers_that_fail_to_capture_run_eagerly(monkeypatch):
+    """A capture that raises: a warning names why, and the layer runs eagerly from then on."""
+    if not (_has_kernel() and torch.cuda.is_bf16_supported()):
+        pytest.skip("no grouped GEMM kernel on this GPU")
+    import gmtier.experts.graphed as graphed_mod
+
+    monkeypatch.setattr(graphed_mod, "_capture", lambda *a: (_ for _ in ()).throw(RuntimeError("capture refused")))
+    monkeypatch.setattr(graphed_mod, "CAPTURE_FAILURES", {})
+    layer = _switch(16, "auto", 128, 512, 2048).cuda()
+    layer.graphs = graphed_mod.SwitchGraphs([layer])
+    x = torch.randn(2048, 512, device="cuda").abs().requires_grad_()
+    with pytest.warns(RuntimeWarning, match="capture refused"), torch.autocast("cuda", torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    assert layer.graphs.replays == 0 and "capture refused" in graphed_mod.CAPTURE_FAILURES["cuda:0"]
+    assert x.grad is not None and any(w.grad is not None for w in layer.experts.weights())
