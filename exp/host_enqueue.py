@@ -2,8 +2,8 @@
 `small-dense`, `small` (Switch layers replayed as CUDA graphs) and `small` launched eagerly, in
 one process on the GPU. Each timed step launches forward, backward, the gradient clip, AdamW and
 zero_grad without reading the loss (host time: until the last launch returns), then waits for
-the GPU (wall time). Host time near the wall time: the step is bound by its launches. Then the
-top host functions of the graphed step's launches (cProfile). Run from the repo root:
+the GPU (wall time). Host time near the wall time: the step is bound by its launches. With
+--profile, the top host functions of the graphed step's launches (cProfile). Run from the repo root:
 
     python exp/host_enqueue.py [--steps N]
 """
@@ -43,9 +43,14 @@ def launch_step(tr, x, y) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="cProfile the graphed step's launches")
+    ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gmtier-host-"))
+    keep = {s.strip() for s in args.only.split(",") if s.strip()}
     for name, path, extra in RUNS:
+        if keep and name not in keep:
+            continue
         tr = Trainer(_load(path, [], work, name, ["experts.mode='resident'", *extra]), fresh=True, log=lambda s: None)
         tr.model.train()
         batches = [tuple(t.to(tr.device) for t in tr.next_batch()) for _ in range(4)]
@@ -63,7 +68,7 @@ def main() -> None:
                 wall.append(t2 - t0)
         h, w = statistics.median(host), statistics.median(wall)
         print(f"{name:12} host {h * 1e3:6.2f} ms  wall {w * 1e3:6.2f} ms  host/wall {h / w:.2f}", flush=True)
-        if name == "small":
+        if name == "small" and args.profile:
             with cProfile.Profile() as prof:
                 for i in range(5):
                     launch_step(tr, *batches[i % len(batches)])

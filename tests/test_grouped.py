@@ -76,9 +76,18 @@ def test_token_rows_are_the_host_layout_made_on_the_device(factor, multiple):
     assert t.offs.tolist() == list(torch.tensor(counts_p).cumsum(0))
     assert torch.equal(t.rows[order], rows)  # the kept tokens' rows
     assert (t.rows[~r.keep] == t.n_rows - 1).all() and t.n_rows - 1 >= sum(counts_p)
-    h = torch.randn(T, 3)
-    x = to_token_rows(h, t)
-    assert torch.equal(x[rows], h[order]) and torch.count_nonzero(x.abs().sum(1)) == len(order)  # zeros elsewhere
+    for d in (3, 4):  # rows of 12 bytes are copied as floats, rows of 16 as 8-byte words
+        h = torch.randn(T, d, requires_grad=True)
+        x = to_token_rows(h, t)
+        others = torch.ones(t.n_rows, dtype=torch.bool)
+        others[rows] = False
+        others[-1] = False  # the spare row (the dropped tokens') is unspecified
+        assert torch.equal(x[rows], h[order]) and not x[others].any()  # zeros in the padding rows
+        gx = torch.randn(t.n_rows, d)
+        gx[-1] = float("nan")  # nothing of the spare row reaches a token's gradient
+        x.backward(gx)
+        assert torch.equal(h.grad[order], gx[rows]) and not h.grad[~r.keep].any()
+    h, x = h.detach()[:, :3].contiguous(), x.detach()[:, :3].contiguous()
     x[-1] = float("nan")  # the spare row is unspecified: nothing of it reaches a token
     gate = torch.rand(T, dtype=torch.float64).requires_grad_()
     xg = x.double().requires_grad_()
@@ -451,6 +460,8 @@ def test_gpu_graphed_layer_accumulates_two_passes_like_the_eager_one():
     from gmtier.experts.graphed import CAPTURE_FAILURES, SwitchGraphs
 
     eager = _switch(16, "auto", 128, 512, 2048).cuda()
+    with torch.no_grad():  # logits of order 1, so the router has gradients (the last expert still gets no token)
+        eager.router.weight.mul_(0.02)
     graphed = copy.deepcopy(eager)
     graphed.graphs = SwitchGraphs([graphed])
     g = torch.Generator(device="cuda").manual_seed(0)
