@@ -244,7 +244,8 @@ def token_rows(expert: torch.Tensor, rank: torch.Tensor, keep: torch.Tensor, n_e
 
 def _copy_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """dst[rows] = src, row by row, in place. Through 8-byte views where a row is a whole number of
-    them: index_copy moves one element at a time, and bf16 elements made it ~4x slower on an H200."""
+    them: index_copy moves one element at a time, so a bf16 row takes four times the element
+    moves (its CUDA kernel took 0.53 ms of the resident `small` step on an H200)."""
     if dst.shape[1] * dst.element_size() % 8 == 0 and dst.is_contiguous() and src.is_contiguous():
         dst.view(torch.int64).index_copy_(0, rows, src.view(torch.int64))
     else:
