@@ -6,7 +6,8 @@ capacity with token dropping or dropless), sorts the kept tokens by expert and h
 *expert bank* (`gmtier.experts.bank`): `ResidentExperts` (experts as nn.Parameters, the
 reference, the default) or `TieredExperts` (experts paged from the tiered store, updated by the
 CPU AdamW during backward). A bank that runs grouped GEMMs takes the routing as it is on the
-device instead (each token's GEMM row, `bank.token_rows`): no host sync in the layer. A hook sees each block's input (`set_block_input_hook`), and
+device instead (each token's GEMM row, `bank.token_rows`): no host sync in the layer; in
+training such layers replay CUDA graphs (`gmtier.experts.graphed`). A hook sees each block's input (`set_block_input_hook`), and
 `route_votes` applies the routers ahead to it, which is what the tiered runtime predicts with.
 """
 
