@@ -319,3 +319,59 @@ def test_two_gpus_equal_one_gpu(data_dir, tmp_path, mode, micro_batches):
     assert [got[k] for k in sorted(got)] == pytest.approx(ref, abs=1e-4)
     d0, d1 = (_dense(tmp_path / "run" / f"rank-{r}" / f"ckpt-{STEPS}" / "model.safetensors") for r in (0, 1))
     assert all(torch.equal(d0[k], d1[k]) for k in d0)
+
+
+_OVERLAP_RANK = r'''
+import os, sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+from gmtier.config import ModelConfig
+from gmtier.distributed import ExpertParallel, Ranks, placement
+from gmtier.experts.bank import ResidentExperts
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+ranks = Ranks(rank, 2, rank, 2, "cpu")
+cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=8, d_ff=16, seq_len=8, n_experts=6, switch_every=1)
+ranks.switch_layers, ranks.bounds = [0], placement(6, 1, 2)
+gemm = sys.argv[1]  # "grouped": the experts' dW come per call, for the experts with rows only
+bank = ExpertParallel(ranks, 0, ResidentExperts(cfg, 0, 0, gemm=gemm, experts=ranks.owned(0)))
+started, seen = [], []
+start = ranks.start_all_to_all
+ranks.start_all_to_all = lambda *a: (started.append(1), start(*a))[1]
+inner = bank.inner.forward
+bank.inner.forward = lambda x, c: (seen.append((len(started), sum(c))), inner(x, c))[1]
+g = torch.Generator().manual_seed(rank)
+counts = [[5, 0, 3, 4, 0, 2], [1, 6, 0, 2, 3, 0]][rank]  # expert 4 gets rows from rank 1 only
+x = torch.randn(sum(counts), 8, generator=g)
+dy = torch.randn(sum(counts), 8, generator=g)
+runs = []
+for chunks in (1, 2):
+    bank.chunks, started[:], seen[:] = chunks, [], []
+    xi = x.clone().requires_grad_()
+    y = bank(xi, counts)
+    y.backward(dy)
+    grads = [None if p.grad is None else p.grad.clone() for p in bank.inner.parameters()]
+    runs.append((y.detach(), xi.grad, grads, list(seen), len(started)))
+    bank.inner.zero_grad(set_to_none=True)
+(y1, dx1, g1, seen1, n1), (y2, dx2, g2, seen2, n2) = runs
+assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(dx1, dx2, atol=1e-6)
+assert [a is None for a in g1] == [a is None for a in g2], (g1, g2)
+assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+assert n1 == 4 and n2 == 8, (n1, n2)  # forward and backward: one exchange each way, or one a group each way
+assert [s for s, _ in seen2] == [2, 3], seen2  # both groups' tokens were on their way before the first computed
+print("OK", rank, seen2)
+'''
+
+
+@pytest.mark.parametrize("gemm", ["loop", "grouped"])
+def test_the_exchange_by_groups_of_experts_gives_one_exchanges_numbers(gemm):
+    """Two ranks on gloo, a resident bank of 3 experts each: with the tokens exchanged in two
+    groups of experts (each group computing while the later ones' tokens are still on their way)
+    the outputs and the gradients of the inputs and of every expert are those of one exchange,
+    and the experts without tokens get no gradient."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _OVERLAP_RANK, gemm], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                  MASTER_PORT=str(port)))
+             for r in range(2)]
+    outs = _wait(procs, timeout=120)
+    assert all(out.strip().splitlines()[-1].startswith("OK") for out in outs), outs

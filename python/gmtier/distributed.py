@@ -18,7 +18,9 @@ gmtier.cli train ...`, or `gmtier train --nproc N`, which launches it): NCCL on 
 - Tokens move by all-to-all (`ExpertParallel`): the per-expert counts are exchanged, then one
   variable-size `all_to_all_single` takes every kept token to its expert's rank and another
   brings the outputs back; in backward the output gradients go the same way and the input
-  gradients come back (one exchange each way per Switch layer and direction).
+  gradients come back (one exchange each way per Switch layer and direction). With resident
+  experts the forward exchange goes in groups of experts and overlaps their compute
+  (`ExpertParallel._forward_overlapped`).
 - The dense part is data-parallel: its gradients are averaged over the ranks in one all-reduce
   of a flat buffer a step (`Ranks.average_dense_grads`), so it stays identical on every rank.
   Each rank's loss is the mean over its tokens, so the mean over the ranks is the step's; the
@@ -234,11 +236,15 @@ class Ranks:
 
     def all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         """Rows `in_splits[k]` of `x` (in order) to rank k; `out_splits[k]` rows from rank k."""
-        x = x.contiguous()
+        return self.start_all_to_all(x, out_splits, in_splits).wait()
+
+    def start_all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> "_InFlight":
+        """`all_to_all` started and not waited for: its `wait()` gives the rows received."""
+        x = x.detach().contiguous()
         sent = self._comm(x)
         out = sent.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, sent, out_splits, in_splits)
-        return out.to(x.device)
+        work = dist.all_to_all_single(out, sent, out_splits, in_splits, async_op=True)
+        return _InFlight(work, sent, out, x.device)
 
     def average_dense_grads(self, model: nn.Module) -> None:
         """Average the dense part's gradients over the ranks: one all-reduce of a flat buffer
@@ -288,6 +294,24 @@ class Ranks:
 # ---- the token exchange -----------------------------------------------------------------
 
 @dataclasses.dataclass
+class _InFlight:
+    """An all-to-all on its way: what it sends is kept alive until `wait()` returns what came."""
+    work: object
+    sent: torch.Tensor
+    out: torch.Tensor
+    device: torch.device
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.out.to(self.device)
+
+
+# Groups of a rank's experts per Switch layer whose token exchanges overlap the others' compute
+# (resident banks; `ExpertParallel._forward_overlapped`).
+EXCHANGE_CHUNKS = 2
+
+
+@dataclasses.dataclass
 class _Plan:
     """Where one layer's tokens go and come from (see `ExpertParallel`)."""
     send: list[int]  # rows this rank sends to each rank
@@ -295,6 +319,21 @@ class _Plan:
     local_counts: list[int]  # tokens of each of its experts, from all ranks
     perm: torch.Tensor | None  # received rows (by source rank, then expert) -> by expert, then source rank
     inv: torch.Tensor | None  # the inverse
+
+
+def _regroup(mine: list[list[int]], device):
+    """Received rows come in segments (source rank, expert), `mine[src][e]` rows each; the
+    permutation that takes them by (expert, source rank), the order one process would have, and
+    its inverse (None, None where there are none)."""
+    c = torch.tensor(mine, dtype=torch.int64)  # [ranks, experts]
+    if not c.numel() or not c.sum():
+        return None, None
+    first = (c.flatten().cumsum(0) - c.flatten()).view_as(c).t().flatten()  # each segment's first row
+    n = c.t().flatten()  # segment lengths in the new order
+    perm = torch.repeat_interleave(first - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm))
+    return perm.to(device), inv.to(device)
 
 
 class _Exchange(torch.autograd.Function):
@@ -318,6 +357,26 @@ class _Exchange(torch.autograd.Function):
         return dx, keep, None, None, None, None
 
 
+class _Arrived(_Exchange):
+    """`_Exchange` whose all-to-all was started before (`Ranks.start_all_to_all` of x): forward
+    waits for it; backward sends the gradients back as `_Exchange` does."""
+
+    @staticmethod
+    def forward(ctx, x, keep, ranks, out_splits, in_splits, grad_scale, in_flight):
+        ctx.ranks, ctx.out_splits, ctx.in_splits, ctx.grad_scale = ranks, out_splits, in_splits, grad_scale
+        ctx.keep_shape = None if keep is None else keep.shape
+        return in_flight.wait()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (*_Exchange.backward(ctx, g), None)
+
+
+def chunk_bounds(n_local: int, groups: int) -> list[int]:
+    """Bounds of `groups` groups of a rank's `n_local` experts, as even as they go."""
+    return [round(i * n_local / groups) for i in range(groups + 1)]
+
+
 class ExpertParallel(nn.Module):
     """A Switch layer's expert bank across the ranks: takes this rank's kept tokens sorted by
     expert (`counts` over all the layer's experts), runs each on its expert's rank, returns the
@@ -331,6 +390,10 @@ class ExpertParallel(nn.Module):
         self.lo, self.hi = ranks.block(slot)
         # ResidentExperts holds exactly its experts; a store may hold one record more.
         self.n_local = len(inner.w1) if hasattr(inner, "w1") else ranks.store_experts()
+        # Groups of experts whose exchanges overlap each other's compute. A resident bank takes
+        # a group at a time; the tiered runtime pages a layer's experts in one pass (its
+        # prediction and paging state is the layer's), so it takes all of them at once.
+        self.chunks = EXCHANGE_CHUNKS if hasattr(inner, "w1") else 1
 
     # The layer-major step pads no rows for this bank: the inner bank's padding is done here.
     pad_rows = 0
@@ -344,20 +407,12 @@ class ExpertParallel(nn.Module):
         recv = [sum(row) for row in mine]
         local = [sum(col) for col in zip(*mine)] if mine else []
         local += [0] * (self.n_local - len(local))
-        perm = inv = None
-        if self.ranks.world > 1 and sum(recv):
-            # The received rows come in segments (source rank, expert); taken by (expert, source).
-            c = torch.tensor(mine, dtype=torch.int64)  # [ranks, my experts]
-            first = (c.flatten().cumsum(0) - c.flatten()).view_as(c).t().flatten()  # each segment's first row
-            n = c.t().flatten()  # segment lengths in the new order
-            perm = torch.repeat_interleave(first - (n.cumsum(0) - n), n) + torch.arange(int(n.sum()))
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(len(perm))
-            device = self.ranks.device
-            perm, inv = perm.to(device), inv.to(device)
+        perm, inv = _regroup(mine, self.ranks.device) if self.ranks.world > 1 else (None, None)
         return _Plan(send, recv, local, perm, inv)
 
     def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if self.chunks > 1 and self.ranks.world > 1:
+            return self._forward_overlapped(x_sorted, counts)
         p = self._plan(counts)
         w = self.ranks.world
         x_in = _Exchange.apply(x_sorted, None, self.ranks, p.recv, p.send, float(w))
@@ -366,6 +421,47 @@ class ExpertParallel(nn.Module):
         y_back = y_local if p.inv is None else y_local.index_select(0, p.inv)
         keep = x_in if torch.is_grad_enabled() and x_in.requires_grad and not y_back.requires_grad else None
         return _Exchange.apply(y_back.to(x_sorted.dtype), keep, self.ranks, p.send, p.recv, 1.0 / w)
+
+    def _forward_overlapped(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`forward` with the exchanges overlapping the experts' compute: the ranks' experts go in
+        `chunks` groups (`chunk_bounds` of each rank's block); every group's tokens start on their
+        way at once, each group computes as soon as its tokens are in while the later ones are
+        still moving, and its outputs start back at once. A group holds whole experts, so the
+        numbers are those of one exchange. In backward the exchanges run one after another (in
+        the same order on every rank: the groups' returns, then their inputs, last group first)."""
+        ranks, w = self.ranks, self.ranks.world
+        every = ranks.gather_counts(counts)  # [source rank][expert of the layer]
+        bounds = ranks.bounds[self.slot]
+        k_groups = max(1, min(self.chunks, *(bounds[r + 1] - bounds[r] for r in range(w))))  # every rank's
+        groups = [[bounds[r] + c for c in chunk_bounds(bounds[r + 1] - bounds[r], k_groups)] for r in range(w)]
+        starts = list(itertools.accumulate(counts, initial=0))
+        me = ranks.rank
+        sent, flights = [], []
+        for k in range(k_groups):
+            # This rank's rows for group k of each rank's experts (contiguous per rank), in rank order.
+            parts = [x_sorted[starts[groups[r][k]]:starts[groups[r][k + 1]]] for r in range(w)]
+            send = [t.shape[0] for t in parts]
+            recv = [sum(every[src][groups[me][k]:groups[me][k + 1]]) for src in range(w)]
+            x_send = torch.cat(parts)
+            sent.append((x_send, send, recv))
+            flights.append(ranks.start_all_to_all(x_send, recv, send))
+        back = []
+        for k, ((x_send, send, recv), flight) in enumerate(zip(sent, flights)):
+            x_in = _Arrived.apply(x_send, None, ranks, recv, send, float(w), flight)
+            lo, hi = groups[me][k] - self.lo, groups[me][k + 1] - self.lo
+            mine = [row[groups[me][k]:groups[me][k + 1]] for row in every]  # [source rank][expert of the group]
+            perm, inv = _regroup(mine, x_in.device)
+            x_local = x_in if perm is None else x_in.index_select(0, perm)
+            local = [0] * self.n_local
+            local[lo:hi] = [sum(col) for col in zip(*mine)]
+            y_local = self.inner(x_local, local)
+            y_back = (y_local if inv is None else y_local.index_select(0, inv)).to(x_sorted.dtype)
+            keep = x_in if torch.is_grad_enabled() and x_in.requires_grad and not y_back.requires_grad else None
+            back.append((y_back, keep, send, recv, ranks.start_all_to_all(y_back, send, recv)))
+        outs = [_Arrived.apply(y_back, keep, ranks, send, recv, 1.0 / w, flight) for y_back, keep, send, recv, flight in back]
+        # Back in x_sorted's order: rank by rank, each rank's groups in order.
+        pieces = [o.split(send) for o, (_, _, send, _, _) in zip(outs, back)]
+        return torch.cat([pieces[k][r] for r in range(w) for k in range(k_groups)])
 
     # ---- the layer-major step (gmtier.layer_major) ----------------------------------------
     def _to_local(self, t: torch.Tensor, p: _Plan) -> torch.Tensor:

@@ -424,14 +424,16 @@ def _empty_groups_are_zero(device_type: str, dtype: torch.dtype) -> bool:
 class GroupedExpertsFn(torch.autograd.Function):
     """All experts of a resident bank in grouped GEMMs over rows `x` (grouped as `offs` says),
     its weights the bank's parameters. The experts without rows get no gradient, as in the loop,
-    so their AdamW skips them: `counts()` gives each expert's rows on the host (from a
-    `HostCopy` where routing ran on the device). Where the dW GEMMs write zeros for an empty
+    so their AdamW skips them: `counts()` gives each expert's rows on the host (a `HostCopy`'s
+    where routing ran on the device). Where the dW GEMMs write zeros for an empty
     group, backward computes every expert's dW and reads the counts only at the end of the
     backward pass, to take the empty experts' gradients back (`_drop_empty_grads`): a host
     wait in the middle of backward would drain the GPU's queue of launched work, and the rest of
-    backward would run at the pace of the host's launches. `counts` None (a CUDA graph's
-    capture, `gmtier.experts.graphed`, where only that probe's answer lets it): every expert's
-    dW, zeros for the empty ones, which the caller takes back."""
+    backward would run at the pace of the host's launches. `counts` a list (the rows already on
+    the host): the dW of the experts with rows only, so that several calls in one backward pass
+    (expert parallelism's groups of experts) each leave the others' gradients alone. `counts`
+    None (a CUDA graph's capture, `gmtier.experts.graphed`, where only that probe's answer lets
+    it): every expert's dW, zeros for the empty ones, which the caller takes back."""
 
     @staticmethod
     def forward(ctx, x, offs, counts, dtype, n_experts: int, *weights):
@@ -456,14 +458,14 @@ class GroupedExpertsFn(torch.autograd.Function):
             if ctx.counts is None:
                 dw1, dw2 = grouped_ffn_dw(x, h, da, dy, offs, ctx.w_dtype)
                 grads = [*dw1.unbind(), *dw2.unbind()]
-            elif _empty_groups_are_zero(x.device.type, x.dtype):
+            elif callable(ctx.counts) and _empty_groups_are_zero(x.device.type, x.dtype):
                 dw1, dw2 = grouped_ffn_dw(x, h, da, dy, offs, ctx.w_dtype)
                 grads = [*dw1.unbind(), *dw2.unbind()]
                 had_grad = [w.grad is not None for w in ctx.weights]
                 torch.autograd.Variable._execution_engine.queue_callback(
                     functools.partial(_drop_empty_grads, ctx.weights, had_grad, ctx.counts, E))
             else:
-                counts = ctx.counts()
+                counts = ctx.counts() if callable(ctx.counts) else ctx.counts
                 used = [e for e, c in enumerate(counts) if c]
                 if used:
                     dw1, dw2 = grouped_ffn_dw(x, h, da, dy, group_ends([counts[e] for e in used], x.device), ctx.w_dtype)
@@ -553,7 +555,7 @@ class ResidentExperts(nn.Module):
         counts_p, rows = gemm_row_layout(counts, self.pad_rows, x_sorted.device)
         xs = to_gemm_rows(x_sorted, rows, sum(counts_p))
         if self._mode(x_sorted) == "grouped" and sum(counts_p):
-            y = self._grouped(xs.to(compute_dtype(x_sorted)), group_ends(counts_p, xs.device), lambda: counts_p)
+            y = self._grouped(xs.to(compute_dtype(x_sorted)), group_ends(counts_p, xs.device), counts_p)
             return from_gemm_rows(y, rows)
         outs = []
         for e, part in enumerate(torch.split(xs, counts_p)):
