@@ -427,8 +427,9 @@ class ExpertParallel(nn.Module):
         `chunks` groups (`chunk_bounds` of each rank's block); every group's tokens start on their
         way at once, each group computes as soon as its tokens are in while the later ones are
         still moving, and its outputs start back at once. A group holds whole experts, so the
-        numbers are those of one exchange. In backward the exchanges run one after another (in
-        the same order on every rank: the groups' returns, then their inputs, last group first)."""
+        numbers are those of one exchange. In backward the exchanges are issued one after
+        another, in the same order on every rank (autograd's): every group's output gradients,
+        last group first, then each group's backward and its input gradients."""
         ranks, w = self.ranks, self.ranks.world
         every = ranks.gather_counts(counts)  # [source rank][expert of the layer]
         bounds = ranks.bounds[self.slot]
