@@ -10,10 +10,10 @@ step runs them, as `torch.cuda.make_graphed_callables` does); a training step th
 layer's forward and backward as one launch each.
 
 A layer replays its graph only where the graph gives the eager layer's numbers: a training
-forward with autograd on, on CUDA, a `ResidentExperts` bank with grouped GEMMs whose dW GEMMs
-write zeros for an expert without rows (the graph computes every expert's dW; the experts
-without tokens lose theirs at the end of backward, as in the eager layer), no router jitter (its
-random draws would differ), no expert parallelism, and the input shape, dtypes and parameters it
+forward with autograd on, on CUDA, a `ResidentExperts` bank with grouped GEMMs whose dW GEMM
+takes an expert without rows as the probe found (the graph computes every expert's dW; at the
+end of backward the experts with tokens get theirs and the others none, as in the eager layer),
+no router jitter (its random draws would differ), no expert parallelism, and the input shape, dtypes and parameters it
 was captured with (a change captures again). Elsewhere the layer runs eagerly. The first step
 pays the capture (a few warm-up passes of each layer); the graphs keep their intermediates in a
 pool of their own between steps. `experts.graphs = "off"` runs every layer eagerly.
