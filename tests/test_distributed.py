@@ -92,6 +92,7 @@ def _dense(path: Path) -> dict:
     ("resident", 1),
     pytest.param("tiered", 1, marks=pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")),
     pytest.param("tiered", 2, marks=pytest.mark.skipif(not _tiered_available(), reason="no ExpertStore")),
+    ("resident", 2),
 ])
 def test_two_ranks_equal_one_process(data_dir, tmp_path, mode, micro_batches):
     """2 ranks x micro_batches x 4 sequences == 1 process over the same 8 x micro_batches sequences
@@ -358,6 +359,20 @@ assert [a is None for a in g1] == [a is None for a in g2], (g1, g2)
 assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
 assert n1 == 4 and n2 == 8, (n1, n2)  # forward and backward: one exchange each way, or one a group each way
 assert [s for s, _ in seen2] == [2, 3], seen2  # both groups' tokens were on their way before the first computed
+# The layer-major step's exchanges (outside autograd), in groups and at once: the same numbers.
+lm = []
+for chunks in (1, 2):
+    bank.chunks, started[:], seen[:] = chunks, [], []
+    y, saved = bank.step_forward(x, counts)
+    dx = bank.step_backward(x, dy, counts, saved)
+    lm.append((y, dx, [None if p.grad is None else p.grad.clone() for p in bank.inner.parameters()], list(seen)))
+    bank.inner.zero_grad(set_to_none=True)
+(y1, dx1, g1, _), (y2, dx2, g2, seen2) = lm
+assert torch.allclose(y1, y2, atol=1e-6) and torch.allclose(dx1, dx2, atol=1e-6)
+assert torch.allclose(y1, runs[0][0], atol=1e-6) and torch.allclose(dx1, runs[0][1], atol=1e-6)
+assert [a is None for a in g1] == [a is None for a in g2] == [a is None for a in runs[0][2]], (g1, g2)
+assert all(a is None or torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+assert [s for s, _ in seen2[:2]] == [2, 3], seen2  # forward: both groups' tokens sent before the first computed
 dist.barrier()
 dist.destroy_process_group()  # before exit: a gloo group left to the interpreter's teardown may abort it
 print("OK", rank, seen2)

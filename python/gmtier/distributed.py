@@ -19,8 +19,8 @@ gmtier.cli train ...`, or `gmtier train --nproc N`, which launches it): NCCL on 
   variable-size `all_to_all_single` takes every kept token to its expert's rank and another
   brings the outputs back; in backward the output gradients go the same way and the input
   gradients come back (one exchange each way per Switch layer and direction). With resident
-  experts the forward exchange goes in groups of experts and overlaps their compute
-  (`ExpertParallel._forward_overlapped`).
+  experts the exchange goes in groups of experts and overlaps their compute
+  (`ExpertParallel._groups`; in the layer-major step too).
 - The dense part is data-parallel: its gradients are averaged over the ranks in one all-reduce
   of a flat buffer a step (`Ranks.average_dense_grads`), so it stays identical on every rank.
   Each rank's loss is the mean over its tokens, so the mean over the ranks is the step's; the
@@ -307,7 +307,7 @@ class _InFlight:
 
 
 # Groups of a rank's experts per Switch layer whose token exchanges overlap the others' compute
-# (resident banks; `ExpertParallel._forward_overlapped`).
+# (resident banks; `ExpertParallel._groups`).
 EXCHANGE_CHUNKS = 2
 
 
@@ -319,6 +319,7 @@ class _Plan:
     local_counts: list[int]  # tokens of each of its experts, from all ranks
     perm: torch.Tensor | None  # received rows (by source rank, then expert) -> by expert, then source rank
     inv: torch.Tensor | None  # the inverse
+    parts: list[slice] | None = None  # a group's (`_groups`): this rank's rows it sends to each rank
 
 
 def _regroup(mine: list[list[int]], device):
@@ -422,47 +423,54 @@ class ExpertParallel(nn.Module):
         keep = x_in if torch.is_grad_enabled() and x_in.requires_grad and not y_back.requires_grad else None
         return _Exchange.apply(y_back.to(x_sorted.dtype), keep, self.ranks, p.send, p.recv, 1.0 / w)
 
-    def _forward_overlapped(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """`forward` with the exchanges overlapping the experts' compute: the ranks' experts go in
-        `chunks` groups (`chunk_bounds` of each rank's block); every group's tokens start on their
-        way at once, each group computes as soon as its tokens are in while the later ones are
-        still moving, and its outputs start back at once. A group holds whole experts, so the
-        numbers are those of one exchange. In backward the exchanges are issued one after
-        another, in the same order on every rank (autograd's): every group's output gradients,
-        last group first, then each group's backward and its input gradients."""
+    def _groups(self, counts: list[int]) -> list[_Plan]:
+        """The exchange in groups of experts (`chunk_bounds` of each rank's block, as many groups
+        on every rank): each group's `_Plan`, and in `parts` this rank's rows of the sorted
+        tokens it sends (to each rank in turn). A group holds whole experts, so the numbers are
+        those of one exchange."""
         ranks, w = self.ranks, self.ranks.world
         every = ranks.gather_counts(counts)  # [source rank][expert of the layer]
         bounds = ranks.bounds[self.slot]
-        k_groups = max(1, min(self.chunks, *(bounds[r + 1] - bounds[r] for r in range(w))))  # every rank's
+        k_groups = max(1, min(self.chunks, *(bounds[r + 1] - bounds[r] for r in range(w))))
         groups = [[bounds[r] + c for c in chunk_bounds(bounds[r + 1] - bounds[r], k_groups)] for r in range(w)]
         starts = list(itertools.accumulate(counts, initial=0))
-        me = ranks.rank
-        sent, flights = [], []
+        mine_bounds = groups[ranks.rank]
+        plans = []
         for k in range(k_groups):
-            # This rank's rows for group k of each rank's experts (contiguous per rank), in rank order.
-            parts = [x_sorted[starts[groups[r][k]]:starts[groups[r][k + 1]]] for r in range(w)]
-            send = [t.shape[0] for t in parts]
-            recv = [sum(every[src][groups[me][k]:groups[me][k + 1]]) for src in range(w)]
-            x_send = torch.cat(parts)
-            sent.append((x_send, send, recv))
-            flights.append(ranks.start_all_to_all(x_send, recv, send))
-        back = []
-        for k, ((x_send, send, recv), flight) in enumerate(zip(sent, flights)):
-            x_in = _Arrived.apply(x_send, None, ranks, recv, send, float(w), flight)
-            lo, hi = groups[me][k] - self.lo, groups[me][k + 1] - self.lo
-            mine = [row[groups[me][k]:groups[me][k + 1]] for row in every]  # [source rank][expert of the group]
-            perm, inv = _regroup(mine, x_in.device)
-            x_local = x_in if perm is None else x_in.index_select(0, perm)
+            parts = [slice(starts[groups[r][k]], starts[groups[r][k + 1]]) for r in range(w)]
+            mine = [row[mine_bounds[k]:mine_bounds[k + 1]] for row in every]  # [source rank][expert of the group]
             local = [0] * self.n_local
-            local[lo:hi] = [sum(col) for col in zip(*mine)]
-            y_local = self.inner(x_local, local)
-            y_back = (y_local if inv is None else y_local.index_select(0, inv)).to(x_sorted.dtype)
+            local[mine_bounds[k] - self.lo:mine_bounds[k + 1] - self.lo] = [sum(col) for col in zip(*mine)]
+            perm, inv = _regroup(mine, ranks.device)
+            plans.append(_Plan([q.stop - q.start for q in parts], [sum(row) for row in mine], local, perm, inv, parts))
+        return plans
+
+    def _forward_overlapped(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`forward` with the exchanges overlapping the experts' compute (`_groups`): every
+        group's tokens start on their way at once, each group computes as soon as its tokens are
+        in while the later ones are still moving, and its outputs start back at once. In
+        backward the exchanges are issued one after another, in the same order on every rank
+        (autograd's): every group's output gradients, last group first, then each group's
+        backward and its input gradients."""
+        ranks, w = self.ranks, self.ranks.world
+        plans = self._groups(counts)
+        sends = [torch.cat([x_sorted[q] for q in p.parts]) for p in plans]
+        flights = [ranks.start_all_to_all(x, p.recv, p.send) for x, p in zip(sends, plans)]
+        back = []
+        for x_send, p, flight in zip(sends, plans, flights):
+            x_in = _Arrived.apply(x_send, None, ranks, p.recv, p.send, float(w), flight)
+            x_local = x_in if p.perm is None else x_in.index_select(0, p.perm)
+            y_local = self.inner(x_local, p.local_counts)
+            y_back = (y_local if p.inv is None else y_local.index_select(0, p.inv)).to(x_sorted.dtype)
             keep = x_in if torch.is_grad_enabled() and x_in.requires_grad and not y_back.requires_grad else None
-            back.append((y_back, keep, send, recv, ranks.start_all_to_all(y_back, send, recv)))
-        outs = [_Arrived.apply(y_back, keep, ranks, send, recv, 1.0 / w, flight) for y_back, keep, send, recv, flight in back]
-        # Back in x_sorted's order: rank by rank, each rank's groups in order.
-        pieces = [o.split(send) for o, (_, _, send, _, _) in zip(outs, back)]
-        return torch.cat([pieces[k][r] for r in range(w) for k in range(k_groups)])
+            back.append((y_back, keep, ranks.start_all_to_all(y_back, p.send, p.recv)))
+        outs = [_Arrived.apply(y, keep, ranks, p.send, p.recv, 1.0 / w, f) for (y, keep, f), p in zip(back, plans)]
+        return self._in_sorted_order(outs, plans)
+
+    def _in_sorted_order(self, outs: list[torch.Tensor], plans: list[_Plan]) -> torch.Tensor:
+        """The groups' returned rows in the sorted tokens' order: rank by rank, its groups in turn."""
+        pieces = [o.split(p.send) for o, p in zip(outs, plans)]
+        return torch.cat([pieces[k][r] for r in range(self.ranks.world) for k in range(len(plans))])
 
     # ---- the layer-major step (gmtier.layer_major) ----------------------------------------
     def _to_local(self, t: torch.Tensor, p: _Plan) -> torch.Tensor:
@@ -473,6 +481,8 @@ class ExpertParallel(nn.Module):
         return self.ranks.all_to_all(t if p.inv is None else t.index_select(0, p.inv), p.send, p.recv)
 
     def step_forward(self, x_sorted: torch.Tensor, counts: list[int]):
+        if self.chunks > 1 and self.ranks.world > 1:
+            return self._step_forward_overlapped(x_sorted, counts)
         p = self._plan(counts)
         counts_in, rows = gemm_row_layout(p.local_counts, self.inner.pad_rows, x_sorted.device)
         x_local = to_gemm_rows(self._to_local(x_sorted, p), rows, sum(counts_in))
@@ -482,6 +492,8 @@ class ExpertParallel(nn.Module):
     def step_backward(self, x_sorted, dy_sorted, counts, saved) -> torch.Tensor:
         """The step's inputs travel again with their output gradients, in one exchange (rather
         than kept on this rank through the step)."""
+        if isinstance(saved, _GroupsSaved):
+            return self._step_backward_overlapped(x_sorted, dy_sorted, saved)
         p, counts_in, rows, inner_saved = saved
         d = x_sorted.shape[1]
         both = self._to_local(torch.cat([x_sorted, dy_sorted.to(x_sorted.dtype)], 1), p)
@@ -489,6 +501,46 @@ class ExpertParallel(nn.Module):
         dy_local = to_gemm_rows(both[:, d:] / self.ranks.world, rows, sum(counts_in))
         dx = self.inner.step_backward(x_local, dy_local, counts_in, inner_saved)
         return (self._from_local(from_gemm_rows(dx, rows), p) * self.ranks.world).to(x_sorted.dtype)
+
+
+    # The layer-major step with the exchanges in groups of experts (`_groups`), each group's
+    # compute overlapping the later groups' exchanges, as in `_forward_overlapped`.
+    def _step_forward_overlapped(self, x_sorted: torch.Tensor, counts: list[int]):
+        ranks, device = self.ranks, x_sorted.device
+        plans = self._groups(counts)
+        flights = [ranks.start_all_to_all(torch.cat([x_sorted[q] for q in p.parts]), p.recv, p.send) for p in plans]
+        back, layouts = [], []
+        for p, flight in zip(plans, flights):
+            x_in = flight.wait()
+            counts_in, rows = gemm_row_layout(p.local_counts, self.inner.pad_rows, device)
+            x_local = to_gemm_rows(x_in if p.perm is None else x_in.index_select(0, p.perm), rows, sum(counts_in))
+            y_local, inner_saved = self.inner.step_forward(x_local, counts_in)
+            y_back = from_gemm_rows(y_local, rows)
+            y_back = y_back if p.inv is None else y_back.index_select(0, p.inv)
+            back.append(ranks.start_all_to_all(y_back.to(x_sorted.dtype), p.send, p.recv))
+            layouts.append((counts_in, rows, inner_saved))
+        return self._in_sorted_order([f.wait() for f in back], plans), _GroupsSaved(plans, layouts)
+
+    def _step_backward_overlapped(self, x_sorted, dy_sorted, saved: "_GroupsSaved") -> torch.Tensor:
+        ranks, w, d = self.ranks, self.ranks.world, x_sorted.shape[1]
+        both = torch.cat([x_sorted, dy_sorted.to(x_sorted.dtype)], 1)
+        flights = [ranks.start_all_to_all(torch.cat([both[q] for q in p.parts]), p.recv, p.send) for p in saved.plans]
+        back = []
+        for p, (counts_in, rows, inner_saved), flight in zip(saved.plans, saved.layouts, flights):
+            got = flight.wait()
+            got = got if p.perm is None else got.index_select(0, p.perm)
+            x_local = to_gemm_rows(got[:, :d], rows, sum(counts_in))
+            dy_local = to_gemm_rows(got[:, d:] / w, rows, sum(counts_in))
+            dx = from_gemm_rows(self.inner.step_backward(x_local, dy_local, counts_in, inner_saved), rows)
+            back.append(ranks.start_all_to_all(dx if p.inv is None else dx.index_select(0, p.inv), p.send, p.recv))
+        return (self._in_sorted_order([f.wait() for f in back], saved.plans) * w).to(x_sorted.dtype)
+
+
+@dataclasses.dataclass
+class _GroupsSaved:
+    """What the grouped layer-major forward hands its backward: each group's plan and layout."""
+    plans: list[_Plan]
+    layouts: list[tuple]  # (padded counts, GEMM rows, the inner bank's saved) of each group
 
 
 # ---- the run directory of a rank ----------------------------------------------------------
