@@ -334,6 +334,51 @@ def test_paging_reads_sections_and_writes_behind(data_dir, tmp_path):
         t.close()
 
 
+@needs_store
+@pytest.mark.parametrize("async_adam", [False, True])
+def test_the_first_switch_layers_write_backs_wait_for_the_steps_updates(data_dir, tmp_path, async_adam):
+    """experts.defer_last_layer_writes: the first Switch layer's records (backward updates them
+    last) start their write-back only after every update of the step, the other layer's as its
+    updates end; the losses and every record are those of writing each one at once."""
+    runs = {}
+    for defer in (True, False):
+        cfg = tiny(data_dir, tmp_path / f"run-{defer}",
+                   experts=dict(prefetch=False, async_adam=async_adam, defer_last_layer_writes=defer))
+        t = Trainer(cfg, log=lambda s: None)
+        try:
+            store, events = t.runtime.store, []
+            assert t.runtime.write_behind
+            adam_step, write_back = store.adam_step, store.write_back
+            store.adam_step = lambda keys, *a, **kw: (events.append(("adam", list(keys))), adam_step(keys, *a, **kw))[1]
+            store.write_back = lambda keys: (events.append(("write", list(keys))), write_back(keys))[1]
+            losses = []
+            for _ in range(3):
+                events.append(("step", None))
+                losses.append(t.train_step(*t.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, t.rng))["loss"])
+            store.flush()
+            records = [store.read_expert(layer, e) for layer in range(2) for e in range(cfg.model.n_experts)]
+            runs[defer] = losses, records
+        finally:
+            t.close()
+        steps = [[]]
+        for kind, keys in events[1:]:
+            steps.append([]) if kind == "step" else steps[-1].append((kind, keys))
+        for step in steps:
+            last_adam = max(i for i, (kind, _) in enumerate(step) if kind == "adam")
+            writes = [(i, k) for i, (kind, keys) in enumerate(step) if kind == "write" for k in keys]
+            first = [i for i, k in writes if k[0] == 0]
+            later = [i for i, k in writes if k[0] == 1]
+            assert first and later, step
+            if defer:
+                assert min(first) > last_adam and max(later) < last_adam, step
+            else:
+                assert min(first) < last_adam, step
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
 def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp_path):
     t = Trainer(tiny(data_dir, tmp_path / "run", train=dict(batch_size=16)), log=lambda s: None)
     try:

@@ -143,6 +143,11 @@ class ExpertsConfig:
     io_threads: int = 4
     direct: bool = True  # O_DIRECT reads/writes (falls back where the filesystem refuses)
     async_adam: bool = True  # run the expert AdamW in a worker thread while backward continues
+    # Where RAM cannot hold every record: the first Switch layer's updated records (the last ones
+    # of a step's backward) are written back once the step's updates are done, while the next
+    # step's forward computes, instead of each as its update ends; that layer's reads then have
+    # the disk to themselves. False: every record is written as soon as it is updated.
+    defer_last_layer_writes: bool = True
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
     adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all

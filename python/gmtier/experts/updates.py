@@ -44,8 +44,14 @@ class ExpertUpdates:
         self.group_size, self.max_pending = plan.grad_group, plan.max_pending
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
         # Records that stay in RAM are written at the commit only; otherwise each is written as
-        # soon as its update is done, overlapping the reads that follow.
+        # soon as its update is done, overlapping the reads that follow, except the first Switch
+        # layer's (`experts.defer_last_layer_writes`): backward updates it last, so its writes
+        # would compete with its own reads, with no compute left to hide them, while the next
+        # forward leaves the disk idle. They start at `drain` (the step's end), and a read that
+        # needs such a slot before then writes it first (the store's eviction).
         self.write_behind = not plan.all_in_ram
+        self.defer_layer = 0 if self.write_behind and cfg.experts.defer_last_layer_writes else None
+        self.deferred: list = []  # updated records of `defer_layer` not yet written back
         # Two workers: while one waits for its expert's dW to reach RAM (or does its bookkeeping),
         # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
         # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
@@ -85,12 +91,14 @@ class ExpertUpdates:
             finally:
                 host.release()
             updated = [k for k, skip in zip(keys, skipped) if not skip]  # a skipped update wrote nothing
+            later = [k for k in updated if k[0] == self.defer_layer]
             if updated:
                 self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
-                if self.write_behind:
-                    self.store.write_back(updated)
+                if self.write_behind and len(later) < len(updated):
+                    self.store.write_back([k for k in updated if k[0] != self.defer_layer])
             self.store.release(keys)
-            return {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}, skipped
+            times = {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}
+            return times, skipped, later
 
         if self.pool is None:
             self._account(run())
@@ -119,16 +127,20 @@ class ExpertUpdates:
                                   seed=self.seed, threads=threads)
 
     def _account(self, result) -> None:
-        times, skipped = result
+        times, skipped, later = result
         self.stats.add_update(times, skipped)
         self.step_skipped += sum(skipped)
+        self.deferred += later
 
     def drain(self) -> None:
-        """Wait for every update queued or running."""
+        """Wait for every update queued or running; then start the deferred write-backs."""
         t0 = time.perf_counter()
         while self.pending:
             self._account(self.pending.pop(0)[0].result())
         self.stats.stats["adam_backlog_s"] += time.perf_counter() - t0
+        if self.deferred:
+            self.store.write_back(self.deferred)
+            self.deferred = []
 
     def close(self) -> None:
         self.drain()
