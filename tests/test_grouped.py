@@ -454,7 +454,7 @@ def test_gpu_training_with_cuda_graphs_equals_eager(data_dir, tmp_path):
 def test_gpu_graphed_layer_accumulates_two_passes_like_the_eager_one():
     """Two forward/backward passes before a step (the second on other tokens): the graphed layer's
     gradients add up as the eager layer's do, though its first pass handed over the graph's own
-    buffers (copied out before the second replay)."""
+    buffers (copied out before the next replay, forward or backward: both reuse the pool)."""
     if not (_has_kernel() and torch.cuda.is_bf16_supported()):
         pytest.skip("no grouped GEMM kernel on this GPU")
     from gmtier.experts.graphed import CAPTURE_FAILURES, SwitchGraphs

@@ -113,6 +113,20 @@ def _hand_over_expert_grads(weights, grads, counts: HostCopy, aliased: list) -> 
                     w.grad += dw
 
 
+def _copy_out_grads(graphs: _LayerGraphs, router: torch.nn.Parameter) -> None:
+    """Gradients that a backward replay left as the graph's own buffers (the router's, taken by
+    autograd as its first gradient, and the experts' dW handed over) become copies of their own:
+    every replay reuses the pool's memory, the forward ones included (its intermediates sit where
+    another layer's gradients were), so this runs before any replay while they are still set
+    (a second pass before the step, or gradients zeroed rather than set to None)."""
+    for w, buf in graphs.aliased:
+        if w.grad is not None and w.grad.data_ptr() == buf.data_ptr():
+            w.grad = buf.clone()
+    graphs.aliased.clear()
+    if router.grad is not None and router.grad.data_ptr() == graphs.grads[1].data_ptr():
+        router.grad = router.grad.clone()
+
+
 class _Replay(torch.autograd.Function):
     """A layer's forward graph replayed on input h. Its backward replays the backward graph and
     returns the static gradients of h and the router; the experts' dW reach their parameters at
@@ -132,14 +146,7 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, daux, dz, _):
         g = ctx.graphs
-        # Gradients an earlier pass of this step left as the graph's own buffers are copied out
-        # before the replay overwrites them.
-        for w, buf in g.aliased:
-            if w.grad is not None and w.grad.data_ptr() == buf.data_ptr():
-                w.grad = buf.clone()
-        g.aliased.clear()
-        if ctx.router.grad is not None and ctx.router.grad.data_ptr() == g.grads[1].data_ptr():
-            ctx.router.grad = ctx.router.grad.clone()
+        _copy_out_grads(g, ctx.router)
         for buf, grad in zip(g.grad_outputs, (dy, daux, dz)):
             buf.copy_(grad)
         g.bwd.replay()
@@ -181,6 +188,8 @@ class SwitchGraphs:
         if key != self._key or self._pointers.get(id(ffn)) != _pointers(self._params.get(id(ffn), ())):
             if not self._capture(h, key):
                 return None
+        for layer_id, g in self._graphed.items():
+            _copy_out_grads(g, self._params[layer_id][0])
         graphs = self._graphed[id(ffn)]
         y, aux, z, _ = _Replay.apply(graphs, h, *self._params[id(ffn)])
         self.replays += 1
