@@ -28,6 +28,7 @@ def _tiered_available() -> bool:
     return hasattr(gmtier._core, "ExpertStore")
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 needs_store = pytest.mark.skipif(not _tiered_available(), reason="gmtier._core.ExpertStore not built")
 
 
@@ -336,47 +337,61 @@ def test_paging_reads_sections_and_writes_behind(data_dir, tmp_path):
 
 @needs_store
 @pytest.mark.parametrize("async_adam", [False, True])
-def test_the_first_switch_layers_write_backs_wait_for_the_steps_updates(data_dir, tmp_path, async_adam):
-    """experts.defer_last_layer_writes: the first Switch layer's records (backward updates them
-    last) start their write-back only after every update of the step, the other layer's as its
-    updates end; the losses and every record are those of writing each one at once."""
+def test_the_steps_last_write_backs_wait_for_its_updates(data_dir, tmp_path, async_adam):
+    """experts.deferred_writes = 2: the first Switch layer's last two experts with tokens (the
+    step's last updates) start their write-back only after every update of the step, every other
+    record as its update ends; the losses and every record are those of writing each at once."""
     runs = {}
-    for defer in (True, False):
-        cfg = tiny(data_dir, tmp_path / f"run-{defer}",
-                   experts=dict(prefetch=False, async_adam=async_adam, defer_last_layer_writes=defer))
+    for deferred in (2, 0):
+        cfg = tiny(data_dir, tmp_path / f"run-{deferred}",
+                   experts=dict(prefetch=False, async_adam=async_adam, deferred_writes=deferred))
         t = Trainer(cfg, log=lambda s: None)
         try:
             store, events = t.runtime.store, []
-            assert t.runtime.write_behind
+            assert t.runtime.write_behind and t.runtime.plan.deferred_writes == deferred
             adam_step, write_back = store.adam_step, store.write_back
             store.adam_step = lambda keys, *a, **kw: (events.append(("adam", list(keys))), adam_step(keys, *a, **kw))[1]
             store.write_back = lambda keys: (events.append(("write", list(keys))), write_back(keys))[1]
-            losses = []
+            losses, used = [], []
             for _ in range(3):
                 events.append(("step", None))
                 losses.append(t.train_step(*t.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, t.rng))["loss"])
+                used.append(list(t.runtime.used[0]))
             store.flush()
             records = [store.read_expert(layer, e) for layer in range(2) for e in range(cfg.model.n_experts)]
-            runs[defer] = losses, records
+            runs[deferred] = losses, records
         finally:
             t.close()
         steps = [[]]
         for kind, keys in events[1:]:
             steps.append([]) if kind == "step" else steps[-1].append((kind, keys))
-        for step in steps:
+        for step, first_layer in zip(steps, used, strict=True):
             last_adam = max(i for i, (kind, _) in enumerate(step) if kind == "adam")
             writes = [(i, k) for i, (kind, keys) in enumerate(step) if kind == "write" for k in keys]
-            first = [i for i, k in writes if k[0] == 0]
-            later = [i for i, k in writes if k[0] == 1]
-            assert first and later, step
-            if defer:
-                assert min(first) > last_adam and max(later) < last_adam, step
+            after = sorted(k for i, k in writes if i > last_adam)
+            assert len(first_layer) > 2 and any(k[0] == 1 for _, k in writes), step
+            if deferred:
+                assert after == [(0, e) for e in first_layer[-2:]], step
+                assert any(k[0] == 0 and i < last_adam for i, k in writes), step  # the layer's first ones at once
             else:
-                assert min(first) < last_adam, step
-    assert runs[True][0] == runs[False][0]
-    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+                assert set(after) <= {(0, first_layer[-1])}, step  # only the last update's own write follows it
+    assert runs[2][0] == runs[0][0]
+    for a, b in zip(runs[2][1], runs[0][1], strict=True):
         for name in a:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_deferred_writes_take_the_ram_the_steps_last_updates_leave():
+    """auto: the RAM slots beyond the updates in flight and the two records paged; none where
+    RAM holds every record (it writes at the commit only); a bad value is refused by name."""
+    seed = config.load(CONFIGS / "seed-envelope.toml", ["model.n_experts=8", 'experts.ram_budget="4GB"',
+                                                      'experts.gpu_budget="2GB"', 'train.precision="bf16"'])
+    p = seed.plan("cuda", gpu_tier=True)
+    assert (p.ram_slots, p.max_pending, p.deferred_writes) == (8, 2, 4)
+    roomy = config.load(CONFIGS / "seed-envelope.toml", ["model.n_experts=8", 'experts.ram_budget="64GB"'])
+    assert roomy.plan("cuda", gpu_tier=True).all_in_ram and roomy.plan("cuda", gpu_tier=True).deferred_writes == 0
+    with pytest.raises(config.ConfigError, match="experts.deferred_writes"):
+        config.load(CONFIGS / "seed-envelope.toml", ["experts.deferred_writes=-1"])
 
 
 def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp_path):

@@ -143,11 +143,12 @@ class ExpertsConfig:
     io_threads: int = 4
     direct: bool = True  # O_DIRECT reads/writes (falls back where the filesystem refuses)
     async_adam: bool = True  # run the expert AdamW in a worker thread while backward continues
-    # Where RAM cannot hold every record: the first Switch layer's updated records (the last ones
-    # of a step's backward) are written back once the step's updates are done, while the next
-    # step's forward computes, instead of each as its update ends; that layer's reads then have
-    # the disk to themselves. False: every record is written as soon as it is updated.
-    defer_last_layer_writes: bool = True
+    # Where RAM cannot hold every record: the last N records a step updates (the first Switch
+    # layer's last experts with tokens) are written back once the step's updates are done, while
+    # the next forward computes, instead of each as its update ends (which would leave the disk
+    # writing alone at the end of backward). "auto": as many as RAM holds besides the updates in
+    # flight and the two records paged (ExpertPlan.deferred_writes); 0: none.
+    deferred_writes: int | str = "auto"
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
     adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all
@@ -282,6 +283,7 @@ class ExpertPlan:
     gpu_prefetch: bool
     max_pending: int  # expert updates that may be queued or running
     prefetch_room: int  # RAM slots left for read-ahead
+    deferred_writes: int  # the step's last updated records written during the next forward
 
     @classmethod
     def build(cls, cfg: Config, device: str, gpu_tier: bool) -> "ExpertPlan":
@@ -306,8 +308,14 @@ class ExpertPlan:
         # Prefetching more than the RAM slots left once those pins are counted would only evict
         # records before their use and read them twice.
         prefetch_room = max(0, ram_slots - in_copy - 2 - max_pending)
+        # The last updates of a step need RAM only for themselves and the last reads: the slots
+        # beyond those may stay dirty until the next forward (none where RAM holds every record,
+        # which writes at the commit only).
+        all_in_ram = ram_slots >= n_records + max_pending + 2
+        deferred = (0 if all_in_ram else max(0, ram_slots - max_pending - 2)) if e.deferred_writes == "auto" \
+            else e.deferred_writes
         return cls(weights, record, ram_bytes, gpu_bytes, n_records, ram_slots, gpu_slots, group, grad_slots,
-                   gpu_prefetch, max_pending, prefetch_room)
+                   gpu_prefetch, max_pending, prefetch_room, deferred)
 
     @property
     def all_in_ram(self) -> bool:
@@ -467,6 +475,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 0")
     if e.adam_threads < 0:
         raise ConfigError(f"experts.adam_threads = {e.adam_threads}: use 0 (the default: all cores, less two on 8+ cores) or a positive count")
+    if e.deferred_writes != "auto" and (isinstance(e.deferred_writes, (str, bool)) or e.deferred_writes < 0):
+        raise ConfigError(f"experts.deferred_writes = {e.deferred_writes!r}: use \"auto\", 0 (write every record "
+                          f"as its update ends) or a number of records")
     if e.pad_rows != "auto" and (isinstance(e.pad_rows, str) or e.pad_rows < 0):
         raise ConfigError(f"experts.pad_rows = {e.pad_rows!r}: use \"auto\", 0 (no padding) or a row multiple such as 128")
     if e.state == "compact" and cfg.expert_dtype() != "bf16":

@@ -71,6 +71,7 @@ class ExpertRuntime:
         self.updates = ExpertUpdates(cfg, p, self.store, self.half, self.figures)
         self.prefetcher = Prefetcher(cfg, p, self.store, self.figures)
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
+        self.deferred_writes = self.plan.deferred_writes  # see ExpertUpdates.submit
 
     # ---- what the plan decided (read by the trainer, benches and tests) -------------------
     max_pending = property(lambda self: self.plan.max_pending)
@@ -270,7 +271,12 @@ class ExpertRuntime:
         self.ahead_of_backward(layer - 1)
 
         gpu = self.store.gpu if self.store.gpu.active else None
-        group_of = self.updates.groups([e for e, c in enumerate(counts) if c])
+        used = [e for e, c in enumerate(counts) if c]
+        group_of = self.updates.groups(used)
+        # Backward's last updates of the step (the first Switch layer's last experts, in the
+        # loop's order) are written back while the next forward runs.
+        n = min(self.deferred_writes, len(used)) if layer == 0 else 0
+        deferred = {(layer, e) for e in used[len(used) - n:]}
         staged: dict[int, dict] = {}  # expert -> its GPU staging views, for the group being computed
         first_slot: dict[int, int] = {}  # group's first expert -> its first staging slot
         grads: dict[int, dict] = {}  # expert -> its dW on the CPU (no GPU tier)
@@ -298,7 +304,7 @@ class ExpertRuntime:
                     host = self.store.grads_to_host(group_keys, staging=first_slot.pop(group[0]))
                 else:
                     host = self.store.grads_to_host(group_keys, [grads.pop(e) for e in group])
-                self.updates.submit(group_keys, host)
+                self.updates.submit(group_keys, host, defer=[k for k in group_keys if k in deferred])
 
         def compute_group(items):
             """Grouped GEMMs for dx of the run, then its dW update group by group: each group's dW

@@ -44,14 +44,13 @@ class ExpertUpdates:
         self.group_size, self.max_pending = plan.grad_group, plan.max_pending
         self.step_skipped = 0  # expert updates skipped for inf/NaN gradients in this step
         # Records that stay in RAM are written at the commit only; otherwise each is written as
-        # soon as its update is done, overlapping the reads that follow, except the first Switch
-        # layer's (`experts.defer_last_layer_writes`): backward updates it last, so its writes
-        # would compete with its own reads, with no compute left to hide them, while the next
-        # forward leaves the disk idle. They start at `drain` (the step's end), and a read that
-        # needs such a slot before then writes it first (the store's eviction).
+        # soon as its update is done, overlapping the reads that follow, except those `submit`
+        # is told to defer (the step's last ones, `experts.deferred_writes`): nothing follows
+        # them in the step to hide their writes, while the next forward leaves the disk idle.
+        # They start at `drain` (the step's end); a read that needs such a slot sooner writes it
+        # first (the store's eviction), and a commit writes it with the rest.
         self.write_behind = not plan.all_in_ram
-        self.defer_layer = 0 if self.write_behind and cfg.experts.defer_last_layer_writes else None
-        self.deferred: list = []  # updated records of `defer_layer` not yet written back
+        self.deferred: list = []  # updated records whose write-back waits for `drain`
         # Two workers: while one waits for its expert's dW to reach RAM (or does its bookkeeping),
         # the other's AdamW keeps the cores busy; both share one rayon pool. With one worker the
         # `small` step on an H200 ran the AdamW at half the memory bandwidth, and backward waited.
@@ -72,13 +71,14 @@ class ExpertUpdates:
         size = self.group_size
         return {e: used[i - i % size: i - i % size + size] for i, e in enumerate(used)}
 
-    def submit(self, keys, host: GradsOnHost) -> None:
+    def submit(self, keys, host: GradsOnHost, defer=()) -> None:
         """With the dW of experts `keys` on their way to pinned RAM (`host`), AdamW on their
         records where they live, in one call (in a worker thread when async); then the records
         are dirty, their GPU copies get the new weights, their write-back starts at once when RAM
-        cannot hold every record (so the slots are clean by the time a read needs them), and
-        they are released. Waits while the queue is full."""
+        cannot hold every record (so the slots are clean by the time a read needs them; those of
+        `defer` at `drain`), and they are released. Waits while the queue is full."""
         lr, scale = self.lr, self.grad_scale
+        defer = set(defer) if self.write_behind else set()
 
         def run():
             t0 = time.perf_counter()
@@ -91,11 +91,11 @@ class ExpertUpdates:
             finally:
                 host.release()
             updated = [k for k, skip in zip(keys, skipped) if not skip]  # a skipped update wrote nothing
-            later = [k for k in updated if k[0] == self.defer_layer]
+            later = [k for k in updated if k in defer]
             if updated:
                 self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
                 if self.write_behind and len(later) < len(updated):
-                    self.store.write_back([k for k in updated if k[0] != self.defer_layer])
+                    self.store.write_back([k for k in updated if k not in defer])
             self.store.release(keys)
             times = {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}
             return times, skipped, later
