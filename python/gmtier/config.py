@@ -146,8 +146,8 @@ class ExpertsConfig:
     # Where RAM cannot hold every record: the last N records a step updates (the first Switch
     # layer's last experts with tokens) are written back once the step's updates are done, while
     # the next forward computes, instead of each as its update ends (which would leave the disk
-    # writing alone at the end of backward). "auto": as many as RAM holds besides the updates in
-    # flight and the two records paged (ExpertPlan.deferred_writes); 0: none.
+    # writing alone at the end of backward). "auto": as many as RAM has slots, so the whole first
+    # layer where it fits (ExpertPlan.deferred_writes); 0: none.
     deferred_writes: int | str = "auto"
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
@@ -308,12 +308,13 @@ class ExpertPlan:
         # Prefetching more than the RAM slots left once those pins are counted would only evict
         # records before their use and read them twice.
         prefetch_room = max(0, ram_slots - in_copy - 2 - max_pending)
-        # The last updates of a step need RAM only for themselves and the last reads: the slots
-        # beyond those may stay dirty until the next forward (none where RAM holds every record,
-        # which writes at the commit only).
+        # The step's last updates may stay dirty until the next forward as far as RAM has slots:
+        # a read that needs one of them sooner writes it first, one after the other, which on the
+        # H200 box's disk is no slower than writing beside the reads. On that box deferring all 8
+        # records of the first layer (RAM 8 slots) beat 4 and 0 (exp/deferred_writes_ab.py). None
+        # where RAM holds every record: that writes at the commit only.
         all_in_ram = ram_slots >= n_records + max_pending + 2
-        deferred = (0 if all_in_ram else max(0, ram_slots - max_pending - 2)) if e.deferred_writes == "auto" \
-            else e.deferred_writes
+        deferred = (0 if all_in_ram else ram_slots) if e.deferred_writes == "auto" else e.deferred_writes
         return cls(weights, record, ram_bytes, gpu_bytes, n_records, ram_slots, gpu_slots, group, grad_slots,
                    gpu_prefetch, max_pending, prefetch_room, deferred)
 
