@@ -62,12 +62,12 @@ def plot_runs(run_dirs: list[str], out: str | Path, width: int = 1500, height: i
     """Write the PNG (`width` x `height` pixels) and return its path. ImportError without matplotlib.
     `hline` = (loss, label): a reference loss drawn across the loss panels (`gmtier bench-quality`:
     the dense model's final validation loss)."""
+    runs = [load_curves(r, n) for r, n in zip(run_dirs, run_names(run_dirs))]  # what is no run is named first
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    runs = [load_curves(r, n) for r, n in zip(run_dirs, run_names(run_dirs))]
     fig, axes = plt.subplots(2, 3, figsize=(width / DPI, height / DPI), dpi=DPI)
     (by_step, by_tokens, by_wall), (rate, hits, lr) = axes
     loss_panels = ((by_step, "step", "step"), (by_tokens, "tokens", "tokens"), (by_wall, "wall_s", "wall time (s)"))
