@@ -348,6 +348,11 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "dram_copy_gbps": dram_gbps, "disk_read_bytes_per_step": read_bytes, "disk_write_bytes_per_step": write_bytes,
         "disk_serial_s": read_bytes / (disk_gbps * GB) + write_bytes / (disk_write_gbps * GB), "pcie_bytes_per_step": pcie_bytes, "adam_bytes_per_step": adam_bytes,
         "expert_updates_per_step": tiered.get("expert_updates", 0) / steps,
+        # The store's disk traffic of a step over the parameters of the experts it updated (what
+        # `gmtier info` gives per paged expert from the record's layout, here as measured:
+        # records still in RAM from the step before are not read again).
+        "disk_bytes_per_updated_param": ((read_bytes + write_bytes) / (tiered["expert_updates"] / steps * expert_params)
+                                         if tiered.get("expert_updates") else None),
         "wait_for_experts_s": waited,
         "host_wait_s": tiered.get("host_wait_s", 0.0) / steps, "gpu_stall_s": tiered.get("gpu_stall_s", 0.0) / steps,
         **{k: tiered.get(k, 0.0) / steps for k in ("expert_fwd_s", "expert_bwd_s", "adam_backlog_s", "adam_kernel_s",
@@ -411,6 +416,7 @@ def _table(results: list[dict]) -> str:
         ("  before the timed steps", "disk_write_gbps_before", "{:.2f}"), ("  after them", "disk_write_gbps_after", "{:.2f}"),
         ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
+        ("  read+written per parameter of the updated experts (B)", "disk_bytes_per_updated_param", "{:.2f}"),
         ("activations: peak on the GPU", "act_gpu_peak_bytes", "{:.2e}"),
         ("  peak in pinned RAM", "act_ram_peak_bytes", "{:.2e}"), ("  pinned RAM allocated", "act_ram_allocated_bytes", "{:.2e}"), ("  to RAM and back/step", "act_ram_bytes", "{:.2e}"),
         ("  spilled to disk/step (in the disk bytes)", "act_disk_write_bytes", "{:.2e}"),
