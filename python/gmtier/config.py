@@ -313,7 +313,7 @@ class ExpertPlan:
         # H200 box's disk is no slower than writing beside the reads. On that box deferring all 8
         # records of the first layer (RAM 8 slots) beat 4 and 0 (exp/deferred_writes_ab.py). None
         # where RAM holds every record: that writes at the commit only.
-        all_in_ram = ram_slots >= n_records + max_pending + 2
+        all_in_ram = _ram_holds_all(ram_slots, n_records, max_pending)
         deferred = (0 if all_in_ram else ram_slots) if e.deferred_writes == "auto" else e.deferred_writes
         return cls(weights, record, ram_bytes, gpu_bytes, n_records, ram_slots, gpu_slots, group, grad_slots,
                    gpu_prefetch, max_pending, prefetch_room, deferred)
@@ -321,7 +321,11 @@ class ExpertPlan:
     @property
     def all_in_ram(self) -> bool:
         """Whether the RAM tier holds every record besides the updates in flight and the two paged."""
-        return self.ram_slots >= self.n_records + self.max_pending + 2
+        return _ram_holds_all(self.ram_slots, self.n_records, self.max_pending)
+
+
+def _ram_holds_all(ram_slots: int, n_records: int, max_pending: int) -> bool:
+    return ram_slots >= n_records + max_pending + 2
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
