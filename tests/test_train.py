@@ -381,6 +381,44 @@ def test_the_steps_last_write_backs_wait_for_its_updates(data_dir, tmp_path, asy
             assert torch.equal(a[name], b[name]), name
 
 
+@needs_store
+def test_forward_takes_the_experts_in_ram_first(data_dir, tmp_path):
+    """RAM for 3 records of 8: a Switch layer's forward acquires the experts whose weights are in
+    RAM before the others (in expert order the reads of the first ones would evict them), reads
+    less, and trains to the same losses as the expert order."""
+    runs = {}
+    for reorder in (True, False):
+        cfg = tiny(data_dir, tmp_path / f"run-{reorder}", experts=dict(prefetch=False))
+        t = Trainer(cfg, log=lambda s: None)
+        try:
+            store, rt, events = t.runtime.store, t.runtime, []
+            pin, acquire = store.pin_resident, store.acquire
+
+            def pin_logged(keys, sections="weights"):
+                slots = pin(keys, sections) if reorder else [None] * len(keys)
+                events.append(("held", {k for k, s in zip(keys, slots) if s is not None}))
+                return slots
+
+            store.pin_resident = pin_logged
+            store.acquire = lambda key, **kw: (events.append(("acquire", tuple(key))), acquire(key, **kw))[1]
+            losses, fwd_read = [], 0
+            for _ in range(4):
+                rt.metrics()
+                losses.append(t.train_step(*t.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, t.rng))["loss"])
+                fwd_read += rt.metrics()["fwd_read_bytes"]
+            runs[reorder] = losses, fwd_read
+            if reorder:
+                held = [(i, h) for i, (kind, h) in enumerate(events) if kind == "held" and h]
+                assert held, events
+                for i, h in held:
+                    after = [k for kind, k in events[i + 1:] if kind == "acquire"][:len(h)]
+                    assert set(after) == h, (h, after)
+        finally:
+            t.close()
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] < runs[False][1], runs
+
+
 def test_deferred_writes_take_as_many_records_as_ram_has_slots():
     """auto: as many records as RAM has slots; none where RAM holds every record (it writes at
     the commit only); a bad value is refused by name."""

@@ -160,7 +160,7 @@ class ExpertRuntime:
         one another in the row order go to `compute_group([(e, start, n, w1, w2), ...])` in one
         call instead (which calls `done` itself in backward). The others are paged one ahead:
         the next one is acquired after the current one's kernels are enqueued, so its read and
-        H2D copy overlap that compute."""
+        H2D copy overlap that compute; in forward those whose weights are in RAM come first."""
         keys = [(layer, e) for e, c in enumerate(counts) if c]
         pf = self.prefetcher
         pf.layer_demanded(layer)
@@ -180,29 +180,46 @@ class ExpertRuntime:
         runs = self._ready_runs(keys, ready, counts) if compute_group is not None else {}
         in_runs = {k for run in runs.values() for k in run}
         paged = [k for k in keys if k not in ready]
+        held = set()
+        if sections == "weights" and len(paged) > 1 and not self.all_in_ram:
+            # Forward: the experts whose weights are in RAM go first, pinned until their turn. In
+            # expert order the reads of the ones before them would evict them first, as the least
+            # recently used (the step before's; the step's last updates stay in RAM for this).
+            held = {k for k, s in zip(paged, self.store.pin_resident(paged, "weights")) if s is not None}
+            if held:
+                paged = [k for k in paged if k in held] + [k for k in paged if k not in held]
+                order = iter(paged)
+                keys = [k if k in ready else next(order) for k in keys]
         room = self.plan.prefetch_room if pf.reads_ahead else 0
-        ahead = {paged[0]: self.store.acquire(paged[0], priority=10, sections=sections)} if paged else {}
-        j = 0  # position in `paged` of the expert acquired ahead
-        for key in keys:
-            if key in runs:
-                compute_group([(k[1], starts[k[1]], counts[k[1]], ready[k]["w1"], ready[k]["w2"]) for k in runs[key]])
-                pf.pump_gpu(reserve=max(0, len(paged) - j))
-                continue
-            if key in in_runs:
-                continue
-            w = ready.get(key) or ahead.pop(key)
-            if key not in ready and room:
-                pf.read_ahead(paged[j + 2: j + 2 + room], 5, sections)
-            e = key[1]
-            compute(e, starts[e], counts[e], w["w1"], w["w2"])
-            if key not in ready:
-                j += 1
-                if j < len(paged):
-                    ahead[paged[j]] = self.store.acquire(paged[j], priority=10, sections=sections)
-                done([key])
-            elif sections != "weights":
-                done([key])  # backward: each update starts as soon as its dW is on its way
-            pf.pump_gpu(reserve=max(0, len(paged) - j - 1))
+        try:
+            ahead = {paged[0]: self.store.acquire(paged[0], priority=10, sections=sections)} if paged else {}
+            j = 0  # position in `paged` of the expert acquired ahead
+            for key in keys:
+                if key in runs:
+                    compute_group([(k[1], starts[k[1]], counts[k[1]], ready[k]["w1"], ready[k]["w2"]) for k in runs[key]])
+                    pf.pump_gpu(reserve=max(0, len(paged) - j))
+                    continue
+                if key in in_runs:
+                    continue
+                w = ready.get(key) or ahead.pop(key)
+                if key not in ready and room:
+                    pf.read_ahead(paged[j + 2: j + 2 + room], 5, sections)
+                e = key[1]
+                compute(e, starts[e], counts[e], w["w1"], w["w2"])
+                if key not in ready:
+                    j += 1
+                    if j < len(paged):
+                        ahead[paged[j]] = self.store.acquire(paged[j], priority=10, sections=sections)
+                    done([key])
+                    if key in held:
+                        held.discard(key)
+                        self.store.unpin([key])
+                elif sections != "weights":
+                    done([key])  # backward: each update starts as soon as its dW is on its way
+                pf.pump_gpu(reserve=max(0, len(paged) - j - 1))
+        finally:
+            if held:
+                self.store.unpin(list(held))
         if sections == "weights" and ready:
             done(list(ready))
 
