@@ -10,6 +10,7 @@ bytes.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -67,7 +68,7 @@ probes = [disk_probes(cfg)]
 rows = []
 for cycle in range(args.cycles):
     for v in values:
-        rt.deferred_writes = v
+        rt.plan = dataclasses.replace(rt.plan, deferred_writes=v)
         for i in range(args.block):
             r = {"deferred_writes": v, "cycle": cycle, "in_block": i, **step()}
             rows.append(r)

@@ -71,7 +71,6 @@ class ExpertRuntime:
         self.updates = ExpertUpdates(cfg, p, self.store, self.half, self.figures)
         self.prefetcher = Prefetcher(cfg, p, self.store, self.figures)
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
-        self.deferred_writes = self.plan.deferred_writes  # see ExpertUpdates.submit
 
     # ---- what the plan decided (read by the trainer, benches and tests) -------------------
     max_pending = property(lambda self: self.plan.max_pending)
@@ -292,7 +291,7 @@ class ExpertRuntime:
         group_of = self.updates.groups(used)
         # Backward's last updates of the step (the first Switch layer's last experts, in the
         # loop's order) are written back while the next forward runs.
-        n = min(self.deferred_writes, len(used)) if layer == 0 else 0
+        n = min(self.plan.deferred_writes, len(used)) if layer == 0 else 0
         deferred = {(layer, e) for e in used[len(used) - n:]}
         staged: dict[int, dict] = {}  # expert -> its GPU staging views, for the group being computed
         first_slot: dict[int, int] = {}  # group's first expert -> its first staging slot

@@ -92,10 +92,11 @@ class ExpertUpdates:
                 host.release()
             updated = [k for k, skip in zip(keys, skipped) if not skip]  # a skipped update wrote nothing
             later = [k for k in updated if k in defer]
+            now = [k for k in updated if k not in defer]
             if updated:
                 self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
-                if self.write_behind and len(later) < len(updated):
-                    self.store.write_back([k for k in updated if k not in defer])
+            if self.write_behind and now:
+                self.store.write_back(now)
             self.store.release(keys)
             times = {"adam_s": time.perf_counter() - t0, "adam_d2h_wait_s": t1 - t0, "adam_kernel_s": t2 - t1}
             return times, skipped, later
