@@ -1,4 +1,4 @@
-"""bench-train on CPU: the hardware probes, the disk term of the bound, and one whole tiny run."""
+"""bench-train on CPU: one whole tiny run and its figures (the disk probes: test_disk.py)."""
 
 import json
 import os
@@ -7,46 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from gmtier.store import emulation as tiers
-from gmtier.bench import ceilings
 from gmtier.bench import train as bench
 from gmtier.cli import main
 from test_train import _write_toml, data_dir, tiny  # noqa: F401  (data_dir is a fixture)
-
-GB = ceilings.GB
-
-
-def test_disk_time_takes_the_faster_of_serial_and_concurrent():
-    # 3 GB read at 1.5 GB/s (2 s) and 2 GB written at 2 GB/s (1 s).
-    serial = ceilings.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=1.0)
-    assert serial == pytest.approx(3.0)  # both at once would take 5 s: one after the other is faster
-    full_duplex = ceilings.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=3.5)
-    assert full_duplex == pytest.approx(2.0)  # never less than the reads alone
-    shared = ceilings.disk_time(3 * GB, 2 * GB, 1.5, 2.0, total_gbps=2.0)
-    assert shared == pytest.approx(2.5)
-    assert ceilings.disk_time(0, 0, 1.5, 2.0, 1.0) == 0.0
-
-
-def test_disk_probes_move_real_bytes(tmp_path):
-    f = tmp_path / "data.bin"
-    f.write_bytes(os.urandom(8 << 20))
-    read_gbps, _direct = ceilings.disk_read_rate(f, threads=2)
-    write_gbps = ceilings.disk_write_rate(tmp_path, nbytes=8 << 20, threads=2)
-    mixed = ceilings.disk_mixed_rate(f, tmp_path, read_gbps, write_gbps, seconds=0.01, threads=2)
-    assert read_gbps > 0 and write_gbps > 0
-    assert mixed["read_gbps"] > 0 and mixed["write_gbps"] > 0 and mixed["total_gbps"] > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]  # scratch files removed
-
-
-def test_write_probe_times_overwrites_of_an_allocated_file(tmp_path):
-    # The store overwrites slots allocated when it was made; the probe must time that, not the
-    # first writes of a new file (block allocation: 0.40 against 1.78 GB/s on one virtual disk).
-    path = tmp_path / "probe.bin"
-    with ceilings._scratch_writer(path, 8 << 20, piece=1 << 20, threads=2) as overwrite:
-        assert path.stat().st_size == 8 << 20  # written once before any timed pass
-        blocks = path.stat().st_blocks
-        assert overwrite() > 0 and overwrite() > 0
-        assert path.stat().st_size == 8 << 20 and path.stat().st_blocks == blocks  # nothing new allocated
-    assert not path.exists()
 
 
 def test_bench_train_tiny_on_cpu(data_dir, tmp_path, monkeypatch):

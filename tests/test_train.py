@@ -382,6 +382,59 @@ def test_the_steps_last_write_backs_wait_for_its_updates(data_dir, tmp_path, asy
 
 
 @needs_store
+def test_reads_and_writes_taking_turns_train_as_together(data_dir, tmp_path, monkeypatch):
+    """experts.read_write = "turns" (turns of one chunk here, so they switch at every record):
+    the same losses and records as "together", with write-backs during the steps."""
+    from gmtier.store import disk
+
+    monkeypatch.setattr(disk, "TURN_BYTES", 4096)
+    runs = {}
+    for mode in ("turns", "together"):
+        cfg = tiny(data_dir, tmp_path / mode, experts=dict(read_write=mode))
+        t = Trainer(cfg, log=lambda s: None)
+        try:
+            assert t.runtime.read_write == mode and not t.runtime.plan.all_in_ram
+            losses = [t.train_step(*t.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, t.rng))["loss"]
+                      for _ in range(4)]
+            assert t.runtime.store.core.metrics()["writebacks"] > 0
+            t.runtime.store.flush()
+            runs[mode] = losses, [t.runtime.store.read_expert(layer, e) for layer in range(2) for e in range(4)]
+        finally:
+            t.close()
+    assert runs["turns"][0] == runs["together"][0]
+    for a, b in zip(runs["turns"][1], runs["together"][1], strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+@needs_store
+def test_read_write_auto_follows_the_disk_probe(data_dir, tmp_path, monkeypatch):
+    """"auto" probes the store's disk when RAM cannot hold every record and takes its verdict
+    (logged); where RAM holds every record it runs together without probing."""
+    from gmtier.store import disk
+
+    rates = {"read_gbps": 2.0, "write_gbps": 3.0, "together_gbps": 2.0, "turns_gbps": 2.4}
+    for verdict, want in ((True, "turns"), (False, "together")):
+        probed = []
+        monkeypatch.setattr(disk, "read_write_turns",
+                            lambda path, directory, threads: (probed.append(path), (verdict, rates))[1])
+        lines = []
+        t = Trainer(tiny(data_dir, tmp_path / want), log=lines.append)
+        try:
+            assert t.runtime.read_write == want and t.runtime.disk_rates == rates
+            assert probed == [t.cfg.store_dir() / "experts.safetensors"]
+            assert any(f"experts.read_write = auto: {want} (disk probe" in line for line in lines), lines
+        finally:
+            t.close()
+    monkeypatch.setattr(disk, "read_write_turns", lambda *a, **k: pytest.fail("probed with every record in RAM"))
+    t = Trainer(tiny(data_dir, tmp_path / "all-in-ram", experts=dict(ram_budget="64MiB")), log=lambda s: None)
+    try:
+        assert t.runtime.plan.all_in_ram and t.runtime.read_write == "together"
+    finally:
+        t.close()
+
+
+@needs_store
 def test_forward_takes_the_experts_in_ram_first(data_dir, tmp_path):
     """RAM for 3 records of 8: a Switch layer's forward acquires the experts whose weights are in
     RAM before the others (in expert order the reads of the first ones would evict them), reads
@@ -430,6 +483,8 @@ def test_deferred_writes_take_as_many_records_as_ram_has_slots():
     assert roomy.plan("cuda", gpu_tier=True).all_in_ram and roomy.plan("cuda", gpu_tier=True).deferred_writes == 0
     with pytest.raises(config.ConfigError, match="experts.deferred_writes"):
         config.load(CONFIGS / "seed-envelope.toml", ["experts.deferred_writes=-1"])
+    with pytest.raises(config.ConfigError, match="experts.read_write = 'both'.*\"turns\""):
+        config.load(CONFIGS / "seed-envelope.toml", ['experts.read_write="both"'])
 
 
 def test_each_expert_is_paged_once_in_forward_and_once_in_backward(data_dir, tmp_path):

@@ -40,7 +40,9 @@ class ExpertStore:
         queue_depth: int = 32,
         direct: bool = True,
         chunk_bytes: int = 4194304,
+        turn_bytes: int = 0,  # > 0: reads and writes take turns of up to this many bytes
     ) -> "ExpertStore": ...  # locks the store: a second open (any process) raises StoreError until close()
+    def set_turn_bytes(self, turn_bytes: int) -> None: ...
     @property
     def record_bytes(self) -> int: ...
     @property

@@ -149,6 +149,12 @@ class ExpertsConfig:
     # writing alone at the end of backward). "auto": as many as RAM has slots, so the whole first
     # layer where it fits (ExpertPlan.deferred_writes); 0: none.
     deferred_writes: int | str = "auto"
+    # Whether the store's reads and writes run at once ("together") or take turns of 1 GiB, never
+    # at once ("turns"): some disks move fewer bytes a second doing both at once than one after
+    # the other (on H200 boxes, 2.18 GB/s at once against 2.44 in turns), others more. "auto":
+    # where RAM cannot hold every record (so steps write back), short probes of the store's disk
+    # when it opens decide (gmtier.store.disk.read_write_turns); "together" where RAM holds all.
+    read_write: str = "auto"
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
     adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all
@@ -311,7 +317,7 @@ class ExpertPlan:
         # The step's last updates may stay dirty until the next forward as far as RAM has slots:
         # a read that needs one of them sooner writes it first, one after the other, which on the
         # H200 box's disk is no slower than writing beside the reads. On that box deferring all 8
-        # records of the first layer (RAM 8 slots) beat 4 and 0 (exp/deferred_writes_ab.py). None
+        # records of the first layer (RAM 8 slots) beat 4 and 0 (exp/store_ab.py). None
         # where RAM holds every record: that writes at the commit only.
         all_in_ram = _ram_holds_all(ram_slots, n_records, max_pending)
         deferred = (0 if all_in_ram else ram_slots) if e.deferred_writes == "auto" else e.deferred_writes
@@ -483,6 +489,9 @@ def validate(cfg: Config) -> None:
     if e.deferred_writes != "auto" and (isinstance(e.deferred_writes, (str, bool)) or e.deferred_writes < 0):
         raise ConfigError(f"experts.deferred_writes = {e.deferred_writes!r}: use \"auto\", 0 (write every record "
                           f"as its update ends) or a number of records")
+    if e.read_write not in ("auto", "together", "turns"):
+        raise ConfigError(f"experts.read_write = {e.read_write!r}: use \"auto\" (probe the disk), \"together\" "
+                          f"(reads and writes at once) or \"turns\" (reads and writes take turns)")
     if e.pad_rows != "auto" and (isinstance(e.pad_rows, str) or e.pad_rows < 0):
         raise ConfigError(f"experts.pad_rows = {e.pad_rows!r}: use \"auto\", 0 (no padding) or a row multiple such as 128")
     if e.state == "compact" and cfg.expert_dtype() != "bf16":

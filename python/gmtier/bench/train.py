@@ -223,6 +223,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
             res["dense_param_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
             res["rss_before_bytes"] = rss_before
             res["host_grad_ring_bytes"] = tr.runtime.store.gpu.host_grad_bytes if tr.runtime else 0
+            res["read_write"] = tr.runtime.read_write if tr.runtime else None
             res["disk_probes_before"] = before
             return res, tr
         except BaseException:
@@ -377,6 +378,7 @@ def bench_config(path: str, overrides, work_dir: Path, warmup: int, steps: int, 
         "rss_bytes": tiered["rss_bytes"], "ram_budget": ram_budget, "rss_before_trainer_bytes": tiered["rss_before_bytes"],
         "rss_over_budget_and_runtime_bytes": tiered["rss_bytes"] - ram_budget - tiered["rss_before_bytes"],
         "host_grad_ring_bytes": tiered["host_grad_ring_bytes"],  # pinned dW buffers, part of that
+        "read_write": tiered["read_write"],  # experts.read_write as resolved ("auto": the store's probe)
         "resident_step_s": full_resident["step_s"] if full_resident else None,
         "tiered_again_step_s": again["step_s"] if again else None,
         "tiered_vs_resident": (full_resident["step_s"] / again["step_s"]) if again else None,
@@ -414,7 +416,9 @@ def _table(results: list[dict]) -> str:
         ("  before the timed steps", "disk_read_gbps_before", "{:.2f}"), ("  after them", "disk_read_gbps_after", "{:.2f}"),
         ("disk write GB/s (mean)", "disk_write_gbps", "{:.2f}"),
         ("  before the timed steps", "disk_write_gbps_before", "{:.2f}"), ("  after them", "disk_write_gbps_after", "{:.2f}"),
-        ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"), ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
+        ("disk read+write at once GB/s", "disk_mixed_total_gbps", "{:.2f}"),
+        ("the store's reads and writes ran (experts.read_write)", "read_write", "{}"),
+        ("disk bytes read/step", "disk_read_bytes_per_step", "{:.2e}"),
         ("disk bytes written/step", "disk_write_bytes_per_step", "{:.2e}"),
         ("  read+written per parameter of the updated experts (B)", "disk_bytes_per_updated_param", "{:.2f}"),
         ("activations: peak on the GPU", "act_gpu_peak_bytes", "{:.2e}"),

@@ -26,7 +26,8 @@ from gmtier.experts.bank import (TieredExperts, chunks, expert_chunk_rows, exper
 from gmtier.experts.metrics import RuntimeStats
 from gmtier.experts.prefetch import Prefetcher
 from gmtier.experts.updates import ExpertUpdates
-from gmtier.store import StoreError, TieredExpertStore, emulated
+from gmtier.store import StoreError, TieredExpertStore, disk, emulated
+from gmtier.store.tiered import DATA_FILE
 
 
 class ExpertRuntime:
@@ -65,6 +66,7 @@ class ExpertRuntime:
             path, ram_bytes=p.ram_bytes, gpu_bytes=p.gpu_bytes, device=self.device, io_threads=cfg.experts.io_threads,
             direct=cfg.experts.direct, gpu_grad_slots=p.grad_slots, gpu_grad_group=p.grad_group)
         self._check_geometry(path)
+        self.read_write, self.disk_rates = self._choose_read_write(path)
         # The plan's sizes come from the same RecordLayout as the store's: they must agree.
         assert (p.ram_slots, p.gpu_slots) == (self.store.ram_slots, self.store.gpu.num_slots), (p, self.store)
         self.figures = RuntimeStats(self.store, self.switch_layers)
@@ -102,6 +104,25 @@ class ExpertRuntime:
                 f"the expert store {path} holds {self.store.num_layers} layers x {self.store.num_experts} experts with "
                 f"records {have}, but the config needs {len(self.switch_layers)} x {self.n_experts} with {want} "
                 f"(model.* or experts.dtype changed); train with --fresh or point experts.store_dir elsewhere")
+
+    def _choose_read_write(self, path: Path) -> tuple[str, dict]:
+        """experts.read_write resolved ("together" or "turns") and set on the store, with the
+        disk probe's rates where "auto" ran it (gmtier.store.disk.read_write_turns)."""
+        choice, rates = self.cfg.experts.read_write, {}
+        if choice == "auto":
+            choice = "together"  # where RAM holds every record nothing is written between commits
+            if not self.plan.all_in_ram:
+                try:
+                    turns, rates = disk.read_write_turns(path / DATA_FILE, path, threads=self.cfg.experts.io_threads)
+                except OSError as e:  # a full disk, say: the probe's scratch file could not be written
+                    self.log(f"experts.read_write = auto: the disk probe failed ({e}); reads and writes run together")
+                else:
+                    choice = "turns" if turns else "together"
+                    self.log(f"experts.read_write = auto: {choice} (disk probe, GB/s: read {rates['read_gbps']:.2f}, "
+                             f"write {rates['write_gbps']:.2f}, both at once {rates['together_gbps']:.2f}, in turns "
+                             f"{rates['turns_gbps']:.2f})")
+        self.store.core.set_turn_bytes(disk.TURN_BYTES if choice == "turns" else 0)
+        return choice, rates
 
     def _create(self, path: Path, overwrite: bool) -> None:
         """A new store filled from the seeded init, one record at a time, committed as step 0."""

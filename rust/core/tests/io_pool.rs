@@ -214,3 +214,88 @@ fn urgent_writes_take_any_free_worker() {
     rig.open(jobs);
     rig.wait_finished(3 * n);
 }
+
+#[test]
+fn taking_turns_never_runs_reads_and_writes_at_once() {
+    let (n, turn) = (4, 3);
+    let (rig, pool) = (Rig::default(), IoPool::new(n));
+    let _gates = rig.open_all_on_drop();
+    pool.set_turns(Some(turn));
+    let h = hold(&rig, &pool, n);
+    // (reads running, writes running, whether both ever ran at once), and the start order.
+    let running = Arc::new(Mutex::new((0usize, 0usize, false)));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new((Mutex::new(0usize), Condvar::new()));
+    for i in 0..24u64 {
+        let write = i % 2 == 0;
+        let (running, order, done) = (running.clone(), order.clone(), done.clone());
+        let class = if write { W } else { R };
+        let prio = JobPriority {
+            class,
+            priority: 0,
+            seq: i,
+        };
+        pool.submit(
+            prio,
+            Box::new(move || {
+                {
+                    let mut r = running.lock().unwrap();
+                    if write {
+                        r.1 += 1
+                    } else {
+                        r.0 += 1
+                    }
+                    r.2 |= r.0 > 0 && r.1 > 0;
+                    order.lock().unwrap().push(write);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                {
+                    let mut r = running.lock().unwrap();
+                    if write {
+                        r.1 -= 1
+                    } else {
+                        r.0 -= 1
+                    }
+                }
+                *done.0.lock().unwrap() += 1;
+                done.1.notify_all();
+            }),
+        );
+    }
+    rig.open(h);
+    let mut d = done.0.lock().unwrap();
+    while *d < 24 {
+        d = done.1.wait(d).unwrap();
+    }
+    drop(d);
+    assert!(!running.lock().unwrap().2, "a read and a write ran at once");
+    // Both kinds stay queued to the end (12 each), so every turn but the last is `turn` jobs.
+    let order = order.lock().unwrap().clone();
+    let mut turns = vec![1usize];
+    for w in order.windows(2) {
+        if w[0] == w[1] {
+            *turns.last_mut().unwrap() += 1;
+        } else {
+            turns.push(1);
+        }
+    }
+    assert!(turns.iter().all(|&t| t <= turn), "turns {turns:?}");
+    assert!(turns.len() >= 24 / turn, "turns {turns:?}");
+    // Turns off again: half the workers write while reads are queued.
+    let (rig, pool) = (Rig::default(), IoPool::new(n));
+    let _gates = rig.open_all_on_drop();
+    pool.set_turns(Some(turn));
+    pool.set_turns(None);
+    let h = hold(&rig, &pool, n);
+    let jobs = rig.gate();
+    for i in 0..8 {
+        let kind = if i % 2 == 0 { W } else { R };
+        let name = format!("{}{i}", if kind == W { 'w' } else { 'r' });
+        rig.submit(&pool, kind, 0, 100 + i, &name, jobs);
+    }
+    rig.open(h);
+    let started = rig.wait_started(2 * n);
+    assert_eq!(kinds(&started[n..]), (n / 2, n / 2), "{started:?}");
+    rig.open(jobs);
+    rig.wait_finished(2 * n);
+}

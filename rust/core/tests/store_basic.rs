@@ -13,6 +13,7 @@ fn opts(ram_bytes: usize) -> StoreOptions {
         queue_depth: 8,
         direct: true,
         chunk_bytes: 8192,
+        turn_bytes: 0,
     }
 }
 
@@ -38,12 +39,20 @@ fn layout_is_aligned_and_weights_first() {
 
 #[test]
 fn round_trip_through_ram_writeback_and_reopen() {
+    // Reads and writes at once, and taking turns of one chunk and of many.
+    for turn_bytes in [0, 8192, 1 << 20] {
+        round_trip(turn_bytes);
+    }
+}
+
+fn round_trip(turn_bytes: usize) {
     let d = tempfile::tempdir().unwrap();
     let (nl, ne) = (2, 5);
     let rb = make(d.path(), nl, ne);
     {
         // 3 slots for 10 experts: every write goes through eviction write-back.
         let s = ExpertStore::open(d.path(), opts(3 * rb)).unwrap();
+        s.set_turn_bytes(turn_bytes);
         for l in 0..nl {
             for e in 0..ne {
                 assert_eq!(
@@ -292,6 +301,7 @@ fn a_write_back_in_flight_does_not_hold_back_loads() {
             queue_depth: 2,
             direct: true,
             chunk_bytes: 4096,
+            turn_bytes: 0,
         },
     )
     .unwrap();

@@ -24,6 +24,7 @@ fn open(dir: &Path, ram_records: usize, gpu_slots: usize) -> (ExpertStore, GpuSl
         queue_depth: 8,
         direct: false,
         chunk_bytes: 8192,
+        turn_bytes: 0,
     };
     let s = ExpertStore::open(dir, opts).unwrap();
     let gpu = s.gpu_slots(gpu_slots).unwrap();

@@ -14,6 +14,7 @@ fn opts() -> StoreOptions {
         queue_depth: 4,
         direct: true,
         chunk_bytes: 8192,
+        turn_bytes: 0,
     }
 }
 

@@ -15,6 +15,7 @@ fn opts(ram_slots: usize, rb: usize) -> StoreOptions {
         queue_depth: 8,
         direct: true,
         chunk_bytes: 8192,
+        turn_bytes: 0,
     }
 }
 

@@ -35,6 +35,7 @@ fn opts(ram_bytes: usize) -> StoreOptions {
         queue_depth: 6,
         direct: true,
         chunk_bytes: 4096,
+        turn_bytes: 0,
     }
 }
 

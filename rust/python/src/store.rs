@@ -139,8 +139,11 @@ impl PyExpertStore {
     }
 
     /// Open a store with a RAM budget (bytes).
+    /// `turn_bytes` > 0: reads and writes take turns of up to that many bytes instead of
+    /// running at once (for a disk slower at both at once).
     #[staticmethod]
-    #[pyo3(signature = (path, ram_bytes, io_threads=8, queue_depth=32, direct=true, chunk_bytes=4<<20))]
+    #[pyo3(signature = (path, ram_bytes, io_threads=8, queue_depth=32, direct=true, chunk_bytes=4<<20, turn_bytes=0))]
+    #[allow(clippy::too_many_arguments)]
     fn open(
         py: Python<'_>,
         path: PathBuf,
@@ -149,6 +152,7 @@ impl PyExpertStore {
         queue_depth: usize,
         direct: bool,
         chunk_bytes: usize,
+        turn_bytes: usize,
     ) -> PyResult<Self> {
         let opts = StoreOptions {
             ram_bytes,
@@ -156,11 +160,17 @@ impl PyExpertStore {
             queue_depth,
             direct,
             chunk_bytes,
+            turn_bytes,
         };
         let inner = py
             .detach(|| core::ExpertStore::open(&path, opts))
             .map_err(error::store)?;
         Ok(PyExpertStore { inner })
+    }
+
+    /// Let reads and writes take turns of up to `turn_bytes` from the next I/O on (0: at once).
+    fn set_turn_bytes(&self, turn_bytes: usize) {
+        self.inner.set_turn_bytes(turn_bytes);
     }
 
     /// Bytes per record (weights + state, multiple of 4096).

@@ -220,8 +220,15 @@ struct Queue {
     writes: BinaryHeap<Job>,
     /// Write jobs running now.
     writes_running: usize,
+    /// Read jobs running now.
+    reads_running: usize,
     /// Whether the last job taken was a write (a one-thread pool alternates).
     last_was_write: bool,
+    /// `Some(n)`: reads and writes take turns, never running at once, each turn at most `n`
+    /// jobs while the other kind waits (see [`IoPool::set_turns`]); `None`: both at once.
+    turn_jobs: Option<usize>,
+    /// Jobs of the last job's kind taken in a row.
+    taken_in_turn: usize,
     stop: bool,
 }
 
@@ -232,20 +239,33 @@ impl Queue {
     /// writes run while fewer than half the workers write (a one-thread pool alternates), else
     /// the most urgent read. So a batch of write-behinds never starves demand reads, reads
     /// never starve writes, and a full-duplex disk sees both at once.
+    ///
+    /// Taking turns (`turn_jobs`), a job starts only while no job of the other kind runs: an
+    /// urgent write-back wins the next turn; otherwise the kind of the last job keeps the disk
+    /// for up to `turn_jobs` jobs while the other kind waits, or until its queue is empty; the
+    /// other kind starts once the last job of the turn has finished. For a disk that moves
+    /// fewer bytes a second reading and writing at once than one after the other.
     fn pop(&mut self, threads: usize) -> Option<(Job, bool)> {
         let write = match (self.writes.peek(), self.reads.peek()) {
             (None, None) => return None,
             (Some(_), None) => true,
             (None, Some(_)) => false,
-            (Some(w), Some(_)) => {
-                w.prio.class >= JobPriority::URGENT_WRITE
-                    || if threads == 1 {
-                        !self.last_was_write
-                    } else {
-                        self.writes_running < threads / 2
-                    }
-            }
+            (Some(w), Some(_)) if w.prio.class >= JobPriority::URGENT_WRITE => true,
+            (Some(_), Some(_)) => match self.turn_jobs {
+                Some(n) if self.taken_in_turn < n => self.last_was_write,
+                Some(_) => !self.last_was_write,
+                None if threads == 1 => !self.last_was_write,
+                None => self.writes_running < threads / 2,
+            },
         };
+        let other_running = if write {
+            self.reads_running
+        } else {
+            self.writes_running
+        };
+        if self.turn_jobs.is_some() && other_running > 0 {
+            return None; // the turn's last jobs are still running
+        }
         let job = if write {
             self.writes.pop()
         } else {
@@ -253,9 +273,28 @@ impl Queue {
         }?;
         if write {
             self.writes_running += 1;
+        } else {
+            self.reads_running += 1;
         }
+        self.taken_in_turn = if write == self.last_was_write {
+            self.taken_in_turn + 1
+        } else {
+            1
+        };
         self.last_was_write = write;
         Some((job, write))
+    }
+
+    /// A job of the kind `write` has finished: whether workers waiting for its kind's turn to
+    /// end must be woken.
+    fn finish(&mut self, write: bool) -> bool {
+        let running = if write {
+            &mut self.writes_running
+        } else {
+            &mut self.reads_running
+        };
+        *running -= 1;
+        *running == 0 && self.turn_jobs.is_some()
     }
 }
 
@@ -276,7 +315,10 @@ impl IoPool {
                 reads: BinaryHeap::new(),
                 writes: BinaryHeap::new(),
                 writes_running: 0,
+                reads_running: 0,
                 last_was_write: false,
+                turn_jobs: None,
+                taken_in_turn: 0,
                 stop: false,
             }),
             Condvar::new(),
@@ -294,15 +336,16 @@ impl IoPool {
                                 if let Some(j) = g.pop(threads) {
                                     break j;
                                 }
-                                if g.stop {
+                                // (A job can stay queued while the other kind's turn ends.)
+                                if g.stop && g.reads.is_empty() && g.writes.is_empty() {
                                     return;
                                 }
                                 g = cv.wait(g).unwrap();
                             }
                         };
                         (job.run)();
-                        if write {
-                            m.lock().unwrap().writes_running -= 1;
+                        if m.lock().unwrap().finish(write) {
+                            cv.notify_all();
                         }
                     })
                     .expect("spawn I/O thread")
@@ -325,6 +368,13 @@ impl IoPool {
         }
         drop(g);
         cv.notify_one();
+    }
+    /// Let reads and writes take turns of at most `turn_jobs` jobs each (`Some`), or run both at
+    /// once (`None`, the default); see `Queue::pop`. Takes effect from the next job taken.
+    pub fn set_turns(&self, turn_jobs: Option<usize>) {
+        let (m, cv) = &*self.q;
+        m.lock().unwrap().turn_jobs = turn_jobs.map(|n| n.max(1));
+        cv.notify_all();
     }
     /// Run the queued jobs, then stop and join the workers.
     pub fn shutdown(&self) {

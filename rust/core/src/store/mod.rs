@@ -65,6 +65,10 @@ pub struct StoreOptions {
     pub direct: bool,
     /// Bytes per pread/pwrite; a record is split into chunks that run concurrently.
     pub chunk_bytes: usize,
+    /// 0: reads and writes run at once (a full-duplex disk). Otherwise they take turns of up to
+    /// this many bytes while the other kind waits, never running at once: for a disk whose
+    /// rate reading and writing at once is below its rate doing one after the other.
+    pub turn_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -75,6 +79,7 @@ impl Default for StoreOptions {
             queue_depth: 32,
             direct: true,
             chunk_bytes: 4 << 20,
+            turn_bytes: 0,
         }
     }
 }

@@ -77,6 +77,7 @@ impl ExpertStore {
             gpu: Default::default(),
         };
         let io = IoPool::new(opts.io_threads);
+        io.set_turns(turn_jobs(opts.turn_bytes, opts.chunk_bytes));
         let read_depth = opts
             .queue_depth
             .max(2 * record_chunks(&geom.layout.span(Sections::ALL).1, opts.chunk_bytes));
@@ -109,6 +110,13 @@ impl ExpertStore {
     /// RAM slots.
     pub fn ram_slots(&self) -> usize {
         self.sh.ram_slots
+    }
+    /// Let reads and writes take turns of up to `turn_bytes` (0: run both at once); see
+    /// [`StoreOptions::turn_bytes`]. Takes effect from the next I/O started.
+    pub fn set_turn_bytes(&self, turn_bytes: usize) {
+        self.sh
+            .io
+            .set_turns(turn_jobs(turn_bytes, self.sh.opts.chunk_bytes));
     }
     /// Store directory.
     pub fn dir(&self) -> &Path {
@@ -193,4 +201,9 @@ impl Drop for ExpertStore {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The I/O pool's turn in jobs (chunks) for a turn of `turn_bytes`; `None` for 0 (no turns).
+fn turn_jobs(turn_bytes: usize, chunk_bytes: usize) -> Option<usize> {
+    (turn_bytes > 0).then(|| turn_bytes.div_ceil(chunk_bytes.max(super::format::ALIGN)))
 }
