@@ -4,7 +4,8 @@ turn, `--block` steps each, `--cycles` times round; the disk drifts over minutes
 so the values alternate on the same store and disk rather than run one after the other. The first
 step of a block carries the previous value's writes into its forward: only the later steps of a
 block count. Prints each step and the median per value, with its phases and disk bytes and rates.
-Knobs: experts.deferred_writes (records, e.g. 0,4,8) and experts.read_write (together,turns).
+Knobs: experts.deferred_writes (records, e.g. 0,4,8) and experts.read_write (together,turns; turns-N: a
+turn starts while at most N chunks of the one before still run).
 
     python exp/store_ab.py [--knob deferred_writes] [--values 0,4,8] [--block 2] [--cycles 2] [--dir /root/b/ab]
     python exp/store_ab.py --knob read_write --values together,turns --block 3 --cycles 3
@@ -52,7 +53,8 @@ def apply(v) -> None:
     if args.knob == "deferred_writes":
         rt.plan = dataclasses.replace(rt.plan, deferred_writes=v)
     else:
-        rt.store.core.set_turn_bytes(TURN_BYTES if v == "turns" else 0)
+        # "turns-N": a turn starts while at most N chunks of the one before still run.
+        rt.store.core.set_turn_bytes(TURN_BYTES if v.startswith("turns") else 0, int(v.partition("-")[2] or 0))
 
 
 def sync() -> None:

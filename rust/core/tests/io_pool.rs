@@ -220,7 +220,7 @@ fn taking_turns_never_runs_reads_and_writes_at_once() {
     let (n, turn) = (4, 3);
     let (rig, pool) = (Rig::default(), IoPool::new(n));
     let _gates = rig.open_all_on_drop();
-    pool.set_turns(Some(turn));
+    pool.set_turns(Some(turn), 0);
     let h = hold(&rig, &pool, n);
     // (reads running, writes running, whether both ever ran at once), and the start order.
     let running = Arc::new(Mutex::new((0usize, 0usize, false)));
@@ -284,8 +284,8 @@ fn taking_turns_never_runs_reads_and_writes_at_once() {
     // Turns off again: half the workers write while reads are queued.
     let (rig, pool) = (Rig::default(), IoPool::new(n));
     let _gates = rig.open_all_on_drop();
-    pool.set_turns(Some(turn));
-    pool.set_turns(None);
+    pool.set_turns(Some(turn), 0);
+    pool.set_turns(None, 0);
     let h = hold(&rig, &pool, n);
     let jobs = rig.gate();
     for i in 0..8 {

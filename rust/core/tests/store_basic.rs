@@ -52,7 +52,7 @@ fn round_trip(turn_bytes: usize) {
     {
         // 3 slots for 10 experts: every write goes through eviction write-back.
         let s = ExpertStore::open(d.path(), opts(3 * rb)).unwrap();
-        s.set_turn_bytes(turn_bytes);
+        s.set_turn_bytes(turn_bytes, 0);
         for l in 0..nl {
             for e in 0..ne {
                 assert_eq!(

@@ -168,9 +168,11 @@ impl PyExpertStore {
         Ok(PyExpertStore { inner })
     }
 
-    /// Let reads and writes take turns of up to `turn_bytes` from the next I/O on (0: at once).
-    fn set_turn_bytes(&self, turn_bytes: usize) {
-        self.inner.set_turn_bytes(turn_bytes);
+    /// Let reads and writes take turns of up to `turn_bytes` from the next I/O on (0: at once);
+    /// a turn starts while at most `overlap` chunks of the one before still run.
+    #[pyo3(signature = (turn_bytes, overlap=0))]
+    fn set_turn_bytes(&self, turn_bytes: usize, overlap: usize) {
+        self.inner.set_turn_bytes(turn_bytes, overlap);
     }
 
     /// Bytes per record (weights + state, multiple of 4096).

@@ -229,6 +229,9 @@ struct Queue {
     turn_jobs: Option<usize>,
     /// Jobs of the last job's kind taken in a row.
     taken_in_turn: usize,
+    /// Taking turns: how many of the other kind's jobs may still be running when a job starts
+    /// (0: none; more keeps the disk's queue filled while a turn's last chunks finish).
+    turn_overlap: usize,
     stop: bool,
 }
 
@@ -263,7 +266,7 @@ impl Queue {
         } else {
             self.writes_running
         };
-        if self.turn_jobs.is_some() && other_running > 0 {
+        if self.turn_jobs.is_some() && other_running > self.turn_overlap {
             return None; // the turn's last jobs are still running
         }
         let job = if write {
@@ -294,7 +297,7 @@ impl Queue {
             &mut self.reads_running
         };
         *running -= 1;
-        *running == 0 && self.turn_jobs.is_some()
+        *running <= self.turn_overlap && self.turn_jobs.is_some()
     }
 }
 
@@ -319,6 +322,7 @@ impl IoPool {
                 last_was_write: false,
                 turn_jobs: None,
                 taken_in_turn: 0,
+                turn_overlap: 0,
                 stop: false,
             }),
             Condvar::new(),
@@ -371,9 +375,14 @@ impl IoPool {
     }
     /// Let reads and writes take turns of at most `turn_jobs` jobs each (`Some`), or run both at
     /// once (`None`, the default); see `Queue::pop`. Takes effect from the next job taken.
-    pub fn set_turns(&self, turn_jobs: Option<usize>) {
+    /// `overlap`: how many jobs of the last turn may still run when the next one starts (0:
+    /// none, so reads and writes never run at once).
+    pub fn set_turns(&self, turn_jobs: Option<usize>, overlap: usize) {
         let (m, cv) = &*self.q;
-        m.lock().unwrap().turn_jobs = turn_jobs.map(|n| n.max(1));
+        let mut q = m.lock().unwrap();
+        q.turn_jobs = turn_jobs.map(|n| n.max(1));
+        q.turn_overlap = overlap;
+        drop(q);
         cv.notify_all();
     }
     /// Run the queued jobs, then stop and join the workers.

@@ -77,7 +77,7 @@ impl ExpertStore {
             gpu: Default::default(),
         };
         let io = IoPool::new(opts.io_threads);
-        io.set_turns(turn_jobs(opts.turn_bytes, opts.chunk_bytes));
+        io.set_turns(turn_jobs(opts.turn_bytes, opts.chunk_bytes), 0);
         let read_depth = opts
             .queue_depth
             .max(2 * record_chunks(&geom.layout.span(Sections::ALL).1, opts.chunk_bytes));
@@ -112,11 +112,12 @@ impl ExpertStore {
         self.sh.ram_slots
     }
     /// Let reads and writes take turns of up to `turn_bytes` (0: run both at once); see
-    /// [`StoreOptions::turn_bytes`]. Takes effect from the next I/O started.
-    pub fn set_turn_bytes(&self, turn_bytes: usize) {
+    /// [`StoreOptions::turn_bytes`]. A turn starts while at most `overlap` chunks of the one
+    /// before still run (0: reads and writes never at once). Takes effect from the next I/O.
+    pub fn set_turn_bytes(&self, turn_bytes: usize, overlap: usize) {
         self.sh
             .io
-            .set_turns(turn_jobs(turn_bytes, self.sh.opts.chunk_bytes));
+            .set_turns(turn_jobs(turn_bytes, self.sh.opts.chunk_bytes), overlap);
     }
     /// Store directory.
     pub fn dir(&self) -> &Path {
