@@ -18,6 +18,8 @@ pub(crate) struct V {
     pub(crate) neg_step_size: __m256,
     pub(crate) bc2_sqrt: __m256,
     pub(crate) eps: __m256,
+    pub(crate) neg_step_bc2: __m256,
+    pub(crate) eps_bc2: __m256,
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -32,6 +34,8 @@ pub(crate) fn splat(c: &Coefs) -> V {
         neg_step_size: _mm256_set1_ps(c.neg_step_size),
         bc2_sqrt: _mm256_set1_ps(c.bc2_sqrt),
         eps: _mm256_set1_ps(c.eps),
+        neg_step_bc2: _mm256_set1_ps(c.neg_step_bc2),
+        eps_bc2: _mm256_set1_ps(c.eps_bc2),
     }
 }
 

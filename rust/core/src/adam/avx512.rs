@@ -17,6 +17,8 @@ pub(crate) struct V {
     pub(crate) neg_step_size: __m512,
     pub(crate) bc2_sqrt: __m512,
     pub(crate) eps: __m512,
+    pub(crate) neg_step_bc2: __m512,
+    pub(crate) eps_bc2: __m512,
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -31,6 +33,8 @@ pub(crate) fn splat(c: &Coefs) -> V {
         neg_step_size: _mm512_set1_ps(c.neg_step_size),
         bc2_sqrt: _mm512_set1_ps(c.bc2_sqrt),
         eps: _mm512_set1_ps(c.eps),
+        neg_step_bc2: _mm512_set1_ps(c.neg_step_bc2),
+        eps_bc2: _mm512_set1_ps(c.eps_bc2),
     }
 }
 

@@ -104,6 +104,8 @@ pub enum HalfDtype {
 /// agrees with it to the last bit in almost every element:
 /// `p *= decay; m = fma(lerp_coeff, g - m, lerp_small ? m : g)` (that is `m.lerp_(g, 1 - beta1)`);
 /// `v = fma(omb2 * g, g, v * beta2); denom = sqrt(v) / bc2_sqrt + eps; p += (neg_step_size * m) / denom`.
+/// The compact kernel's last line is the same update with one division instead of two:
+/// `p += (neg_step_bc2 * m) / (sqrt(v) + eps_bc2)` (both scaled by `bc2_sqrt`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Coefs {
     pub gscale: f32,
@@ -115,6 +117,9 @@ pub(crate) struct Coefs {
     pub neg_step_size: f32,
     pub bc2_sqrt: f32,
     pub eps: f32,
+    /// `neg_step_size * bc2_sqrt` and `eps * bc2_sqrt`, rounded once from double (compact kernel).
+    pub neg_step_bc2: f32,
+    pub eps_bc2: f32,
     /// Store policy: [`STREAM_NONE`], [`STREAM_HALF`] or [`STREAM_ALL`].
     pub stream: u8,
 }
@@ -287,6 +292,8 @@ impl Coefs {
             neg_step_size: (-(cfg.lr / bc1)) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             eps: cfg.eps as f32,
+            neg_step_bc2: (-(cfg.lr / bc1) * bc2.sqrt()) as f32,
+            eps_bc2: (cfg.eps * bc2.sqrt()) as f32,
             stream: STREAM_NONE,
         }
     }

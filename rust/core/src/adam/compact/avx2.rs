@@ -87,8 +87,8 @@ unsafe fn body<const G: u8>(
         grad,
         _mm256_mul_ps(vi, c.beta2),
     );
-    let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), c.bc2_sqrt), c.eps);
-    let pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(c.neg_step_size, mi), denom));
+    let denom = _mm256_add_ps(_mm256_sqrt_ps(vi), c.eps_bc2);
+    let pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(c.neg_step_bc2, mi), denom));
     let r = sr_bits_hi(rng.0, rng.1, rng.2);
     let wb = _mm256_srli_epi32::<16>(_mm256_add_epi32(_mm256_castps_si256(pi), r));
     let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(pi, pi));

@@ -143,8 +143,8 @@ unsafe fn body<const G: u8, const TAIL: bool>(
         grad,
         _mm512_mul_ps(vi, c.beta2),
     );
-    let denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), c.bc2_sqrt), c.eps);
-    let pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(c.neg_step_size, mi), denom));
+    let denom = _mm512_add_ps(_mm512_sqrt_ps(vi), c.eps_bc2);
+    let pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(c.neg_step_bc2, mi), denom));
     // stochastic rounding to bf16 (`quant::sr_bf16`)
     let r = sr_bits_hi(rng.0, rng.1, rng.2);
     let wb = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_castps_si512(pi), r));

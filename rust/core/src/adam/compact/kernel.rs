@@ -120,13 +120,12 @@ unsafe fn block<const G: u8>(
         let grad = load_grad::<G>(g, j) * c.gscale;
         let mi = decode_m(mq[j]) * m_scale;
         let vi = decode_v(vq[j]) * v_scale;
-        // the fp32 path's operation order (see `dispatch::Coefs`)
+        // the fp32 path's operation order (see `dispatch::Coefs`), but one division in the update
         let pi = bf16_to_f32(w[j]) * c.decay;
         let base = if c.lerp_small { mi } else { grad };
         let mi = c.lerp_coeff.mul_add(grad - mi, base);
         let vi = (c.omb2 * grad).mul_add(grad, vi * c.beta2);
-        let denom = vi.sqrt() / c.bc2_sqrt + c.eps;
-        let pi = pi + (c.neg_step_size * mi) / denom;
+        let pi = pi + (c.neg_step_bc2 * mi) / (vi.sqrt() + c.eps_bc2);
         w[j] = sr_bf16(pi, sr_bits_lo(k1, k2, lo.wrapping_add(j as u32)));
         mbuf[j] = mi;
         vbuf[j] = vi;
