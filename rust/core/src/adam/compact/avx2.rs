@@ -49,12 +49,7 @@ fn sr_bits_hi(lo: __m256i, k1: __m256i, k2: __m256i) -> __m256i {
     x = _mm256_mullo_epi32(x, c1);
     x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
     x = _mm256_mullo_epi32(x, c2);
-    x = _mm256_xor_si256(_mm256_xor_si256(x, _mm256_srli_epi32::<16>(x)), k2);
-    x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
-    x = _mm256_mullo_epi32(x, c1);
-    x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
-    x = _mm256_mullo_epi32(x, c2);
-    _mm256_srli_epi32::<16>(x)
+    _mm256_srli_epi32::<16>(_mm256_xor_si256(x, k2))
 }
 
 /// One vector of the fused pass: 8 elements at `w`, `mq`, `vq`, `g` (already offset), the new

@@ -91,13 +91,7 @@ unsafe fn sr_bits_hi(lo: __m512i, k1: __m512i, k2: __m512i) -> __m512i {
     x = _mm512_mullo_epi32(x, c1);
     x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
     x = _mm512_mullo_epi32(x, c2);
-    // the first hash's last xor-shift and the second key in one three-way xor
-    x = _mm512_ternarylogic_epi32::<0x96>(x, _mm512_srli_epi32::<16>(x), k2);
-    x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
-    x = _mm512_mullo_epi32(x, c1);
-    x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
-    x = _mm512_mullo_epi32(x, c2);
-    _mm512_srli_epi32::<16>(x)
+    _mm512_srli_epi32::<16>(_mm512_xor_si512(x, k2))
 }
 
 /// One vector of the fused pass at element `i` of the block: AdamW, the rounded weight
