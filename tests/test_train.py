@@ -419,7 +419,7 @@ def test_read_write_auto_follows_the_disk_probe(data_dir, tmp_path, monkeypatch)
         monkeypatch.setattr(disk, "read_write_turns",
                             lambda path, directory, threads: (probed.append(path), (verdict, rates))[1])
         lines = []
-        t = Trainer(tiny(data_dir, tmp_path / want), log=lines.append)
+        t = Trainer(tiny(data_dir, tmp_path / want, experts=dict(read_write="auto")), log=lines.append)
         try:
             assert t.runtime.read_write == want and t.runtime.disk_rates == rates
             assert probed == [t.cfg.store_dir() / "experts.safetensors"]
@@ -427,7 +427,8 @@ def test_read_write_auto_follows_the_disk_probe(data_dir, tmp_path, monkeypatch)
         finally:
             t.close()
     monkeypatch.setattr(disk, "read_write_turns", lambda *a, **k: pytest.fail("probed with every record in RAM"))
-    t = Trainer(tiny(data_dir, tmp_path / "all-in-ram", experts=dict(ram_budget="64MiB")), log=lambda s: None)
+    t = Trainer(tiny(data_dir, tmp_path / "all-in-ram", experts=dict(ram_budget="64MiB", read_write="auto")),
+                log=lambda s: None)
     try:
         assert t.runtime.plan.all_in_ram and t.runtime.read_write == "together"
     finally:

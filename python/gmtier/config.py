@@ -154,7 +154,8 @@ class ExpertsConfig:
     # the other (on H200 boxes, 2.18 GB/s at once against 2.44 in turns), others more. "auto":
     # where RAM cannot hold every record (so steps write back), short probes of the store's disk
     # when it opens decide (gmtier.store.disk.read_write_turns); "together" where RAM holds all.
-    read_write: str = "auto"
+    # "together" by default: turns have not yet beaten it in a training step (docs/performance.md).
+    read_write: str = "together"
     # CPU threads of the expert AdamW; 0 = all cores (on an H200 box, 16 beat 8, 4 and 2: the
     # update is memory-bound and sits close to the critical path of backward).
     adam_threads: int = 0  # 0: all cores but two on machines with 8 or more, else all
