@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 GB = 1e9
-# A turn when reads and writes take turns: long enough that the idle moment of each switch (the
-# last chunks of one kind finishing before the other starts) costs ~1-2 % of it at 1-3 GB/s,
-# short enough that a demand read waits at most a few hundred milliseconds behind write-backs.
+# A turn when reads and writes take turns: long beside the idle moment of each switch (the last
+# chunks of one kind finishing before the other starts), short enough that a demand read waits at
+# most a few hundred milliseconds behind write-backs. (A training step's backward rarely fills a
+# whole turn: each read waits for a dirty record to leave its slot; docs/performance.md.)
 TURN_BYTES = 1 << 30
 # Turns are chosen only when the probes say they save more than this share of the disk time:
 # switching has a cost of its own, and the rates drift by about as much from second to second.

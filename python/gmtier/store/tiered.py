@@ -112,12 +112,12 @@ class TieredExpertStore:
     @classmethod
     def open(cls, path, ram_bytes: int, gpu_bytes: int = 0, device=None, io_threads: int = 8,
              queue_depth: int = 32, direct: bool = True, pin_memory: bool = True,
-             gpu_grad_slots: int = 0, gpu_grad_group: int = 1, turn_bytes: int = 0) -> "TieredExpertStore":
+             gpu_grad_slots: int = 0, gpu_grad_group: int = 1) -> "TieredExpertStore":
         """Open a store. `ram_bytes` bounds the RAM tier, `gpu_bytes` the GPU tier (on `device`),
         `gpu_grad_slots` of whose slots stage expert gradients, in groups of `gpu_grad_group`
-        copied to RAM together; `turn_bytes` > 0: reads and writes take turns of that many bytes
-        (`core.set_turn_bytes` changes it later). A store whose index.json is missing is refused
-        with `StoreIndexMissingError` (never re-created)."""
+        copied to RAM together. Reads and writes run at once until `core.set_turn_bytes` says
+        otherwise. A store whose index.json is missing is refused with `StoreIndexMissingError`
+        (never re-created)."""
         path = Path(path)
         if (path / DATA_FILE).exists() and not (path / INDEX_FILE).exists():
             raise StoreIndexMissingError(
@@ -126,7 +126,7 @@ class TieredExpertStore:
                 f"from a backup of the run")
         try:
             core = _core.ExpertStore.open(str(path), int(ram_bytes), io_threads=io_threads,
-                                          queue_depth=queue_depth, direct=direct, turn_bytes=turn_bytes)
+                                          queue_depth=queue_depth, direct=direct)
         except FileNotFoundError as e:  # a StoreError too, so that callers need catch one class
             raise StoreNotFoundError(str(e)) from None
         return cls(core, gpu_bytes=gpu_bytes, device=device, pin_memory=pin_memory, gpu_grad_slots=gpu_grad_slots,
