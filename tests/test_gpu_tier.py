@@ -354,3 +354,40 @@ def test_backward_leaves_gpu_slots_to_updates_in_flight(data_dir, tmp_path, monk
     losses = train_losses(cfg)
     assert len(losses) == 3
 
+
+
+@pytest.mark.parametrize("state", ["compact", "fp32"])
+def test_backward_takes_the_master_weights_from_the_gpu_copy(data_dir, tmp_path, monkeypatch, state):
+    """Records whose weights are their own master (compact, or fp32 weights with fp32 state):
+    where the GPU tier holds an expert's weights, backward reads only its state from disk and
+    its AdamW gets the weights from the GPU copy (with the dW). The same losses and records as
+    without a GPU tier, where backward reads whole records, and fewer bytes read."""
+    from gmtier.train import Trainer
+
+    precision, rec_bytes = ("bf16", 69632) if state == "compact" else ("fp32", 2 * 64 * 128 * 4 * 4 + 4096)
+    weights = 2 * 64 * 128 * (2 if state == "compact" else 4)
+    runs = {}
+    for tier in (True, False):
+        if tier:
+            monkeypatch.setenv("GMTIER_EMULATE_GPU_TIER", "1")
+        else:
+            monkeypatch.delenv("GMTIER_EMULATE_GPU_TIER", raising=False)
+        # RAM for 3 of the 8 records: every step pages; 12 GPU slots: every expert's weights stay there.
+        cfg = tiny(data_dir, tmp_path / f"run-{tier}", train=dict(precision=precision, steps=6),
+                   experts=dict(state=state, ram_budget=3 * rec_bytes, gpu_budget=12 * weights, prefetch=False))
+        t = Trainer(cfg, log=lambda s: None)
+        try:
+            assert t.runtime.store.gpu.active == tier and not t.runtime.half
+            losses = [t.train_step(*t.train_data.batch(cfg.train.batch_size, cfg.model.seq_len, t.rng))["loss"]
+                      for _ in range(6)]
+            read = t.runtime.store.core.metrics()["bytes_read"]
+            t.runtime.store.flush()
+            records = [t.runtime.store.read_expert(layer, e) for layer in range(2) for e in range(4)]
+        finally:
+            t.close()
+        runs[tier] = losses, records, read
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert runs[True][2] < runs[False][2], (runs[True][2], runs[False][2])

@@ -153,10 +153,11 @@ def info(cfg: Config) -> dict:
     gpu = parse_bytes(cfg.experts.gpu_budget, "experts.gpu_budget")
     dense_bytes = p["dense"] * 4 * (3 if cfg.train.dense_optimizer == "torch" else 1)  # fp32 weights (+ m, v)
     spares = n_experts if cfg.spare_slots() is None else cfg.spare_slots()
-    # A paged expert's disk traffic in a step: forward reads its weights; backward reads what the
-    # AdamW needs (the state where the weights are a half copy of an fp32 master, else the whole
-    # record: an expert-major step evicts it in between); the write-back writes the whole record.
-    backward = record - weights if cfg.expert_dtype() != "fp32" and cfg.experts.state == "fp32" else record
+    # A paged expert's disk traffic in a step: forward reads its weights; backward reads its
+    # state where a GPU tier holds its weights (the AdamW takes the master weights from that copy,
+    # or rewrites a half copy from the fp32 master), else the whole record (an expert-major step
+    # evicts it in between); the write-back writes the whole record.
+    backward = record - weights if gpu > 0 else record
     per_expert = max(1, p["expert"])
     return {
         "params_total": p["total"], "params_active_per_token": p["active_per_token"],

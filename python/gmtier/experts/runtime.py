@@ -50,7 +50,9 @@ class ExpertRuntime:
         self.n_experts = m.n_experts
         self.dtype = dtypes.from_config(cfg.expert_dtype())
         # Whether the weights are a half-precision copy of an fp32 master in the state section:
-        # then backward needs only the state in RAM. Compact weights are the master (like fp32).
+        # the AdamW then rewrites them from the master. Otherwise (fp32, compact) they are the
+        # master the AdamW reads. Either way backward reads only the state of the experts whose
+        # weights the GPU tier holds: the master weights come from the GPU copy, with the dW.
         self.half = self.dtype != torch.float32 and cfg.experts.state == "fp32"
         self.pad_rows = cfg.expert_pad_rows()  # see gemm_row_layout
         self.chunk_rows = expert_chunk_rows(m.d_ff, self.dtype, self.pad_rows)  # see EXPERT_CHUNK_BYTES
@@ -70,7 +72,7 @@ class ExpertRuntime:
         # The plan's sizes come from the same RecordLayout as the store's: they must agree.
         assert (p.ram_slots, p.gpu_slots) == (self.store.ram_slots, self.store.gpu.num_slots), (p, self.store)
         self.figures = RuntimeStats(self.store, self.switch_layers)
-        self.updates = ExpertUpdates(cfg, p, self.store, self.half, self.figures)
+        self.updates = ExpertUpdates(cfg, p, self.store, self.figures)
         self.prefetcher = Prefetcher(cfg, p, self.store, self.figures)
         self.used: dict[int, list[int]] = {}  # experts each layer used in this step's forward
 
@@ -338,7 +340,8 @@ class ExpertRuntime:
                     continue  # its update leaves with the group's last expert
                 group_keys = [(layer, e) for e in group]
                 if gpu is not None:
-                    host = self.store.grads_to_host(group_keys, staging=first_slot.pop(group[0]))
+                    host = self.store.grads_to_host(group_keys, staging=first_slot.pop(group[0]),
+                                                    fill_weights=not self.half)
                 else:
                     host = self.store.grads_to_host(group_keys, [grads.pop(e) for e in group])
                 self.updates.submit(group_keys, host, defer=[k for k in group_keys if k in deferred])
@@ -379,10 +382,8 @@ class ExpertRuntime:
 
         t0 = time.perf_counter()
         with self.figures.per_layer(layer):
-            # Half-precision experts: the AdamW writes the new weights from the fp32 master, so
-            # backward needs only the state in RAM when the GPU holds the weights (fp32: the
-            # weights are the master).
-            self._each_expert(layer, counts_p, compute, done, "state" if self.half else "all",
+            # Only the state is read where the GPU holds the weights (see `self.half`).
+            self._each_expert(layer, counts_p, compute, done, "state",
                               compute_group if self.gemm == "grouped" else None)
         self.figures.stats["expert_bwd_s"] += time.perf_counter() - t0
         return from_gemm_rows(dx, rows).to(x_sorted.dtype)
@@ -404,7 +405,7 @@ class ExpertRuntime:
         pf, room = self.prefetcher, self.plan.prefetch_room
         if pf.reads_ahead and room:
             used = self.used.get(layer, [])[-room:]
-            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state" if self.half else "all")
+            pf.read_ahead([(layer, e) for e in reversed(used)], 1, "state")
 
     # ---- steps --------------------------------------------------------------------------------
     def begin_step(self, lr: float, grad_scale: float = 1.0) -> None:

@@ -34,9 +34,9 @@ def default_adam_threads() -> int:
 class ExpertUpdates:
     """The AdamW of the experts whose dW backward produced, in groups, on a worker queue."""
 
-    def __init__(self, cfg: Config, plan: ExpertPlan, store: TieredExpertStore, half: bool, stats: RuntimeStats):
+    def __init__(self, cfg: Config, plan: ExpertPlan, store: TieredExpertStore, stats: RuntimeStats):
         t = cfg.train
-        self.store, self.half, self.stats = store, half, stats
+        self.store, self.stats = store, stats
         self.hyper = dict(beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
                           threads=cfg.experts.adam_threads or default_adam_threads())
         self.lr, self.grad_scale = t.lr, 1.0
@@ -94,7 +94,10 @@ class ExpertUpdates:
             later = [k for k in updated if k in defer]
             now = [k for k in updated if k not in defer]
             if updated:
-                self.store.mark_dirty(updated, refresh_gpu=True, filled="weights" if self.half else "none")
+                # Every AdamW writes the whole weights section, so it counts as valid also where
+                # backward read only the state (the old weights came from the GPU copy, or none
+                # were needed: half-precision weights are rewritten from the fp32 master).
+                self.store.mark_dirty(updated, refresh_gpu=True, filled="weights")
             if self.write_behind and now:
                 self.store.write_back(now)
             self.store.release(keys)

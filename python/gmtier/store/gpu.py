@@ -367,16 +367,22 @@ class GpuTier:
             self._free_host.append(buf)
             self._host_cv.notify()
 
-    def grads_to_host(self, first: int, n: int = 1):
+    def grads_to_host(self, first: int, n: int = 1, weights_of=()):
         """Copy staging slots `first`..`first + n - 1` (from `grad_buffers(n)`) to a pinned host
         buffer of the ring in one copy on the D2H stream, after the current stream's work;
         returns each expert's host tensors (named like the weights), the copy's event, and the
-        function that gives the buffer back (once the tensors are no longer read)."""
+        function that gives the buffer back (once the tensors are no longer read). `weights_of`:
+        acquired experts whose RAM records lack their weights section; their GPU copies (the
+        current weights) go into it first, on the same stream, so the event covers them too."""
         wb = self.store.weights_bytes
         taken = self._take_host_buffer()
         host, views = taken
         s = self.d2h_stream
         s.wait_stream(self._cuda.current_stream(self.device))
+        for key in weights_of:
+            slot, ram_slot = self.slots.lookup(tuple(key)), self.slots.ram_slot(tuple(key))
+            self._copy_on(s, self.store.weights_bytes_view(ram_slot), self.arena[slot * wb:(slot + 1) * wb])
+            self._m["d2h_bytes"] += wb
         base = (self.num_slots + first) * wb
         ev = self._copy_on(s, host[:n * wb], self.arena[base: base + n * wb])
         self._grad_busy[first // self.grad_group] = ev

@@ -273,8 +273,10 @@ class TieredExpertStore:
         current stream; `release` once. With `sections="all"` the whole RAM record is pinned too
         (so `adam_step` can update it). With `sections="weights"` (forward) a current GPU copy is
         used as it is, without the RAM record; else only the weights section is read into RAM.
-        With `sections="state"` (backward of half-precision experts, whose AdamW rewrites the
-        weights from the master) only the state is read when the GPU holds the weights."""
+        With `sections="state"` (backward) only the state is read when the GPU holds the
+        weights: an AdamW that rewrites half-precision weights from the fp32 master needs no
+        more, and one that reads master weights gets them from the GPU copy
+        (`grads_to_host(fill_weights=True)`)."""
         key = tuple(key)
         if sections == "weights":
             got = self.acquire_resident_many([key], limit=1)
@@ -328,13 +330,17 @@ class TieredExpertStore:
         return self.slot_views(slot)
 
     def grads_to_host(self, keys: Sequence[Key], grads: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                      staging: int | None = None) -> GradsOnHost:
+                      staging: int | None = None, fill_weights: bool = False) -> GradsOnHost:
         """The gradients of experts `keys` in host memory for `adam_step`: CPU tensors as they
         are (a dict per key in `grads`), or the GPU staging slots from `staging` on (from
         `gpu.grad_buffers(len(keys))`) copied to pinned RAM asynchronously; `.wait()` before
-        reading."""
+        reading. `fill_weights`: the experts whose RAM records were read without their weights
+        (`sections="state"`) get them from their GPU copies in the same wait, for an AdamW that
+        reads the weights (compact records: the bf16 weights are their own master)."""
         if staging is not None:
-            return GradsOnHost(*self.gpu.grads_to_host(staging, len(keys)))
+            lacking = [k for k in keys if "weights" not in self.core.slot_sections(self.gpu.ram_slot(k))] \
+                if fill_weights else []
+            return GradsOnHost(*self.gpu.grads_to_host(staging, len(keys), weights_of=lacking))
         for key, g in zip(keys, grads, strict=True):
             if any(t.is_cuda for t in g.values()):
                 raise ValueError(f"grads_to_host({tuple(key)}): CUDA gradients must be computed into a GPU "
