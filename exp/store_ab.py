@@ -20,9 +20,8 @@ import time
 import torch
 
 from gmtier import config
-from gmtier.bench.ceilings import disk_time
 from gmtier.bench.train import disk_probes, mean_probes
-from gmtier.store.disk import TURN_BYTES
+from gmtier.store.disk import TURN_BYTES, disk_time
 from gmtier.train import Trainer
 
 parser = argparse.ArgumentParser()

@@ -1,7 +1,6 @@
 """The hardware ceilings `bench-train` puts a step against, each measured on this machine in the
-run that uses it: pinned host -> GPU copies, and (gmtier.store.disk) O_DIRECT reads of the store's
-file, overwrites beside it and both at once, and the least disk time of a step's bytes; and the
-process's RSS."""
+run that uses it: pinned host -> GPU copies (the disk's probes and bound: gmtier.store.disk); and
+the process's RSS."""
 
 from __future__ import annotations
 
@@ -11,8 +10,7 @@ import time
 
 import torch
 
-# The disk's probes and bound live with the store; the bench imports them from there.
-from gmtier.store.disk import GB, disk_mixed_rate, disk_read_rate, disk_time, disk_write_rate  # noqa: F401
+from gmtier.store.disk import GB
 
 
 def rss_bytes() -> int:

@@ -31,9 +31,9 @@ import torch
 
 from gmtier import config as config_mod
 from gmtier import progress
-from gmtier.bench.ceilings import (GB, _sync, disk_mixed_rate, disk_read_rate, disk_time, disk_write_rate, h2d_rate,
-                                   rss_bytes)
+from gmtier.bench.ceilings import _sync, h2d_rate, rss_bytes
 from gmtier.experts import PHASES
+from gmtier.store.disk import GB, disk_mixed_rate, disk_read_rate, disk_time, disk_write_rate
 from gmtier.store.tiered import DATA_FILE
 from gmtier.user_errors import Command
 

@@ -1,7 +1,7 @@
 """The disk under an expert store, measured: O_DIRECT reads of the store's own file, overwrites of
 a scratch file beside it, and both at once; the least time a step's bytes can take from those
 rates; and from them whether the store's reads and writes should take turns (`experts.read_write`).
-`bench-train` bounds its steps with the same probes (gmtier.bench.ceilings)."""
+`bench-train` (gmtier.bench.train) bounds its steps with the same probes."""
 
 from __future__ import annotations
 
