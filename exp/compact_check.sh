@@ -8,7 +8,8 @@
 # seed:    bench-train of seed-envelope scaled to 8 experts a layer (RAM 4 GB, GPU 2 GB, bf16),
 #          fp32 state then compact state: step time and disk bytes a step shrink together  ~4 min
 # quality: `small` for 1000 steps, fp32 state then compact, same seed and data (RAM holds every
-#          record, so the run is compute-bound); validation loss every 250 steps   ~4 min
+#          record, so the run is compute-bound), the two runs side by side on the GPU; validation
+#          loss every 250 steps   ~3 min
 # Outputs under $OUT: bench-adam.json, seed-{fp32,compact}.json, metrics-{fp32,compact}.jsonl,
 # compact-summary.json (the val losses and their ratio; target: compact within 1 %).
 set -uo pipefail
@@ -31,13 +32,14 @@ for s in ${*:-adam seed quality}; do
             python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], json.dumps(r)[:600])" \
               "$OUT/seed-$state.json" $state
           done ;;
-    quality) for state in fp32 compact; do
-            gm train --config configs/small.toml --fresh --set "experts.state=\"$state\"" --set train.steps=1000 \
+    quality) for state in fp32 compact; do  # side by side on the GPU: equal steps compare, wall times do not
+            (gm train --config configs/small.toml --fresh --set "experts.state=\"$state\"" --set train.steps=1000 \
               --set "train.run_dir=\"$BENCH/small-$state\"" --set 'experts.ram_budget="4GiB"' \
               --set 'experts.gpu_budget="1GiB"' --set train.log_every=50 --set train.eval_every=250 \
-              --set train.checkpoint_every=1000 2>&1 | tee "$OUT/train-$state.log" | tail -4
-            cp "$BENCH/small-$state/metrics.jsonl" "$OUT/metrics-$state.jsonl"
+              --set train.checkpoint_every=1000 > "$OUT/train-$state.log" 2>&1
+             tail -4 "$OUT/train-$state.log"; cp "$BENCH/small-$state/metrics.jsonl" "$OUT/metrics-$state.jsonl") &
           done
+          wait
           python3 - "$OUT" <<'PY'
 import json, sys
 out, s = sys.argv[1], {}

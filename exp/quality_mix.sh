@@ -10,7 +10,8 @@
 # 64 MiB a call carries. They are unpacked to /root/mixsrc and prepared once into data/small-mix.
 #
 # Usage: QUALITY_S=540 bash exp/quality_mix.sh dense:model.switch_every=0 s16: s64:model.n_experts=64
-#   each argument NAME:KEY=VALUE,KEY=VALUE (train.steps etc. from $STEPS, default 5000). A run still
+#   each argument NAME:KEY=VALUE,KEY=VALUE (train.steps from $STEPS, default 5000, unless the run sets
+#   its own: a Switch run of fewer steps, its schedule ending there, against the dense twin's). A run still
 #   going QUALITY_S seconds after the start gets SIGTERM, checkpoints and stops; running the script
 #   again on the warm box resumes it. A finished Switch run named in $CHOICE_RUN (default s16) is
 #   scored on a 506-item choice file (the 22-item smoke set 23 times) for the time it takes.
@@ -49,7 +50,8 @@ for spec in "$@"; do
   IFS=, read -ra kv <<< "${spec#*:}"
   for o in "${kv[@]}"; do [ -n "$o" ] && sets+=(--set "$o"); done
   resume=(); [ -f "runs/q/$name/config.json" ] && resume=(--resume)
-  if grep -q "\"step\": $STEPS, \"val_loss\"" "runs/q/$name/metrics.jsonl" 2>/dev/null; then
+  steps=$STEPS; [[ ",${spec#*:}," =~ ,train\.steps=([0-9]+), ]] && steps=${BASH_REMATCH[1]}
+  if grep -q "\"step\": $steps, \"val_loss\"" "runs/q/$name/metrics.jsonl" 2>/dev/null; then
     echo "[$name] finished already"; continue
   fi
   left=$(( START + QUALITY_S - $(date +%s) ))

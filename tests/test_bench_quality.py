@@ -58,6 +58,11 @@ def test_the_shipped_twins_pass_and_unfair_pairs_are_refused():
     other = config.load(CONFIGS / "small-dense.toml", ["train.seed=1", "model.vocab_size=8192"])
     with pytest.raises(config.ConfigError, match=r"differ in train.seed \(1337 vs 1\)"):
         quality.check_twins(switch, other)
+    hotter = config.load(CONFIGS / "small-dense.toml", ["train.lr=0.002", "model.vocab_size=8192"])
+    with pytest.raises(config.ConfigError, match=r"differ in train.lr"):
+        quality.check_twins(switch, hotter)
+    shorter = config.load(CONFIGS / "small.toml", ["train.steps=500", "model.vocab_size=8192"])
+    quality.check_twins(shorter, dense)  # a Switch schedule of fewer steps is the question --switch-steps asks
 
 
 def test_bench_quality_tiny_on_cpu(data_dir, tmp_path):
@@ -89,6 +94,22 @@ def test_bench_quality_tiny_on_cpu(data_dir, tmp_path):
     again = json.loads(again.output[again.output.index("{"):])
     assert again["equal_steps"] == out["equal_steps"] and again["val_points"] == out["val_points"]
     assert again["steps_ratio"] == out["steps_ratio"] and again["params"] == out["params"]
+
+
+def test_bench_quality_switch_steps_trains_a_shorter_switch_schedule(data_dir, tmp_path):
+    toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "unused", experts=dict(mode="resident")))
+    args = ["bench-quality", "--config", str(toml), "--steps", "4", "--switch-steps", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--dir", str(tmp_path / "work"), "--plot", str(tmp_path / "q.png")]
+    r = CliRunner().invoke(main, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["switch_steps"] == 2 and out["dense_steps"] == 4
+    assert [p["step"] for p in out["val_points"]["switch"]] == [0, 2]
+    assert [p["step"] for p in out["val_points"]["dense"]] == [0, 2, 4]
+    reach = out["switch_reaches_dense_final"]
+    assert (reach is None) == (out["switch_final_val_loss"] > out["dense_final_val_loss"])
+    text = CliRunner().invoke(main, args + ["--dir", str(tmp_path / "w2")])
+    assert text.exit_code == 0 and "schedules: Switch 2 steps, dense 4 steps" in text.output
 
 
 def test_bench_quality_runs_needs_evaluations(tmp_path):

@@ -44,22 +44,25 @@ def forward_flops_per_token(m: config_mod.ModelConfig) -> int:
 
 
 def check_twins(switch: config_mod.Config, dense: config_mod.Config) -> None:
-    """Refuse a pair that is not a fair comparison: other data, seed, batch, steps or seq_len,
-    a 'Switch' config without Switch layers, or FLOPs per token that differ beyond the routers."""
+    """Refuse a pair that is not a fair comparison: other data, seed, batch, seq_len or learning
+    rate schedule shape, a 'Switch' config without Switch layers, or FLOPs per token that differ
+    beyond the routers. The step counts may differ: a Switch run with a schedule of fewer steps
+    asks whether it reaches the dense final loss in that many steps (see `--switch-steps`)."""
     if not switch.model.switch_layers():
         raise config_mod.ConfigError("bench-quality: the --config model has no Switch layers (model.switch_every = 0); "
                                      "give the Switch config, e.g. configs/small.toml")
     if dense.model.switch_layers():
         raise config_mod.ConfigError("bench-quality: the --dense model has Switch layers; give a dense config "
                                      "(model.switch_every = 0), e.g. configs/small-dense.toml")
-    for key in ("data", "train.seed", "train.steps", "train.batch_size", "model.seq_len", "model.vocab_size"):
+    for key in ("data", "train.seed", "train.batch_size", "train.micro_batches", "train.lr", "train.min_lr",
+                "train.warmup_steps", "model.seq_len", "model.vocab_size"):
         section, _, name = key.partition(".")
         a, b = getattr(switch, section), getattr(dense, section)
         if name:
             a, b = getattr(a, name), getattr(b, name)
         if a != b:
             raise config_mod.ConfigError(f"bench-quality: the two configs differ in {key} ({a!r} vs {b!r}); "
-                                         "train both on the same data, seed, batches and steps")
+                                         "train both on the same data, seed, batches and learning rate schedule")
     fs, fd = forward_flops_per_token(switch.model), forward_flops_per_token(dense.model)
     if abs(fs / fd - 1) > FLOPS_TOLERANCE:
         raise config_mod.ConfigError(f"bench-quality: FLOPs per token differ ({fs:,} Switch vs {fd:,} dense, "
@@ -160,9 +163,9 @@ def finished_run(run_dir: str | Path) -> tuple[config_mod.Config, list[dict]]:
     return cfg, [points[s] for s in sorted(points)]
 
 
-def _configs(path: str, dense_path: str | None, overrides, steps: int | None, work: Path):
+def _configs(path: str, dense_path: str | None, overrides, steps: int | None, switch_steps: int | None, work: Path):
     extra = [f"train.steps={steps}"] if steps else []
-    switch = config_mod.load(path, list(overrides) + extra)
+    switch = config_mod.load(path, list(overrides) + extra + ([f"train.steps={switch_steps}"] if switch_steps else []))
     dense = config_mod.load(dense_path or path, list(overrides) + extra + ([] if dense_path else ["model.switch_every=0"]))
     name = Path(path).stem
     dense_name = Path(dense_path).stem if dense_path else f"{name}-dense"
@@ -189,6 +192,9 @@ def _report(r: dict) -> str:
               f"{'wall s':>8}  {'Switch':>8}  {'dense':>8}"]
     lines += [f"{p['wall_s']:8.1f}  {_fmt(p['switch']):>8}  {_fmt(p['dense']):>8}" for p in r["equal_time"]]
     reach = r["switch_reaches_dense_final"]
+    if r["switch_steps"] != r["dense_steps"]:
+        lines += ["", f"schedules: Switch {r['switch_steps']} steps, dense {r['dense_steps']} steps, each warming up and "
+                      "decaying to min_lr over its own steps (at equal steps the two are at different learning rates)"]
     lines += ["", f"dense final val loss {r['dense_final_val_loss']:.4f} at step {r['dense_steps']} "
                   f"({r['dense_wall_s']:.1f} s); Switch final {r['switch_final_val_loss']:.4f} at step "
                   f"{r['switch_steps']} ({r['switch_wall_s']:.1f} s)"]
@@ -212,6 +218,9 @@ def _report(r: dict) -> str:
               help="its dense twin of equal FLOPs per token (default: --config with model.switch_every=0)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override for both configs")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="training steps of both (default: train.steps)")
+@click.option("--switch-steps", type=click.IntRange(min=1), default=None,
+              help="train the Switch model this many steps, its learning rate schedule ending there, against the dense "
+                   "model's --steps: does it reach the dense final loss with a budget of that many steps? (default: --steps)")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="steps between evaluations (default: steps / 10)")
 @click.option("--eval-batches", type=click.IntRange(min=1), default=None,
               help="validation batches per corpus at each evaluation (default: train.eval_batches)")
@@ -224,8 +233,8 @@ def _report(r: dict) -> str:
 @click.option("--runs", nargs=2, type=click.Path(file_okay=False, exists=True), default=None,
               metavar="SWITCH_DIR DENSE_DIR", help="compare two runs trained already (their metrics.jsonl evaluations) "
                                                    "instead of training; --config and the training options are unused")
-def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_batches, work_dir, plot_path, keep, as_json,
-                  runs):
+def bench_quality(config_path, dense_path, overrides, steps, switch_steps, eval_every, eval_batches, work_dir, plot_path,
+                  keep, as_json, runs):
     """Train a Switch config and its dense twin on the same data; compare validation loss at equal
     steps and equal wall time, and when the Switch model reaches the dense model's final loss."""
     from gmtier.data import ensure_data
@@ -239,12 +248,12 @@ def bench_quality(config_path, dense_path, overrides, steps, eval_every, eval_ba
         click.echo(json.dumps(result, indent=1) if as_json else _report(result))
         return
     work = Path(work_dir)
-    switch, dense = _configs(config_path, dense_path, overrides, steps, work)
+    switch, dense = _configs(config_path, dense_path, overrides, steps, switch_steps, work)
     vocab = ensure_data(switch, log)[0].vocab_size  # prepared once, before either run; sizes the FLOPs
     for cfg in (switch, dense):
         cfg.model.vocab_size = cfg.model.vocab_size or vocab
     check_twins(switch, dense)
-    every = eval_every or max(1, switch.train.steps // 10)
+    every = eval_every or max(1, dense.train.steps // 10)
     batches = eval_batches or switch.train.eval_batches
     names = {"switch": Path(switch.train.run_dir).name, "dense": Path(dense.train.run_dir).name}
     try:
