@@ -96,20 +96,47 @@ def test_bench_quality_tiny_on_cpu(data_dir, tmp_path):
     assert again["steps_ratio"] == out["steps_ratio"] and again["params"] == out["params"]
 
 
-def test_bench_quality_switch_steps_trains_a_shorter_switch_schedule(data_dir, tmp_path):
+def test_schedule_matched_interpolates_between_lengths():
+    runs = [{"steps": 3000, "final_val_loss": 2.60}, {"steps": 2000, "final_val_loss": 2.80}]
+    m = quality.schedule_matched(runs, 2.70, 4000)
+    assert [r["steps"] for r in m["lengths"]] == [2000, 3000]
+    assert m["steps"] == pytest.approx(2500) and m["steps_ratio"] == pytest.approx(0.625)
+    assert quality.schedule_matched(runs, 2.90, 4000)["at_most"] == 2000  # the shortest already reaches it
+    none = quality.schedule_matched(runs, 2.50, 4000)
+    assert none["steps"] is None and none["more_than"] == 3000
+
+
+def test_bench_quality_switch_steps_trains_shorter_switch_schedules(data_dir, tmp_path):
     toml = _write_toml(tmp_path / "tiny.toml", tiny(data_dir, tmp_path / "unused", experts=dict(mode="resident")))
-    args = ["bench-quality", "--config", str(toml), "--steps", "4", "--switch-steps", "2", "--eval-every", "2",
-            "--eval-batches", "1", "--dir", str(tmp_path / "work"), "--plot", str(tmp_path / "q.png")]
+    work = tmp_path / "work"
+    args = ["bench-quality", "--config", str(toml), "--steps", "4", "--switch-steps", "2,4", "--eval-every", "2",
+            "--eval-batches", "1", "--dir", str(work), "--plot", str(tmp_path / "q.png"), "--keep"]
     r = CliRunner().invoke(main, args + ["--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
+    assert out["names"] == {"switch": "tiny-s2", "dense": "tiny-dense"}
     assert out["switch_steps"] == 2 and out["dense_steps"] == 4
     assert [p["step"] for p in out["val_points"]["switch"]] == [0, 2]
     assert [p["step"] for p in out["val_points"]["dense"]] == [0, 2, 4]
-    reach = out["switch_reaches_dense_final"]
-    assert (reach is None) == (out["switch_final_val_loss"] > out["dense_final_val_loss"])
-    text = CliRunner().invoke(main, args + ["--dir", str(tmp_path / "w2")])
+    m = out["schedule_matched"]
+    assert [x["steps"] for x in m["lengths"]] == [2, 4] and m["dense_final_val_loss"] == out["dense_final_val_loss"]
+    finals = {x["steps"]: x["final_val_loss"] for x in m["lengths"]}
+    assert finals[2] == out["switch_final_val_loss"]
+    reached = [n for n in (2, 4) if finals[n] <= m["dense_final_val_loss"]]
+    assert (m["more_than"] == 4) == (not reached) and (m["at_most"] == 2) == (reached[:1] == [2])
+    # the kept runs compared again from their metrics: the same schedule table, and a readable report
+    runs = [str(work / n) for n in ("tiny-s2", "tiny-s4", "tiny-dense")]
+    again = CliRunner().invoke(main, ["bench-quality", "--runs", *runs, "--plot", str(tmp_path / "a.png"), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output[again.output.index("{"):])["schedule_matched"]["lengths"] == [
+        {**x, "run_dir": d} for x, d in zip(m["lengths"], runs[:2])]
+    text = CliRunner().invoke(main, ["bench-quality", "--runs", *runs, "--plot", str(tmp_path / "b.png")])
     assert text.exit_code == 0 and "schedules: Switch 2 steps, dense 4 steps" in text.output
+    assert "each annealed over its own steps" in text.output
+    bad = CliRunner().invoke(main, ["bench-quality", "--runs", runs[0]])
+    assert bad.exit_code != 0 and "at least two run directories" in bad.output
+    bad = CliRunner().invoke(main, args[:5] + ["--switch-steps", "2,x"])
+    assert bad.exit_code != 0 and "--switch-steps" in bad.output
 
 
 def test_bench_quality_runs_needs_evaluations(tmp_path):

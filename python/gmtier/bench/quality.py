@@ -7,10 +7,17 @@ of a mixture, and their weighted mean) every `--eval-every` steps and at step 0.
 `Trainer.fit` in stretches between evaluations, so the wall time it reports (`wall_s` in each
 run's metrics.jsonl) is training alone: evaluation and the final checkpoint are outside it.
 
-`--runs SWITCH_DIR DENSE_DIR` compares two runs already trained (by `gmtier train`, e.g. at the
-same time on one GPU, or on two machines) from the evaluations in their metrics.jsonl, without
-training: their `wall_s` is then the runs' own (evaluations and checkpoints included), and the
-time comparison is only fair for runs that had a machine each.
+`--runs SWITCH_DIR [SWITCH_DIR...] DENSE_DIR` compares runs already trained (by `gmtier train`,
+e.g. at the same time on one GPU, or on two machines) from the evaluations in their
+metrics.jsonl, without training: their `wall_s` is then the runs' own (evaluations and
+checkpoints included), and the time comparison is only fair for runs that had a machine each.
+
+The step at which a Switch run first reaches the dense final loss is read mid-schedule, at a
+learning rate not yet decayed, against a dense loss read at the end of its decay: it overstates
+the steps the Switch model needs. `--switch-steps N1,N2,...` trains the Switch model once per
+length, each with its schedule ending there (as a user with that budget would), and reports the
+length whose final loss reaches the dense final loss, interpolated between the lengths around
+it (`schedule_matched`).
 
 It prints validation loss at equal steps, at equal wall time (each run's curve interpolated
 linearly at the other's evaluation times), the step and the time at which the Switch model first
@@ -116,6 +123,28 @@ def compare(switch: list[dict], dense: list[dict]) -> dict:
     }
 
 
+def schedule_matched(lengths: list[dict], target: float, dense_steps: int) -> dict:
+    """How many steps the Switch model needs when its learning rate schedule ends there: from
+    Switch runs of several lengths (`steps`, `final_val_loss`), each annealed over its own steps,
+    the shortest length whose final loss reaches `target` (the dense final loss), linearly
+    between the two lengths around the crossing. `steps` is None where no run reaches it (then
+    `more_than` the longest) or where the shortest already does (then `at_most` it)."""
+    runs = sorted(lengths, key=lambda r: r["steps"])
+    out = {"lengths": runs, "dense_final_val_loss": target, "dense_steps": dense_steps,
+           "steps": None, "steps_ratio": None, "at_most": None, "more_than": None}
+    reach = next((i for i, r in enumerate(runs) if r["final_val_loss"] <= target), None)
+    if reach is None:
+        out["more_than"] = runs[-1]["steps"]
+    elif reach == 0:
+        out["at_most"] = runs[0]["steps"]
+    else:
+        a, b = runs[reach - 1], runs[reach]
+        t = (a["final_val_loss"] - target) / (a["final_val_loss"] - b["final_val_loss"])
+        out["steps"] = a["steps"] + t * (b["steps"] - a["steps"])
+        out["steps_ratio"] = out["steps"] / dense_steps
+    return out
+
+
 def train_and_evaluate(cfg: config_mod.Config, eval_every: int, eval_batches: int, log) -> tuple[list[dict], int]:
     """Train `cfg` from scratch, evaluating at step 0 and every `eval_every` steps between stretches
     of `Trainer.fit` (so `wall_s` counts training only); the evaluations are appended to the run's
@@ -163,18 +192,33 @@ def finished_run(run_dir: str | Path) -> tuple[config_mod.Config, list[dict]]:
     return cfg, [points[s] for s in sorted(points)]
 
 
-def _configs(path: str, dense_path: str | None, overrides, steps: int | None, switch_steps: int | None, work: Path):
+def _configs(path: str, dense_path: str | None, overrides, steps: int | None, switch_steps: list[int], work: Path):
+    """The Switch configs (one per --switch-steps length, or one of --steps) and the dense twin."""
     extra = [f"train.steps={steps}"] if steps else []
-    switch = config_mod.load(path, list(overrides) + extra + ([f"train.steps={switch_steps}"] if switch_steps else []))
-    dense = config_mod.load(dense_path or path, list(overrides) + extra + ([] if dense_path else ["model.switch_every=0"]))
     name = Path(path).stem
+    switches = [(config_mod.load(path, list(overrides) + extra), name)] if not switch_steps else [
+        (config_mod.load(path, list(overrides) + extra + [f"train.steps={n}"]), f"{name}-s{n}") for n in switch_steps]
+    dense = config_mod.load(dense_path or path, list(overrides) + extra + ([] if dense_path else ["model.switch_every=0"]))
     dense_name = Path(dense_path).stem if dense_path else f"{name}-dense"
     if dense_name == name:
         dense_name += "-dense"
-    for cfg, n in ((switch, name), (dense, dense_name)):
+    for cfg, n in (*switches, (dense, dense_name)):
         cfg.train.run_dir = str(work / n)
         cfg.experts.store_dir = ""
-    return switch, dense
+    return [cfg for cfg, _ in switches], dense
+
+
+def _steps_list(text: str | None) -> list[int]:
+    """--switch-steps "2500" or "2500,3250" -> [2500, 3250]."""
+    if not text:
+        return []
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+        raise click.BadParameter(f"{text!r}: give distinct step counts, e.g. 2500 or 2500,3250", param_hint="--switch-steps")
+    return steps
 
 
 def _fmt(v, fmt="{:.4f}") -> str:
@@ -195,6 +239,20 @@ def _report(r: dict) -> str:
     if r["switch_steps"] != r["dense_steps"]:
         lines += ["", f"schedules: Switch {r['switch_steps']} steps, dense {r['dense_steps']} steps, each warming up and "
                       "decaying to min_lr over its own steps (at equal steps the two are at different learning rates)"]
+    m = r.get("schedule_matched")
+    if m:
+        lines += ["", "Switch runs each annealed over its own steps: final val loss against the dense final "
+                      f"{m['dense_final_val_loss']:.4f} ({m['dense_steps']} steps)"]
+        lines += [f"{x['steps']:>8}  {x['final_val_loss']:8.4f}  {x['final_val_loss'] - m['dense_final_val_loss']:+8.4f}"
+                  for x in m["lengths"]]
+        if m["steps"] is not None:
+            lines.append(f"a Switch schedule of ~{m['steps']:.0f} steps reaches it ({m['steps_ratio']:.2f} of the dense "
+                         f"steps, interpolated between the lengths around it)")
+        elif m["at_most"] is not None:
+            lines.append(f"the shortest Switch schedule ({m['at_most']} steps, {m['at_most'] / m['dense_steps']:.2f} of "
+                         "the dense steps) already reaches it")
+        else:
+            lines.append(f"no Switch schedule up to {m['more_than']} steps reaches it")
     lines += ["", f"dense final val loss {r['dense_final_val_loss']:.4f} at step {r['dense_steps']} "
                   f"({r['dense_wall_s']:.1f} s); Switch final {r['switch_final_val_loss']:.4f} at step "
                   f"{r['switch_steps']} ({r['switch_wall_s']:.1f} s)"]
@@ -218,53 +276,61 @@ def _report(r: dict) -> str:
               help="its dense twin of equal FLOPs per token (default: --config with model.switch_every=0)")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override for both configs")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="training steps of both (default: train.steps)")
-@click.option("--switch-steps", type=click.IntRange(min=1), default=None,
-              help="train the Switch model this many steps, its learning rate schedule ending there, against the dense "
-                   "model's --steps: does it reach the dense final loss with a budget of that many steps? (default: --steps)")
+@click.option("--switch-steps", default=None, metavar="N[,N...]",
+              help="train the Switch model this many steps, its learning rate schedule ending there (several: one run "
+                   "each), against the dense model's --steps: which Switch budget reaches the dense final loss? "
+                   "(default: --steps)")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="steps between evaluations (default: steps / 10)")
 @click.option("--eval-batches", type=click.IntRange(min=1), default=None,
               help="validation batches per corpus at each evaluation (default: train.eval_batches)")
 @click.option("--dir", "work_dir", type=click.Path(file_okay=False), default="gmtier-bench-quality", show_default=True,
-              help="where the two runs go")
+              help="where the runs go")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default="bench-quality.png", show_default=True,
               help="the PNG to write (needs matplotlib; skipped with a note without it)")
-@click.option("--keep", is_flag=True, help="keep the two run directories (for gmtier eval) instead of deleting them")
+@click.option("--keep", is_flag=True, help="keep the run directories (for gmtier eval) instead of deleting them")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the tables")
-@click.option("--runs", nargs=2, type=click.Path(file_okay=False, exists=True), default=None,
-              metavar="SWITCH_DIR DENSE_DIR", help="compare two runs trained already (their metrics.jsonl evaluations) "
-                                                   "instead of training; --config and the training options are unused")
+@click.option("--runs", "runs", is_flag=True,
+              help="compare runs trained already (their metrics.jsonl evaluations) instead of training: RUN_DIRS are "
+                   "one or more Switch runs, then the dense one; --config and the training options are unused")
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True))
 def bench_quality(config_path, dense_path, overrides, steps, switch_steps, eval_every, eval_batches, work_dir, plot_path,
-                  keep, as_json, runs):
+                  keep, as_json, runs, run_dirs):
     """Train a Switch config and its dense twin on the same data; compare validation loss at equal
-    steps and equal wall time, and when the Switch model reaches the dense model's final loss."""
+    steps and equal wall time, and when the Switch model reaches the dense model's final loss.
+    With --runs, compare RUN_DIRS (SWITCH_DIR... DENSE_DIR) trained already."""
     from gmtier.data import ensure_data
 
     log = lambda s: progress.echo(s, err=True)  # noqa: E731
-    if runs:
-        (switch, switch_points), (dense, dense_points) = finished_run(runs[0]), finished_run(runs[1])
-        check_twins(switch, dense)
-        result = _result(switch, dense, switch_points, dense_points, list(runs), kept=True)
+    if runs or run_dirs:
+        if not runs or len(run_dirs) < 2:
+            raise click.UsageError("give --runs and at least two run directories: SWITCH_DIR [SWITCH_DIR...] DENSE_DIR")
+        done = [finished_run(d) for d in run_dirs]
+        (dense, dense_points), switches = done[-1], done[:-1]
+        for switch, _ in switches:
+            check_twins(switch, dense)
+        result = _result([(cfg, points, str(d)) for (cfg, points), d in zip(switches, run_dirs)],
+                         (dense, dense_points, str(run_dirs[-1])), kept=True)
         result["plot"] = _plot(result, plot_path, log)
         click.echo(json.dumps(result, indent=1) if as_json else _report(result))
         return
     work = Path(work_dir)
-    switch, dense = _configs(config_path, dense_path, overrides, steps, switch_steps, work)
-    vocab = ensure_data(switch, log)[0].vocab_size  # prepared once, before either run; sizes the FLOPs
-    for cfg in (switch, dense):
+    switches, dense = _configs(config_path, dense_path, overrides, steps, _steps_list(switch_steps), work)
+    vocab = ensure_data(dense, log)[0].vocab_size  # prepared once, before any run; sizes the FLOPs
+    for cfg in (*switches, dense):
         cfg.model.vocab_size = cfg.model.vocab_size or vocab
-    check_twins(switch, dense)
+    for cfg in switches:
+        check_twins(cfg, dense)
     every = eval_every or max(1, dense.train.steps // 10)
-    batches = eval_batches or switch.train.eval_batches
-    names = {"switch": Path(switch.train.run_dir).name, "dense": Path(dense.train.run_dir).name}
+    batches = eval_batches or dense.train.eval_batches
     try:
-        curves = {}
-        for key, cfg in (("switch", switch), ("dense", dense)):
-            log(f"[{names[key]}] training {cfg.train.steps} steps, validation every {every} ...")
+        curves = []
+        for cfg in (*switches, dense):
+            name = Path(cfg.train.run_dir).name
+            log(f"[{name}] training {cfg.train.steps} steps, validation every {every} ...")
             t0 = time.perf_counter()
-            curves[key], _ = train_and_evaluate(cfg, every, batches, log)
-            log(f"[{names[key]}] done in {time.perf_counter() - t0:.1f} s")
-        result = _result(switch, dense, curves["switch"], curves["dense"], [switch.train.run_dir, dense.train.run_dir],
-                         keep)
+            curves.append((cfg, train_and_evaluate(cfg, every, batches, log)[0], cfg.train.run_dir))
+            log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+        result = _result(curves[:-1], curves[-1], keep)
         result["plot"] = _plot(result, plot_path, log)
     finally:
         if not keep:
@@ -272,23 +338,31 @@ def bench_quality(config_path, dense_path, overrides, steps, switch_steps, eval_
     click.echo(json.dumps(result, indent=1) if as_json else _report(result))
 
 
-def _result(switch: config_mod.Config, dense: config_mod.Config, switch_points: list[dict], dense_points: list[dict],
-            run_dirs: list[str], kept: bool) -> dict:
+def _result(switches: list[tuple], dense: tuple, kept: bool) -> dict:
+    """The comparison of the first Switch run (config, validation points, run dir) with the dense
+    one; with Switch runs of other lengths than the dense run, also `schedule_matched`."""
     from gmtier.model import count_params
 
-    return {"names": {"switch": Path(run_dirs[0]).name, "dense": Path(run_dirs[1]).name},
-            **compare(switch_points, dense_points),
-            "tokens_per_step": switch.train.micro_batches * switch.train.batch_size * switch.model.seq_len,
-            "flops_per_token": {"switch": forward_flops_per_token(switch.model),
-                                "dense": forward_flops_per_token(dense.model)},
-            "params": {"switch_total": count_params(switch.model)["total"],
-                       "switch_active": count_params(switch.model)["active_per_token"],
-                       "dense_total": count_params(dense.model)["total"]},
-            "val_points": {"switch": switch_points, "dense": dense_points}, "run_dirs": run_dirs, "kept": kept}
+    (switch, switch_points, switch_dir), (dense_cfg, dense_points, dense_dir) = switches[0], dense
+    result = {"names": {"switch": Path(switch_dir).name, "dense": Path(dense_dir).name},
+              **compare(switch_points, dense_points),
+              "tokens_per_step": switch.train.micro_batches * switch.train.batch_size * switch.model.seq_len,
+              "flops_per_token": {"switch": forward_flops_per_token(switch.model),
+                                  "dense": forward_flops_per_token(dense_cfg.model)},
+              "params": {"switch_total": count_params(switch.model)["total"],
+                         "switch_active": count_params(switch.model)["active_per_token"],
+                         "dense_total": count_params(dense_cfg.model)["total"]},
+              "val_points": {"switch": switch_points, "dense": dense_points},
+              "run_dirs": [d for _, _, d in switches] + [dense_dir], "kept": kept}
+    if len(switches) > 1 or switch_points[-1]["step"] != dense_points[-1]["step"]:
+        lengths = [{"steps": points[-1]["step"], "final_val_loss": points[-1]["val_loss"], "run_dir": d}
+                   for _, points, d in switches]
+        result["schedule_matched"] = schedule_matched(lengths, dense_points[-1]["val_loss"], dense_points[-1]["step"])
+    return result
 
 
 def _plot(result: dict, path: str, log) -> str | None:
-    """The two runs on `gmtier plot`'s figure with the dense final loss across the loss panels;
+    """The runs on `gmtier plot`'s figure with the dense final loss across the loss panels;
     None (and a note) without matplotlib."""
     from gmtier import plot as plotting
 
