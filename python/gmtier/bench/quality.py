@@ -13,11 +13,11 @@ metrics.jsonl, without training: their `wall_s` is then the runs' own (evaluatio
 checkpoints included), and the time comparison is only fair for runs that had a machine each.
 
 The step at which a Switch run first reaches the dense final loss is read mid-schedule, at a
-learning rate not yet decayed, against a dense loss read at the end of its decay: it overstates
-the steps the Switch model needs. `--switch-steps N1,N2,...` trains the Switch model once per
-length, each with its schedule ending there (as a user with that budget would), and reports the
-length whose final loss reaches the dense final loss, interpolated between the lengths around
-it (`schedule_matched`).
+learning rate not yet decayed, against a dense loss read at the end of its decay; a user with a
+budget of that many steps would train with a schedule ending there, which can land above or
+below that curve. `--switch-steps N1,N2,...` trains the Switch model once per length, each with
+its schedule ending there, and reports the length whose final loss reaches the dense final loss,
+interpolated linearly between the lengths around it (`schedule_matched`).
 
 It prints validation loss at equal steps, at equal wall time (each run's curve interpolated
 linearly at the other's evaluation times), the step and the time at which the Switch model first
