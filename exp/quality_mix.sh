@@ -6,8 +6,8 @@
 # comparison holds and their wall times do not (bench-quality's time columns need a GPU each).
 #
 # The corpora come in .carry/mix, xz-compressed with only their "text" field (ruslit/{train,val},
-# ru-docs/{train-00,train-01,train-02,val}.jsonl.xz): three of ru-docs' four shards, 58 MB, fit the
-# 64 MiB a call carries. They are unpacked to /root/mixsrc and prepared once into data/small-mix.
+# ru-docs/{train-00,train-01,train-02,val}.jsonl.xz, as `python exp/pack_mix.py` packs them): three of
+# ru-docs' four shards, 58 MB, fit the 64 MiB a call carries. They are unpacked to /root/mixsrc and prepared once into data/small-mix.
 #
 # Usage: QUALITY_S=540 bash exp/quality_mix.sh dense:model.switch_every=0 s16: s64:model.n_experts=64
 #   each argument NAME:KEY=VALUE,KEY=VALUE (train.steps from $STEPS, default 5000, unless the run sets
