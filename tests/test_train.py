@@ -442,7 +442,8 @@ def test_forward_takes_the_experts_in_ram_first(data_dir, tmp_path):
     less, and trains to the same losses as the expert order."""
     runs = {}
     for reorder in (True, False):
-        cfg = tiny(data_dir, tmp_path / f"run-{reorder}", experts=dict(prefetch=False))
+        # no GPU tier (also where GMTIER_EMULATE_GPU_TIER=1 would emulate one): the forward reads weights from RAM
+        cfg = tiny(data_dir, tmp_path / f"run-{reorder}", experts=dict(prefetch=False, gpu_budget="0"))
         t = Trainer(cfg, log=lambda s: None)
         try:
             store, rt, events = t.runtime.store, t.runtime, []
