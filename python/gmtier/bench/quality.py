@@ -36,6 +36,7 @@ import click
 
 from gmtier import config as config_mod
 from gmtier import progress
+from gmtier.bench import counts
 from gmtier.user_errors import Command
 
 FLOPS_TOLERANCE = 0.02  # the twin's FLOPs per token may differ by the routers' share, not more
@@ -212,10 +213,7 @@ def _steps_list(text: str | None) -> list[int]:
     """--switch-steps "2500" or "2500,3250" -> [2500, 3250]."""
     if not text:
         return []
-    try:
-        steps = [int(x) for x in text.split(",")]
-    except ValueError:
-        steps = []
+    steps = counts(text, "--switch-steps", "2500,3250")
     if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
         raise click.BadParameter(f"{text!r}: give distinct step counts, e.g. 2500 or 2500,3250", param_hint="--switch-steps")
     return steps

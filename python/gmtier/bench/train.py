@@ -31,6 +31,7 @@ import torch
 
 from gmtier import config as config_mod
 from gmtier import progress
+from gmtier.bench import counts as parse_counts
 from gmtier.bench.ceilings import _sync, h2d_rate, rss_bytes
 from gmtier.experts import PHASES
 from gmtier.store.disk import GB, disk_mixed_rate, disk_read_rate, disk_time, disk_write_rate
@@ -506,10 +507,7 @@ def bench_train(configs, overrides, warmup, steps, work_dir, resident, prefetch_
     """Time real training steps and compare them with their hardware lower bound."""
     work = Path(work_dir)
     log = (lambda s: progress.echo(s, err=True))
-    try:
-        counts = [int(v) for v in sweep.split(",") if v.strip()] if sweep else [None]
-    except ValueError:
-        raise click.BadParameter(f"{sweep!r}: expected micro-batch counts such as 1,16,64", param_hint="--micro-batches")
+    counts = parse_counts(sweep, "--micro-batches", "1,16,64") if sweep else [None]
     runs = [(c, list(overrides) + ([f"train.micro_batches={m}"] if m else [])) for c in configs for m in counts]
     def bench_or_error(c, o):
         """One run; in a sweep, a run that cannot go (out of memory, a budget) is a result too."""
